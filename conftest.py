@@ -1,0 +1,19 @@
+"""Doctest set-up: every docstring example runs against a fresh vault holding ``demo:1``."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _doctest_vault(request, tmp_path, monkeypatch):
+    if "doctest_namespace" not in request.fixturenames:
+        yield
+        return
+    import modelvault
+
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "home"))
+    namespace = request.getfixturevalue("doctest_namespace")
+    vault = modelvault.open(tmp_path / "doctest.vault")
+    vault.save("demo", [1, 2, 3])
+    namespace.update(vault=vault, tmp_path=tmp_path)
+    yield
+    vault.close()

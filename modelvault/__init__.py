@@ -1,0 +1,66 @@
+"""modelvault: every model and version in one SQLite file, deduplicated and compressed.
+
+>>> import modelvault
+>>> with modelvault.open(tmp_path / "models.vault") as vault:
+...     vault.save("churn", {"weights": [1, 2]}).ref
+'churn:1'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ._errors import (
+    CorruptVaultError,
+    FormatVersionError,
+    IntegrityError,
+    LockTimeout,
+    NotAVaultError,
+    NotFoundError,
+    ReadOnlyError,
+    UntrustedError,
+    VaultError,
+)
+from ._records import ModelInfo, ModelVersion, Problem, VaultStats
+from ._vault import Vault
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CorruptVaultError",
+    "FormatVersionError",
+    "IntegrityError",
+    "LockTimeout",
+    "ModelInfo",
+    "ModelVersion",
+    "NotAVaultError",
+    "NotFoundError",
+    "Problem",
+    "ReadOnlyError",
+    "UntrustedError",
+    "Vault",
+    "VaultError",
+    "VaultStats",
+    "load",
+    "open",
+    "save",
+]
+
+
+def open(path: str | os.PathLike[str], *, readonly: bool = False,  # noqa: A001
+         timeout: float = 60.0) -> Vault:
+    """Open (or create) the vault at ``path``; use it as a context manager."""
+    return Vault(path, readonly=readonly, timeout=timeout)
+
+
+def save(path: str | os.PathLike[str], name: str, obj: Any, **options: Any) -> ModelVersion:
+    """Save ``obj`` as the next version of ``name`` in the vault at ``path``, in one call."""
+    with Vault(path) as vault:
+        return vault.save(name, obj, **options)
+
+
+def load(path: str | os.PathLike[str], ref: str, *, trust: bool = False) -> Any:
+    """Load the model ``ref`` names from the vault at ``path``, in one call."""
+    with Vault(path, readonly=True) as vault:
+        return vault.load(ref, trust=trust)

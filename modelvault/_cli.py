@@ -1,0 +1,362 @@
+"""The ``modelvault`` command: a thin layer over the library.
+
+The first argument of every vault command is the vault file. Output is a table
+for people, or JSON with ``--json``. Errors print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import Vault, __version__, _trust
+from ._errors import VaultError
+from ._records import ModelVersion
+
+
+class _Group(click.Group):
+    """Turns our errors (and bad arguments) into one line on stderr, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (VaultError, ValueError, TypeError, OSError) as exc:
+            message = str(exc) or type(exc).__name__
+            raise click.ClickException(message) from exc
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _version_json(mv: ModelVersion) -> dict[str, Any]:
+    record = asdict(mv)
+    record["created_at"] = mv.created_at.isoformat()
+    record["aliases"] = list(mv.aliases)
+    return record
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _pairs(values: tuple[str, ...], what: str, parse_json: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        if parse_json:
+            try:
+                result[key] = json.loads(value)
+            except ValueError:
+                result[key] = value
+        else:
+            result[key] = value
+    return result
+
+
+vault_path = click.argument("vault", type=click.Path(dir_okay=False, path_type=Path))
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def _open(path: Path, *, write: bool = False) -> Vault:
+    if not write and not path.exists():
+        raise click.ClickException(f"{path}: no such vault")
+    return Vault(path, readonly=not write)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelvault")
+def cli() -> None:
+    """Every model and version in one SQLite file.
+
+    Most commands take the vault file first, e.g. `modelvault ls models.vault`.
+    """
+
+
+@cli.command("ls")
+@vault_path
+@json_option
+def ls_command(vault: Path, as_json: bool) -> None:
+    """List the models in VAULT with their version counts."""
+    with _open(vault) as v:
+        models = v.models()
+    if as_json:
+        _echo_json([{**asdict(m), "updated_at": m.updated_at.isoformat()} for m in models])
+        return
+    if not models:
+        click.echo("no models")
+        return
+    click.echo(_table(["model", "versions", "latest", "updated (UTC)"],
+                      [[m.name, m.versions, m.latest, f"{m.updated_at:%Y-%m-%d %H:%M}"]
+                       for m in models]))
+
+
+@cli.command("log")
+@vault_path
+@click.argument("name")
+@json_option
+def log_command(vault: Path, name: str, as_json: bool) -> None:
+    """List every version of model NAME, oldest first."""
+    with _open(vault) as v:
+        versions = v.versions(name)
+    if as_json:
+        _echo_json([_version_json(mv) for mv in versions])
+        return
+    click.echo(_table(
+        ["version", "created (UTC)", "size", "added", "aliases", "tags", "description"],
+        [[mv.version, f"{mv.created_at:%Y-%m-%d %H:%M:%S}", _human(mv.size),
+          _human(mv.added_bytes), ", ".join(mv.aliases),
+          " ".join(f"{k}={val}" for k, val in mv.tags.items()), mv.description]
+         for mv in versions]))
+
+
+@cli.command("show")
+@vault_path
+@click.argument("ref")
+@json_option
+def show_command(vault: Path, ref: str, as_json: bool) -> None:
+    """Show one version: REF is NAME, NAME:VERSION or NAME@ALIAS."""
+    with _open(vault) as v:
+        mv = v.get(ref)
+    if as_json:
+        _echo_json(_version_json(mv))
+        return
+    lines = [
+        ("ref", mv.ref), ("id", mv.id), ("kind", mv.kind),
+        ("created", mv.created_at.isoformat()), ("size", _human(mv.size)),
+        ("added", _human(mv.added_bytes)), ("digest", mv.digest),
+        ("aliases", ", ".join(mv.aliases)), ("description", mv.description),
+    ]
+    for label, value in lines:
+        click.echo(f"{label + ':':<13}{value}")
+    for title, mapping in (("tags", mv.tags), ("metadata", mv.metadata)):
+        click.echo(f"{title}:")
+        for key, value in mapping.items():
+            click.echo(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    env = mv.environment
+    click.echo(f"environment: python {env.get('python', '?')}, " + ", ".join(
+        f"{k} {val}" for k, val in env.get("packages", {}).items()))
+
+
+@cli.command("put")
+@vault_path
+@click.argument("name")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--meta", multiple=True, metavar="KEY=VALUE",
+              help="Metadata; VALUE is parsed as JSON when it can be (auc=0.91 is a number).")
+@click.option("--tag", multiple=True, metavar="KEY=VALUE", help="A tag; repeat for more.")
+@click.option("--alias", multiple=True, metavar="ALIAS", help="Point ALIAS at the new version.")
+@click.option("-m", "--description", default="", help="A line about this version.")
+@json_option
+def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str, ...],
+                tag: tuple[str, ...], alias: tuple[str, ...], description: str,
+                as_json: bool) -> None:
+    """Store files or folders (ONNX, safetensors, ...) as the next version of NAME."""
+    with Vault(vault) as v:
+        mv = v.save_files(name, list(paths), metadata=_pairs(meta, "--meta", parse_json=True),
+                          tags=_pairs(tag, "--tag"), aliases=list(alias),
+                          description=description)
+    if as_json:
+        _echo_json(_version_json(mv))
+    else:
+        click.echo(f"saved {mv.ref}: {_human(mv.size)}, added {_human(mv.added_bytes)}")
+
+
+@cli.command("get")
+@vault_path
+@click.argument("ref")
+@click.option("-o", "--output", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder to write into.")
+@click.option("--trust", is_flag=True,
+              help="Load a pickled model even if no trusted key signed it (runs its code).")
+def get_command(vault: Path, ref: str, out_dir: Path, trust: bool) -> None:
+    """Write version REF out to a folder.
+
+    Files come back under their stored paths. Arrays are written as NAME-vN.npz
+    when they are one array or a flat dict of arrays; other models as a pickle
+    file NAME-vN.pkl (loadable with pickle.load).
+    """
+    with _open(vault) as v:
+        mv = v.get(ref)
+        if mv.kind == "files":
+            written = v.extract(mv, out_dir)
+        else:
+            written = [_write_object(v.load(mv, trust=trust), mv, out_dir)]
+    for path in written:
+        click.echo(str(path))
+
+
+def _write_object(obj: Any, mv: ModelVersion, out_dir: Path) -> Path:
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{mv.name.replace('/', '_')}-v{mv.version}"
+    if mv.kind == "arrays" and (isinstance(obj, np.ndarray) or (
+            isinstance(obj, dict) and all(isinstance(a, np.ndarray) for a in obj.values()))):
+        target = out_dir / f"{stem}.npz"
+        arrays = obj if isinstance(obj, dict) else {"array": obj}
+        with open(target, "wb") as f:
+            np.savez(f, **arrays)
+        return target
+    import cloudpickle
+
+    target = out_dir / f"{stem}.pkl"
+    with open(target, "wb") as f:
+        cloudpickle.dump(obj, f, protocol=5)
+    return target
+
+
+@cli.command("alias")
+@vault_path
+@click.argument("ref")
+@click.argument("alias")
+def alias_command(vault: Path, ref: str, alias: str) -> None:
+    """Point ALIAS at version REF (moving it if it points elsewhere)."""
+    with Vault(vault) as v:
+        mv = v.alias(ref, alias)
+    click.echo(f"{mv.name}@{alias} -> {mv.ref}")
+
+
+@cli.command("unalias")
+@vault_path
+@click.argument("name")
+@click.argument("alias")
+def unalias_command(vault: Path, name: str, alias: str) -> None:
+    """Remove ALIAS from model NAME."""
+    with Vault(vault) as v:
+        v.unalias(name, alias)
+    click.echo(f"removed {name}@{alias}")
+
+
+@cli.command("tag")
+@vault_path
+@click.argument("ref")
+@click.argument("tags", nargs=-1, required=True, metavar="KEY=VALUE...")
+def tag_command(vault: Path, ref: str, tags: tuple[str, ...]) -> None:
+    """Set tags on version REF; KEY= with nothing after it removes that tag."""
+    pairs = {k: (val if val != "" else None) for k, val in _pairs(tags, "TAGS").items()}
+    with Vault(vault) as v:
+        mv = v.tag(ref, pairs)
+    click.echo(f"{mv.ref}: " + " ".join(f"{k}={val}" for k, val in mv.tags.items()))
+
+
+@cli.command("rm")
+@vault_path
+@click.argument("ref")
+def rm_command(vault: Path, ref: str) -> None:
+    """Delete version REF, or every version of a model given by bare NAME.
+
+    Space comes back with `modelvault gc`.
+    """
+    with Vault(vault) as v:
+        count = v.delete(ref)
+    click.echo(f"deleted {count} version{'s' if count != 1 else ''}")
+
+
+@cli.command("gc")
+@vault_path
+def gc_command(vault: Path) -> None:
+    """Drop chunks no version uses and shrink the file."""
+    with Vault(vault) as v:
+        freed = v.gc()
+    click.echo(f"freed {_human(freed)}")
+
+
+@cli.command("verify")
+@vault_path
+@json_option
+def verify_command(vault: Path, as_json: bool) -> None:
+    """Re-hash every stored chunk; exit 1 if anything is wrong."""
+    with _open(vault) as v:
+        problems = v.verify()
+        stats = v.stats()
+    if as_json:
+        _echo_json([asdict(p) for p in problems])
+    elif not problems:
+        click.echo(f"ok: {stats.versions} versions, {stats.chunks} chunks verified")
+    for problem in problems if not as_json else []:
+        click.echo(str(problem))
+    if problems:
+        sys.exit(1)
+
+
+@cli.command("stats")
+@vault_path
+@json_option
+def stats_command(vault: Path, as_json: bool) -> None:
+    """Sizes of VAULT: raw, deduplicated, compressed, and on disk."""
+    with _open(vault) as v:
+        s = v.stats()
+    if as_json:
+        _echo_json({**asdict(s), "dedup_ratio": s.dedup_ratio,
+                    "compression_ratio": s.compression_ratio, "total_ratio": s.total_ratio})
+        return
+    click.echo(f"models:       {s.models}\nversions:     {s.versions}\nchunks:       {s.chunks}")
+    click.echo(f"raw:          {_human(s.raw_bytes)}  (every version stored whole)")
+    click.echo(f"deduplicated: {_human(s.unique_bytes)}  ({s.dedup_ratio:.2f}x)")
+    click.echo(f"compressed:   {_human(s.stored_bytes)}  ({s.compression_ratio:.2f}x)")
+    click.echo(f"file:         {_human(s.file_bytes)}  ({s.total_ratio:.2f}x smaller than raw)")
+
+
+@cli.group("key")
+def key_group() -> None:
+    """This machine's signing key."""
+
+
+@key_group.command("export")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the key to a file instead of stdout.")
+def key_export_command(output: Path | None) -> None:
+    """Print this machine's key, for teammates to `modelvault trust`.
+
+    Whoever has it can sign models this machine will load: share it like a password.
+    """
+    text = _trust.format_key(_trust.own_key())
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        output.chmod(0o600)
+        click.echo(f"wrote key {_trust.key_id(_trust.own_key())} to {output}", err=True)
+
+
+@cli.command("trust")
+@click.argument("keyfile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def trust_command(keyfile: Path) -> None:
+    """Load pickled models signed with the key in KEYFILE without asking from now on."""
+    kid = _trust.trust_key_file(keyfile)
+    click.echo(f"trusted key {kid}")
+
+
+@cli.command("demo")
+@click.argument("vault", required=False, default="modelvault-demo.vault",
+                type=click.Path(dir_okay=False, path_type=Path))
+def demo_command(vault: Path) -> None:
+    """Train a small model, save a few versions, show what dedup saved, load it back."""
+    from ._demo import run
+
+    run(vault, echo=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="modelvault")

@@ -1,0 +1,78 @@
+"""The exceptions modelvault raises.
+
+Every error the library raises on purpose derives from ``VaultError``; no raw
+``sqlite3`` or ``zstandard`` exception escapes the public API::
+
+    VaultError
+     +-- NotFoundError        (also a KeyError)   unknown model, version or alias
+     +-- NotAVaultError                           the file is not a modelvault file
+     +-- FormatVersionError                       written by a newer modelvault
+     +-- CorruptVaultError                        SQLite reports the file damaged
+     +-- IntegrityError                           stored bytes do not match their hash
+     +-- UntrustedError                           loading would run an unsigned pickle
+     +-- LockTimeout          (also a TimeoutError) another process held the lock too long
+     +-- ReadOnlyError                            a write on a vault opened read-only
+
+Plainly bad arguments (an invalid name, a non-serialisable array) raise
+``ValueError`` or ``TypeError`` as Python users expect.
+"""
+
+from __future__ import annotations
+
+
+class VaultError(Exception):
+    """Base class of every error modelvault raises on purpose."""
+
+
+class NotFoundError(VaultError, KeyError):
+    """A model, version or alias that does not exist was asked for."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+class NotAVaultError(VaultError):
+    """The file is not a modelvault file (another SQLite database, or not SQLite)."""
+
+
+class FormatVersionError(VaultError):
+    """The vault was written in a format newer than this modelvault understands."""
+
+
+class CorruptVaultError(VaultError):
+    """SQLite itself reports the file as damaged or truncated."""
+
+
+class IntegrityError(VaultError):
+    """Stored bytes do not match the hash that names them.
+
+    Attributes name what was being read, so a user knows which version is damaged.
+    """
+
+    def __init__(self, message: str, *, model: str | None = None,
+                 version: int | None = None, chunk: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.version = version
+        self.chunk = chunk
+
+
+class UntrustedError(VaultError):
+    """Loading this version would unpickle data no trusted key signed.
+
+    ``imports`` lists the ``module.qualname`` globals the pickle would import,
+    found by reading its opcodes without executing anything.
+    """
+
+    def __init__(self, message: str, *, imports: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.imports = imports or []
+
+
+class LockTimeout(VaultError, TimeoutError):
+    """Another process held the vault's write lock longer than the timeout."""
+
+
+class ReadOnlyError(VaultError):
+    """A write was attempted on a vault that can only be read."""

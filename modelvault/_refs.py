@@ -1,0 +1,50 @@
+"""Model names, aliases, and references such as ``churn``, ``churn:3``, ``churn@prod``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
+_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+_ALIAS = re.compile(_SEGMENT)
+MAX_NAME = 200
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+
+def check_name(name: object) -> str:
+    """``name`` if it is a valid model name, else ValueError saying what is allowed."""
+    if not isinstance(name, str) or len(name) > MAX_NAME or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_', '-' and '/' for "
+            f"namespaces (e.g. 'team/churn'), starting each part with a letter, digit or '_'")
+    return name
+
+
+def check_alias(alias: object) -> str:
+    if not isinstance(alias, str) or len(alias) > MAX_NAME or not _ALIAS.fullmatch(alias) \
+            or alias.isdigit():
+        raise ValueError(
+            f"invalid alias {alias!r}: use letters, digits, '.', '_' and '-', not only digits")
+    return alias
+
+
+def parse_ref(ref: object) -> Ref:
+    """Split ``name``, ``name:N`` or ``name@alias``; ValueError for anything else."""
+    if not isinstance(ref, str):
+        raise TypeError(f"a model reference is a string like 'churn:3', not {type(ref).__name__}")
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        return Ref(check_name(name), alias=check_alias(alias))
+    if ":" in ref:
+        name, _, number = ref.partition(":")
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"invalid reference {ref!r}: the version after ':' is a number >= 1")
+        return Ref(check_name(name), version=int(number))
+    return Ref(check_name(ref))

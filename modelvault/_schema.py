@@ -1,0 +1,223 @@
+"""The file format: DDL, format version, and opening a file as a vault.
+
+docs/format.md explains every table and column; keep the two in step and bump
+FORMAT_VERSION whenever a reader of the old format would misread the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from ._errors import (
+    CorruptVaultError,
+    FormatVersionError,
+    LockTimeout,
+    NotAVaultError,
+    ReadOnlyError,
+    VaultError,
+)
+
+# PRAGMA application_id: the bytes "MVLT", so `file` and SQLite tools can tell a vault apart.
+APPLICATION_ID = 0x4D564C54
+FORMAT_VERSION = 1
+
+TABLES = """
+CREATE TABLE models (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL UNIQUE,
+    created_at   TEXT NOT NULL,
+    last_version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE versions (
+    id          INTEGER PRIMARY KEY,
+    uuid        TEXT NOT NULL UNIQUE,
+    model_id    INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    version     INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    layout      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    added_bytes INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    metadata    TEXT NOT NULL DEFAULT '{}',
+    environment TEXT NOT NULL DEFAULT '{}',
+    key_id      TEXT,
+    signature   TEXT,
+    UNIQUE (model_id, version)
+);
+CREATE TABLE parts (
+    version_id    INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    part          INTEGER NOT NULL,
+    kind          TEXT NOT NULL,
+    name          TEXT,
+    dtype         TEXT,
+    shape         TEXT,
+    fortran_order INTEGER NOT NULL DEFAULT 0,
+    itemsize      INTEGER NOT NULL DEFAULT 1,
+    size          INTEGER NOT NULL,
+    PRIMARY KEY (version_id, part)
+) WITHOUT ROWID;
+CREATE TABLE chunks (
+    id       INTEGER PRIMARY KEY,
+    hash     TEXT NOT NULL UNIQUE,
+    size     INTEGER NOT NULL,
+    codec    TEXT NOT NULL,
+    itemsize INTEGER NOT NULL DEFAULT 1,
+    data     BLOB NOT NULL
+);
+CREATE TABLE part_chunks (
+    version_id INTEGER NOT NULL,
+    part       INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    chunk_id   INTEGER NOT NULL REFERENCES chunks(id),
+    PRIMARY KEY (version_id, part, seq),
+    FOREIGN KEY (version_id, part) REFERENCES parts(version_id, part) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE INDEX part_chunks_by_chunk ON part_chunks(chunk_id);
+CREATE TABLE aliases (
+    model_id   INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    alias      TEXT NOT NULL,
+    version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    PRIMARY KEY (model_id, alias)
+);
+CREATE INDEX aliases_by_version ON aliases(version_id);
+CREATE TABLE tags (
+    version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    PRIMARY KEY (version_id, key)
+);
+"""
+
+# Views exist for people browsing the file in a SQLite browser; the library never reads them.
+VIEWS = """
+CREATE VIEW model_versions AS
+SELECT m.name, v.version, v.created_at, v.kind, v.size,
+       (SELECT coalesce(sum(length(c.data)), 0) FROM chunks c
+         WHERE c.id IN (SELECT pc.chunk_id FROM part_chunks pc WHERE pc.version_id = v.id))
+         AS stored_size,
+       (SELECT group_concat(a.alias, ', ') FROM aliases a WHERE a.version_id = v.id) AS aliases,
+       (SELECT json_group_object(t.key, t.value) FROM tags t WHERE t.version_id = v.id) AS tags,
+       v.metadata, v.description, v.environment, v.digest, v.uuid
+FROM versions v JOIN models m ON m.id = v.model_id
+ORDER BY m.name, v.version;
+CREATE VIEW model_summary AS
+SELECT m.name, count(v.id) AS versions, max(v.version) AS latest, max(v.created_at) AS updated_at
+FROM models m JOIN versions v ON v.model_id = m.id
+GROUP BY m.id
+ORDER BY m.name;
+"""
+
+_EXPECTED_OBJECTS = {
+    ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
+    ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
+    ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
+    ("view", "model_versions"), ("view", "model_summary"),
+}
+
+# SQLite's default page size. 64 KiB pages write blobs twice as fast (performance.md) but
+# waste ~25 % of the file on ~20 KiB compressed chunks, since each row's last overflow
+# page is part-empty; they pay off once chunks are packed into ~1 MiB rows (issue #3).
+PAGE_SIZE = 4096
+
+
+def connect(path: str | os.PathLike[str], *, readonly: bool = False,
+            timeout: float = 60.0) -> sqlite3.Connection:
+    """Open ``path`` as a vault, creating it when missing (unless read-only).
+
+    Raises NotAVaultError, FormatVersionError or CorruptVaultError for files that
+    are not vaults this version can read.
+    """
+    path = Path(path)
+    # os.stat, unlike open(), takes no file descriptor and so cannot drop SQLite's POSIX locks.
+    exists = path.exists()
+    if readonly and not exists:
+        raise NotAVaultError(f"{path}: no such vault")
+    if exists and path.is_dir():
+        raise NotAVaultError(f"{path}: is a directory, not a vault file")
+    mode = "ro" if readonly else ("rw" if exists else "rwc")
+    uri = f"{path.absolute().as_uri()}?mode={mode}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+    try:
+        conn.execute("PRAGMA trusted_schema = OFF")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not exists:
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            # Lets gc() return freed pages to the file system without a full VACUUM copy.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = DELETE")
+        _check_or_create(conn, path, created=not exists, readonly=readonly)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise translate(exc, path) from exc
+    except VaultError:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
+                     readonly: bool) -> None:
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id == 0 and not readonly:
+        # We may have just made the file, or another process may be making it right
+        # now: decide under the write lock so two first opens cannot both create tables.
+        # An empty file we did not create stays a NotAVaultError: it may be a failed copy.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id == 0 and objects == 0 and created:
+                for statement in (TABLES + VIEWS).split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+                app_id = APPLICATION_ID
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    if app_id != APPLICATION_ID:
+        raise NotAVaultError(f"{path}: not a modelvault file (application_id {app_id:#x})")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path}: format version {version} is newer than this modelvault reads "
+            f"({FORMAT_VERSION}); upgrade modelvault")
+    objects = set(conn.execute(
+        "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+    unexpected = objects - _EXPECTED_OBJECTS
+    if unexpected:
+        # A trigger or view someone added could run SQL on our writes; refuse the file.
+        names = ", ".join(sorted(f"{kind} {name}" for kind, name in unexpected))
+        raise CorruptVaultError(f"{path}: unexpected schema objects: {names}")
+    missing = {name for kind, name in _EXPECTED_OBJECTS if kind == "table"} - {
+        name for kind, name in objects if kind == "table"}
+    if missing:
+        raise CorruptVaultError(f"{path}: missing tables: {', '.join(sorted(missing))}")
+
+
+def translate(exc: sqlite3.Error, path: object = None) -> VaultError:
+    """Map a sqlite3 exception onto our exception tree."""
+    message = str(exc)
+    where = f"{path}: " if path is not None else ""
+    lowered = message.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return LockTimeout(f"{where}timed out waiting for another process's lock ({message})")
+    if "readonly" in lowered or "read-only" in lowered:
+        return ReadOnlyError(f"{where}vault is read-only ({message})")
+    if "file is not a database" in lowered:
+        return NotAVaultError(f"{where}not a modelvault file ({message})")
+    if "malformed" in lowered or "corrupt" in lowered or "disk i/o" in lowered:
+        return CorruptVaultError(f"{where}vault file is damaged ({message})")
+    if "unable to open" in lowered:
+        return NotAVaultError(f"{where}cannot open ({message})")
+    return VaultError(f"{where}{message}")

@@ -1,0 +1,187 @@
+"""Turning Python objects into parts (named byte streams) and back.
+
+Three kinds of version:
+
+* ``arrays``: numpy arrays, and dicts/lists/tuples of them (with plain JSON
+  scalars alongside). Each array is one part: dtype, shape and raw bytes, no
+  pickle, so it loads without trusting anyone.
+* ``pickle``: anything else, through cloudpickle protocol 5. Large numeric
+  buffers leave the pickle stream as out-of-band parts and are stored like arrays.
+* ``files``: the files a framework wrote (ONNX, safetensors, a save_pretrained folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+
+# Buffers below this stay inside the pickle stream: a forest has thousands of
+# small node arrays that compress better together than one by one (performance.md).
+OUT_OF_BAND_MIN = 1024 * 1024
+PICKLE_PROTOCOL = 5
+
+
+@dataclass
+class Part:
+    """One byte stream of a version, with what is needed to rebuild it."""
+
+    kind: str  # "array" | "pickle" | "buffer" | "file"
+    data: memoryview = field(repr=False)  # contiguous bytes, format "B"
+    name: str | None = None  # file path inside a files version
+    dtype: str | None = None  # arrays: numpy's dtype descr (JSON for structured dtypes)
+    shape: list[int] | None = None
+    fortran_order: bool = False
+    itemsize: int = 1  # byte-shuffle width; 1 means no shuffle
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def serialize(obj: Any) -> tuple[str, Any, list[Part]]:
+    """Split ``obj`` into (kind, layout, parts); layout is JSON that rebuilds it."""
+    parts: list[Part] = []
+    if _is_native(obj):
+        layout = _native_layout(obj, parts)
+        return "arrays", layout, parts
+    return "pickle", _pickle(obj, parts), parts
+
+
+def _is_native(obj: Any) -> bool:
+    kind = type(obj)
+    if kind is np.ndarray:
+        if obj.dtype.hasobject:
+            raise TypeError(
+                "numpy arrays of dtype object hold Python objects, not numbers, and cannot "
+                "be stored as arrays; convert them to a numeric or string dtype")
+        return True
+    if kind is dict:
+        return all(type(key) is str and _is_native(value) for key, value in obj.items())
+    if kind in (list, tuple):
+        return all(_is_native(item) for item in obj)
+    return obj is None or kind in (str, int, float, bool)
+
+
+def _native_layout(obj: Any, parts: list[Part]) -> Any:
+    kind = type(obj)
+    if kind is np.ndarray:
+        parts.append(_array_part(obj))
+        return {"array": len(parts) - 1}
+    if kind is dict:
+        return {"dict": [[key, _native_layout(value, parts)] for key, value in obj.items()]}
+    if kind is list:
+        return {"list": [_native_layout(item, parts) for item in obj]}
+    if kind is tuple:
+        return {"tuple": [_native_layout(item, parts) for item in obj]}
+    return {"value": obj}
+
+
+def _array_part(array: np.ndarray) -> Part:
+    fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+    # Fortran-ordered arrays keep their memory order (like .npy): the transpose is C-contiguous.
+    flat = np.ascontiguousarray(array.T if fortran else array)
+    descr = np.lib.format.dtype_to_descr(array.dtype)
+    return Part(
+        kind="array",
+        data=memoryview(flat.reshape(-1).view(np.uint8)) if flat.size else memoryview(b""),
+        dtype=descr if isinstance(descr, str) else json.dumps(descr),
+        shape=list(array.shape),
+        fortran_order=bool(fortran),
+        itemsize=array.dtype.itemsize,
+    )
+
+
+def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
+    import cloudpickle  # imported here: it costs ~40 ms and arrays-only users never need it
+
+    buffers: list[Part] = []
+
+    def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
+        view = memoryview(buffer)
+        if view.nbytes < OUT_OF_BAND_MIN or not view.contiguous:
+            return True
+        buffers.append(Part(kind="buffer", data=buffer.raw(), itemsize=view.itemsize))
+        return False
+
+    stream = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=keep_in_band)
+    parts.append(Part(kind="pickle", data=memoryview(stream)))
+    parts.extend(buffers)
+    return {"pickle": 0, "buffers": list(range(1, len(parts)))}
+
+
+def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
+    """Parts for files and folders, named by path relative to what was given.
+
+    A single folder contributes its files relative to itself (``config.json``);
+    otherwise a file is named by its base name and a folder's files get the folder's
+    name in front (``tokenizer/vocab.txt``).
+    """
+    roots = [Path(p) for p in paths]
+    if not roots:
+        raise ValueError("no files given")
+    files: dict[str, Path] = {}
+    for root in roots:
+        if root.is_file():
+            found = [(root.name, root)]
+        elif root.is_dir():
+            prefix = "" if len(roots) == 1 else f"{root.resolve().name}/"
+            found = [(prefix + p.relative_to(root).as_posix(), p)
+                     for p in sorted(root.rglob("*")) if p.is_file()]
+        else:
+            raise FileNotFoundError(f"{root}: no such file or folder")
+        for name, file in found:
+            if name in files:
+                raise ValueError(f"two files would be stored as {name!r}")
+            files[name] = file
+    return [Part(kind="file", data=memoryview(files[name].read_bytes()), name=name)
+            for name in sorted(files)]
+
+
+def safe_relative_path(name: str) -> PurePosixPath:
+    """``name`` as a relative path that cannot escape the folder it is extracted to."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or any(p in ("..", "") for p in path.parts) \
+            or "\\" in name or "\x00" in name:
+        raise ValueError(f"unsafe file name in vault: {name!r}")
+    return path
+
+
+def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],
+                    fortran_order: bool) -> np.ndarray:
+    """Rebuild an array over ``buffer`` (uint8, already holding its bytes) without copying."""
+    descr = json.loads(dtype) if dtype.startswith("[") else dtype
+    dt = np.lib.format.descr_to_dtype(descr)
+    if dt.hasobject:
+        raise ValueError("object dtype in an array part")
+    count = 1
+    for n in shape:
+        count *= n
+    if count * dt.itemsize != buffer.nbytes:
+        raise ValueError(f"array of shape {shape} and dtype {dtype} needs {count * dt.itemsize} "
+                         f"bytes, part holds {buffer.nbytes}")
+    flat = buffer.view(dt) if buffer.nbytes else np.empty(0, dtype=dt)
+    if fortran_order:
+        return flat.reshape(shape[::-1]).T
+    return flat.reshape(shape)
+
+
+def rebuild_native(layout: Any, arrays: list[np.ndarray]) -> Any:
+    """Inverse of the arrays layout: nested containers with arrays put back in place."""
+    (tag, value), = layout.items()
+    if tag == "array":
+        return arrays[value]
+    if tag == "dict":
+        return {key: rebuild_native(item, arrays) for key, item in value}
+    if tag == "list":
+        return [rebuild_native(item, arrays) for item in value]
+    if tag == "tuple":
+        return tuple(rebuild_native(item, arrays) for item in value)
+    if tag == "value":
+        return value
+    raise ValueError(f"unknown layout node {tag!r}")

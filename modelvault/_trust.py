@@ -1,0 +1,161 @@
+"""Keys, signatures, and what a pickle would import.
+
+Unpickling runs code, so a pickled version loads only if a key this machine
+trusts signed it. Each machine gets its own key on first use; it lives outside
+every vault (a key stored in the vault would let whoever edits the vault re-sign
+it). Teams share keys with ``modelvault key export`` and ``modelvault trust``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import pickletools
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ._errors import VaultError
+
+KEY_PREFIX = "modelvault-key-v1:"
+
+
+def home() -> Path:
+    """The folder holding this machine's key and the keys it trusts."""
+    if os.environ.get("MODELVAULT_HOME"):
+        return Path(os.environ["MODELVAULT_HOME"])
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "modelvault"
+
+
+def key_id(key: bytes) -> str:
+    """A short public name for a key, stored next to each signature."""
+    return hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
+
+
+def own_key() -> bytes:
+    """This machine's signing key, created on first use."""
+    path = home() / "key"
+    try:
+        return parse_key(path.read_text())
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    try:
+        # O_EXCL: if two processes create the key at once, one wins and the other reads it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return parse_key(path.read_text())
+    with os.fdopen(fd, "w") as f:
+        f.write(format_key(key))
+    return key
+
+
+def format_key(key: bytes) -> str:
+    return f"{KEY_PREFIX}{key.hex()}\n"
+
+
+def parse_key(text: str) -> bytes:
+    text = text.strip()
+    if not text.startswith(KEY_PREFIX):
+        raise VaultError("not a modelvault key file (expected 'modelvault-key-v1:<hex>')")
+    try:
+        key = bytes.fromhex(text[len(KEY_PREFIX):])
+    except ValueError as exc:
+        raise VaultError("modelvault key file holds invalid hex") from exc
+    if len(key) != 32:
+        raise VaultError("modelvault key must be 32 bytes")
+    return key
+
+
+def trusted_keys() -> dict[str, bytes]:
+    """Every key whose signatures this machine accepts, by key id (its own included)."""
+    keys = {}
+    folder = home() / "trusted"
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.key")):
+            try:
+                key = parse_key(path.read_text())
+            except (OSError, VaultError):
+                continue  # one unreadable file must not stop every load
+            keys[key_id(key)] = key
+    key = own_key()
+    keys[key_id(key)] = key
+    return keys
+
+
+def trust_key_file(path: str | os.PathLike[str]) -> str:
+    """Accept signatures made with the key in ``path`` from now on; returns its id."""
+    key = parse_key(Path(path).read_text())
+    kid = key_id(key)
+    folder = home() / "trusted"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{kid}.key"
+    tmp = folder / f".{kid}.tmp"
+    tmp.write_text(format_key(key))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, target)
+    return kid
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte string a JSON value hashes and signs as."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign(key: bytes, manifest: dict[str, Any]) -> str:
+    return hmac.new(key, canonical_json(manifest), hashlib.sha256).hexdigest()
+
+
+def signature_ok(manifest: dict[str, Any], kid: str | None, signature: str | None,
+                 keys: dict[str, bytes]) -> bool | None:
+    """True if a known key signed the manifest, False if it fails, None for unknown keys."""
+    if not kid or not signature or kid not in keys:
+        return None
+    return hmac.compare_digest(sign(keys[kid], manifest), signature)
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+               "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def pickle_imports(stream: bytes) -> list[str]:
+    """The ``module.name`` globals a pickle would import, read from its opcodes.
+
+    Nothing is executed. STACK_GLOBAL takes its two names from the stack, so the
+    strings pushed (directly or through the memo) are tracked well enough to name them.
+    """
+    found: list[str] = []
+    strings: list[Any] = []  # recent values pushed, strings or None for anything else
+    memo: dict[Any, Any] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(stream)):
+            name = opcode.name
+            if name == "GLOBAL" or name == "INST":
+                module, _, qualname = str(arg).partition(" ")
+                found.append(f"{module}.{qualname}")
+            elif name == "STACK_GLOBAL":
+                module, qualname = strings[-2:] if len(strings) >= 2 else (None, None)
+                found.append(f"{module}.{qualname}" if module and qualname else "<unknown>")
+                strings = strings[:-2]
+                strings.append(None)
+            elif name in _STRING_OPS:
+                strings.append(arg)
+            elif name in _MEMO_PUTS:
+                memo[arg] = strings[-1] if strings else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif name in _MEMO_GETS:
+                strings.append(memo.get(arg))
+            else:
+                strings.append(None)
+            del strings[:-16]
+    except Exception:  # a damaged stream still yields the imports read so far
+        found.append("<unreadable pickle>")
+    return sorted(set(found))

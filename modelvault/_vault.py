@@ -1,0 +1,783 @@
+"""The Vault: one SQLite file holding many models and their versions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+import sqlite3
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+import zstandard
+
+from . import _chunks, _environment, _schema, _serialize, _trust
+from ._errors import IntegrityError, NotFoundError, UntrustedError, VaultError
+from ._records import ModelInfo, ModelVersion, Problem, VaultStats
+from ._refs import Ref, check_alias, check_name, parse_ref
+from ._serialize import Part
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Chunks are hashed, looked up and encoded this many at a time: enough work per
+# batch to keep both cores busy, little enough memory held in flight (~4 MiB raw).
+_BATCH = 64
+# Saves and loads larger than this show a progress bar when stderr is a terminal.
+_PROGRESS_MIN = 64 * 1024 * 1024
+
+_VERSION_COLUMNS = """
+    v.id, v.uuid, m.name, v.version, v.created_at, v.kind, v.layout, v.size, v.added_bytes,
+    v.digest, v.description, v.metadata, v.environment, v.key_id, v.signature
+"""
+_SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id"
+
+
+def _api(method: F) -> F:
+    """Turn sqlite3 and zstd errors escaping a public method into our exceptions."""
+
+    @functools.wraps(method)
+    def wrapper(self: Vault, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _schema.translate(exc, self.path) from exc
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{self.path}: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays turn up in metrics all the time (auc=np.float32(0.91)).
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON")
+
+
+def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, Mapping):
+        raise TypeError("metadata must be a mapping of str to JSON values")
+    try:
+        # A round trip leaves plain JSON types, so what is signed is what is stored.
+        value = json.loads(json.dumps(dict(metadata), default=_json_default, allow_nan=False))
+    except ValueError as exc:
+        raise ValueError(f"metadata is not valid JSON: {exc}") from exc
+    return json.dumps(value, sort_keys=True)
+
+
+def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
+    items = []
+    for key, value in (tags or {}).items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"tag keys are non-empty strings, not {key!r}")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"tag {key!r}: values are strings (or numbers, stored as text)")
+        items.append((key, None if value is None else str(value)))
+    return items
+
+
+def _digest(kind: str, layout: Any, parts: Sequence[dict[str, Any]]) -> str:
+    """The version's content hash: BLAKE3 over its layout, part descriptors and chunk names."""
+    return _chunks.chunk_hash(_trust.canonical_json(
+        {"kind": kind, "layout": layout, "parts": list(parts)}))
+
+
+def _manifest(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+    """What a version's signature covers. The chunk list is covered through the digest."""
+    return {"id": row["uuid"], "name": row["name"], "version": row["version"],
+            "kind": row["kind"], "digest": row["digest"], "created_at": row["created_at"],
+            "metadata": json.loads(row["metadata"])}
+
+
+class Vault:
+    """A model store in one SQLite file.
+
+    >>> import numpy as np, modelvault
+    >>> with modelvault.open(tmp_path / "models.vault") as vault:
+    ...     mv = vault.save("iris/weights", {"w": np.ones(3)}, metadata={"acc": 0.9})
+    ...     vault.load("iris/weights")["w"].tolist()
+    [1.0, 1.0, 1.0]
+
+    Args:
+        path: the vault file; created if missing (unless ``readonly``).
+        readonly: open without the right to write; every write raises ReadOnlyError.
+        timeout: seconds to wait for another process's write lock before LockTimeout.
+        progress: show progress bars on long saves and loads; default when stderr is a terminal.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
+                 timeout: float = 60.0, progress: bool | None = None) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._timeout = timeout
+        self._progress = progress
+        self._pid = os.getpid()
+        self._conn: sqlite3.Connection | None = _schema.connect(
+            self.path, readonly=readonly, timeout=timeout)
+        self._conn.row_factory = sqlite3.Row
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise VaultError(f"{self.path}: vault is closed")
+        if os.getpid() != self._pid:
+            # A connection must not cross fork(): the child opens its own, and leaves
+            # the parent's untouched (closing it here could release the parent's locks).
+            self._pid = os.getpid()
+            self._pool = None
+            self._conn = _schema.connect(self.path, readonly=self.readonly,
+                                         timeout=self._timeout)
+            self._conn.row_factory = sqlite3.Row
+        return self._conn
+
+    def _threads(self) -> ThreadPoolExecutor:
+        # zstd and blake3 release the GIL, so threads use both cores.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                            thread_name_prefix="modelvault")
+        return self._pool
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _progress_bar(self, total: int, desc: str) -> Any:
+        show = self._progress if self._progress is not None else (
+            total >= _PROGRESS_MIN and sys.stderr.isatty())
+        if not show:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+    def close(self) -> None:
+        """Close the file. The vault is again exactly one file on disk."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self._conn is not None:
+            if os.getpid() == self._pid:
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Vault {str(self.path)!r}>"
+
+    # -- saving -----------------------------------------------------------------
+
+    @_api
+    def save(self, name: str, obj: Any, *, metadata: Mapping[str, Any] | None = None,
+             tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
+             description: str = "") -> ModelVersion:
+        """Save ``obj`` as the next version of model ``name``.
+
+        numpy arrays and dicts/lists/tuples of them are stored natively (no pickle);
+        anything else goes through cloudpickle. Metadata is immutable once saved;
+        tags and aliases can change later.
+
+        >>> vault.save("demo", [1, 2, 3]).version
+        1
+        """
+        check_name(name)
+        kind, layout, parts = _serialize.serialize(obj)
+        return self._store(name, kind, layout, parts, metadata=metadata, tags=tags,
+                           aliases=aliases, description=description)
+
+    @_api
+    def save_files(self, name: str,
+                   path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                   metadata: Mapping[str, Any] | None = None,
+                   tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
+                   description: str = "") -> ModelVersion:
+        """Save a file, a folder's files, or several of either as the next version of ``name``.
+
+        For what frameworks write themselves: ONNX, safetensors, save_pretrained folders.
+        ``extract`` writes them back out under the same relative paths.
+        """
+        check_name(name)
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        parts = _serialize.files_parts(paths)
+        return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
+                           metadata=metadata, tags=tags, aliases=aliases,
+                           description=description)
+
+    def _store(self, name: str, kind: str, layout: Any, parts: list[Part], *,
+               metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
+               aliases: Sequence[str], description: str) -> ModelVersion:
+        if isinstance(aliases, str):
+            aliases = [aliases]
+        aliases = [check_alias(a) for a in aliases]
+        tag_items = [(k, v) for k, v in _tag_items(tags) if v is not None]
+        if not isinstance(description, str):
+            raise TypeError("description must be a string")
+        metadata_json = _metadata_json(metadata)
+        imports = _trust.pickle_imports(bytes(parts[0].data)) if kind == "pickle" else []
+        environment = json.dumps(_environment.capture(imports), sort_keys=True)
+        key = _trust.own_key()
+        total = sum(p.size for p in parts)
+        bar = self._progress_bar(total, f"save {name}")
+        try:
+            with self._write() as db:
+                row = db.execute("SELECT id, last_version FROM models WHERE name = ?",
+                                 (name,)).fetchone()
+                created_at = _now()
+                if row is None:
+                    model_id = db.execute(
+                        "INSERT INTO models (name, created_at) VALUES (?, ?)",
+                        (name, created_at)).lastrowid
+                    number = 1
+                else:
+                    model_id, number = row["id"], row["last_version"] + 1
+                known: dict[str, int] = {}
+                added = 0
+                descriptors = []
+                chunk_lists = []
+                for part in parts:
+                    hashes, part_added = self._put_chunks(db, part, known, bar)
+                    added += part_added
+                    chunk_lists.append([known[h] for h in hashes])
+                    descriptors.append(_descriptor(part, hashes))
+                version = {
+                    "uuid": str(uuid.uuid4()), "name": name, "version": number, "kind": kind,
+                    "digest": _digest(kind, layout, descriptors), "created_at": created_at,
+                    "metadata": metadata_json,
+                }
+                signature = _trust.sign(key, _manifest(version))
+                # Chunks went in first; the version row and its parts make the version
+                # visible, and all of it commits together.
+                version_id = db.execute(
+                    "INSERT INTO versions (uuid, model_id, version, created_at, kind, layout, "
+                    "size, added_bytes, digest, description, metadata, environment, key_id, "
+                    "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (version["uuid"], model_id, number, created_at, kind,
+                     json.dumps(layout), total, added, version["digest"], description,
+                     metadata_json, environment, _trust.key_id(key), signature)).lastrowid
+                db.executemany(
+                    "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
+                    "fortran_order, itemsize, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(version_id, i, p.kind, p.name, p.dtype,
+                      None if p.shape is None else json.dumps(p.shape), int(p.fortran_order),
+                      p.itemsize, p.size) for i, p in enumerate(parts)])
+                db.executemany(
+                    "INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES (?, ?, ?, ?)",
+                    [(version_id, i, seq, c) for i, ids in enumerate(chunk_lists)
+                     for seq, c in enumerate(ids)])
+                db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
+                               [(version_id, k, v) for k, v in tag_items])
+                db.executemany(
+                    "INSERT OR REPLACE INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
+                    [(model_id, a, version_id) for a in aliases])
+                db.execute("UPDATE models SET last_version = ? WHERE id = ?", (number, model_id))
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._get(Ref(name, version=number))
+
+    def _put_chunks(self, db: sqlite3.Connection, part: Part, known: dict[str, int],
+                    bar: Any) -> tuple[list[str], int]:
+        """Store the chunks of ``part`` the vault lacks; returns (chunk hashes, bytes added).
+
+        ``known`` maps every chunk hash met so far in this save to its row id.
+        """
+        numeric = part.kind in ("array", "buffer")
+        cuts = (_chunks.fixed_cuts(part.size, part.itemsize) if numeric
+                else _chunks.content_cuts(part.data))
+        level = _chunks.ARRAY_LEVEL if numeric else _chunks.STREAM_LEVEL
+        itemsize = part.itemsize if numeric else 1
+        pool = self._threads()
+        hashes: list[str] = []
+        added = 0
+        for start in range(0, len(cuts), _BATCH):
+            views = [part.data[o:o + n] for o, n in cuts[start:start + _BATCH]]
+            batch = list(pool.map(_chunks.chunk_hash, views))
+            hashes.extend(batch)
+            unknown = sorted(set(batch) - known.keys())
+            if not unknown:
+                continue
+            known.update(self._chunk_ids(db, unknown))
+            new = {h: v for h, v in zip(batch, views) if h not in known}
+            encoded = pool.map(lambda v: _chunks.encode(v, itemsize, level), new.values())
+            rows = [(h, len(new[h]), codec, isz, data)
+                    for h, (codec, isz, data) in zip(new, encoded)]
+            db.executemany(
+                "INSERT INTO chunks (hash, size, codec, itemsize, data) VALUES (?, ?, ?, ?, ?)",
+                rows)
+            added += sum(len(r[4]) for r in rows)
+            known.update(self._chunk_ids(db, list(new)))
+            if bar is not None:
+                bar.update(sum(len(v) for v in views))
+        return hashes, added
+
+    @staticmethod
+    def _chunk_ids(db: sqlite3.Connection, hashes: list[str]) -> dict[str, int]:
+        if not hashes:
+            return {}
+        marks = ",".join("?" * len(hashes))
+        return dict(db.execute(f"SELECT hash, id FROM chunks WHERE hash IN ({marks})", hashes))
+
+    # -- reading ----------------------------------------------------------------
+
+    @_api
+    def get(self, ref: str | ModelVersion) -> ModelVersion:
+        """The version ``ref`` names (``name``, ``name:N`` or ``name@alias``); reads no model bytes.
+
+        >>> vault.get("demo").version
+        1
+        """
+        return self._get(_as_ref(ref))
+
+    def _get(self, ref: Ref) -> ModelVersion:
+        return self._records([self._resolve(ref)])[0]
+
+    def _resolve(self, ref: Ref) -> sqlite3.Row:
+        db = self._db
+        model = db.execute("SELECT id FROM models WHERE name = ?", (ref.name,)).fetchone()
+        if model is None:
+            names = [r[0] for r in db.execute(
+                "SELECT name FROM models WHERE last_version > 0 ORDER BY name LIMIT 11")]
+            known = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            raise NotFoundError(f"no model named {ref.name!r} in {self.path} "
+                                f"(models: {known or 'none'})")
+        if ref.alias is not None:
+            row = db.execute(
+                f"{_SELECT_VERSIONS} JOIN aliases a ON a.version_id = v.id "
+                "WHERE a.model_id = ? AND a.alias = ?", (model["id"], ref.alias)).fetchone()
+            if row is None:
+                known = [r[0] for r in db.execute(
+                    "SELECT alias FROM aliases WHERE model_id = ? ORDER BY alias",
+                    (model["id"],))]
+                raise NotFoundError(f"model {ref.name!r} has no alias {ref.alias!r} "
+                                    f"(aliases: {', '.join(known) or 'none'})")
+            return row
+        if ref.version is not None:
+            row = db.execute(f"{_SELECT_VERSIONS} WHERE v.model_id = ? AND v.version = ?",
+                             (model["id"], ref.version)).fetchone()
+        else:
+            # "Latest" is a query, never a stored pointer that could go stale.
+            row = db.execute(f"{_SELECT_VERSIONS} WHERE v.model_id = ? "
+                             "ORDER BY v.version DESC LIMIT 1", (model["id"],)).fetchone()
+        if row is None:
+            numbers = [str(r[0]) for r in db.execute(
+                "SELECT version FROM versions WHERE model_id = ? ORDER BY version",
+                (model["id"],))]
+            what = f"version {ref.version}" if ref.version is not None else "versions"
+            raise NotFoundError(f"model {ref.name!r} has no {what} "
+                                f"(versions: {', '.join(numbers) or 'none'})")
+        return row
+
+    def _records(self, rows: list[sqlite3.Row]) -> list[ModelVersion]:
+        if not rows:
+            return []
+        db = self._db
+        ids = [r["id"] for r in rows]
+        tags: dict[str, dict[str, str]] = {i: {} for i in ids}
+        aliases: dict[str, list[str]] = {i: [] for i in ids}
+        # Chunked so that a model with thousands of versions stays under SQLite's variable limit.
+        for start in range(0, len(ids), 500):
+            some = ids[start:start + 500]
+            marks = ",".join("?" * len(some))
+            for vid, key, value in db.execute(
+                    f"SELECT version_id, key, value FROM tags WHERE version_id IN ({marks}) "
+                    "ORDER BY key", some):
+                tags[vid][key] = value
+            for vid, alias in db.execute(
+                    f"SELECT version_id, alias FROM aliases WHERE version_id IN ({marks}) "
+                    "ORDER BY alias", some):
+                aliases[vid].append(alias)
+        return [ModelVersion(
+            name=r["name"], version=r["version"], id=r["uuid"], digest=r["digest"],
+            created_at=_parse_time(r["created_at"]), size=r["size"],
+            added_bytes=r["added_bytes"], kind=r["kind"], metadata=json.loads(r["metadata"]),
+            tags=tags[r["id"]], aliases=tuple(aliases[r["id"]]), description=r["description"],
+            environment=json.loads(r["environment"])) for r in rows]
+
+    @_api
+    def models(self) -> list[ModelInfo]:
+        """Every model with its number of versions and latest version, by name.
+
+        >>> [(m.name, m.versions) for m in vault.models()]
+        [('demo', 1)]
+        """
+        rows = self._db.execute(
+            "SELECT m.name, count(*), max(v.version), max(v.created_at) FROM models m "
+            "JOIN versions v ON v.model_id = m.id GROUP BY m.id ORDER BY m.name").fetchall()
+        return [ModelInfo(name, count, latest, _parse_time(updated))
+                for name, count, latest, updated in rows]
+
+    @_api
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every version of model ``name``, oldest first.
+
+        >>> [v.version for v in vault.versions("demo")]
+        [1]
+        """
+        check_name(name)
+        rows = self._db.execute(f"{_SELECT_VERSIONS} WHERE m.name = ? ORDER BY v.version",
+                                (name,)).fetchall()
+        if not rows:
+            self._resolve(Ref(name))  # raises NotFoundError naming what exists
+        return self._records(rows)
+
+    @_api
+    def load(self, ref: str | ModelVersion, *, trust: bool = False) -> Any:
+        """Load the model ``ref`` names, checking every chunk's hash.
+
+        A pickled model loads only if a trusted key signed it, or with ``trust=True``;
+        otherwise UntrustedError lists what the pickle would import. Arrays never need trust.
+        A files version loads as a dict of path to bytes (see ``extract``).
+
+        >>> vault.load("demo")
+        [1, 2, 3]
+        """
+        row = self._resolve(_as_ref(ref))
+        if row["kind"] == "pickle" and not trust and not self._signed(row):
+            stream = self._read_parts(row, only_first=True)[0][1]
+            imports = _trust.pickle_imports(stream.tobytes())
+            raise UntrustedError(
+                f"{row['name']}:{row['version']} was not signed by a key this machine trusts; "
+                f"loading it would import {', '.join(imports) or 'nothing'} and run its code. "
+                "Pass trust=True if you trust where this vault came from, or run "
+                "`modelvault trust KEYFILE` with the saver's key.", imports=imports)
+        parts = self._read_parts(row)
+        return _rebuild(row, parts)
+
+    @_api
+    def extract(self, ref: str | ModelVersion, out_dir: str | os.PathLike[str]) -> list[Path]:
+        """Write a files version's files below ``out_dir``; returns the paths written."""
+        row = self._resolve(_as_ref(ref))
+        if row["kind"] != "files":
+            raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
+                             "files; use load()")
+        out = Path(out_dir)
+        written = []
+        for part, data in self._read_parts(row):
+            target = out.joinpath(*_serialize.safe_relative_path(part["name"]).parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)  # memoryview of the uint8 buffer, no copy
+            written.append(target)
+        return written
+
+    def _signed(self, row: sqlite3.Row) -> bool:
+        ok = _trust.signature_ok(_manifest(row), row["key_id"], row["signature"],
+                                 _trust.trusted_keys())
+        return bool(ok)
+
+    def _chunk_lists(self, row: sqlite3.Row) -> tuple[list[sqlite3.Row], list[list[Any]]]:
+        """A version's parts and, per part, its chunks as (id, hash, size, codec, itemsize) rows.
+
+        A chunk the vault lacks comes back with hash None.
+        """
+        db = self._db
+        parts = db.execute("SELECT * FROM parts WHERE version_id = ? ORDER BY part",
+                           (row["id"],)).fetchall()
+        lists: list[list[Any]] = [[] for _ in parts]
+        for chunk in db.execute(
+                "SELECT pc.part, pc.chunk_id, c.hash, c.size, c.codec, c.itemsize "
+                "FROM part_chunks pc LEFT JOIN chunks c ON c.id = pc.chunk_id "
+                "WHERE pc.version_id = ? ORDER BY pc.part, pc.seq", (row["id"],)):
+            if not 0 <= chunk[0] < len(parts):
+                raise IntegrityError(
+                    f"{row['name']}:{row['version']}: chunk list names part {chunk[0]}, "
+                    "which is missing", model=row["name"], version=row["version"])
+            lists[chunk[0]].append(tuple(chunk)[1:])
+        return parts, lists
+
+    def _check_digest(self, row: sqlite3.Row, parts: list[sqlite3.Row],
+                      lists: list[list[Any]]) -> None:
+        where = f"{row['name']}:{row['version']}"
+        for chunks in lists:
+            for chunk_id, chunk_hash, *_ in chunks:
+                if chunk_hash is None:
+                    raise IntegrityError(f"{where}: chunk #{chunk_id} is missing from the vault",
+                                         model=row["name"], version=row["version"],
+                                         chunk=str(chunk_id))
+        try:
+            descriptors = [_descriptor_row(p, [c[1] for c in lists[i]])
+                           for i, p in enumerate(parts)]
+            digest = _digest(row["kind"], json.loads(row["layout"]), descriptors)
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"{where}: unreadable parts: {exc}", model=row["name"],
+                                 version=row["version"]) from exc
+        if digest != row["digest"]:
+            raise IntegrityError(f"{where}: its parts or chunk list do not match its digest "
+                                 "(the file was edited or damaged)",
+                                 model=row["name"], version=row["version"])
+
+    def _read_parts(self, row: sqlite3.Row, *, only_first: bool = False
+                    ) -> list[tuple[sqlite3.Row, np.ndarray]]:
+        """Every part of a version as (part row, uint8 buffer), each chunk's hash checked."""
+        parts, lists = self._chunk_lists(row)
+        self._check_digest(row, parts, lists)
+        if only_first:
+            parts, lists = parts[:1], lists[:1]
+        bar = self._progress_bar(sum(p["size"] for p in parts),
+                                 f"load {row['name']}:{row['version']}")
+        try:
+            return [(p, self._read_part(p, chunks, row, bar)) for p, chunks in zip(parts, lists)]
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _read_part(self, part: sqlite3.Row, chunks: list[Any], row: sqlite3.Row,
+                   bar: Any) -> np.ndarray:
+        size = part["size"]
+        if sum(c[2] for c in chunks) != size or any(c[2] < 0 for c in chunks):
+            raise IntegrityError(f"{row['name']}:{row['version']}: part {part['part']}'s "
+                                 f"chunks do not add up to its {size} bytes",
+                                 model=row["name"], version=row["version"])
+        out = np.empty(size, dtype=np.uint8)
+        view = memoryview(out)
+        offset = 0
+        pool = self._threads()
+        for start in range(0, len(chunks), _BATCH):
+            batch = chunks[start:start + _BATCH]
+            ids = sorted({c[0] for c in batch})
+            data = dict(self._db.execute(
+                f"SELECT id, data FROM chunks WHERE id IN ({','.join('?' * len(ids))})", ids))
+            jobs = []
+            for chunk_id, chunk_hash, chunk_size, codec, itemsize in batch:
+                jobs.append((view[offset:offset + chunk_size],
+                             (chunk_hash, codec, itemsize, data[chunk_id])))
+                offset += chunk_size
+            for error in pool.map(_decode_checked, jobs):
+                if error is not None:
+                    raise IntegrityError(
+                        f"{row['name']}:{row['version']}: chunk {error[0]} {error[1]}",
+                        model=row["name"], version=row["version"], chunk=error[0])
+            if bar is not None:
+                bar.update(sum(len(j[0]) for j in jobs))
+        return out
+
+    # -- changing names ---------------------------------------------------------
+
+    @_api
+    def alias(self, ref: str | ModelVersion, alias: str) -> ModelVersion:
+        """Point ``alias`` at the version ``ref`` names, moving it if it points elsewhere.
+
+        >>> vault.alias("demo:1", "production").aliases
+        ('production',)
+        """
+        check_alias(alias)
+        with self._write() as db:
+            row = self._resolve(_as_ref(ref))
+            db.execute("INSERT OR REPLACE INTO aliases (model_id, alias, version_id) "
+                       "SELECT model_id, ?, id FROM versions WHERE id = ?", (alias, row["id"]))
+        return self._get(Ref(row["name"], version=row["version"]))
+
+    @_api
+    def unalias(self, name: str, alias: str) -> None:
+        """Remove ``alias`` from model ``name``; NotFoundError if it does not exist."""
+        with self._write():
+            self._resolve(Ref(check_name(name), alias=check_alias(alias)))
+            self._db.execute(
+                "DELETE FROM aliases WHERE alias = ? AND model_id = "
+                "(SELECT id FROM models WHERE name = ?)", (alias, name))
+
+    @_api
+    def tag(self, ref: str | ModelVersion, tags: Mapping[str, Any] | None = None,
+            /, **more: Any) -> ModelVersion:
+        """Set tags on a version; a value of None removes that tag.
+
+        >>> vault.tag("demo:1", stage="prod").tags
+        {'stage': 'prod'}
+        """
+        items = _tag_items({**(tags or {}), **more})
+        with self._write() as db:
+            row = self._resolve(_as_ref(ref))
+            for key, value in items:
+                if value is None:
+                    db.execute("DELETE FROM tags WHERE version_id = ? AND key = ?",
+                               (row["id"], key))
+                else:
+                    db.execute("INSERT OR REPLACE INTO tags (version_id, key, value) "
+                               "VALUES (?, ?, ?)", (row["id"], key, value))
+        return self._get(Ref(row["name"], version=row["version"]))
+
+    @_api
+    def delete(self, ref: str | ModelVersion) -> int:
+        """Delete one version (``name:N``, ``name@alias``) or a whole model (``name``).
+
+        Returns the number of versions deleted. Their chunks stay until ``gc()``.
+        Numbers of deleted versions are not given out again while the model exists.
+        """
+        target = _as_ref(ref)
+        with self._write() as db:
+            if target.version is None and target.alias is None:
+                self._resolve(target)
+                model_id = db.execute("SELECT id FROM models WHERE name = ?",
+                                      (target.name,)).fetchone()[0]
+                count = db.execute("SELECT count(*) FROM versions WHERE model_id = ?",
+                                   (model_id,)).fetchone()[0]
+                db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+                return int(count)
+            row = self._resolve(target)
+            db.execute("DELETE FROM versions WHERE id = ?", (row["id"],))
+            return 1
+
+    # -- housekeeping -----------------------------------------------------------
+
+    @_api
+    def gc(self) -> int:
+        """Drop chunks no version uses and give their space back; returns bytes freed."""
+        with self._write() as db:
+            before = self._file_bytes()
+            db.execute("DELETE FROM chunks WHERE NOT EXISTS "
+                       "(SELECT 1 FROM part_chunks pc WHERE pc.chunk_id = chunks.id)")
+            # The file is created with auto_vacuum=INCREMENTAL: this hands free pages back
+            # to the file system without VACUUM's full copy of the database.
+            db.execute("PRAGMA incremental_vacuum").fetchall()
+            after = self._file_bytes()
+        return before - after
+
+    def _file_bytes(self) -> int:
+        db = self._db
+        # Read through SQLite, never os.stat-then-open: opening the file ourselves
+        # would drop SQLite's POSIX locks (reliability.md).
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages * db.execute("PRAGMA page_size").fetchone()[0])
+
+    @_api
+    def verify(self) -> list[Problem]:
+        """Re-read and re-hash every chunk any version uses; returns the problems ([] = healthy).
+
+        >>> vault.verify()
+        []
+        """
+        db = self._db
+        problems: list[Problem] = []
+        result = [r[0] for r in db.execute("PRAGMA quick_check")]
+        if result != ["ok"]:
+            problems.extend(Problem(f"SQLite quick_check: {line}") for line in result)
+        keys = _trust.trusted_keys()
+        users: dict[int, tuple[str, int]] = {}
+        for row in db.execute(f"{_SELECT_VERSIONS} ORDER BY m.name, v.version").fetchall():
+            name, number = row["name"], row["version"]
+            try:
+                parts, lists = self._chunk_lists(row)
+                for chunks in lists:
+                    for chunk in chunks:
+                        users.setdefault(chunk[0], (name, number))
+                self._check_digest(row, parts, lists)
+                for part, chunks in zip(parts, lists):
+                    if sum(c[2] for c in chunks) != part["size"]:
+                        raise IntegrityError(f"part {part['part']}'s chunks do not add up to "
+                                             f"its {part['size']} bytes")
+            except IntegrityError as exc:
+                problems.append(Problem(str(exc), name, number, exc.chunk))
+            if _trust.signature_ok(_manifest(row), row["key_id"], row["signature"],
+                                   keys) is False:
+                problems.append(Problem("signature does not match: the version's manifest was "
+                                        "changed after it was saved", name, number))
+        cursor = db.execute("SELECT id, hash, size, codec, itemsize, data FROM chunks c WHERE "
+                            "EXISTS (SELECT 1 FROM part_chunks pc WHERE pc.chunk_id = c.id)")
+        pool = self._threads()
+        while batch := cursor.fetchmany(_BATCH):
+            jobs = [(memoryview(np.empty(max(r[2], 0), dtype=np.uint8)), (r[1], *r[3:]))
+                    for r in batch]
+            owners = {r[1]: r[0] for r in batch}
+            for error in pool.map(_decode_checked, jobs):
+                if error is not None:
+                    name, number = users.get(owners[error[0]], (None, None))
+                    problems.append(Problem(error[1], name, number, error[0]))
+        return problems
+
+    @_api
+    def stats(self) -> VaultStats:
+        """Sizes of the vault: raw, after dedup, after compression, and the file itself."""
+        db = self._db
+        models, versions, raw = db.execute(
+            "SELECT count(DISTINCT model_id), count(*), coalesce(sum(size), 0) "
+            "FROM versions").fetchone()
+        chunks, unique, stored = db.execute(
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(length(data)), 0) "
+            "FROM chunks").fetchone()
+        return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
+                          unique_bytes=unique, stored_bytes=stored,
+                          file_bytes=self._file_bytes())
+
+
+def _as_ref(ref: str | ModelVersion) -> Ref:
+    if isinstance(ref, ModelVersion):
+        return Ref(ref.name, version=ref.version)
+    return parse_ref(ref)
+
+
+def _descriptor(part: Part, hashes: list[str]) -> dict[str, Any]:
+    return {"kind": part.kind, "name": part.name, "dtype": part.dtype, "shape": part.shape,
+            "fortran_order": int(part.fortran_order), "itemsize": part.itemsize,
+            "size": part.size, "chunks": hashes}
+
+
+def _descriptor_row(part: sqlite3.Row, hashes: list[str]) -> dict[str, Any]:
+    return {"kind": part["kind"], "name": part["name"], "dtype": part["dtype"],
+            "shape": None if part["shape"] is None else json.loads(part["shape"]),
+            "fortran_order": part["fortran_order"], "itemsize": part["itemsize"],
+            "size": part["size"], "chunks": hashes}
+
+
+def _decode_checked(job: tuple[memoryview, Any]) -> tuple[str, str] | None:
+    """Decode one chunk into its slot and check its hash; (hash, problem) or None."""
+    out, (expected, codec, itemsize, data) = job
+    try:
+        _chunks.decode_into(out, codec, itemsize, bytes(data))
+    except IntegrityError as exc:
+        return expected, str(exc)
+    if _chunks.chunk_hash(out) != expected:
+        return expected, "hash mismatch: stored bytes are damaged"
+    return None
+
+
+def _rebuild(row: sqlite3.Row, parts: list[tuple[sqlite3.Row, np.ndarray]]) -> Any:
+    where = f"{row['name']}:{row['version']}"
+    layout = json.loads(row["layout"])
+    try:
+        if row["kind"] == "arrays":
+            arrays = [_serialize.array_from_part(buf, p["dtype"], json.loads(p["shape"]),
+                                                 bool(p["fortran_order"])) for p, buf in parts]
+            return _serialize.rebuild_native(layout, arrays)
+        if row["kind"] == "pickle":
+            stream, buffers = parts[0][1], [buf for _, buf in parts[1:]]
+            return pickle.loads(stream, buffers=buffers)
+        if row["kind"] == "files":
+            return {p["name"]: buf.tobytes() for p, buf in parts}
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        if row["kind"] == "pickle":
+            raise  # the model's own code raised it while unpickling: not ours to rename
+        raise IntegrityError(f"{where}: cannot rebuild: {exc}", model=row["name"],
+                             version=row["version"]) from exc
+    raise IntegrityError(f"{where}: unknown kind {row['kind']!r}", model=row["name"],
+                         version=row["version"])
