@@ -54,17 +54,29 @@ def serialize(obj: Any) -> tuple[str, Any, list[Part]]:
 
 
 def _is_native(obj: Any) -> bool:
+    # An object array is refused only where everything else could be stored natively:
+    # deciding that before raising keeps the answer independent of the items' order.
+    object_arrays: list[np.ndarray] = []
+    if not _native_tree(obj, object_arrays):
+        return False
+    if object_arrays:
+        raise TypeError(
+            "numpy arrays of dtype object hold Python objects, not numbers, and cannot "
+            "be stored as arrays; convert them to a numeric or string dtype")
+    return True
+
+
+def _native_tree(obj: Any, object_arrays: list[np.ndarray]) -> bool:
     kind = type(obj)
     if kind is np.ndarray:
         if obj.dtype.hasobject:
-            raise TypeError(
-                "numpy arrays of dtype object hold Python objects, not numbers, and cannot "
-                "be stored as arrays; convert them to a numeric or string dtype")
+            object_arrays.append(obj)
         return True
     if kind is dict:
-        return all(type(key) is str and _is_native(value) for key, value in obj.items())
+        return all(type(key) is str and _native_tree(value, object_arrays)
+                   for key, value in obj.items())
     if kind in (list, tuple):
-        return all(_is_native(item) for item in obj)
+        return all(_native_tree(item, object_arrays) for item in obj)
     return obj is None or kind in (str, int, float, bool)
 
 
@@ -155,7 +167,7 @@ def safe_relative_path(name: str) -> PurePosixPath:
 def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],
                     fortran_order: bool) -> np.ndarray:
     """Rebuild an array over ``buffer`` (uint8, already holding its bytes) without copying."""
-    descr = json.loads(dtype) if dtype.startswith("[") else dtype
+    descr = _descr_from_json(json.loads(dtype)) if dtype.startswith("[") else dtype
     dt = np.lib.format.descr_to_dtype(descr)
     if dt.hasobject:
         raise ValueError("object dtype in an array part")
@@ -169,6 +181,18 @@ def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],
     if fortran_order:
         return flat.reshape(shape[::-1]).T
     return flat.reshape(shape)
+
+
+def _descr_from_json(descr: Any) -> Any:
+    """Undo what JSON did to a structured descr: a titled field's (title, name) became a list."""
+    if not isinstance(descr, list):
+        return descr
+    fields = []
+    for name, fmt, *shape in descr:
+        if isinstance(name, list):
+            name = tuple(name)
+        fields.append((name, _descr_from_json(fmt), *shape))
+    return fields
 
 
 def rebuild_native(layout: Any, arrays: list[np.ndarray]) -> Any:

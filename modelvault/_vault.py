@@ -209,8 +209,9 @@ class Vault:
         anything else goes through cloudpickle. Metadata is immutable once saved;
         tags and aliases can change later.
 
-        >>> vault.save("demo", [1, 2, 3]).version
-        1
+        >>> mv = vault.save("demo", {"weights": np.zeros(4)}, metadata={"auc": 0.91})
+        >>> mv.ref, mv.metadata
+        ('demo:2', {'auc': 0.91})
         """
         check_name(name)
         kind, layout, parts = _serialize.serialize(obj)

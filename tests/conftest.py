@@ -1,0 +1,57 @@
+"""Shared fixtures: a private key folder per test, and a fresh vault file."""
+
+from __future__ import annotations
+
+import pytest
+
+import modelvault
+
+
+@pytest.fixture(autouse=True)
+def _private_key_home(tmp_path_factory, monkeypatch):
+    """Point MODELVAULT_HOME at a temporary folder so no test touches the real keys."""
+    home = tmp_path_factory.mktemp("modelvault-home")
+    monkeypatch.setenv("MODELVAULT_HOME", str(home))
+    yield home
+
+
+@pytest.fixture
+def vault_path(tmp_path):
+    return tmp_path / "models.vault"
+
+
+@pytest.fixture
+def vault(vault_path):
+    v = modelvault.open(vault_path)
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+@pytest.fixture
+def run():
+    """Invoke the CLI in-process: run("ls", path) -> click Result (paths may be Path objects)."""
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture
+def vault_file(tmp_path):
+    """A closed vault: churn:1 (alias production), churn:2 (tag team=growth), team/weights:1."""
+    import numpy as np
+
+    path = tmp_path / "cli.vault"
+    with modelvault.open(path) as v:
+        v.save("churn", {"w": np.arange(10.0)}, aliases=["production"])
+        v.save("churn", {"w": np.arange(12.0)}, metadata={"auc": 0.91}, tags={"team": "growth"})
+        v.save("team/weights", np.random.default_rng(0).normal(size=(300, 300)))
+    return path

@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+
+
+def test_put_folder_then_get_it_back(run, tmp_path):
+    source = tmp_path / "minilm"
+    (source / "tokenizer").mkdir(parents=True)
+    (source / "model.onnx").write_bytes(bytes(range(256)) * 1000)
+    (source / "tokenizer" / "vocab.txt").write_text("hello\nworld\n")
+    vault = tmp_path / "m.vault"
+    result = run("put", vault, "minilm", source, "--meta", "dim=384", "--meta", "src=hub",
+                 "--tag", "team=search", "--alias", "prod", "-m", "first upload")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("saved minilm:1")
+
+    record = json.loads(run("show", vault, "minilm@prod", "--json").output)
+    assert record["metadata"] == {"dim": 384, "src": "hub"}
+    assert record["tags"] == {"team": "search"}
+    assert record["description"] == "first upload"
+    assert record["kind"] == "files"
+
+    out = tmp_path / "out"
+    result = run("get", vault, "minilm@prod", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").read_bytes() == (source / "model.onnx").read_bytes()
+    assert (out / "tokenizer" / "vocab.txt").read_text() == "hello\nworld\n"
+
+
+def test_put_several_files(run, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.bin"
+    a.write_text("{}")
+    b.write_bytes(b"\x00" * 10)
+    vault = tmp_path / "m.vault"
+    assert run("put", vault, "pair", a, b).exit_code == 0
+    out = tmp_path / "out"
+    assert run("get", vault, "pair", "-o", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.bin"]
+
+
+def test_put_missing_path(run, tmp_path):
+    result = run("put", tmp_path / "m.vault", "x", tmp_path / "missing")
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_put_bad_meta(run, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    result = run("put", tmp_path / "m.vault", "x", f, "--meta", "novalue")
+    assert result.exit_code == 2
+    assert "KEY=VALUE" in result.output
+
+
+def test_get_arrays_as_npz(run, vault_file, tmp_path):
+    result = run("get", vault_file, "churn:1", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "out" / "churn-v1.npz") as arrays:
+        np.testing.assert_array_equal(arrays["w"], np.arange(10.0))
+
+
+def test_get_pickled_object_needs_trust_from_a_stranger(run, tmp_path, monkeypatch):
+    import pickle
+
+    import modelvault
+
+    vault = tmp_path / "m.vault"
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "alice"))
+    modelvault.save(vault, "team/obj", {"a set": {1, 2}})
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "bob"))
+    result = run("get", vault, "team/obj", "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "not signed by a key this machine trusts" in result.output
+    result = run("get", vault, "team/obj", "-o", tmp_path / "out", "--trust")
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "out" / "team_obj-v1.pkl", "rb") as f:
+        assert pickle.load(f) == {"a set": {1, 2}}

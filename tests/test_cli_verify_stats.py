@@ -1,0 +1,30 @@
+import json
+import sqlite3
+
+
+def test_verify_healthy(run, vault_file):
+    result = run("verify", vault_file)
+    assert result.exit_code == 0
+    assert result.output.startswith("ok: 3 versions")
+
+
+def test_verify_reports_damage_and_fails(run, vault_file):
+    with sqlite3.connect(vault_file) as db:
+        db.execute("UPDATE chunks SET data = zeroblob(length(data)) WHERE id = "
+                   "(SELECT min(id) FROM chunks)")
+    db.close()
+    result = run("verify", vault_file)
+    assert result.exit_code == 1
+    assert "churn" in result.output or "team/weights" in result.output
+    problems = json.loads(run("verify", vault_file, "--json").output)
+    assert problems and problems[0]["chunk"]
+
+
+def test_stats(run, vault_file):
+    result = run("stats", vault_file)
+    assert result.exit_code == 0
+    assert "versions:     3" in result.output
+    stats = json.loads(run("stats", vault_file, "--json").output)
+    assert stats["versions"] == 3 and stats["models"] == 2
+    assert stats["raw_bytes"] >= stats["unique_bytes"]
+    assert stats["dedup_ratio"] >= 1.0

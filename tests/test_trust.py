@@ -1,0 +1,158 @@
+"""Trust: pickles load only when a trusted key signed them; tampering is caught."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+
+import numpy as np
+import pytest
+
+import modelvault
+from modelvault import IntegrityError, UntrustedError
+from modelvault._trust import key_id, own_key, pickle_imports
+
+
+class Marker:
+    """Unpickling this creates a file: proof that loading ran the pickle's code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def use_home(monkeypatch, path):
+    monkeypatch.setenv("MODELVAULT_HOME", str(path))
+
+
+def test_key_is_created_once_with_private_permissions(tmp_path, monkeypatch):
+    use_home(monkeypatch, tmp_path / "home")
+    first = own_key()
+    assert own_key() == first
+    mode = (tmp_path / "home" / "key").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_foreign_pickle_is_not_executed_without_trust(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    vault_path = tmp_path / "v.vault"
+    use_home(monkeypatch, tmp_path / "alice")
+    modelvault.save(vault_path, "evil", Marker(marker))
+    assert not marker.exists()
+
+    use_home(monkeypatch, tmp_path / "bob")
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(UntrustedError) as info:
+            vault.load("evil")
+        assert not marker.exists()
+        assert "io.open" in info.value.imports
+        assert "io.open" in str(info.value)
+        handle = vault.load("evil", trust=True)
+        handle.close()
+    assert marker.exists()
+
+
+def test_own_pickles_load_without_asking(tmp_path, monkeypatch):
+    use_home(monkeypatch, tmp_path / "alice")
+    with modelvault.open(tmp_path / "v.vault") as vault:
+        vault.save("obj", {"when": {1, 2, 3}})  # a set is not native: pickled
+        assert vault.get("obj").kind == "pickle"
+        assert vault.load("obj") == {"when": {1, 2, 3}}
+
+
+def test_exported_key_makes_a_teammate_trusted(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    vault_path = tmp_path / "v.vault"
+    use_home(monkeypatch, tmp_path / "alice")
+    modelvault.save(vault_path, "obj", {"a set": {1}})
+    runner = CliRunner()
+    exported = runner.invoke(cli, ["key", "export"])
+    assert exported.exit_code == 0
+    (tmp_path / "alice.key").write_text(exported.output)
+
+    use_home(monkeypatch, tmp_path / "bob")
+    with pytest.raises(UntrustedError):
+        modelvault.load(vault_path, "obj")
+    trusted = runner.invoke(cli, ["trust", str(tmp_path / "alice.key")])
+    assert trusted.exit_code == 0, trusted.output
+    assert modelvault.load(vault_path, "obj") == {"a set": {1}}
+
+
+def test_arrays_never_need_trust(tmp_path, monkeypatch):
+    vault_path = tmp_path / "v.vault"
+    use_home(monkeypatch, tmp_path / "alice")
+    modelvault.save(vault_path, "w", {"w": np.arange(5)})
+    use_home(monkeypatch, tmp_path / "bob")
+    np.testing.assert_array_equal(modelvault.load(vault_path, "w")["w"], np.arange(5))
+
+
+def test_tampered_metadata_breaks_the_signature(tmp_path, monkeypatch):
+    use_home(monkeypatch, tmp_path / "alice")
+    path = tmp_path / "v.vault"
+    modelvault.save(path, "obj", {"a set": {1}}, metadata={"auc": 0.5})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE versions SET metadata = '{\"auc\": 0.99}'")
+    db.close()
+    with modelvault.open(path) as vault:
+        with pytest.raises(UntrustedError):
+            vault.load("obj")
+        problems = vault.verify()
+        assert any("signature" in p.message for p in problems)
+        assert vault.load("obj", trust=True) == {"a set": {1}}
+
+
+def test_swapped_chunk_list_is_an_integrity_error(tmp_path, monkeypatch):
+    use_home(monkeypatch, tmp_path / "alice")
+    path = tmp_path / "v.vault"
+    with modelvault.open(path) as vault:
+        vault.save("m", {"a": np.arange(100_000), "b": np.ones(100_000)})
+    with sqlite3.connect(path) as db:
+        ids = [r[0] for r in db.execute(
+            "SELECT DISTINCT chunk_id FROM part_chunks ORDER BY chunk_id")]
+        db.execute("UPDATE part_chunks SET chunk_id = ? WHERE chunk_id = ?", (ids[-1], ids[0]))
+    db.close()
+    with modelvault.open(path) as vault:
+        with pytest.raises(IntegrityError) as info:
+            vault.load("m")
+        assert info.value.model == "m" and info.value.version == 1
+        assert any(p.version == 1 for p in vault.verify())
+
+
+def test_flipped_byte_in_a_chunk_names_model_version_and_chunk(tmp_path, monkeypatch):
+    use_home(monkeypatch, tmp_path / "alice")
+    path = tmp_path / "v.vault"
+    with modelvault.open(path) as vault:
+        vault.save("m", {"a": np.random.default_rng(0).normal(size=50_000)})
+    with sqlite3.connect(path) as db:
+        chunk_hash, data = db.execute("SELECT hash, data FROM chunks LIMIT 1").fetchone()
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0x10
+        db.execute("UPDATE chunks SET data = ? WHERE hash = ?", (bytes(damaged), chunk_hash))
+    db.close()
+    with modelvault.open(path) as vault:
+        with pytest.raises(IntegrityError) as info:
+            vault.load("m")
+        assert (info.value.model, info.value.version, info.value.chunk) == ("m", 1, chunk_hash)
+        assert chunk_hash in str(info.value)
+        problems = vault.verify()
+        assert [(p.model, p.version, p.chunk) for p in problems] == [("m", 1, chunk_hash)]
+
+
+def test_pickle_imports_names_classes_without_running_them():
+    import pickle
+
+    from sklearn.linear_model import LogisticRegression
+
+    stream = pickle.dumps(LogisticRegression(), protocol=5)
+    assert "sklearn.linear_model._logistic.LogisticRegression" in pickle_imports(stream)
+    assert pickle_imports(pickle.dumps(Marker("x"), protocol=2)) == ["io.open"]
+
+
+def test_key_ids_differ_between_keys():
+    assert key_id(b"a" * 32) != key_id(b"b" * 32)
+    assert len(key_id(b"a" * 32)) == 16
