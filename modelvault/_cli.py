@@ -25,9 +25,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except (VaultError, ValueError, TypeError, OSError) as exc:
-            message = str(exc) or type(exc).__name__
-            raise click.ClickException(message) from exc
+            raise click.ClickException(str(exc) or type(exc).__name__) from exc
+        except Exception as exc:  # e.g. a model's own code failing while it unpickles
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _human(n: float) -> str:

@@ -659,8 +659,12 @@ class Vault:
             db.execute("DELETE FROM chunks WHERE NOT EXISTS "
                        "(SELECT 1 FROM part_chunks pc WHERE pc.chunk_id = chunks.id)")
             # The file is created with auto_vacuum=INCREMENTAL: this hands free pages back
-            # to the file system without VACUUM's full copy of the database.
-            db.execute("PRAGMA incremental_vacuum").fetchall()
+            # to the file system without VACUUM's full copy of the database. Each step of
+            # the pragma frees one page, and Python's sqlite3 steps a statement that has no
+            # result columns only once (fetchall() does not help): run it once per free page.
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            for _ in range(free):
+                db.execute("PRAGMA incremental_vacuum")
             after = self._file_bytes()
         return before - after
 
@@ -771,14 +775,24 @@ def _rebuild(row: sqlite3.Row, parts: list[tuple[sqlite3.Row, np.ndarray]]) -> A
                                                  bool(p["fortran_order"])) for p, buf in parts]
             return _serialize.rebuild_native(layout, arrays)
         if row["kind"] == "pickle":
-            stream, buffers = parts[0][1], [buf for _, buf in parts[1:]]
-            return pickle.loads(stream, buffers=buffers)
+            return _unpickle(row, parts)
         if row["kind"] == "files":
             return {p["name"]: buf.tobytes() for p, buf in parts}
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        if row["kind"] == "pickle":
-            raise  # the model's own code raised it while unpickling: not ours to rename
         raise IntegrityError(f"{where}: cannot rebuild: {exc}", model=row["name"],
                              version=row["version"]) from exc
     raise IntegrityError(f"{where}: unknown kind {row['kind']!r}", model=row["name"],
                          version=row["version"])
+
+
+def _unpickle(row: sqlite3.Row, parts: list[tuple[sqlite3.Row, np.ndarray]]) -> Any:
+    stream, buffers = parts[0][1], [buf for _, buf in parts[1:]]
+    try:
+        return pickle.loads(stream, buffers=buffers)
+    except Exception as exc:
+        # Usually a missing or incompatible package; say what the model was saved with.
+        env = json.loads(row["environment"])
+        saved_with = ", ".join([f"python {env.get('python', '?')}"] + [
+            f"{name} {version}" for name, version in env.get("packages", {}).items()])
+        raise VaultError(f"{row['name']}:{row['version']}: unpickling failed with "
+                         f"{type(exc).__name__}: {exc} (saved with {saved_with})") from exc
