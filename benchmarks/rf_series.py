@@ -62,7 +62,8 @@ def main() -> None:
         print(f"{args.versions} versions as joblib files:  {joblib_bytes / 1e6:8.1f} MB")
         print(f"{args.versions} versions as gzip-9 archives: {gzip_bytes / 1e6:8.1f} MB  "
               "(modelstore's layout)")
-        print(f"{args.versions} versions in one vault:       {before / 1e6:8.1f} MB  (target <= 9 MB)")
+        print(f"{args.versions} versions in one vault:       {before / 1e6:8.1f} MB  "
+              "(target <= 9 MB)")
         print(f"re-save of the unchanged model: chunk bytes added {again.added_bytes} B, "
               f"file grew {after - before} B = {100 * (after - before) / again.size:.3f} % "
               f"of its {again.size / 1e6:.1f} MB (target < 1 %)")

@@ -40,7 +40,7 @@ def chunk_hash(data: memoryview | bytes) -> str:
 
 def fixed_cuts(size: int, itemsize: int) -> list[tuple[int, int]]:
     """(offset, length) pieces of an array's bytes, each a whole number of items."""
-    step = ARRAY_CHUNK - ARRAY_CHUNK % itemsize if itemsize <= ARRAY_CHUNK else ARRAY_CHUNK
+    step = ARRAY_CHUNK - ARRAY_CHUNK % itemsize if 0 < itemsize <= ARRAY_CHUNK else ARRAY_CHUNK
     return [(offset, min(step, size - offset)) for offset in range(0, size, step)]
 
 

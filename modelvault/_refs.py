@@ -44,7 +44,8 @@ def parse_ref(ref: object) -> Ref:
         return Ref(check_name(name), alias=check_alias(alias))
     if ":" in ref:
         name, _, number = ref.partition(":")
-        if not number.isdigit() or int(number) < 1:
+        # ASCII digits only ('²'.isdigit() is True), and small enough for SQLite's integers.
+        if not (number.isascii() and number.isdigit()) or not 1 <= int(number) < 2**63:
             raise ValueError(f"invalid reference {ref!r}: the version after ':' is a number >= 1")
         return Ref(check_name(name), version=int(number))
     return Ref(check_name(ref))

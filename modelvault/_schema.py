@@ -93,6 +93,8 @@ CREATE TABLE tags (
 """
 
 # Views exist for people browsing the file in a SQLite browser; the library never reads them.
+# No JSON functions here: SQLite refuses them in views under trusted_schema=OFF, which
+# careful readers (modelvault included) set.
 VIEWS = """
 CREATE VIEW model_versions AS
 SELECT m.name, v.version, v.created_at, v.kind, v.size,
@@ -100,7 +102,8 @@ SELECT m.name, v.version, v.created_at, v.kind, v.size,
          WHERE c.id IN (SELECT pc.chunk_id FROM part_chunks pc WHERE pc.version_id = v.id))
          AS stored_size,
        (SELECT group_concat(a.alias, ', ') FROM aliases a WHERE a.version_id = v.id) AS aliases,
-       (SELECT json_group_object(t.key, t.value) FROM tags t WHERE t.version_id = v.id) AS tags,
+       (SELECT group_concat(t.key || '=' || t.value, ', ') FROM tags t
+         WHERE t.version_id = v.id) AS tags,
        v.metadata, v.description, v.environment, v.digest, v.uuid
 FROM versions v JOIN models m ON m.id = v.model_id
 ORDER BY m.name, v.version;
@@ -181,7 +184,11 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
                 app_id = APPLICATION_ID
-            conn.execute("COMMIT")
+                conn.execute("COMMIT")
+            else:
+                # Nothing to write: committing would still give an empty file a SQLite
+                # header, so a failed open would change a file that is not ours.
+                conn.execute("ROLLBACK")
         except BaseException:
             conn.execute("ROLLBACK")
             raise

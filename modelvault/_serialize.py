@@ -13,11 +13,13 @@ Three kinds of version:
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +93,9 @@ def _native_layout(obj: Any, parts: list[Part]) -> Any:
         return {"list": [_native_layout(item, parts) for item in obj]}
     if kind is tuple:
         return {"tuple": [_native_layout(item, parts) for item in obj]}
+    if kind is float and not math.isfinite(obj):
+        # Strict JSON (SQLite's json functions included) has no NaN or Infinity.
+        return {"float": repr(obj)}
     return {"value": obj}
 
 
@@ -206,6 +211,8 @@ def rebuild_native(layout: Any, arrays: list[np.ndarray]) -> Any:
         return [rebuild_native(item, arrays) for item in value]
     if tag == "tuple":
         return tuple(rebuild_native(item, arrays) for item in value)
+    if tag == "float":
+        return float(value)
     if tag == "value":
         return value
     raise ValueError(f"unknown layout node {tag!r}")

@@ -104,7 +104,9 @@ def trust_key_file(path: str | os.PathLike[str]) -> str:
 
 def canonical_json(value: Any) -> bytes:
     """The one byte string a JSON value hashes and signs as."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # surrogatepass: a str holding a lone surrogate is legal Python and must still hash.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def sign(key: bytes, manifest: dict[str, Any]) -> str:

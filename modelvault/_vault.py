@@ -9,11 +9,12 @@ import pickle
 import sqlite3
 import sys
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import zstandard
@@ -330,10 +331,10 @@ class Vault:
             if not unknown:
                 continue
             known.update(self._chunk_ids(db, unknown))
-            new = {h: v for h, v in zip(batch, views) if h not in known}
+            new = {h: v for h, v in zip(batch, views, strict=True) if h not in known}
             encoded = pool.map(lambda v: _chunks.encode(v, itemsize, level), new.values())
             rows = [(h, len(new[h]), codec, isz, data)
-                    for h, (codec, isz, data) in zip(new, encoded)]
+                    for h, (codec, isz, data) in zip(new, encoded, strict=True)]
             db.executemany(
                 "INSERT INTO chunks (hash, size, codec, itemsize, data) VALUES (?, ?, ?, ?, ?)",
                 rows)
@@ -369,7 +370,8 @@ class Vault:
         model = db.execute("SELECT id FROM models WHERE name = ?", (ref.name,)).fetchone()
         if model is None:
             names = [r[0] for r in db.execute(
-                "SELECT name FROM models WHERE last_version > 0 ORDER BY name LIMIT 11")]
+                "SELECT name FROM models m WHERE EXISTS (SELECT 1 FROM versions v "
+                "WHERE v.model_id = m.id) ORDER BY name LIMIT 11")]
             known = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             raise NotFoundError(f"no model named {ref.name!r} in {self.path} "
                                 f"(models: {known or 'none'})")
@@ -548,7 +550,8 @@ class Vault:
         bar = self._progress_bar(sum(p["size"] for p in parts),
                                  f"load {row['name']}:{row['version']}")
         try:
-            return [(p, self._read_part(p, chunks, row, bar)) for p, chunks in zip(parts, lists)]
+            return [(p, self._read_part(p, chunks, row, bar))
+                    for p, chunks in zip(parts, lists, strict=True)]
         finally:
             if bar is not None:
                 bar.close()
@@ -638,9 +641,11 @@ class Vault:
         target = _as_ref(ref)
         with self._write() as db:
             if target.version is None and target.alias is None:
-                self._resolve(target)
-                model_id = db.execute("SELECT id FROM models WHERE name = ?",
-                                      (target.name,)).fetchone()[0]
+                model = db.execute("SELECT id FROM models WHERE name = ?",
+                                   (target.name,)).fetchone()
+                if model is None:
+                    self._resolve(target)  # raises NotFoundError naming the models there are
+                model_id = model[0]
                 count = db.execute("SELECT count(*) FROM versions WHERE model_id = ?",
                                    (model_id,)).fetchone()[0]
                 db.execute("DELETE FROM models WHERE id = ?", (model_id,))
@@ -697,7 +702,7 @@ class Vault:
                     for chunk in chunks:
                         users.setdefault(chunk[0], (name, number))
                 self._check_digest(row, parts, lists)
-                for part, chunks in zip(parts, lists):
+                for part, chunks in zip(parts, lists, strict=True):
                     if sum(c[2] for c in chunks) != part["size"]:
                         raise IntegrityError(f"part {part['part']}'s chunks do not add up to "
                                              f"its {part['size']} bytes")

@@ -19,7 +19,8 @@ def test_ls_json(run, vault_file):
 def test_ls_missing_vault_is_one_line_error(run, tmp_path):
     result = run("ls", tmp_path / "nope.vault")
     assert result.exit_code != 0
-    assert result.output.strip().splitlines() == [f"Error: {tmp_path / 'nope.vault'}: no such vault"]
+    expected = f"Error: {tmp_path / 'nope.vault'}: no such vault"
+    assert result.output.strip().splitlines() == [expected]
     assert not (tmp_path / "nope.vault").exists()
 
 

@@ -1,0 +1,442 @@
+"""docs/format.md is enough to read a vault: these tests read vaults that modelvault
+wrote, following the doc, with sqlite3, zstandard, blake3, numpy, json and pickle
+only (hmac and hashlib for the signature). modelvault is used to write, never to read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import pickle
+import re
+import sqlite3
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+import zstandard
+
+import modelvault
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "format.md"
+
+
+@pytest.fixture(autouse=True)
+def _format_home(tmp_path_factory, monkeypatch):
+    """Keys go to a temporary folder, never the real home."""
+    home = tmp_path_factory.mktemp("format-home")
+    monkeypatch.setenv("MODELVAULT_HOME", str(home))
+    return home
+
+
+# -- a reader written from docs/format.md ---------------------------------------------
+
+
+@contextlib.contextmanager
+def opened(path):
+    """A read-only connection, as a browsing tool would open the file."""
+    db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def version_row(db, name, version=None):
+    """A versions row by model name and number; the latest (highest existing) by default."""
+    sql = ("SELECT v.*, m.name FROM versions v JOIN models m ON m.id = v.model_id "
+           "WHERE m.name = ?")
+    if version is None:
+        return db.execute(sql + " ORDER BY v.version DESC LIMIT 1", (name,)).fetchone()
+    return db.execute(sql + " AND v.version = ?", (name, version)).fetchone()
+
+
+def parts_of(db, version_id):
+    rows = db.execute("SELECT * FROM parts WHERE version_id = ? ORDER BY part",
+                      (version_id,)).fetchall()
+    assert [r["part"] for r in rows] == list(range(len(rows)))
+    return rows
+
+
+def chunks_of(db, version_id, part):
+    return db.execute(
+        "SELECT pc.seq, c.hash, c.size, c.codec, c.itemsize, c.data "
+        "FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
+        "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq",
+        (version_id, part)).fetchall()
+
+
+def zstd_frame(data, size):
+    """The first zstd frame of ``data``, which must declare ``size`` bytes; (bytes, rest)."""
+    assert zstandard.frame_content_size(data) == size
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    raw = dobj.decompress(data)
+    assert len(raw) == size
+    return raw, dobj.unused_data
+
+
+def decode_chunk(codec, itemsize, size, data, expected_hash):
+    data = bytes(data)
+    if codec == "raw":
+        assert itemsize == 1
+        raw = data
+    elif codec == "zstd":
+        assert itemsize == 1
+        raw, rest = zstd_frame(data, size)
+        assert rest == b""  # modelvault writes one frame and nothing after it
+    elif codec == "zstd-shuffle":
+        k = itemsize
+        assert k >= 2 and size % k == 0
+        planes, rest = [], data
+        for _ in range(k):
+            plane, rest = zstd_frame(rest, size // k)
+            planes.append(plane)
+        assert rest == b""
+        # plane j holds byte j of every item: undo with a k x n transpose.
+        raw = np.frombuffer(b"".join(planes), np.uint8).reshape(k, -1).T.tobytes()
+    else:
+        raise AssertionError(f"unknown codec {codec!r}")
+    assert len(raw) == size
+    assert blake3.blake3(raw).hexdigest() == expected_hash
+    return raw
+
+
+def read_part(db, part_row):
+    """A part's bytes: its chunks decoded and concatenated in seq order."""
+    chunks = chunks_of(db, part_row["version_id"], part_row["part"])
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    data = b"".join(decode_chunk(c["codec"], c["itemsize"], c["size"], c["data"], c["hash"])
+                    for c in chunks)
+    assert len(data) == part_row["size"]
+    return data
+
+
+def dtype_from_text(text):
+    """parts.dtype: a descr string, or JSON for structured dtypes ([title, name] -> tuple)."""
+    if not text.startswith("["):
+        return np.lib.format.descr_to_dtype(text)
+
+    def fields(descr):
+        if not isinstance(descr, list):
+            return descr
+        out = []
+        for name, sub, *shape in descr:
+            out.append((tuple(name) if isinstance(name, list) else name, fields(sub),
+                        *(tuple(s) for s in shape)))
+        return out
+
+    return np.lib.format.descr_to_dtype(fields(json.loads(text)))
+
+
+def array_from_part(part_row, data):
+    dtype = dtype_from_text(part_row["dtype"])
+    assert not dtype.hasobject
+    shape = json.loads(part_row["shape"])
+    assert int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == len(data)
+    flat = np.frombuffer(data, dtype=dtype) if data else np.empty(0, dtype=dtype)
+    if part_row["fortran_order"]:
+        return flat.reshape(shape[::-1]).T
+    return flat.reshape(shape)
+
+
+def rebuild(node, arrays):
+    (tag, value), = node.items()
+    if tag == "array":
+        return arrays[value]
+    if tag == "dict":
+        return {key: rebuild(item, arrays) for key, item in value}
+    if tag == "list":
+        return [rebuild(item, arrays) for item in value]
+    if tag == "tuple":
+        return tuple(rebuild(item, arrays) for item in value)
+    if tag == "value":
+        return value
+    raise AssertionError(f"unknown layout node {tag!r}")
+
+
+def canonical_json(value):
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def descriptors(db, version_id):
+    return [{"kind": p["kind"], "name": p["name"], "dtype": p["dtype"],
+             "shape": None if p["shape"] is None else json.loads(p["shape"]),
+             "fortran_order": p["fortran_order"], "itemsize": p["itemsize"],
+             "size": p["size"], "chunks": [c["hash"] for c in chunks_of(db, version_id,
+                                                                           p["part"])]}
+            for p in parts_of(db, version_id)]
+
+
+def digest_of(kind, layout, parts):
+    return blake3.blake3(canonical_json(
+        {"kind": kind, "layout": layout, "parts": parts})).hexdigest()
+
+
+def fixed_pieces(size, itemsize):
+    """Chunk sizes of an array part, as the doc says arrays are cut."""
+    step = 65536 - 65536 % itemsize if itemsize <= 65536 else 65536
+    return [min(step, size - offset) for offset in range(0, size, step)]
+
+
+# -- the tests -----------------------------------------------------------------------
+
+
+def test_arrays_version_is_rebuilt_from_the_tables(tmp_path):
+    rng = np.random.default_rng(7)
+    titled = np.dtype([("a", "<f4"), ("b", "<i2", (2,)), (("Temperature", "t"), "<f4")])
+    records = np.zeros(20_000, dtype=titled)
+    records["a"] = rng.normal(size=20_000)
+    records["b"] = rng.integers(-100, 100, size=(20_000, 2))
+    records["t"] = rng.normal(size=20_000)
+    obj = {
+        "weights": rng.normal(size=100_000).astype(np.float32).round(2),  # 400 kB: 7 chunks
+        "ids": np.arange(-5_000, 5_000, dtype=np.int64),
+        "matrix": np.asfortranarray(rng.normal(size=(300, 70))),
+        "scale": np.array(2.5),
+        "records": records,
+        "config": {"layers": [64, 32], "name": "net", "dropout": 0.1, "flag": True, "x": None},
+        "pair": (np.zeros(0, dtype=np.float32), "label"),
+    }
+    assert obj["matrix"].flags.f_contiguous and not obj["matrix"].flags.c_contiguous
+    path = tmp_path / "arrays.vault"
+    with modelvault.open(path) as vault:
+        vault.save("net", obj)
+
+    with opened(path) as db:
+        row = version_row(db, "net")
+        assert (row["kind"], row["version"]) == ("arrays", 1)
+        parts = parts_of(db, row["id"])
+        arrays = [array_from_part(p, read_part(db, p)) for p in parts]
+        rebuilt = rebuild(json.loads(row["layout"]), arrays)
+        by_name = {p["part"]: p for p in parts}
+        layout = dict(json.loads(row["layout"])["dict"])
+
+        for p in parts:
+            assert p["kind"] == "array" and p["name"] is None
+            sizes = [c["size"] for c in chunks_of(db, row["id"], p["part"])]
+            assert sizes == fixed_pieces(p["size"], p["itemsize"])
+        assert row["size"] == sum(p["size"] for p in parts)
+
+        weights = by_name[layout["weights"]["array"]]
+        assert (weights["dtype"], json.loads(weights["shape"])) == ("<f4", [100_000])
+        codecs = {(c["codec"], c["itemsize"]) for c in chunks_of(db, row["id"], weights["part"])}
+        assert codecs == {("zstd-shuffle", 4)}
+        assert len(chunks_of(db, row["id"], weights["part"])) == 7
+        matrix = by_name[layout["matrix"]["array"]]
+        assert (matrix["fortran_order"], json.loads(matrix["shape"])) == (1, [300, 70])
+        scale = by_name[layout["scale"]["array"]]
+        assert (json.loads(scale["shape"]), scale["size"]) == ([], 8)
+        structured = by_name[layout["records"]["array"]]
+        assert structured["dtype"].startswith("[") and structured["itemsize"] == 12
+        assert [c["size"] for c in chunks_of(db, row["id"], structured["part"])][0] == 65532
+
+    assert rebuilt.keys() == obj.keys()
+    for key in ("weights", "ids", "matrix", "scale", "records"):
+        assert rebuilt[key].dtype == obj[key].dtype
+        assert rebuilt[key].shape == obj[key].shape
+        np.testing.assert_array_equal(rebuilt[key], obj[key])
+    assert rebuilt["matrix"].flags.f_contiguous
+    assert rebuilt["config"] == obj["config"]
+    assert isinstance(rebuilt["pair"], tuple) and rebuilt["pair"][1] == "label"
+    assert rebuilt["pair"][0].shape == (0,) and rebuilt["pair"][0].dtype == np.float32
+
+
+def test_digest_is_recomputed_from_the_tables(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"dim": 384, "name": "mini\u00e9"}')
+    (folder / "weights.bin").write_bytes(np.arange(50_000, dtype=np.int32).tobytes())
+    path = tmp_path / "digest.vault"
+    with modelvault.open(path) as vault:
+        vault.save("arr", {"w": np.linspace(0, 1, 40_000), "\u00fcber": [1.5, "t\u00e9"]})
+        vault.save("obj", {"big": np.ones(200_000), "s": {1, 2}}, metadata={"auc": 0.9})
+        vault.save_files("files", folder)
+
+    with opened(path) as db:
+        rows = db.execute("SELECT id, kind, layout, digest FROM versions").fetchall()
+        assert sorted(r["kind"] for r in rows) == ["arrays", "files", "pickle"]
+        for row in rows:
+            parts = descriptors(db, row["id"])
+            layout = json.loads(row["layout"])
+            assert re.fullmatch(r"[0-9a-f]{64}", row["digest"])
+            assert digest_of(row["kind"], layout, parts) == row["digest"]
+            # The digest covers the chunk order and each part's description.
+            multi = next(p for p in parts if len(set(p["chunks"])) > 1)
+            reordered = [dict(p, chunks=p["chunks"][::-1]) if p is multi else p for p in parts]
+            assert digest_of(row["kind"], layout, reordered) != row["digest"]
+            resized = [dict(p, size=p["size"] + 1) if p is multi else p for p in parts]
+            assert digest_of(row["kind"], layout, resized) != row["digest"]
+
+
+def test_files_version_is_rebuilt_from_the_tables(tmp_path):
+    rng = np.random.default_rng(3)
+    words = np.array(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
+                      "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho"])
+    text = " ".join(rng.choice(words, size=60_000)).encode()  # ~340 kB: several CDC chunks
+    noise = rng.integers(0, 256, size=100_000, dtype=np.uint8).tobytes()  # incompressible
+    folder = tmp_path / "bert"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "vocab.txt").write_bytes(text)
+    (folder / "model.bin").write_bytes(noise)
+    (folder / "tokenizer" / "empty.json").write_bytes(b"")
+    expected = {"vocab.txt": text, "model.bin": noise, "tokenizer/empty.json": b""}
+    path = tmp_path / "files.vault"
+    with modelvault.open(path) as vault:
+        vault.save_files("bert", folder)
+
+    with opened(path) as db:
+        row = version_row(db, "bert", 1)
+        assert row["kind"] == "files"
+        parts = parts_of(db, row["id"])
+        names = json.loads(row["layout"])["files"]
+        assert names == [p["name"] for p in parts] == sorted(expected)
+        got = {}
+        for p in parts:
+            assert (p["kind"], p["itemsize"], p["dtype"], p["shape"]) == ("file", 1, None, None)
+            got[p["name"]] = read_part(db, p)
+            chunks = chunks_of(db, row["id"], p["part"])
+            assert all(c["size"] <= 256 * 1024 for c in chunks)
+            assert all(c["size"] >= 16 * 1024 for c in chunks[:-1])
+            if p["name"] == "vocab.txt":
+                assert len(chunks) >= 2 and {c["codec"] for c in chunks} == {"zstd"}
+            if p["name"] == "model.bin":
+                assert {c["codec"] for c in chunks} == {"raw"}
+            if p["name"] == "tokenizer/empty.json":
+                assert p["size"] == 0 and chunks == []
+    assert got == expected
+
+
+def test_pickle_version_is_signed_and_rebuilt(tmp_path, _format_home):
+    big = np.linspace(0, 1, 200_000)  # 1.6 MB: leaves the pickle stream as a buffer part
+    obj = {"big": big, "small": np.arange(10), "labels": {"a", "b"}}
+    path = tmp_path / "pickle.vault"
+    with modelvault.open(path) as vault:
+        vault.save("obj", obj, metadata={"auc": 0.91, "note": "caf\u00e9"})
+
+    key_text = (_format_home / "key").read_text()
+    assert key_text.startswith("modelvault-key-v1:") and key_text.endswith("\n")
+    key = bytes.fromhex(key_text.strip()[len("modelvault-key-v1:"):])
+    assert len(key) == 32
+
+    with opened(path) as db:
+        row = version_row(db, "obj")
+        parts = parts_of(db, row["id"])
+        assert json.loads(row["layout"]) == {"pickle": 0, "buffers": [1]}
+        assert [(p["kind"], p["itemsize"]) for p in parts] == [("pickle", 1), ("buffer", 8)]
+        assert parts[1]["size"] == big.nbytes
+        # Check the signature before unpickling.
+        assert row["key_id"] == hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
+        manifest = {"id": row["uuid"], "name": row["name"], "version": row["version"],
+                    "kind": row["kind"], "digest": row["digest"],
+                    "created_at": row["created_at"], "metadata": json.loads(row["metadata"])}
+        assert digest_of(row["kind"], json.loads(row["layout"]),
+                         descriptors(db, row["id"])) == row["digest"]
+
+        def sign(m):
+            return hmac.new(key, canonical_json(m), hashlib.sha256).hexdigest()
+
+        assert hmac.compare_digest(sign(manifest), row["signature"])
+        assert sign(dict(manifest, version=2)) != row["signature"]
+        assert sign(dict(manifest, metadata={"auc": 0.99})) != row["signature"]
+        stream, *buffers = [bytearray(read_part(db, p)) for p in parts]
+    rebuilt = pickle.loads(stream, buffers=buffers)
+    assert rebuilt.keys() == obj.keys() and rebuilt["labels"] == {"a", "b"}
+    np.testing.assert_array_equal(rebuilt["big"], big)
+    np.testing.assert_array_equal(rebuilt["small"], obj["small"])
+
+
+def test_file_settings_and_one_file_at_rest(tmp_path):
+    path = tmp_path / "settings.vault"
+    with modelvault.open(path) as vault:
+        vault.save("m", {"w": np.arange(100_000.0)})
+        vault.save("m", {"w": np.arange(100_001.0)})
+    with modelvault.open(path) as vault:  # every kind of write, then close
+        vault.alias("m:1", "prod")
+        vault.tag("m:2", stage="test")
+        vault.delete("m:1")
+        vault.gc()
+
+    def side_files():
+        return [s for s in ("-journal", "-wal", "-shm") if path.with_name(path.name + s).exists()]
+
+    assert side_files() == []
+    header = path.read_bytes()[:100]
+    assert header[:16] == b"SQLite format 3\x00"
+    assert header[68:72] == b"MVLT"
+    assert header[60:64] == (1).to_bytes(4, "big")
+    assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
+    with opened(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    assert side_files() == []
+
+
+def test_schema_in_the_file_is_the_documented_ddl(tmp_path):
+    path = tmp_path / "schema.vault"
+    modelvault.open(path).close()
+
+    def squeeze(text):
+        return " ".join(text.split())
+
+    doc = squeeze(DOC.read_text(encoding="utf-8"))
+    with opened(path) as db:
+        objects = db.execute("SELECT type, name, sql FROM sqlite_master "
+                             "WHERE sql IS NOT NULL ORDER BY name").fetchall()
+    assert {(o["type"], o["name"]) for o in objects} == {
+        ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
+        ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
+        ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
+        ("view", "model_versions"), ("view", "model_summary")}
+    for obj in objects:
+        assert squeeze(obj["sql"]) + ";" in doc, f"{obj['name']} is not documented as created"
+
+
+def test_views_list_versions_and_models(tmp_path):
+    path = tmp_path / "views.vault"
+    with modelvault.open(path) as vault:
+        vault.save("churn", {"w": np.arange(10.0)}, aliases=["production", "stable"],
+                   metadata={"auc": 0.8}, description="first")
+        vault.save("churn", {"w": np.arange(12.0)}, tags={"team": "growth", "auc": 0.91})
+        vault.save("churn", {"w": np.arange(14.0)})
+        vault.delete("churn:3")
+        vault.save("team/other", np.ones((20, 20)))
+
+    with opened(path) as db:
+        db.execute("PRAGMA trusted_schema = OFF")  # careful readers' setting; views must work
+        rows = db.execute("SELECT * FROM model_versions").fetchall()
+        assert [(r["name"], r["version"]) for r in rows] == [
+            ("churn", 1), ("churn", 2), ("team/other", 1)]
+        first, second, other = rows
+        assert sorted(first["aliases"].split(", ")) == ["production", "stable"]
+        assert second["aliases"] is None and other["aliases"] is None
+        assert first["tags"] is None
+        assert sorted(second["tags"].split(", ")) == ["auc=0.91", "team=growth"]
+        assert json.loads(first["metadata"]) == {"auc": 0.8}
+        assert first["description"] == "first"
+        for r in rows:
+            assert r["kind"] == "arrays" and r["stored_size"] > 0 and r["size"] > 0
+            stored = version_row(db, r["name"], r["version"])
+            assert (r["digest"], r["uuid"], r["created_at"]) == (
+                stored["digest"], stored["uuid"], stored["created_at"])
+            assert json.loads(r["environment"])["modelvault"] == modelvault.__version__
+
+        summary = [tuple(r) for r in db.execute("SELECT * FROM model_summary")]
+        assert summary == [("churn", 2, 2, second["created_at"]),
+                           ("team/other", 1, 1, other["created_at"])]
+        # "Latest" is the highest existing version; numbers are never given out again.
+        assert version_row(db, "churn")["version"] == 2
+        assert db.execute("SELECT last_version FROM models WHERE name = 'churn'"
+                          ).fetchone()[0] == 3
+
+    with modelvault.open(path) as vault:
+        assert vault.save("churn", {"w": np.arange(16.0)}).version == 4
+    with opened(path) as db:
+        assert version_row(db, "churn")["version"] == 4

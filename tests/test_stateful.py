@@ -1,0 +1,250 @@
+"""A vault behaves like a plain dict of models under any sequence of operations."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import modelvault
+from modelvault import NotFoundError
+
+NAMES = ["churn", "team/fraud", "x.y-z"]
+ALIASES = ["prod", "staging"]
+TAG_KEYS = ["stage", "owner"]
+
+# Arrays of a few chunks, shared between saves so that versions share chunks and
+# deleting one version must not take another's chunks with it.
+_rng = np.random.default_rng(0)
+POOL = [_rng.standard_normal(20_000), np.arange(50_000, dtype=np.int32),
+        _rng.integers(0, 256, 140_000, dtype=np.uint8)]
+
+ARRAYS = st.one_of(
+    st.sampled_from(range(len(POOL))).map(lambda i: POOL[i]),
+    hnp.arrays(dtype=st.sampled_from([np.dtype("<f8"), np.dtype(">i2"), np.dtype("u1")]),
+               shape=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=5)),
+)
+VALUES = st.one_of(
+    st.dictionaries(st.sampled_from(["w", "b", "emb"]), ARRAYS, max_size=3),
+    st.lists(st.integers(-(2**40), 2**40), max_size=5),
+)
+
+
+class Model:
+    """What the vault should hold, as plain Python."""
+
+    def __init__(self):
+        # name -> {"next": int, "versions": {number: value}, "aliases": {alias: number},
+        #          "tags": {number: {key: value}}}
+        self.models = {}
+
+    def live(self):
+        return {name: m for name, m in self.models.items() if m["versions"]}
+
+
+def assert_same(loaded, expected):
+    assert type(loaded) is type(expected)
+    if isinstance(expected, np.ndarray):
+        assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+        np.testing.assert_array_equal(loaded, expected)
+    elif isinstance(expected, dict):
+        assert list(loaded) == list(expected)
+        for key in expected:
+            assert_same(loaded[key], expected[key])
+    else:
+        assert loaded == expected
+
+
+class VaultMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.folder = Path(tempfile.mkdtemp(prefix="modelvault-state-"))
+        self.path = self.folder / "models.vault"
+        self.vault = modelvault.open(self.path)
+        self.model = Model()
+
+    def teardown(self):
+        self.vault.close()
+        try:
+            assert os.listdir(self.folder) == [self.path.name]
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _pick_version(self, data):
+        live = self.model.live()
+        name = data.draw(st.sampled_from(sorted(live)), label="name")
+        number = data.draw(st.sampled_from(sorted(live[name]["versions"])), label="version")
+        return name, number
+
+    def _has_versions(self):
+        return bool(self.model.live())
+
+    # -- rules ---------------------------------------------------------------------
+
+    @initialize(name=st.sampled_from(NAMES), value=VALUES)
+    def first_save(self, name, value):
+        self.save(name, value, None)
+
+    @rule(name=st.sampled_from(NAMES), value=VALUES,
+          alias=st.none() | st.sampled_from(ALIASES))
+    def save(self, name, value, alias):
+        entry = self.model.models.setdefault(
+            name, {"next": 1, "versions": {}, "aliases": {}, "tags": {}})
+        mv = self.vault.save(name, value, aliases=[alias] if alias else ())
+        assert mv.version == entry["next"]
+        assert mv.name == name
+        entry["next"] += 1
+        entry["versions"][mv.version] = value
+        entry["tags"][mv.version] = {}
+        if alias:
+            entry["aliases"][alias] = mv.version
+
+    @precondition(_has_versions)
+    @rule(data=st.data(), how=st.sampled_from(["latest", "number", "alias", "record"]))
+    def load(self, data, how):
+        live = self.model.live()
+        name = data.draw(st.sampled_from(sorted(live)), label="name")
+        entry = live[name]
+        if how == "latest":
+            ref, number = name, max(entry["versions"])
+        elif how == "alias" and entry["aliases"]:
+            alias = data.draw(st.sampled_from(sorted(entry["aliases"])), label="alias")
+            ref, number = f"{name}@{alias}", entry["aliases"][alias]
+        else:
+            number = data.draw(st.sampled_from(sorted(entry["versions"])), label="version")
+            ref = f"{name}:{number}"
+        if how == "record":
+            ref = self.vault.get(ref)
+        assert self.vault.get(ref).version == number
+        assert_same(self.vault.load(ref), entry["versions"][number])
+
+    @precondition(_has_versions)
+    @rule(data=st.data())
+    def delete_version(self, data):
+        name, number = self._pick_version(data)
+        assert self.vault.delete(f"{name}:{number}") == 1
+        entry = self.model.models[name]
+        del entry["versions"][number]
+        del entry["tags"][number]
+        entry["aliases"] = {a: n for a, n in entry["aliases"].items() if n != number}
+        with pytest.raises(NotFoundError):
+            self.vault.get(f"{name}:{number}")
+
+    @rule(name=st.sampled_from(NAMES))
+    def delete_model(self, name):
+        entry = self.model.models.get(name)
+        if entry is None:
+            # Nothing to delete by that name: the vault says so.
+            with pytest.raises(NotFoundError):
+                self.vault.delete(name)
+            return
+        assert self.vault.delete(name) == len(entry["versions"])
+        del self.model.models[name]  # numbering starts again from 1
+        with pytest.raises(NotFoundError):
+            self.vault.get(name)
+
+    @precondition(_has_versions)
+    @rule(data=st.data(), alias=st.sampled_from(ALIASES))
+    def alias(self, data, alias):
+        name, number = self._pick_version(data)
+        mv = self.vault.alias(f"{name}:{number}", alias)
+        assert alias in mv.aliases
+        self.model.models[name]["aliases"][alias] = number
+
+    @rule(name=st.sampled_from(NAMES), alias=st.sampled_from(ALIASES))
+    def unalias(self, name, alias):
+        entry = self.model.models.get(name)
+        if entry is None or alias not in entry["aliases"]:
+            with pytest.raises(NotFoundError):
+                self.vault.unalias(name, alias)
+            return
+        self.vault.unalias(name, alias)
+        del entry["aliases"][alias]
+
+    @precondition(_has_versions)
+    @rule(data=st.data(), key=st.sampled_from(TAG_KEYS),
+          value=st.none() | st.text(max_size=5) | st.integers(-5, 5))
+    def tag(self, data, key, value):
+        name, number = self._pick_version(data)
+        mv = self.vault.tag(f"{name}:{number}", {key: value})
+        tags = self.model.models[name]["tags"][number]
+        if value is None:
+            tags.pop(key, None)
+        else:
+            tags[key] = str(value)
+        assert mv.tags == tags
+
+    @rule(collect=st.booleans(), reopen=st.booleans())
+    def housekeeping(self, collect, reopen):
+        if collect:
+            before = self.vault.stats()
+            freed = self.vault.gc()
+            after = self.vault.stats()
+            assert freed >= 0
+            assert after.file_bytes == before.file_bytes - freed
+            assert after.chunks <= before.chunks
+            assert (after.versions, after.raw_bytes) == (before.versions, before.raw_bytes)
+        if reopen:
+            self.vault.close()
+            assert os.listdir(self.folder) == [self.path.name]  # no -journal, -wal or -shm
+            self.vault = modelvault.open(self.path)
+
+    # -- invariants ----------------------------------------------------------------
+
+    @invariant()
+    def healthy(self):
+        assert self.vault.verify() == []
+
+    @invariant()
+    def listings_match(self):
+        live = self.model.live()
+        infos = self.vault.models()
+        assert [m.name for m in infos] == sorted(live)
+        for info in infos:
+            entry = live[info.name]
+            assert info.versions == len(entry["versions"])
+            assert info.latest == max(entry["versions"])
+        for name in NAMES:
+            if name not in live:
+                with pytest.raises(NotFoundError):
+                    self.vault.versions(name)
+                continue
+            entry = live[name]
+            records = self.vault.versions(name)
+            assert [r.version for r in records] == sorted(entry["versions"])
+            for record in records:
+                expected_aliases = sorted(a for a, n in entry["aliases"].items()
+                                          if n == record.version)
+                assert list(record.aliases) == expected_aliases
+                assert record.tags == entry["tags"][record.version]
+
+    @invariant()
+    def stats_match(self):
+        stats = self.vault.stats()
+        live = self.model.live()
+        assert stats.models == len(live)
+        assert stats.versions == sum(len(e["versions"]) for e in live.values())
+        assert stats.stored_bytes <= stats.unique_bytes
+
+
+def test_vault_behaves_like_a_dict_of_models():
+    run_state_machine_as_test(
+        VaultMachine,
+        settings=settings(max_examples=50, stateful_step_count=25, deadline=None))
