@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import sqlite3
+import struct
 from pathlib import Path
 
 import blake3
@@ -91,11 +92,14 @@ def decode_chunk(codec, itemsize, size, data, expected_hash):
     elif codec == "zstd-shuffle":
         k = itemsize
         assert k >= 2 and size % k == 0
-        planes, rest = [], data
-        for _ in range(k):
-            plane, rest = zstd_frame(rest, size // k)
+        lengths = struct.unpack_from(f"<{k}I", data)
+        assert 4 * k + sum(lengths) == len(data)
+        planes, offset = [], 4 * k
+        for length in lengths:
+            plane, rest = zstd_frame(data[offset:offset + length], size // k)
+            assert rest == b""
             planes.append(plane)
-        assert rest == b""
+            offset += length
         # plane j holds byte j of every item: undo with a k x n transpose.
         raw = np.frombuffer(b"".join(planes), np.uint8).reshape(k, -1).T.tobytes()
     else:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sqlite3
+import struct
 
 import blake3
 import numpy as np
@@ -37,12 +38,13 @@ def _decode(codec, itemsize, size, data):
     if codec == "zstd":
         return zstandard.ZstdDecompressor().decompress(data)
     assert codec == "zstd-shuffle"
-    planes, rest = [], bytes(data)
-    for _ in range(itemsize):
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        planes.append(np.frombuffer(dobj.decompress(rest), dtype=np.uint8))
-        rest = dobj.unused_data
-    assert rest == b""
+    lengths = struct.unpack_from(f"<{itemsize}I", data)
+    offset, planes = 4 * itemsize, []
+    for length in lengths:
+        frame = data[offset:offset + length]
+        planes.append(np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8))
+        offset += length
+    assert offset == len(data)
     return np.stack(planes, axis=1).reshape(-1).tobytes()
 
 
