@@ -49,9 +49,9 @@ __all__ = [
 
 
 def open(path: str | os.PathLike[str], *, readonly: bool = False,  # noqa: A001
-         timeout: float = 60.0) -> Vault:
-    """Open (or create) the vault at ``path``; use it as a context manager."""
-    return Vault(path, readonly=readonly, timeout=timeout)
+         timeout: float = 60.0, progress: bool | None = None) -> Vault:
+    """Open (or create) the vault at ``path``; use it as a context manager. See ``Vault``."""
+    return Vault(path, readonly=readonly, timeout=timeout, progress=progress)
 
 
 def save(path: str | os.PathLike[str], name: str, obj: Any, **options: Any) -> ModelVersion:

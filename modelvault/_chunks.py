@@ -3,7 +3,7 @@
 A chunk's identity is the BLAKE3-256 hash of its raw bytes, so equal bytes are
 stored once per vault whatever model or version they came from. BLAKE3 is
 cryptographic (a collision would silently swap model bytes, so a checksum like
-xxhash will not do) and hashes 2-4x faster than SHA-256 here (performance.md).
+xxhash will not do) and hashes 2-4x faster than SHA-256 on our machines.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ from ._errors import IntegrityError
 
 # Arrays are cut into fixed 64 KiB pieces from their own start: an unchanged
 # array yields the same chunks wherever it sits in the model, and a few changed
-# rows cost about 64 KiB each (performance.md, scenario c).
+# rows cost about 64 KiB each (16 changed embedding rows of a 90 MB model: ~1.2 MB).
 ARRAY_CHUNK = 64 * 1024
 # Opaque streams (pickles, files) are cut by content so that an insertion only
 # disturbs the chunks around it; 64 KiB on average, like Hugging Face's Xet.
 _cdc = FastCDC(avg_size=64 * 1024, min_size=16 * 1024, max_size=256 * 1024)
 
+# No writer makes a chunk above 256 KiB (FastCDC's maximum); readers refuse more, so a
+# damaged size field cannot make them allocate gigabytes.
+MAX_CHUNK = 1024 * 1024
+
 # zstd 1 on shuffled numeric data is within 1 % of level 3 at 1.5x the speed;
-# pickle streams of tree models gain 13 % from level 3 (performance.md).
+# pickle streams of tree models gain 13 % from level 3 (7.0x -> 7.9x on a forest).
 ARRAY_LEVEL = 1
 STREAM_LEVEL = 3
 
@@ -74,7 +78,7 @@ def encode(raw: memoryview, itemsize: int, level: int) -> tuple[str, int, bytes]
 
     Numeric chunks (itemsize > 1) are byte-shuffled and each byte plane gets its
     own zstd frame: exponent bytes compress well, mantissa bytes barely, and one
-    frame over both loses most of the gain (performance.md). The frames' lengths
+    frame over both loses most of the gain (1.20x vs 1.10x on fp32 weights). The lengths
     lead the blob so a reader can slice them without parsing zstd. A chunk that
     does not shrink is stored raw so that reading it costs nothing.
     """
@@ -91,6 +95,14 @@ def encode(raw: memoryview, itemsize: int, level: int) -> tuple[str, int, bytes]
     if len(stored) >= len(raw):
         return "raw", 1, bytes(raw)
     return codec, itemsize, stored
+
+
+def check_row(size: object, codec: object, itemsize: object, data: object = b"") -> None:
+    """IntegrityError unless a chunk row's fields have the types and ranges writers use."""
+    if not (type(size) is int and 0 <= size <= MAX_CHUNK and type(itemsize) is int
+            and itemsize >= 1 and isinstance(codec, str) and isinstance(data, bytes)):
+        raise IntegrityError(f"malformed chunk row (size {size!r}, codec {codec!r}, "
+                             f"itemsize {itemsize!r}, data {type(data).__name__})")
 
 
 def decode_into(out: memoryview, codec: str, itemsize: int, stored: bytes) -> None:

@@ -34,11 +34,11 @@ class _Group(click.Group):
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    units = ["B", "KB", "MB", "GB"]
+    while abs(n) >= 1000 and len(units) > 1:
         n /= 1000
-    return f"{n:.1f} TB"
+        units.pop(0)
+    return f"{n:.0f} B" if units[0] == "B" else f"{n:.1f} {units[0]}"
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -69,9 +69,12 @@ def _pairs(values: tuple[str, ...], what: str, parse_json: bool = False) -> dict
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
         if parse_json:
             try:
-                result[key] = json.loads(value)
+                parsed = json.loads(value)
             except ValueError:
-                result[key] = value
+                parsed = value
+            # A number only when it reads back the same: "1.10" or "1e5" stays text.
+            keep_text = isinstance(parsed, (int, float)) and json.dumps(parsed) != value
+            result[key] = value if keep_text else parsed
         else:
             result[key] = value
     return result
@@ -82,7 +85,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 
 def _open(path: Path, *, write: bool = False) -> Vault:
-    if not write and not path.exists():
+    """An existing vault; only `put` and `demo` create one, so a typo makes no new file."""
+    if not path.exists():
         raise click.ClickException(f"{path}: no such vault")
     return Vault(path, readonly=not write)
 
@@ -149,6 +153,7 @@ def show_command(vault: Path, ref: str, as_json: bool) -> None:
         ("created", mv.created_at.isoformat()), ("size", _human(mv.size)),
         ("added", _human(mv.added_bytes)), ("digest", mv.digest),
         ("aliases", ", ".join(mv.aliases)), ("description", mv.description),
+        ("signature", mv.signature),
     ]
     for label, value in lines:
         click.echo(f"{label + ':':<13}{value}")
@@ -192,7 +197,8 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
 @click.option("-o", "--output", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder to write into.")
 @click.option("--trust", is_flag=True,
-              help="Load a pickled model even if no trusted key signed it (runs its code).")
+              help="Write a model out even if no trusted key signed it (unpickling runs its "
+                   "code) or its signature fails.")
 def get_command(vault: Path, ref: str, out_dir: Path, trust: bool) -> None:
     """Write version REF out to a folder.
 
@@ -203,7 +209,7 @@ def get_command(vault: Path, ref: str, out_dir: Path, trust: bool) -> None:
     with _open(vault) as v:
         mv = v.get(ref)
         if mv.kind == "files":
-            written = v.extract(mv, out_dir)
+            written = v.extract(mv, out_dir, trust=trust)
         else:
             written = [_write_object(v.load(mv, trust=trust), mv, out_dir)]
     for path in written:
@@ -236,7 +242,7 @@ def _write_object(obj: Any, mv: ModelVersion, out_dir: Path) -> Path:
 @click.argument("alias")
 def alias_command(vault: Path, ref: str, alias: str) -> None:
     """Point ALIAS at version REF (moving it if it points elsewhere)."""
-    with Vault(vault) as v:
+    with _open(vault, write=True) as v:
         mv = v.alias(ref, alias)
     click.echo(f"{mv.name}@{alias} -> {mv.ref}")
 
@@ -247,7 +253,7 @@ def alias_command(vault: Path, ref: str, alias: str) -> None:
 @click.argument("alias")
 def unalias_command(vault: Path, name: str, alias: str) -> None:
     """Remove ALIAS from model NAME."""
-    with Vault(vault) as v:
+    with _open(vault, write=True) as v:
         v.unalias(name, alias)
     click.echo(f"removed {name}@{alias}")
 
@@ -259,7 +265,7 @@ def unalias_command(vault: Path, name: str, alias: str) -> None:
 def tag_command(vault: Path, ref: str, tags: tuple[str, ...]) -> None:
     """Set tags on version REF; KEY= with nothing after it removes that tag."""
     pairs = {k: (val if val != "" else None) for k, val in _pairs(tags, "TAGS").items()}
-    with Vault(vault) as v:
+    with _open(vault, write=True) as v:
         mv = v.tag(ref, pairs)
     click.echo(f"{mv.ref}: " + " ".join(f"{k}={val}" for k, val in mv.tags.items()))
 
@@ -267,12 +273,16 @@ def tag_command(vault: Path, ref: str, tags: tuple[str, ...]) -> None:
 @cli.command("rm")
 @vault_path
 @click.argument("ref")
-def rm_command(vault: Path, ref: str) -> None:
-    """Delete version REF, or every version of a model given by bare NAME.
+@click.option("-y", "--yes", is_flag=True, help="Delete a whole model without asking.")
+def rm_command(vault: Path, ref: str, yes: bool) -> None:
+    """Delete version REF (NAME:N or NAME@ALIAS), or a whole model given by bare NAME.
 
     Space comes back with `modelvault gc`.
     """
-    with Vault(vault) as v:
+    with _open(vault, write=True) as v:
+        if ":" not in ref and "@" not in ref and not yes:
+            count = len(v.versions(ref))
+            click.confirm(f"delete model {ref} and all {count} of its versions?", abort=True)
         count = v.delete(ref)
     click.echo(f"deleted {count} version{'s' if count != 1 else ''}")
 
@@ -281,7 +291,7 @@ def rm_command(vault: Path, ref: str) -> None:
 @vault_path
 def gc_command(vault: Path) -> None:
     """Drop chunks no version uses and shrink the file."""
-    with Vault(vault) as v:
+    with _open(vault, write=True) as v:
         freed = v.gc()
     click.echo(f"freed {_human(freed)}")
 
@@ -335,13 +345,12 @@ def key_export_command(output: Path | None) -> None:
 
     Whoever has it can sign models this machine will load: share it like a password.
     """
-    text = _trust.format_key(_trust.own_key())
+    key = _trust.own_key()
     if output is None:
-        click.echo(text, nl=False)
+        click.echo(_trust.format_key(key), nl=False)
     else:
-        output.write_text(text)
-        output.chmod(0o600)
-        click.echo(f"wrote key {_trust.key_id(_trust.own_key())} to {output}", err=True)
+        _trust.write_private(output, _trust.format_key(key))
+        click.echo(f"wrote key {_trust.key_id(key)} to {output}", err=True)
 
 
 @cli.command("trust")

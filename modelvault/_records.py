@@ -13,7 +13,7 @@ class ModelVersion:
 
     name: str
     version: int
-    id: str  # uuid4, unique across vaults: what merge and export identify versions by
+    id: str  # uuid4: names this version uniquely, even among copies of the vault
     digest: str  # hex BLAKE3 of the version's content; equal content, equal digest
     created_at: datetime  # UTC
     size: int  # raw bytes of the model
@@ -24,6 +24,10 @@ class ModelVersion:
     aliases: tuple[str, ...] = ()
     description: str = ""
     environment: dict[str, Any] = field(default_factory=dict, repr=False)
+    # "trusted": a key this machine trusts signed it; "untrusted": another key did;
+    # "invalid": the signature fails, so the version changed after it was saved;
+    # "unsigned". Pickled versions load without trust=True only when "trusted".
+    signature: str = "unsigned"
 
     @property
     def ref(self) -> str:

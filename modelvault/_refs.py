@@ -9,6 +9,7 @@ _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 _NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 _ALIAS = re.compile(_SEGMENT)
 MAX_NAME = 200
+LATEST = "latest"  # name@latest is the highest existing version, like a bare name
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,10 @@ def check_name(name: object) -> str:
 
 def check_alias(alias: object) -> str:
     if not isinstance(alias, str) or len(alias) > MAX_NAME or not _ALIAS.fullmatch(alias) \
-            or alias.isdigit():
+            or alias.isdigit() or alias == LATEST:
         raise ValueError(
-            f"invalid alias {alias!r}: use letters, digits, '.', '_' and '-', not only digits")
+            f"invalid alias {alias!r}: use letters, digits, '.', '_' and '-', not only digits; "
+            f"'{LATEST}' always means the newest version")
     return alias
 
 
@@ -41,6 +43,8 @@ def parse_ref(ref: object) -> Ref:
         raise TypeError(f"a model reference is a string like 'churn:3', not {type(ref).__name__}")
     if "@" in ref:
         name, _, alias = ref.partition("@")
+        if alias == LATEST:
+            return Ref(check_name(name))
         return Ref(check_name(name), alias=check_alias(alias))
     if ":" in ref:
         name, _, number = ref.partition(":")

@@ -121,9 +121,9 @@ _EXPECTED_OBJECTS = {
     ("view", "model_versions"), ("view", "model_summary"),
 }
 
-# SQLite's default page size. 64 KiB pages write blobs twice as fast (performance.md) but
+# SQLite's default page size. 64 KiB pages write blobs twice as fast but
 # waste ~25 % of the file on ~20 KiB compressed chunks, since each row's last overflow
-# page is part-empty; they pay off once chunks are packed into ~1 MiB rows (issue #3).
+# page is part-empty; they pay off once chunks are packed into ~1 MiB rows.
 PAGE_SIZE = 4096
 
 
@@ -223,7 +223,8 @@ def translate(exc: sqlite3.Error, path: object = None) -> VaultError:
         return ReadOnlyError(f"{where}vault is read-only ({message})")
     if "file is not a database" in lowered:
         return NotAVaultError(f"{where}not a modelvault file ({message})")
-    if "malformed" in lowered or "corrupt" in lowered or "disk i/o" in lowered:
+    if ("malformed" in lowered or "corrupt" in lowered or "disk i/o" in lowered
+            or "could not decode" in lowered):  # a TEXT column that holds no UTF-8
         return CorruptVaultError(f"{where}vault file is damaged ({message})")
     if "unable to open" in lowered:
         return NotAVaultError(f"{where}cannot open ({message})")

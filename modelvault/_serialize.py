@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 # Buffers below this stay inside the pickle stream: a forest has thousands of
-# small node arrays that compress better together than one by one (performance.md).
+# small node arrays that compress better together than one by one (7.9x vs 6.6x).
 OUT_OF_BAND_MIN = 1024 * 1024
 PICKLE_PROTOCOL = 5
 
@@ -79,6 +79,8 @@ def _native_tree(obj: Any, object_arrays: list[np.ndarray]) -> bool:
                    for key, value in obj.items())
     if kind in (list, tuple):
         return all(_native_tree(item, object_arrays) for item in obj)
+    if isinstance(obj, np.generic):  # metrics dicts are full of np.float64 values
+        return not obj.dtype.hasobject
     return obj is None or kind in (str, int, float, bool)
 
 
@@ -93,6 +95,9 @@ def _native_layout(obj: Any, parts: list[Part]) -> Any:
         return {"list": [_native_layout(item, parts) for item in obj]}
     if kind is tuple:
         return {"tuple": [_native_layout(item, parts) for item in obj]}
+    if isinstance(obj, np.generic):
+        parts.append(_array_part(np.asarray(obj)))
+        return {"scalar": len(parts) - 1}
     if kind is float and not math.isfinite(obj):
         # Strict JSON (SQLite's json functions included) has no NaN or Infinity.
         return {"float": repr(obj)}
@@ -163,7 +168,7 @@ def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
 def safe_relative_path(name: str) -> PurePosixPath:
     """``name`` as a relative path that cannot escape the folder it is extracted to."""
     path = PurePosixPath(name)
-    if not name or path.is_absolute() or any(p in ("..", "") for p in path.parts) \
+    if not name or not path.parts or path.is_absolute() or ".." in path.parts \
             or "\\" in name or "\x00" in name:
         raise ValueError(f"unsafe file name in vault: {name!r}")
     return path
@@ -182,7 +187,9 @@ def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],
     if count * dt.itemsize != buffer.nbytes:
         raise ValueError(f"array of shape {shape} and dtype {dtype} needs {count * dt.itemsize} "
                          f"bytes, part holds {buffer.nbytes}")
-    flat = buffer.view(dt) if buffer.nbytes else np.empty(0, dtype=dt)
+    if not buffer.nbytes:  # no elements, or items of zero bytes: nothing to view
+        return np.empty(shape, dtype=dt, order="F" if fortran_order else "C")
+    flat = buffer.view(dt)
     if fortran_order:
         return flat.reshape(shape[::-1]).T
     return flat.reshape(shape)
@@ -205,6 +212,8 @@ def rebuild_native(layout: Any, arrays: list[np.ndarray]) -> Any:
     (tag, value), = layout.items()
     if tag == "array":
         return arrays[value]
+    if tag == "scalar":
+        return arrays[value][()]
     if tag == "dict":
         return {key: rebuild_native(item, arrays) for key, item in value}
     if tag == "list":

@@ -36,23 +36,28 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
 
 
-def own_key() -> bytes:
-    """This machine's signing key, created on first use."""
+def own_key(*, create: bool = True) -> bytes | None:
+    """This machine's signing key, created on first use unless ``create`` is False."""
     path = home() / "key"
     try:
         return parse_key(path.read_text())
     except FileNotFoundError:
-        pass
+        if not create:
+            return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
     try:
         # O_EXCL: if two processes create the key at once, one wins and the other reads it.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private(path, format_key(secrets.token_bytes(32)), exclusive=True)
     except FileExistsError:
-        return parse_key(path.read_text())
-    with os.fdopen(fd, "w") as f:
-        f.write(format_key(key))
-    return key
+        pass
+    return parse_key(path.read_text())
+
+
+def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write a key file readable by its owner only, from its first byte on."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as f:
+        f.write(text)
 
 
 def format_key(key: bytes) -> str:
@@ -83,8 +88,10 @@ def trusted_keys() -> dict[str, bytes]:
             except (OSError, VaultError):
                 continue  # one unreadable file must not stop every load
             keys[key_id(key)] = key
-    key = own_key()
-    keys[key_id(key)] = key
+    # Reading never creates a key: a read-only home must not stop loads.
+    key = own_key(create=False)
+    if key is not None:
+        keys[key_id(key)] = key
     return keys
 
 
@@ -96,8 +103,7 @@ def trust_key_file(path: str | os.PathLike[str]) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{kid}.key"
     tmp = folder / f".{kid}.tmp"
-    tmp.write_text(format_key(key))
-    os.chmod(tmp, 0o600)
+    write_private(tmp, format_key(key))
     os.replace(tmp, target)
     return kid
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import sqlite3
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 # batch to keep both cores busy, little enough memory held in flight (~4 MiB raw).
 _BATCH = 64
 _WORKERS = min(4, os.cpu_count() or 1)
+# Connections inherited across fork(), never closed in the child (see Vault._db).
+_INHERITED: list[sqlite3.Connection] = []
 # Saves and loads larger than this show a progress bar when stderr is a terminal.
 _PROGRESS_MIN = 64 * 1024 * 1024
 
@@ -42,16 +45,30 @@ _SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN models m ON 
 
 
 def _api(method: F) -> F:
-    """Turn sqlite3 and zstd errors escaping a public method into our exceptions."""
+    """One thread at a time per Vault, and sqlite3/zstd errors turned into ours."""
 
     @functools.wraps(method)
     def wrapper(self: Vault, *args: Any, **kwargs: Any) -> Any:
         try:
-            return method(self, *args, **kwargs)
+            # One connection serves every thread: a save interleaved with another
+            # thread's commit would commit half a version.
+            with self._lock:
+                return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
             raise _schema.translate(exc, self.path) from exc
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{self.path}: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _snapshot(method: F) -> F:
+    """Run a read-only method inside one read transaction (see Vault._read)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Vault, *args: Any, **kwargs: Any) -> Any:
+        with self._read():
+            return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -61,7 +78,10 @@ def _now() -> str:
 
 
 def _parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"{text!r} is not a modelvault timestamp") from exc
 
 
 def _json_default(value: Any) -> Any:
@@ -105,7 +125,24 @@ def _manifest(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
     """What a version's signature covers. The chunk list is covered through the digest."""
     return {"id": row["uuid"], "name": row["name"], "version": row["version"],
             "kind": row["kind"], "digest": row["digest"], "created_at": row["created_at"],
-            "metadata": json.loads(row["metadata"])}
+            "description": row["description"], "metadata": _column_json(row, "metadata"),
+            "environment": _column_json(row, "environment")}
+
+
+def _column_json(row: sqlite3.Row | dict[str, Any], column: str) -> Any:
+    try:
+        return json.loads(row[column])
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"{row['name']}:{row['version']}: {column} is not valid JSON",
+                             model=row["name"], version=row["version"]) from exc
+
+
+def _signature(row: sqlite3.Row, keys: dict[str, bytes]) -> str:
+    """'trusted', 'invalid' (a trusted key's signature fails), 'untrusted' or 'unsigned'."""
+    if not row["key_id"] or not row["signature"]:
+        return "unsigned"
+    ok = _trust.signature_ok(_manifest(row), row["key_id"], row["signature"], keys)
+    return {True: "trusted", False: "invalid", None: "untrusted"}[ok]
 
 
 class Vault:
@@ -131,6 +168,7 @@ class Vault:
         self._timeout = timeout
         self._progress = progress
         self._pid = os.getpid()
+        self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = _schema.connect(
             self.path, readonly=readonly, timeout=timeout)
         self._conn.row_factory = sqlite3.Row
@@ -143,8 +181,10 @@ class Vault:
         if self._conn is None:
             raise VaultError(f"{self.path}: vault is closed")
         if os.getpid() != self._pid:
-            # A connection must not cross fork(): the child opens its own, and leaves
-            # the parent's untouched (closing it here could release the parent's locks).
+            # A connection must not cross fork(): the child opens its own. The inherited
+            # one is kept referenced forever, since closing it in the child would roll
+            # back and delete the parent's journal.
+            _INHERITED.append(self._conn)
             self._pid = os.getpid()
             self._pool = None
             self._conn = _schema.connect(self.path, readonly=self.readonly,
@@ -177,14 +217,36 @@ class Vault:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks."""
+        with self._transaction("BEGIN IMMEDIATE") as db:
+            yield db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one snapshot, so another process's gc cannot pull chunks
+        out from under a load between its queries."""
+        with self._transaction("BEGIN") as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        if db.in_transaction:  # nested inside another of ours
+            yield db
+            return
+        db.execute(begin)
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (disk full), and a failed COMMIT
+            # (lock timeout) leaves the transaction open: end it either way, and let the
+            # original error through rather than one from ROLLBACK.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
-        db.execute("COMMIT")
 
     def _progress_bar(self, total: int, desc: str) -> Any:
         show = self._progress if self._progress is not None else (
@@ -288,11 +350,12 @@ class Vault:
                     hashes, part_added = self._put_chunks(db, part, known, bar)
                     added += part_added
                     chunk_lists.append([known[h] for h in hashes])
-                    descriptors.append(_descriptor(part, hashes))
+                    descriptors.append(_descriptor(_part_columns(part), hashes))
                 version = {
                     "uuid": str(uuid.uuid4()), "name": name, "version": number, "kind": kind,
                     "digest": _digest(kind, layout, descriptors), "created_at": created_at,
-                    "metadata": metadata_json,
+                    "metadata": metadata_json, "description": description,
+                    "environment": environment,
                 }
                 signature = _trust.sign(key, _manifest(version))
                 # Chunks went in first; the version row and its parts make the version
@@ -306,10 +369,10 @@ class Vault:
                      metadata_json, environment, _trust.key_id(key), signature)).lastrowid
                 db.executemany(
                     "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
-                    "fortran_order, itemsize, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(version_id, i, p.kind, p.name, p.dtype,
-                      None if p.shape is None else json.dumps(p.shape), int(p.fortran_order),
-                      p.itemsize, p.size) for i, p in enumerate(parts)])
+                    "fortran_order, itemsize, size) VALUES (:version_id, :part, :kind, :name, "
+                    ":dtype, :shape, :fortran_order, :itemsize, :size)",
+                    [{**_part_columns(p), "version_id": version_id, "part": i}
+                     for i, p in enumerate(parts)])
                 db.executemany(
                     "INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES (?, ?, ?, ?)",
                     [(version_id, i, seq, c) for i, ids in enumerate(chunk_lists)
@@ -343,6 +406,8 @@ class Vault:
             batch = self._map(_chunks.chunk_hash, views)
             hashes.extend(batch)
             unknown = sorted(set(batch) - known.keys())
+            if bar is not None:
+                bar.update(sum(len(v) for v in views))
             if not unknown:
                 continue
             known.update(self._chunk_ids(db, unknown))
@@ -355,8 +420,6 @@ class Vault:
                 rows)
             added += sum(len(r[4]) for r in rows)
             known.update(self._chunk_ids(db, list(new)))
-            if bar is not None:
-                bar.update(sum(len(v) for v in views))
         return hashes, added
 
     @staticmethod
@@ -369,6 +432,7 @@ class Vault:
     # -- reading ----------------------------------------------------------------
 
     @_api
+    @_snapshot
     def get(self, ref: str | ModelVersion) -> ModelVersion:
         """The version ``ref`` names (``name``, ``name:N`` or ``name@alias``); reads no model bytes.
 
@@ -436,14 +500,17 @@ class Vault:
                     f"SELECT version_id, alias FROM aliases WHERE version_id IN ({marks}) "
                     "ORDER BY alias", some):
                 aliases[vid].append(alias)
+        keys = _trust.trusted_keys()
         return [ModelVersion(
             name=r["name"], version=r["version"], id=r["uuid"], digest=r["digest"],
-            created_at=_parse_time(r["created_at"]), size=r["size"],
-            added_bytes=r["added_bytes"], kind=r["kind"], metadata=json.loads(r["metadata"]),
-            tags=tags[r["id"]], aliases=tuple(aliases[r["id"]]), description=r["description"],
-            environment=json.loads(r["environment"])) for r in rows]
+            created_at=_parse_time(r["created_at"]), size=r["size"], added_bytes=r["added_bytes"],
+            kind=r["kind"], metadata=_column_json(r, "metadata"), tags=tags[r["id"]],
+            aliases=tuple(aliases[r["id"]]), description=r["description"],
+            environment=_column_json(r, "environment"), signature=_signature(r, keys))
+            for r in rows]
 
     @_api
+    @_snapshot
     def models(self) -> list[ModelInfo]:
         """Every model with its number of versions and latest version, by name.
 
@@ -457,6 +524,7 @@ class Vault:
                 for name, count, latest, updated in rows]
 
     @_api
+    @_snapshot
     def versions(self, name: str) -> list[ModelVersion]:
         """Every version of model ``name``, oldest first.
 
@@ -471,6 +539,7 @@ class Vault:
         return self._records(rows)
 
     @_api
+    @_snapshot
     def load(self, ref: str | ModelVersion, *, trust: bool = False) -> Any:
         """Load the model ``ref`` names, checking every chunk's hash.
 
@@ -482,21 +551,41 @@ class Vault:
         [1, 2, 3]
         """
         row = self._resolve(_as_ref(ref))
-        if row["kind"] == "pickle" and not trust and not self._signed(row):
-            stream = self._read_parts(row, only_first=True)[0][1]
-            imports = _trust.pickle_imports(stream.tobytes())
-            raise UntrustedError(
-                f"{row['name']}:{row['version']} was not signed by a key this machine trusts; "
-                f"loading it would import {', '.join(imports) or 'nothing'} and run its code. "
-                "Pass trust=True if you trust where this vault came from, or run "
-                "`modelvault trust KEYFILE` with the saver's key.", imports=imports)
+        self._check_signature(row, trust)
         parts = self._read_parts(row)
         return _rebuild(row, parts)
 
+    def _check_signature(self, row: sqlite3.Row, trust: bool) -> None:
+        """Refuse pickles no trusted key signed, and any version whose signature fails."""
+        if trust:
+            return
+        where = f"{row['name']}:{row['version']}"
+        status = _signature(row, _trust.trusted_keys())
+        if row["kind"] == "pickle" and status != "trusted":
+            stream = self._read_parts(row, only_first=True)[0][1]
+            imports = _trust.pickle_imports(stream.tobytes())
+            why = ("its signature does not match: it was changed after it was saved"
+                   if status == "invalid" else "no key this machine trusts signed it")
+            raise UntrustedError(
+                f"{where} is a pickle and {why}; unpickling runs code from "
+                f"{', '.join(imports) or 'Python builtins only'}. If you trust where this "
+                "vault came from, load with trust=True (CLI: --trust), or trust the saver's "
+                "key with `modelvault trust KEYFILE`.", imports=imports)
+        if status == "invalid":
+            raise IntegrityError(f"{where}: its signature does not match: the version was "
+                                 "changed after it was saved (load with trust=True to read "
+                                 "it anyway)", model=row["name"], version=row["version"])
+
     @_api
-    def extract(self, ref: str | ModelVersion, out_dir: str | os.PathLike[str]) -> list[Path]:
-        """Write a files version's files below ``out_dir``; returns the paths written."""
+    @_snapshot
+    def extract(self, ref: str | ModelVersion, out_dir: str | os.PathLike[str], *,
+                trust: bool = False) -> list[Path]:
+        """Write a files version's files below ``out_dir``; returns the paths written.
+
+        Like ``load``, refuses a version whose signature fails unless ``trust=True``.
+        """
         row = self._resolve(_as_ref(ref))
+        self._check_signature(row, trust)
         if row["kind"] != "files":
             raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
                              "files; use load()")
@@ -508,11 +597,6 @@ class Vault:
             target.write_bytes(data)  # memoryview of the uint8 buffer, no copy
             written.append(target)
         return written
-
-    def _signed(self, row: sqlite3.Row) -> bool:
-        ok = _trust.signature_ok(_manifest(row), row["key_id"], row["signature"],
-                                 _trust.trusted_keys())
-        return bool(ok)
 
     def _chunk_lists(self, row: sqlite3.Row) -> tuple[list[sqlite3.Row], list[list[Any]]]:
         """A version's parts and, per part, its chunks as (id, hash, size, codec, itemsize) rows.
@@ -531,6 +615,13 @@ class Vault:
                 raise IntegrityError(
                     f"{row['name']}:{row['version']}: chunk list names part {chunk[0]}, "
                     "which is missing", model=row["name"], version=row["version"])
+            if chunk[2] is not None:
+                try:
+                    _chunks.check_row(chunk[3], chunk[4], chunk[5])
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{row['name']}:{row['version']}: chunk {chunk[2]}: "
+                                         f"{exc}", model=row["name"], version=row["version"],
+                                         chunk=chunk[2]) from exc
             lists[chunk[0]].append(tuple(chunk)[1:])
         return parts, lists
 
@@ -544,7 +635,7 @@ class Vault:
                                          model=row["name"], version=row["version"],
                                          chunk=str(chunk_id))
         try:
-            descriptors = [_descriptor_row(p, [c[1] for c in lists[i]])
+            descriptors = [_descriptor(p, [c[1] for c in lists[i]])
                            for i, p in enumerate(parts)]
             digest = _digest(row["kind"], json.loads(row["layout"]), descriptors)
         except (ValueError, TypeError) as exc:
@@ -690,11 +781,12 @@ class Vault:
     def _file_bytes(self) -> int:
         db = self._db
         # Read through SQLite, never os.stat-then-open: opening the file ourselves
-        # would drop SQLite's POSIX locks (reliability.md).
+        # would drop SQLite's POSIX locks, which are per process, not per descriptor.
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         return int(pages * db.execute("PRAGMA page_size").fetchone()[0])
 
     @_api
+    @_snapshot
     def verify(self) -> list[Problem]:
         """Re-read and re-hash every chunk any version uses; returns the problems ([] = healthy).
 
@@ -706,6 +798,14 @@ class Vault:
         result = [r[0] for r in db.execute("PRAGMA quick_check")]
         if result != ["ok"]:
             problems.extend(Problem(f"SQLite quick_check: {line}") for line in result)
+        for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
+            problems.append(Problem(f"{table} row {rowid} points at a missing {parent} row"))
+        for name, last, highest in db.execute(
+                "SELECT m.name, m.last_version, max(v.version) FROM models m "
+                "JOIN versions v ON v.model_id = m.id GROUP BY m.id "
+                "HAVING m.last_version < max(v.version)"):
+            problems.append(Problem(f"last_version {last} is below version {highest}: the "
+                                    "next save would fail", name, highest))
         keys = _trust.trusted_keys()
         users: dict[int, tuple[str, int]] = {}
         for row in db.execute(f"{_SELECT_VERSIONS} ORDER BY m.name, v.version").fetchall():
@@ -720,17 +820,23 @@ class Vault:
                     if sum(c[2] for c in chunks) != part["size"]:
                         raise IntegrityError(f"part {part['part']}'s chunks do not add up to "
                                              f"its {part['size']} bytes")
+                if _signature(row, keys) == "invalid":
+                    raise IntegrityError("signature does not match: the version was changed "
+                                         "after it was saved")
             except IntegrityError as exc:
                 problems.append(Problem(str(exc), name, number, exc.chunk))
-            if _trust.signature_ok(_manifest(row), row["key_id"], row["signature"],
-                                   keys) is False:
-                problems.append(Problem("signature does not match: the version's manifest was "
-                                        "changed after it was saved", name, number))
         cursor = db.execute("SELECT id, hash, size, codec, itemsize, data FROM chunks c WHERE "
                             "EXISTS (SELECT 1 FROM part_chunks pc WHERE pc.chunk_id = c.id)")
         while batch := cursor.fetchmany(_BATCH):
-            jobs = [(memoryview(np.empty(max(r[2], 0), dtype=np.uint8)), (r[1], *r[3:]))
-                    for r in batch]
+            jobs = []
+            for r in batch:
+                try:
+                    _chunks.check_row(r[2], r[3], r[4], r[5])
+                except IntegrityError as exc:
+                    name, number = users.get(r[0], (None, None))
+                    problems.append(Problem(str(exc), name, number, r[1]))
+                    continue
+                jobs.append((memoryview(np.empty(r[2], dtype=np.uint8)), (r[1], *r[3:])))
             owners = {r[1]: r[0] for r in batch}
             for error in self._map(_decode_checked, jobs):
                 if error is not None:
@@ -739,6 +845,7 @@ class Vault:
         return problems
 
     @_api
+    @_snapshot
     def stats(self) -> VaultStats:
         """Sizes of the vault: raw, after dedup, after compression, and the file itself."""
         db = self._db
@@ -759,13 +866,16 @@ def _as_ref(ref: str | ModelVersion) -> Ref:
     return parse_ref(ref)
 
 
-def _descriptor(part: Part, hashes: list[str]) -> dict[str, Any]:
-    return {"kind": part.kind, "name": part.name, "dtype": part.dtype, "shape": part.shape,
+def _part_columns(part: Part) -> dict[str, Any]:
+    """A part's row in the parts table (without its keys)."""
+    return {"kind": part.kind, "name": part.name, "dtype": part.dtype,
+            "shape": None if part.shape is None else json.dumps(part.shape),
             "fortran_order": int(part.fortran_order), "itemsize": part.itemsize,
-            "size": part.size, "chunks": hashes}
+            "size": part.size}
 
 
-def _descriptor_row(part: sqlite3.Row, hashes: list[str]) -> dict[str, Any]:
+def _descriptor(part: Mapping[str, Any] | sqlite3.Row, hashes: list[str]) -> dict[str, Any]:
+    """What the digest covers of one part: its parts row and its chunks' hashes."""
     return {"kind": part["kind"], "name": part["name"], "dtype": part["dtype"],
             "shape": None if part["shape"] is None else json.loads(part["shape"]),
             "fortran_order": part["fortran_order"], "itemsize": part["itemsize"],
@@ -776,7 +886,9 @@ def _decode_checked(job: tuple[memoryview, Any]) -> tuple[str, str] | None:
     """Decode one chunk into its slot and check its hash; (hash, problem) or None."""
     out, (expected, codec, itemsize, data) = job
     try:
-        _chunks.decode_into(out, codec, itemsize, bytes(data))
+        if not isinstance(data, bytes):
+            raise IntegrityError(f"data is {type(data).__name__}, not a blob")
+        _chunks.decode_into(out, codec, itemsize, data)
     except IntegrityError as exc:
         return expected, str(exc)
     if _chunks.chunk_hash(out) != expected:
@@ -786,8 +898,8 @@ def _decode_checked(job: tuple[memoryview, Any]) -> tuple[str, str] | None:
 
 def _rebuild(row: sqlite3.Row, parts: list[tuple[sqlite3.Row, np.ndarray]]) -> Any:
     where = f"{row['name']}:{row['version']}"
-    layout = json.loads(row["layout"])
     try:
+        layout = json.loads(row["layout"])
         if row["kind"] == "arrays":
             arrays = [_serialize.array_from_part(buf, p["dtype"], json.loads(p["shape"]),
                                                  bool(p["fortran_order"])) for p, buf in parts]
@@ -796,7 +908,7 @@ def _rebuild(row: sqlite3.Row, parts: list[tuple[sqlite3.Row, np.ndarray]]) -> A
             return _unpickle(row, parts)
         if row["kind"] == "files":
             return {p["name"]: buf.tobytes() for p, buf in parts}
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise IntegrityError(f"{where}: cannot rebuild: {exc}", model=row["name"],
                              version=row["version"]) from exc
     raise IntegrityError(f"{where}: unknown kind {row['kind']!r}", model=row["name"],

@@ -70,7 +70,7 @@ def test_get_pickled_object_needs_trust_from_a_stranger(run, tmp_path, monkeypat
     monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "bob"))
     result = run("get", vault, "team/obj", "-o", tmp_path / "out")
     assert result.exit_code == 1
-    assert "not signed by a key this machine trusts" in result.output
+    assert "no key this machine trusts signed it" in result.output
     result = run("get", vault, "team/obj", "-o", tmp_path / "out", "--trust")
     assert result.exit_code == 0, result.output
     with open(tmp_path / "out" / "team_obj-v1.pkl", "rb") as f:

@@ -337,7 +337,9 @@ def test_pickle_version_is_signed_and_rebuilt(tmp_path, _format_home):
         assert row["key_id"] == hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
         manifest = {"id": row["uuid"], "name": row["name"], "version": row["version"],
                     "kind": row["kind"], "digest": row["digest"],
-                    "created_at": row["created_at"], "metadata": json.loads(row["metadata"])}
+                    "created_at": row["created_at"], "description": row["description"],
+                    "metadata": json.loads(row["metadata"]),
+                    "environment": json.loads(row["environment"])}
         assert digest_of(row["kind"], json.loads(row["layout"]),
                          descriptors(db, row["id"])) == row["digest"]
 

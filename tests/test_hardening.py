@@ -1,0 +1,178 @@
+"""Edges found in review: lock failures, threads, fork, tampering, damaged rows."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+import modelvault
+from modelvault import IntegrityError, LockTimeout
+from modelvault._trust import canonical_json
+
+
+def test_a_commit_that_times_out_leaves_no_transaction_open(tmp_path):
+    path = tmp_path / "v.vault"
+    with modelvault.open(path) as vault:
+        vault.save("m", [1])
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM chunks").fetchall()  # holds a shared lock
+    with modelvault.open(path, timeout=0.2) as vault:
+        with pytest.raises(LockTimeout):
+            vault.tag("m:1", stage="prod")  # the COMMIT cannot get its exclusive lock
+        reader.execute("COMMIT")
+        reader.close()
+        assert vault.tag("m:1", stage="prod").tags == {"stage": "prod"}
+        with modelvault.open(path, timeout=0.2) as other:  # nobody is left locked out
+            assert other.get("m").tags == {"stage": "prod"}
+
+
+def test_threads_sharing_one_vault_save_whole_versions(vault):
+    def work(t):
+        for i in range(6):
+            vault.save("shared", {"w": np.full(5000, t * 100 + i)}, metadata={"t": t, "i": i})
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    versions = vault.versions("shared")
+    assert [v.version for v in versions] == list(range(1, 25))
+    for v in versions:
+        assert (vault.load(v)["w"] == v.metadata["t"] * 100 + v.metadata["i"]).all()
+    assert vault.verify() == []
+
+
+def _child_saves(vault):
+    vault.save("forked", [2])
+
+
+def test_a_forked_child_opens_its_own_connection(vault):
+    vault.save("forked", [1])
+    child = multiprocessing.get_context("fork").Process(target=_child_saves, args=(vault,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    vault.save("forked", [3])  # the parent's connection still works
+    assert [vault.load(v) for v in vault.versions("forked")] == [[1], [2], [3]]
+    assert vault.verify() == []
+
+
+def test_arrays_whose_signed_manifest_changed_do_not_load(vault_path):
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", {"w": np.arange(4, dtype="<f8")})
+    # Reinterpret the bytes as float32 and recompute the (unkeyed) digest to match.
+    db = sqlite3.connect(vault_path)
+    db.execute("UPDATE parts SET dtype = '<f4', shape = '[8]', itemsize = 4")
+    kind, layout, vid = db.execute("SELECT kind, layout, id FROM versions").fetchone()
+    parts = []
+    for p in db.execute("SELECT kind, name, dtype, shape, fortran_order, itemsize, size, part "
+                        "FROM parts WHERE version_id = ? ORDER BY part", (vid,)).fetchall():
+        hashes = [r[0] for r in db.execute(
+            "SELECT c.hash FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
+            "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq", (vid, p[7]))]
+        parts.append({"kind": p[0], "name": p[1], "dtype": p[2], "shape": json.loads(p[3]),
+                      "fortran_order": p[4], "itemsize": p[5], "size": p[6], "chunks": hashes})
+    import blake3
+
+    digest = blake3.blake3(canonical_json(
+        {"kind": kind, "layout": json.loads(layout), "parts": parts})).hexdigest()
+    db.execute("UPDATE versions SET digest = ?", (digest,))
+    db.commit()
+    db.close()
+    with modelvault.open(vault_path) as vault:
+        assert vault.get("m").signature == "invalid"
+        with pytest.raises(IntegrityError, match="signature does not match"):
+            vault.load("m")
+        assert vault.load("m", trust=True)["w"].dtype == np.float32
+        assert any("signature" in p.message for p in vault.verify())
+
+
+@pytest.mark.parametrize("column,value", [
+    ("metadata", "{not json"), ("environment", "[1,"), ("created_at", "yesterday")])
+def test_damaged_version_columns_raise_integrity_error(vault_path, column, value):
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", [1])
+    with sqlite3.connect(vault_path) as db:
+        db.execute(f"UPDATE versions SET {column} = ?", (value,))
+    db.close()
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(IntegrityError):
+            vault.get("m")
+
+
+@pytest.mark.parametrize("update", [
+    "UPDATE chunks SET size = 1000000000000",
+    "UPDATE chunks SET data = CAST(data AS TEXT)",
+    "UPDATE chunks SET itemsize = 'x'",
+    "UPDATE parts SET dtype = NULL",
+])
+def test_damaged_chunk_and_part_rows_are_reported_not_raised(vault_path, update):
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", {"w": np.random.default_rng(0).normal(size=20_000)})
+    with sqlite3.connect(vault_path) as db:
+        db.execute(update)
+    db.close()
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises((IntegrityError, modelvault.CorruptVaultError)):
+            vault.load("m")
+        try:
+            assert vault.verify() != []
+        except modelvault.CorruptVaultError:
+            pass  # a blob turned into non-UTF-8 TEXT cannot even be read back
+
+
+def test_latest_is_a_reserved_alias(vault):
+    vault.save("m", [1])
+    vault.save("m", [2])
+    assert vault.load("m@latest") == [2]
+    with pytest.raises(ValueError, match="newest"):
+        vault.alias("m:1", "latest")
+
+
+def test_numpy_scalars_are_stored_natively(vault):
+    value = {"auc": np.float64(0.91), "n": np.int32(7), "label": np.str_("cat")}
+    assert vault.save("metrics", value).kind == "arrays"
+    loaded = vault.load("metrics")
+    assert loaded == value
+    assert [type(v) for v in loaded.values()] == [np.float64, np.int32, np.str_]
+
+
+def test_zero_byte_items_round_trip(vault):
+    vault.save("m", np.zeros(3, dtype=[]))
+    assert vault.load("m").shape == (3,)
+
+
+@pytest.mark.parametrize("name", [".", "a/../b", "/etc/passwd", "a\\b", ""])
+def test_extract_refuses_unsafe_file_names(name):
+    from modelvault._serialize import safe_relative_path
+
+    with pytest.raises(ValueError):
+        safe_relative_path(name)
+
+
+def test_cli_meta_keeps_text_that_json_would_change(run, tmp_path):
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x")
+    vault = tmp_path / "v.vault"
+    assert run("put", vault, "m", f, "--meta", "version=1.10", "--meta", "sha=1e5",
+               "--meta", "dim=384", "--meta", "auc=0.91", "--meta", "ok=true").exit_code == 0
+    metadata = json.loads(run("show", vault, "m", "--json").output)["metadata"]
+    assert metadata == {"version": "1.10", "sha": "1e5", "dim": 384, "auc": 0.91, "ok": True}
+
+
+def test_reading_creates_no_key(tmp_path, monkeypatch):
+    path = tmp_path / "v.vault"
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "saver"))
+    modelvault.save(path, "m", [1])
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "reader"))
+    assert modelvault.load(path, "m") == [1]
+    with modelvault.open(path) as vault:
+        assert vault.verify() == [] and vault.get("m").signature == "untrusted"
+    assert not (tmp_path / "reader").exists()
