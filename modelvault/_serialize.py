@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pickle
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -137,12 +139,13 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
     return {"pickle": 0, "buffers": list(range(1, len(parts)))}
 
 
-def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
+def files_parts(paths: Sequence[str | os.PathLike[str]], stack: ExitStack) -> list[Part]:
     """Parts for files and folders, named by path relative to what was given.
 
     A single folder contributes its files relative to itself (``config.json``);
     otherwise a file is named by its base name and a folder's files get the folder's
-    name in front (``tokenizer/vocab.txt``).
+    name in front (``tokenizer/vocab.txt``). Files are memory-mapped, not read, so a
+    folder of checkpoints larger than RAM can be saved; ``stack`` unmaps them.
     """
     roots = [Path(p) for p in paths]
     if not roots:
@@ -161,8 +164,27 @@ def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
             if name in files:
                 raise ValueError(f"two files would be stored as {name!r}")
             files[name] = file
-    return [Part(kind="file", data=memoryview(files[name].read_bytes()), name=name)
+    return [Part(kind="file", data=_mapped(files[name], stack), name=name)
             for name in sorted(files)]
+
+
+def _mapped(path: Path, stack: ExitStack) -> memoryview:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return memoryview(b"")  # mmap cannot map an empty file
+        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    view = memoryview(mapping)
+
+    def unmap() -> None:
+        view.release()
+        try:
+            mapping.close()
+        except BufferError:
+            pass  # a slice still refers to it; it unmaps when that is garbage-collected
+
+    stack.callback(unmap)
+    return view
 
 
 def safe_relative_path(name: str) -> PurePosixPath:

@@ -12,10 +12,10 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import zstandard
@@ -310,10 +310,11 @@ class Vault:
         """
         check_name(name)
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-        parts = _serialize.files_parts(paths)
-        return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
-                           metadata=metadata, tags=tags, aliases=aliases,
-                           description=description)
+        with ExitStack() as stack:
+            parts = _serialize.files_parts(paths, stack)
+            return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
+                               metadata=metadata, tags=tags, aliases=aliases,
+                               description=description)
 
     def _store(self, name: str, kind: str, layout: Any, parts: list[Part], *,
                metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
@@ -589,14 +590,28 @@ class Vault:
         if row["kind"] != "files":
             raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
                              "files; use load()")
-        out = Path(out_dir)
-        written = []
-        for part, data in self._read_parts(row):
-            target = out.joinpath(*_serialize.safe_relative_path(part["name"]).parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)  # memoryview of the uint8 buffer, no copy
-            written.append(target)
-        return written
+        parts, lists = self._chunk_lists(row)
+        self._check_digest(row, parts, lists)
+        targets = [Path(out_dir).joinpath(*_serialize.safe_relative_path(p["name"]).parts)
+                   for p in parts]
+        bar = self._progress_bar(sum(p["size"] for p in parts),
+                                 f"extract {row['name']}:{row['version']}")
+        try:
+            for part, chunks, target in zip(parts, lists, targets, strict=True):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Written batch by batch (a checkpoint need not fit in memory) to a side
+                # file, renamed only once every chunk checked out: no half-written model.
+                partial = target.with_name(f".{target.name}.partial")
+                try:
+                    with open(partial, "wb") as f:
+                        self._read_part(part, chunks, row, bar, sink=f)
+                    os.replace(partial, target)
+                finally:
+                    partial.unlink(missing_ok=True)
+        finally:
+            if bar is not None:
+                bar.close()
+        return targets
 
     def _chunk_lists(self, row: sqlite3.Row) -> tuple[list[sqlite3.Row], list[list[Any]]]:
         """A version's parts and, per part, its chunks as (id, hash, size, codec, itemsize) rows.
@@ -663,17 +678,25 @@ class Vault:
                 bar.close()
 
     def _read_part(self, part: sqlite3.Row, chunks: list[Any], row: sqlite3.Row,
-                   bar: Any) -> np.ndarray:
+                   bar: Any, sink: BinaryIO | None = None) -> np.ndarray:
+        """A part's bytes as a uint8 array, every chunk hash-checked.
+
+        With a ``sink``, each batch is written there instead of kept, and the array
+        returned holds only the last batch.
+        """
         size = part["size"]
         if sum(c[2] for c in chunks) != size or any(c[2] < 0 for c in chunks):
             raise IntegrityError(f"{row['name']}:{row['version']}: part {part['part']}'s "
                                  f"chunks do not add up to its {size} bytes",
                                  model=row["name"], version=row["version"])
-        out = np.empty(size, dtype=np.uint8)
+        out = np.empty(size if sink is None else 0, dtype=np.uint8)
         view = memoryview(out)
         offset = 0
         for start in range(0, len(chunks), _BATCH):
             batch = chunks[start:start + _BATCH]
+            if sink is not None:
+                out = np.empty(sum(c[2] for c in batch), dtype=np.uint8)
+                view, offset = memoryview(out), 0
             ids = sorted({c[0] for c in batch})
             data = dict(self._db.execute(
                 f"SELECT id, data FROM chunks WHERE id IN ({','.join('?' * len(ids))})", ids))
@@ -689,6 +712,8 @@ class Vault:
                         model=row["name"], version=row["version"], chunk=error[0])
             if bar is not None:
                 bar.update(sum(len(j[0]) for j in jobs))
+            if sink is not None:
+                sink.write(view)
         return out
 
     # -- changing names ---------------------------------------------------------
