@@ -6,6 +6,7 @@ FORMAT_VERSION whenever a reader of the old format would misread the new one.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from pathlib import Path
@@ -114,13 +115,6 @@ GROUP BY m.id
 ORDER BY m.name;
 """
 
-_EXPECTED_OBJECTS = {
-    ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
-    ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
-    ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
-    ("view", "model_versions"), ("view", "model_summary"),
-}
-
 # SQLite's default page size. 64 KiB pages write blobs twice as fast but
 # waste ~25 % of the file on ~20 KiB compressed chunks, since each row's last overflow
 # page is part-empty; they pay off once chunks are packed into ~1 MiB rows.
@@ -199,17 +193,36 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
         raise FormatVersionError(
             f"{path}: format version {version} is newer than this modelvault reads "
             f"({FORMAT_VERSION}); upgrade modelvault")
-    objects = set(conn.execute(
-        "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
-    unexpected = objects - _EXPECTED_OBJECTS
-    if unexpected:
-        # A trigger or view someone added could run SQL on our writes; refuse the file.
-        names = ", ".join(sorted(f"{kind} {name}" for kind, name in unexpected))
-        raise CorruptVaultError(f"{path}: unexpected schema objects: {names}")
-    missing = {name for kind, name in _EXPECTED_OBJECTS if kind == "table"} - {
-        name for kind, name in objects if kind == "table"}
-    if missing:
-        raise CorruptVaultError(f"{path}: missing tables: {', '.join(sorted(missing))}")
+    found = _schema_of(conn)
+    expected = _expected_schema()
+    if found != expected:
+        # Anything else (a trigger, a view, an edited column) could run SQL on our
+        # writes or make a column read back as something else: refuse the file.
+        differ = sorted(f"{(found.get(name) or expected[name])[0]} {name}"
+                        for name in found.keys() | expected.keys()
+                        if found.get(name) != expected.get(name))
+        raise CorruptVaultError(f"{path}: schema is not modelvault's "
+                                f"(differs at: {', '.join(differ)})")
+
+
+def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+    """name -> (type, SQL with whitespace squeezed) of every schema object we could create."""
+    try:
+        rows = conn.execute("SELECT type, name, sql FROM sqlite_master "
+                            "WHERE name NOT LIKE 'sqlite_%'").fetchall()
+    except UnicodeDecodeError as exc:
+        raise CorruptVaultError(f"schema text is not UTF-8: {exc}") from exc
+    return {name: (kind, " ".join(str(sql).split())) for kind, name, sql in rows}
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_schema() -> dict[str, tuple[str, str]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(TABLES + VIEWS)
+        return _schema_of(conn)
+    finally:
+        conn.close()
 
 
 def translate(exc: sqlite3.Error, path: object = None) -> VaultError:

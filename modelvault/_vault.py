@@ -21,7 +21,13 @@ import numpy as np
 import zstandard
 
 from . import _chunks, _environment, _schema, _serialize, _trust
-from ._errors import IntegrityError, NotFoundError, UntrustedError, VaultError
+from ._errors import (
+    CorruptVaultError,
+    IntegrityError,
+    NotFoundError,
+    UntrustedError,
+    VaultError,
+)
 from ._records import ModelInfo, ModelVersion, Problem, VaultStats
 from ._refs import Ref, check_alias, check_name, parse_ref
 from ._serialize import Part
@@ -58,6 +64,8 @@ def _api(method: F) -> F:
             raise _schema.translate(exc, self.path) from exc
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{self.path}: {exc}") from exc
+        except UnicodeDecodeError as exc:  # text SQLite stored is not UTF-8: a damaged file
+            raise CorruptVaultError(f"{self.path}: vault file is damaged ({exc})") from exc
 
     return wrapper  # type: ignore[return-value]
 
@@ -141,7 +149,10 @@ def _signature(row: sqlite3.Row, keys: dict[str, bytes]) -> str:
     """'trusted', 'invalid' (a trusted key's signature fails), 'untrusted' or 'unsigned'."""
     if not row["key_id"] or not row["signature"]:
         return "unsigned"
-    ok = _trust.signature_ok(_manifest(row), row["key_id"], row["signature"], keys)
+    try:
+        ok = _trust.signature_ok(_manifest(row), row["key_id"], row["signature"], keys)
+    except (TypeError, ValueError):  # a damaged column (bytes where text belongs)
+        ok = False
     return {True: "trusted", False: "invalid", None: "untrusted"}[ok]
 
 
