@@ -637,7 +637,7 @@ class Vault:
                 "SELECT pc.part, pc.chunk_id, c.hash, c.size, c.codec, c.itemsize "
                 "FROM part_chunks pc LEFT JOIN chunks c ON c.id = pc.chunk_id "
                 "WHERE pc.version_id = ? ORDER BY pc.part, pc.seq", (row["id"],)):
-            if not 0 <= chunk[0] < len(parts):
+            if type(chunk[0]) is not int or not 0 <= chunk[0] < len(parts):
                 raise IntegrityError(
                     f"{row['name']}:{row['version']}: chunk list names part {chunk[0]}, "
                     "which is missing", model=row["name"], version=row["version"])
