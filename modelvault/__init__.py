@@ -49,9 +49,9 @@ __all__ = [
 
 
 def open(path: str | os.PathLike[str], *, readonly: bool = False,  # noqa: A001
-         timeout: float = 60.0, progress: bool | None = None) -> Vault:
+         create: bool = True, timeout: float = 60.0, progress: bool | None = None) -> Vault:
     """Open (or create) the vault at ``path``; use it as a context manager. See ``Vault``."""
-    return Vault(path, readonly=readonly, timeout=timeout, progress=progress)
+    return Vault(path, readonly=readonly, create=create, timeout=timeout, progress=progress)
 
 
 def save(path: str | os.PathLike[str], name: str, obj: Any, **options: Any) -> ModelVersion:
@@ -62,5 +62,6 @@ def save(path: str | os.PathLike[str], name: str, obj: Any, **options: Any) -> M
 
 def load(path: str | os.PathLike[str], ref: str, *, trust: bool = False) -> Any:
     """Load the model ``ref`` names from the vault at ``path``, in one call."""
-    with Vault(path, readonly=True) as vault:
+    # Not readonly: if a write was interrupted, only a writable open rolls its journal back.
+    with Vault(path, create=False) as vault:
         return vault.load(ref, trust=trust)

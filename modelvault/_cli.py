@@ -84,11 +84,15 @@ vault_path = click.argument("vault", type=click.Path(dir_okay=False, path_type=P
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 
 
-def _open(path: Path, *, write: bool = False) -> Vault:
-    """An existing vault; only `put` and `demo` create one, so a typo makes no new file."""
+def _open(path: Path) -> Vault:
+    """An existing vault; only `put` and `demo` create one, so a typo makes no new file.
+
+    Reads open it writable too: after an interrupted write, only a connection that
+    may write lets SQLite roll the leftover journal back.
+    """
     if not path.exists():
         raise click.ClickException(f"{path}: no such vault")
-    return Vault(path, readonly=not write)
+    return Vault(path, create=False)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -242,7 +246,7 @@ def _write_object(obj: Any, mv: ModelVersion, out_dir: Path) -> Path:
 @click.argument("alias")
 def alias_command(vault: Path, ref: str, alias: str) -> None:
     """Point ALIAS at version REF (moving it if it points elsewhere)."""
-    with _open(vault, write=True) as v:
+    with _open(vault) as v:
         mv = v.alias(ref, alias)
     click.echo(f"{mv.name}@{alias} -> {mv.ref}")
 
@@ -253,7 +257,7 @@ def alias_command(vault: Path, ref: str, alias: str) -> None:
 @click.argument("alias")
 def unalias_command(vault: Path, name: str, alias: str) -> None:
     """Remove ALIAS from model NAME."""
-    with _open(vault, write=True) as v:
+    with _open(vault) as v:
         v.unalias(name, alias)
     click.echo(f"removed {name}@{alias}")
 
@@ -265,7 +269,7 @@ def unalias_command(vault: Path, name: str, alias: str) -> None:
 def tag_command(vault: Path, ref: str, tags: tuple[str, ...]) -> None:
     """Set tags on version REF; KEY= with nothing after it removes that tag."""
     pairs = {k: (val if val != "" else None) for k, val in _pairs(tags, "TAGS").items()}
-    with _open(vault, write=True) as v:
+    with _open(vault) as v:
         mv = v.tag(ref, pairs)
     click.echo(f"{mv.ref}: " + " ".join(f"{k}={val}" for k, val in mv.tags.items()))
 
@@ -279,7 +283,7 @@ def rm_command(vault: Path, ref: str, yes: bool) -> None:
 
     Space comes back with `modelvault gc`.
     """
-    with _open(vault, write=True) as v:
+    with _open(vault) as v:
         if ":" not in ref and "@" not in ref and not yes:
             count = len(v.versions(ref))
             click.confirm(f"delete model {ref} and all {count} of its versions?", abort=True)
@@ -291,7 +295,7 @@ def rm_command(vault: Path, ref: str, yes: bool) -> None:
 @vault_path
 def gc_command(vault: Path) -> None:
     """Drop chunks no version uses and shrink the file."""
-    with _open(vault, write=True) as v:
+    with _open(vault) as v:
         freed = v.gc()
     click.echo(f"freed {_human(freed)}")
 

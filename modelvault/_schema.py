@@ -121,9 +121,9 @@ ORDER BY m.name;
 PAGE_SIZE = 4096
 
 
-def connect(path: str | os.PathLike[str], *, readonly: bool = False,
+def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
             timeout: float = 60.0) -> sqlite3.Connection:
-    """Open ``path`` as a vault, creating it when missing (unless read-only).
+    """Open ``path`` as a vault, creating it when missing (if ``create`` and not read-only).
 
     Raises NotAVaultError, FormatVersionError or CorruptVaultError for files that
     are not vaults this version can read.
@@ -131,7 +131,7 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False,
     path = Path(path)
     # os.stat, unlike open(), takes no file descriptor and so cannot drop SQLite's POSIX locks.
     exists = path.exists()
-    if readonly and not exists:
+    if (readonly or not create) and not exists:
         raise NotAVaultError(f"{path}: no such vault")
     if exists and path.is_dir():
         raise NotAVaultError(f"{path}: is a directory, not a vault file")
@@ -153,7 +153,13 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False,
         _check_or_create(conn, path, created=not exists, readonly=readonly)
     except sqlite3.Error as exc:
         conn.close()
-        raise translate(exc, path) from exc
+        error = translate(exc, path)
+        if readonly and isinstance(error, ReadOnlyError) and _has_journal(path):
+            # A write was interrupted; only a connection that may write can roll it back.
+            error = ReadOnlyError(f"{path}: an interrupted write left {path.name}-journal "
+                                  "beside it; open the vault once without readonly (any "
+                                  "modelvault command does) so SQLite can roll it back")
+        raise error from exc
     except VaultError:
         conn.close()
         raise
@@ -205,11 +211,16 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
                                 f"(differs at: {', '.join(differ)})")
 
 
+def _has_journal(path: Path) -> bool:
+    return Path(f"{path}-journal").exists()  # a stat, not an open(): no lock is disturbed
+
+
 def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
     """name -> (type, SQL with whitespace squeezed) of every schema object we could create."""
     try:
+        # substr, not LIKE 'sqlite_%': LIKE's _ matches any character ("sqliteXevil").
         rows = conn.execute("SELECT type, name, sql FROM sqlite_master "
-                            "WHERE name NOT LIKE 'sqlite_%'").fetchall()
+                            "WHERE substr(name, 1, 7) <> 'sqlite_'").fetchall()
     except UnicodeDecodeError as exc:
         raise CorruptVaultError(f"schema text is not UTF-8: {exc}") from exc
     return {name: (kind, " ".join(str(sql).split())) for kind, name, sql in rows}

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import pickle
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,16 +34,18 @@ class Part:
     """One byte stream of a version, with what is needed to rebuild it."""
 
     kind: str  # "array" | "pickle" | "buffer" | "file"
-    data: memoryview = field(repr=False)  # contiguous bytes, format "B"
+    data: memoryview | None = field(default=None, repr=False)  # contiguous bytes, format "B"
+    path: Path | None = None  # file parts: read chunk by chunk while stored, never whole
     name: str | None = None  # file path inside a files version
     dtype: str | None = None  # arrays: numpy's dtype descr (JSON for structured dtypes)
     shape: list[int] | None = None
     fortran_order: bool = False
     itemsize: int = 1  # byte-shuffle width; 1 means no shuffle
+    size: int = 0  # bytes; for a file, what was read when it was stored
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            self.size = len(self.data)
 
 
 def serialize(obj: Any) -> tuple[str, Any, list[Part]]:
@@ -139,13 +139,13 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
     return {"pickle": 0, "buffers": list(range(1, len(parts)))}
 
 
-def files_parts(paths: Sequence[str | os.PathLike[str]], stack: ExitStack) -> list[Part]:
+def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
     """Parts for files and folders, named by path relative to what was given.
 
     A single folder contributes its files relative to itself (``config.json``);
     otherwise a file is named by its base name and a folder's files get the folder's
-    name in front (``tokenizer/vocab.txt``). Files are memory-mapped, not read, so a
-    folder of checkpoints larger than RAM can be saved; ``stack`` unmaps them.
+    name in front (``tokenizer/vocab.txt``). Files are read only while they are
+    stored, one at a time, so a folder larger than memory can be saved.
     """
     roots = [Path(p) for p in paths]
     if not roots:
@@ -161,30 +161,16 @@ def files_parts(paths: Sequence[str | os.PathLike[str]], stack: ExitStack) -> li
         else:
             raise FileNotFoundError(f"{root}: no such file or folder")
         for name, file in found:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{file}: file name is not valid UTF-8") from exc
+            safe_relative_path(name)  # what extract would refuse is refused now
             if name in files:
                 raise ValueError(f"two files would be stored as {name!r}")
             files[name] = file
-    return [Part(kind="file", data=_mapped(files[name], stack), name=name)
+    return [Part(kind="file", path=files[name], name=name, size=files[name].stat().st_size)
             for name in sorted(files)]
-
-
-def _mapped(path: Path, stack: ExitStack) -> memoryview:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return memoryview(b"")  # mmap cannot map an empty file
-        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-    view = memoryview(mapping)
-
-    def unmap() -> None:
-        view.release()
-        try:
-            mapping.close()
-        except BufferError:
-            pass  # a slice still refers to it; it unmaps when that is garbage-collected
-
-    stack.callback(unmap)
-    return view
 
 
 def safe_relative_path(name: str) -> PurePosixPath:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import pickle
 import sqlite3
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -166,14 +168,16 @@ class Vault:
     [1.0, 1.0, 1.0]
 
     Args:
-        path: the vault file; created if missing (unless ``readonly``).
+        path: the vault file; created if missing (unless ``readonly`` or not ``create``).
         readonly: open without the right to write; every write raises ReadOnlyError.
+        create: create the file if it is missing; if False, NotAVaultError instead.
         timeout: seconds to wait for another process's write lock before LockTimeout.
         progress: show progress bars on long saves and loads; default when stderr is a terminal.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
-                 timeout: float = 60.0, progress: bool | None = None) -> None:
+                 create: bool = True, timeout: float = 60.0,
+                 progress: bool | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._timeout = timeout
@@ -181,7 +185,7 @@ class Vault:
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = _schema.connect(
-            self.path, readonly=readonly, timeout=timeout)
+            self.path, readonly=readonly, create=create, timeout=timeout)
         self._conn.row_factory = sqlite3.Row
         self._pool: ThreadPoolExecutor | None = None
 
@@ -198,7 +202,7 @@ class Vault:
             _INHERITED.append(self._conn)
             self._pid = os.getpid()
             self._pool = None
-            self._conn = _schema.connect(self.path, readonly=self.readonly,
+            self._conn = _schema.connect(self.path, readonly=self.readonly, create=False,
                                          timeout=self._timeout)
             self._conn.row_factory = sqlite3.Row
         return self._conn
@@ -321,11 +325,10 @@ class Vault:
         """
         check_name(name)
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-        with ExitStack() as stack:
-            parts = _serialize.files_parts(paths, stack)
-            return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
-                               metadata=metadata, tags=tags, aliases=aliases,
-                               description=description)
+        parts = _serialize.files_parts(paths)
+        return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
+                           metadata=metadata, tags=tags, aliases=aliases,
+                           description=description)
 
     def _store(self, name: str, kind: str, layout: Any, parts: list[Part], *,
                metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
@@ -377,7 +380,8 @@ class Vault:
                     "size, added_bytes, digest, description, metadata, environment, key_id, "
                     "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (version["uuid"], model_id, number, created_at, kind,
-                     json.dumps(layout), total, added, version["digest"], description,
+                     json.dumps(layout), sum(p.size for p in parts), added, version["digest"],
+                     description,
                      metadata_json, environment, _trust.key_id(key), signature)).lastrowid
                 db.executemany(
                     "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
@@ -404,27 +408,28 @@ class Vault:
                     bar: Any) -> tuple[list[str], int]:
         """Store the chunks of ``part`` the vault lacks; returns (chunk hashes, bytes added).
 
-        ``known`` maps every chunk hash met so far in this save to its row id.
+        ``known`` maps every chunk hash met so far in this save to its row id. A file
+        part's size is set to the bytes actually read.
         """
         numeric = part.kind in ("array", "buffer")
-        cuts = (_chunks.fixed_cuts(part.size, part.itemsize) if numeric
-                else _chunks.content_cuts(part.data))
         level = _chunks.ARRAY_LEVEL if numeric else _chunks.STREAM_LEVEL
         itemsize = part.itemsize if numeric else 1
         hashes: list[str] = []
-        added = 0
-        for start in range(0, len(cuts), _BATCH):
-            views = [part.data[o:o + n] for o, n in cuts[start:start + _BATCH]]
-            batch = self._map(_chunks.chunk_hash, views)
+        added = size = 0
+        for pieces in _batches(part):
+            # Hashed and encoded from the same bytes: a file changing under us cannot
+            # store bytes under another content's hash.
+            batch = self._map(_chunks.chunk_hash, pieces)
             hashes.extend(batch)
-            unknown = sorted(set(batch) - known.keys())
+            size += sum(len(p) for p in pieces)
             if bar is not None:
-                bar.update(sum(len(v) for v in views))
+                bar.update(sum(len(p) for p in pieces))
+            unknown = sorted(set(batch) - known.keys())
             if not unknown:
                 continue
             known.update(self._chunk_ids(db, unknown))
-            new = {h: v for h, v in zip(batch, views, strict=True) if h not in known}
-            encoded = self._map(lambda v: _chunks.encode(v, itemsize, level), new.values())
+            new = {h: p for h, p in zip(batch, pieces, strict=True) if h not in known}
+            encoded = self._map(lambda p: _chunks.encode(p, itemsize, level), new.values())
             rows = [(h, len(new[h]), codec, isz, data)
                     for h, (codec, isz, data) in zip(new, encoded, strict=True)]
             db.executemany(
@@ -432,6 +437,7 @@ class Vault:
                 rows)
             added += sum(len(r[4]) for r in rows)
             known.update(self._chunk_ids(db, list(new)))
+        part.size = size
         return hashes, added
 
     @staticmethod
@@ -597,10 +603,10 @@ class Vault:
         Like ``load``, refuses a version whose signature fails unless ``trust=True``.
         """
         row = self._resolve(_as_ref(ref))
-        self._check_signature(row, trust)
         if row["kind"] != "files":
             raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
                              "files; use load()")
+        self._check_signature(row, trust)
         parts, lists = self._chunk_lists(row)
         self._check_digest(row, parts, lists)
         targets = [Path(out_dir).joinpath(*_serialize.safe_relative_path(p["name"]).parts)
@@ -612,13 +618,15 @@ class Vault:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # Written batch by batch (a checkpoint need not fit in memory) to a side
                 # file, renamed only once every chunk checked out: no half-written model.
-                partial = target.with_name(f".{target.name}.partial")
+                fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                                               dir=target.parent)
                 try:
-                    with open(partial, "wb") as f:
+                    with os.fdopen(fd, "wb") as f:
                         self._read_part(part, chunks, row, bar, sink=f)
                     os.replace(partial, target)
                 finally:
-                    partial.unlink(missing_ok=True)
+                    if os.path.exists(partial):
+                        os.unlink(partial)
         finally:
             if bar is not None:
                 bar.close()
@@ -900,6 +908,24 @@ def _as_ref(ref: str | ModelVersion) -> Ref:
     if isinstance(ref, ModelVersion):
         return Ref(ref.name, version=ref.version)
     return parse_ref(ref)
+
+
+def _batches(part: Part) -> Iterator[list[bytes | memoryview]]:
+    """A part's chunk pieces, ``_BATCH`` at a time: fixed-size for numbers, by content
+    otherwise, and for files read from disk as they go."""
+    if part.path is not None:
+        with open(part.path, "rb") as f:
+            pieces = _chunks.content_pieces(f)
+            while batch := list(itertools.islice(pieces, _BATCH)):
+                yield batch
+        return
+    assert part.data is not None
+    if part.kind in ("array", "buffer"):
+        cuts = _chunks.fixed_cuts(part.size, part.itemsize)
+    else:
+        cuts = _chunks.content_cuts(part.data)
+    for start in range(0, len(cuts), _BATCH):
+        yield [part.data[o:o + n] for o, n in cuts[start:start + _BATCH]]
 
 
 def _part_columns(part: Part) -> dict[str, Any]:

@@ -176,3 +176,56 @@ def test_reading_creates_no_key(tmp_path, monkeypatch):
     with modelvault.open(path) as vault:
         assert vault.verify() == [] and vault.get("m").signature == "untrusted"
     assert not (tmp_path / "reader").exists()
+
+
+def test_a_trigger_named_like_sqlites_own_objects_is_refused(vault_path):
+    modelvault.open(vault_path).close()
+    with sqlite3.connect(vault_path) as db:
+        db.execute("CREATE TRIGGER sqliteXevil AFTER INSERT ON tags "
+                   "BEGIN UPDATE versions SET description = 'pwned'; END")
+    db.close()
+    with pytest.raises(modelvault.CorruptVaultError, match="sqliteXevil"):
+        modelvault.open(vault_path)
+
+
+def _die_mid_save(path, home):
+    import os
+
+    os.environ["MODELVAULT_HOME"] = home
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA cache_size = 1")  # spill pages so the journal holds real content
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("DELETE FROM chunks")
+    os._exit(9)  # like kill -9: no rollback, the journal stays behind
+
+
+def test_an_interrupted_write_is_rolled_back_by_the_next_open(vault_path, run):
+    import os
+
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", {"w": np.random.default_rng(0).normal(size=300_000)})
+    child = multiprocessing.get_context("fork").Process(
+        target=_die_mid_save, args=(str(vault_path), os.environ["MODELVAULT_HOME"]))
+    child.start()
+    child.join(60)
+    assert os.path.exists(f"{vault_path}-journal")
+    with pytest.raises(modelvault.ReadOnlyError, match="journal"):
+        modelvault.open(vault_path, readonly=True).models()
+    result = run("verify", vault_path)  # a read command: it rolls the journal back
+    assert result.exit_code == 0, result.output
+    assert not os.path.exists(f"{vault_path}-journal")
+    assert modelvault.load(vault_path, "m")["w"].shape == (300_000,)
+
+
+def test_file_names_extract_would_refuse_are_refused_at_save(vault, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a\\b.txt").write_text("x")
+    with pytest.raises(ValueError, match="unsafe file name"):
+        vault.save_files("m", folder)
+
+
+def test_extract_of_an_object_says_to_use_load(vault, tmp_path):
+    vault.save("obj", {"a set": {1}})
+    with pytest.raises(ValueError, match="use load"):
+        vault.extract("obj", tmp_path / "out")
