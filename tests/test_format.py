@@ -17,20 +17,11 @@ from pathlib import Path
 
 import blake3
 import numpy as np
-import pytest
 import zstandard
 
 import modelvault
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "format.md"
-
-
-@pytest.fixture(autouse=True)
-def _format_home(tmp_path_factory, monkeypatch):
-    """Keys go to a temporary folder, never the real home."""
-    home = tmp_path_factory.mktemp("format-home")
-    monkeypatch.setenv("MODELVAULT_HOME", str(home))
-    return home
 
 
 # -- a reader written from docs/format.md ---------------------------------------------
@@ -315,14 +306,14 @@ def test_files_version_is_rebuilt_from_the_tables(tmp_path):
     assert got == expected
 
 
-def test_pickle_version_is_signed_and_rebuilt(tmp_path, _format_home):
+def test_pickle_version_is_signed_and_rebuilt(tmp_path, _private_key_home):
     big = np.linspace(0, 1, 200_000)  # 1.6 MB: leaves the pickle stream as a buffer part
     obj = {"big": big, "small": np.arange(10), "labels": {"a", "b"}}
     path = tmp_path / "pickle.vault"
     with modelvault.open(path) as vault:
         vault.save("obj", obj, metadata={"auc": 0.91, "note": "caf\u00e9"})
 
-    key_text = (_format_home / "key").read_text()
+    key_text = (_private_key_home / "key").read_text()
     assert key_text.startswith("modelvault-key-v1:") and key_text.endswith("\n")
     key = bytes.fromhex(key_text.strip()[len("modelvault-key-v1:"):])
     assert len(key) == 32
