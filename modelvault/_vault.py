@@ -274,13 +274,16 @@ class Vault:
 
     def close(self) -> None:
         """Close the file. The vault is again exactly one file on disk."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        if self._conn is not None:
-            if os.getpid() == self._pid:
-                self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            if self._conn is not None:
+                if os.getpid() == self._pid:
+                    self._conn.close()
+                else:  # inherited across fork(): see _db
+                    _INHERITED.append(self._conn)
+                self._conn = None
 
     def __enter__(self) -> Vault:
         return self
@@ -299,8 +302,8 @@ class Vault:
              description: str = "") -> ModelVersion:
         """Save ``obj`` as the next version of model ``name``.
 
-        numpy arrays and dicts/lists/tuples of them are stored natively (no pickle);
-        anything else goes through cloudpickle. Metadata is immutable once saved;
+        numpy arrays and scalars, and dicts/lists/tuples of them, are stored natively
+        (no pickle); anything else goes through cloudpickle. Metadata is immutable once saved;
         tags and aliases can change later.
 
         >>> mv = vault.save("demo", {"weights": np.zeros(4)}, metadata={"auc": 0.91})
@@ -381,8 +384,8 @@ class Vault:
                     "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (version["uuid"], model_id, number, created_at, kind,
                      json.dumps(layout), sum(p.size for p in parts), added, version["digest"],
-                     description,
-                     metadata_json, environment, _trust.key_id(key), signature)).lastrowid
+                     description, metadata_json, environment, _trust.key_id(key),
+                     signature)).lastrowid
                 db.executemany(
                     "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
                     "fortran_order, itemsize, size) VALUES (:version_id, :part, :kind, :name, "
