@@ -36,14 +36,20 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
 
 
-def own_key(*, create: bool = True) -> bytes | None:
-    """This machine's signing key, created on first use unless ``create`` is False."""
-    path = home() / "key"
+def existing_key() -> bytes | None:
+    """This machine's signing key, or None if it has none yet."""
     try:
-        return parse_key(path.read_text())
+        return parse_key((home() / "key").read_text())
     except FileNotFoundError:
-        if not create:
-            return None
+        return None
+
+
+def own_key() -> bytes:
+    """This machine's signing key, created on first use."""
+    key = existing_key()
+    if key is not None:
+        return key
+    path = home() / "key"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         # O_EXCL: if two processes create the key at once, one wins and the other reads it.
@@ -89,7 +95,7 @@ def trusted_keys() -> dict[str, bytes]:
                 continue  # one unreadable file must not stop every load
             keys[key_id(key)] = key
     # Reading never creates a key: a read-only home must not stop loads.
-    key = own_key(create=False)
+    key = existing_key()
     if key is not None:
         keys[key_id(key)] = key
     return keys

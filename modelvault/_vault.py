@@ -483,11 +483,11 @@ class Vault:
                 f"{_SELECT_VERSIONS} JOIN aliases a ON a.version_id = v.id "
                 "WHERE a.model_id = ? AND a.alias = ?", (model["id"], ref.alias)).fetchone()
             if row is None:
-                known = [r[0] for r in db.execute(
+                aliases = [r[0] for r in db.execute(
                     "SELECT alias FROM aliases WHERE model_id = ? ORDER BY alias",
                     (model["id"],))]
                 raise NotFoundError(f"model {ref.name!r} has no alias {ref.alias!r} "
-                                    f"(aliases: {', '.join(known) or 'none'})")
+                                    f"(aliases: {', '.join(aliases) or 'none'})")
             return row
         if ref.version is not None:
             row = db.execute(f"{_SELECT_VERSIONS} WHERE v.model_id = ? AND v.version = ?",
