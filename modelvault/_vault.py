@@ -181,7 +181,7 @@ class Vault:
         self.path = Path(path)
         self.readonly = readonly
         self._timeout = timeout
-        self._progress = progress
+        self._progress_shown = progress
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = _schema.connect(
@@ -266,14 +266,18 @@ class Vault:
                     pass
             raise
 
-    def _progress_bar(self, total: int, desc: str) -> Any:
-        show = self._progress if self._progress is not None else (
+    @contextmanager
+    def _progress(self, total: int, desc: str) -> Iterator[Callable[[int], Any]]:
+        """Yield a function that advances a progress bar by n bytes (a no-op when hidden)."""
+        show = self._progress_shown if self._progress_shown is not None else (
             total >= _PROGRESS_MIN and sys.stderr.isatty())
         if not show:
-            return None
+            yield lambda n: None
+            return
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
+            yield bar.update
 
     def close(self) -> None:
         """Close the file. The vault is again exactly one file on disk."""
@@ -349,69 +353,64 @@ class Vault:
         imports = _trust.pickle_imports(bytes(parts[0].data)) if kind == "pickle" else []
         environment = json.dumps(_environment.capture(imports), sort_keys=True)
         key = _trust.own_key()
-        total = sum(p.size for p in parts)
-        bar = self._progress_bar(total, f"save {name}")
-        try:
-            with self._write() as db:
-                row = db.execute("SELECT id, last_version FROM models WHERE name = ?",
-                                 (name,)).fetchone()
-                created_at = _now()
-                if row is None:
-                    model_id = db.execute(
-                        "INSERT INTO models (name, created_at) VALUES (?, ?)",
-                        (name, created_at)).lastrowid
-                    number = 1
-                else:
-                    model_id, number = row["id"], row["last_version"] + 1
-                known: dict[str, int] = {}
-                added = 0
-                descriptors = []
-                chunk_lists = []
-                for part in parts:
-                    hashes, part_added = self._put_chunks(db, part, known, bar)
-                    added += part_added
-                    chunk_lists.append([known[h] for h in hashes])
-                    descriptors.append(_descriptor(_part_columns(part), hashes))
-                version = {
-                    "uuid": str(uuid.uuid4()), "name": name, "version": number, "kind": kind,
-                    "digest": _digest(kind, layout, descriptors), "created_at": created_at,
-                    "metadata": metadata_json, "description": description,
-                    "environment": environment,
-                }
-                signature = _trust.sign(key, _manifest(version))
-                # Chunks went in first; the version row and its parts make the version
-                # visible, and all of it commits together.
-                version_id = db.execute(
-                    "INSERT INTO versions (uuid, model_id, version, created_at, kind, layout, "
-                    "size, added_bytes, digest, description, metadata, environment, key_id, "
-                    "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (version["uuid"], model_id, number, created_at, kind,
-                     json.dumps(layout), sum(p.size for p in parts), added, version["digest"],
-                     description, metadata_json, environment, _trust.key_id(key),
-                     signature)).lastrowid
-                db.executemany(
-                    "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
-                    "fortran_order, itemsize, size) VALUES (:version_id, :part, :kind, :name, "
-                    ":dtype, :shape, :fortran_order, :itemsize, :size)",
-                    [{**_part_columns(p), "version_id": version_id, "part": i}
-                     for i, p in enumerate(parts)])
-                db.executemany(
-                    "INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES (?, ?, ?, ?)",
-                    [(version_id, i, seq, c) for i, ids in enumerate(chunk_lists)
-                     for seq, c in enumerate(ids)])
-                db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
-                               [(version_id, k, v) for k, v in tag_items])
-                db.executemany(
-                    "INSERT OR REPLACE INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
-                    [(model_id, a, version_id) for a in aliases])
-                db.execute("UPDATE models SET last_version = ? WHERE id = ?", (number, model_id))
-        finally:
-            if bar is not None:
-                bar.close()
+        with self._progress(sum(p.size for p in parts), f"save {name}") as advance, \
+                self._write() as db:
+            row = db.execute("SELECT id, last_version FROM models WHERE name = ?",
+                             (name,)).fetchone()
+            created_at = _now()
+            if row is None:
+                model_id = db.execute(
+                    "INSERT INTO models (name, created_at) VALUES (?, ?)",
+                    (name, created_at)).lastrowid
+                number = 1
+            else:
+                model_id, number = row["id"], row["last_version"] + 1
+            known: dict[str, int] = {}
+            added = 0
+            descriptors = []
+            chunk_lists = []
+            for part in parts:
+                hashes, part_added = self._put_chunks(db, part, known, advance)
+                added += part_added
+                chunk_lists.append([known[h] for h in hashes])
+                descriptors.append(_descriptor(_part_columns(part), hashes))
+            version = {
+                "uuid": str(uuid.uuid4()), "name": name, "version": number, "kind": kind,
+                "digest": _digest(kind, layout, descriptors), "created_at": created_at,
+                "metadata": metadata_json, "description": description,
+                "environment": environment,
+            }
+            signature = _trust.sign(key, _manifest(version))
+            # Chunks went in first; the version row and its parts make the version
+            # visible, and all of it commits together.
+            version_id = db.execute(
+                "INSERT INTO versions (uuid, model_id, version, created_at, kind, layout, "
+                "size, added_bytes, digest, description, metadata, environment, key_id, "
+                "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (version["uuid"], model_id, number, created_at, kind,
+                 json.dumps(layout), sum(p.size for p in parts), added, version["digest"],
+                 description, metadata_json, environment, _trust.key_id(key),
+                 signature)).lastrowid
+            db.executemany(
+                "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
+                "fortran_order, itemsize, size) VALUES (:version_id, :part, :kind, :name, "
+                ":dtype, :shape, :fortran_order, :itemsize, :size)",
+                [{**_part_columns(p), "version_id": version_id, "part": i}
+                 for i, p in enumerate(parts)])
+            db.executemany(
+                "INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES (?, ?, ?, ?)",
+                [(version_id, i, seq, c) for i, ids in enumerate(chunk_lists)
+                 for seq, c in enumerate(ids)])
+            db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
+                           [(version_id, k, v) for k, v in tag_items])
+            db.executemany(
+                "INSERT OR REPLACE INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
+                [(model_id, a, version_id) for a in aliases])
+            db.execute("UPDATE models SET last_version = ? WHERE id = ?", (number, model_id))
         return self._get(Ref(name, version=number))
 
     def _put_chunks(self, db: sqlite3.Connection, part: Part, known: dict[str, int],
-                    bar: Any) -> tuple[list[str], int]:
+                    advance: Callable[[int], Any]) -> tuple[list[str], int]:
         """Store the chunks of ``part`` the vault lacks; returns (chunk hashes, bytes added).
 
         ``known`` maps every chunk hash met so far in this save to its row id. A file
@@ -428,8 +427,7 @@ class Vault:
             batch = self._map(_chunks.chunk_hash, pieces)
             hashes.extend(batch)
             size += sum(len(p) for p in pieces)
-            if bar is not None:
-                bar.update(sum(len(p) for p in pieces))
+            advance(sum(len(p) for p in pieces))
             unknown = sorted(set(batch) - known.keys())
             if not unknown:
                 continue
@@ -613,13 +611,11 @@ class Vault:
             raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
                              "files; use load()")
         self._check_signature(row, trust)
-        parts, lists = self._chunk_lists(row)
-        self._check_digest(row, parts, lists)
+        parts, lists = self._checked_chunk_lists(row)
         targets = [Path(out_dir).joinpath(*_serialize.safe_relative_path(p["name"]).parts)
                    for p in parts]
-        bar = self._progress_bar(sum(p["size"] for p in parts),
-                                 f"extract {row['name']}:{row['version']}")
-        try:
+        with self._progress(sum(p["size"] for p in parts),
+                            f"extract {row['name']}:{row['version']}") as advance:
             for part, chunks, target in zip(parts, lists, targets, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # Written batch by batch (a checkpoint need not fit in memory) to a side
@@ -628,14 +624,11 @@ class Vault:
                                                dir=target.parent)
                 try:
                     with os.fdopen(fd, "wb") as f:
-                        self._read_part(part, chunks, row, bar, sink=f)
+                        self._read_part(part, chunks, row, advance, sink=f)
                     os.replace(partial, target)
                 finally:
                     if os.path.exists(partial):
                         os.unlink(partial)
-        finally:
-            if bar is not None:
-                bar.close()
         return targets
 
     def _chunk_lists(self, row: sqlite3.Row) -> tuple[list[sqlite3.Row], list[list[Any]]]:
@@ -665,15 +658,28 @@ class Vault:
             lists[chunk[0]].append(tuple(chunk)[1:])
         return parts, lists
 
-    def _check_digest(self, row: sqlite3.Row, parts: list[sqlite3.Row],
-                      lists: list[list[Any]]) -> None:
+    def _checked_chunk_lists(self, row: sqlite3.Row
+                             ) -> tuple[list[sqlite3.Row], list[list[Any]]]:
+        """``_chunk_lists`` after ``_check_lists``: what every read of a version starts with."""
+        parts, lists = self._chunk_lists(row)
+        self._check_lists(row, parts, lists)
+        return parts, lists
+
+    def _check_lists(self, row: sqlite3.Row, parts: list[sqlite3.Row],
+                     lists: list[list[Any]]) -> None:
+        """IntegrityError unless every chunk exists, each part's chunks add up to its
+        size, and the parts and chunk hashes give the version's digest."""
         where = f"{row['name']}:{row['version']}"
-        for chunks in lists:
+        for part, chunks in zip(parts, lists, strict=True):
             for chunk_id, chunk_hash, *_ in chunks:
                 if chunk_hash is None:
                     raise IntegrityError(f"{where}: chunk #{chunk_id} is missing from the vault",
                                          model=row["name"], version=row["version"],
                                          chunk=str(chunk_id))
+            if sum(c[2] for c in chunks) != part["size"]:
+                raise IntegrityError(f"{where}: part {part['part']}'s chunks do not add up "
+                                     f"to its {part['size']} bytes",
+                                     model=row["name"], version=row["version"])
         try:
             descriptors = [_descriptor(p, [c[1] for c in lists[i]])
                            for i, p in enumerate(parts)]
@@ -689,32 +695,22 @@ class Vault:
     def _read_parts(self, row: sqlite3.Row, *, only_first: bool = False
                     ) -> list[tuple[sqlite3.Row, np.ndarray]]:
         """Every part of a version as (part row, uint8 buffer), each chunk's hash checked."""
-        parts, lists = self._chunk_lists(row)
-        self._check_digest(row, parts, lists)
+        parts, lists = self._checked_chunk_lists(row)
         if only_first:
             parts, lists = parts[:1], lists[:1]
-        bar = self._progress_bar(sum(p["size"] for p in parts),
-                                 f"load {row['name']}:{row['version']}")
-        try:
-            return [(p, self._read_part(p, chunks, row, bar))
+        with self._progress(sum(p["size"] for p in parts),
+                            f"load {row['name']}:{row['version']}") as advance:
+            return [(p, self._read_part(p, chunks, row, advance))
                     for p, chunks in zip(parts, lists, strict=True)]
-        finally:
-            if bar is not None:
-                bar.close()
 
     def _read_part(self, part: sqlite3.Row, chunks: list[Any], row: sqlite3.Row,
-                   bar: Any, sink: BinaryIO | None = None) -> np.ndarray:
+                   advance: Callable[[int], Any], sink: BinaryIO | None = None) -> np.ndarray:
         """A part's bytes as a uint8 array, every chunk hash-checked.
 
-        With a ``sink``, each batch is written there instead of kept, and the array
-        returned holds only the last batch.
+        ``chunks`` come from ``_checked_chunk_lists``. With a ``sink``, each batch is
+        written there instead of kept, and the array returned holds only the last batch.
         """
-        size = part["size"]
-        if sum(c[2] for c in chunks) != size or any(c[2] < 0 for c in chunks):
-            raise IntegrityError(f"{row['name']}:{row['version']}: part {part['part']}'s "
-                                 f"chunks do not add up to its {size} bytes",
-                                 model=row["name"], version=row["version"])
-        out = np.empty(size if sink is None else 0, dtype=np.uint8)
+        out = np.empty(part["size"] if sink is None else 0, dtype=np.uint8)
         view = memoryview(out)
         offset = 0
         pending: tuple[memoryview, Callable[[], list[Any]]] | None = None
@@ -725,8 +721,7 @@ class Vault:
                     raise IntegrityError(
                         f"{row['name']}:{row['version']}: chunk {error[0]} {error[1]}",
                         model=row["name"], version=row["version"], chunk=error[0])
-            if bar is not None:
-                bar.update(len(batch_view))
+            advance(len(batch_view))
             if sink is not None:
                 sink.write(batch_view)
 
@@ -878,11 +873,7 @@ class Vault:
                 for chunks in lists:
                     for chunk in chunks:
                         users.setdefault(chunk[0], (name, number))
-                self._check_digest(row, parts, lists)
-                for part, chunks in zip(parts, lists, strict=True):
-                    if sum(c[2] for c in chunks) != part["size"]:
-                        raise IntegrityError(f"part {part['part']}'s chunks do not add up to "
-                                             f"its {part['size']} bytes")
+                self._check_lists(row, parts, lists)
                 if _signature(row, keys) == "invalid":
                     raise IntegrityError("signature does not match: the version was changed "
                                          "after it was saved")
