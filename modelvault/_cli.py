@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,9 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _version_json(mv: ModelVersion) -> dict[str, Any]:
-    record = asdict(mv)
-    record["created_at"] = mv.created_at.isoformat()
-    record["aliases"] = list(mv.aliases)
+    record = {f.name: getattr(mv, f.name) for f in fields(mv) if f.name != "columns"}
+    record.update(created_at=mv.created_at.isoformat(), aliases=list(mv.aliases),
+                  metadata=mv.metadata, environment=mv.environment, signature=mv.signature)
     return record
 
 

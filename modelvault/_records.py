@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
+
+from ._errors import IntegrityError
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A version's stored text behind ``metadata``, ``environment`` and ``signature``."""
+
+    created_at: str
+    metadata: str
+    environment: str
+    key_id: str | None
+    signature: str | None
 
 
 @dataclass(frozen=True)
@@ -19,20 +34,57 @@ class ModelVersion:
     size: int  # raw bytes of the model
     added_bytes: int  # stored chunk bytes this save added to the vault
     kind: str  # "arrays", "pickle" or "files"
-    metadata: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     description: str = ""
-    environment: dict[str, Any] = field(default_factory=dict, repr=False)
-    # "trusted": a key this machine trusts signed it; "untrusted": another key did;
-    # "invalid": the signature fails, so the version changed after it was saved;
-    # "unsigned". Pickled versions load without trust=True only when "trusted".
-    signature: str = "unsigned"
+    # Parsed and checked on first use (see the properties below): listing 10,000
+    # versions should not parse 20,000 JSON texts and check 10,000 signatures.
+    columns: Columns = field(default=Columns("", "{}", "{}", None, None), repr=False,
+                             compare=False)
 
     @property
     def ref(self) -> str:
         """The reference that names exactly this version, e.g. ``churn:3``."""
         return f"{self.name}:{self.version}"
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """What was saved with the version (metrics, parameters); immutable."""
+        return self._json("metadata")
+
+    @cached_property
+    def environment(self) -> dict[str, Any]:
+        """Python, platform and package versions the version was saved with."""
+        return self._json("environment")
+
+    @property
+    def signature(self) -> str:
+        """"trusted": a key this machine trusts signed it; "untrusted": another key did;
+        "invalid": the signature fails, so the version changed after it was saved;
+        "unsigned". Pickled versions load without trust=True only when "trusted".
+        Checked against the keys trusted at the time of asking."""
+        from . import _trust
+
+        try:
+            manifest = {"id": self.id, "name": self.name, "version": self.version,
+                        "kind": self.kind, "digest": self.digest,
+                        "created_at": self.columns.created_at,
+                        "description": self.description, "metadata": self.metadata,
+                        "environment": self.environment}
+        except IntegrityError:
+            manifest = None
+        return _trust.signature_status(manifest, self.columns.key_id, self.columns.signature)
+
+    def _json(self, column: str) -> Any:
+        try:
+            value = json.loads(getattr(self.columns, column))
+        except (TypeError, ValueError) as exc:
+            raise IntegrityError(f"{self.ref}: {column} is not valid JSON",
+                                 model=self.name, version=self.version) from exc
+        if not isinstance(value, dict):
+            raise IntegrityError(f"{self.ref}: {column} is not a JSON object",
+                                 model=self.name, version=self.version)
+        return value
 
 
 @dataclass(frozen=True)

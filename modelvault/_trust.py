@@ -125,6 +125,29 @@ def sign(key: bytes, manifest: dict[str, Any]) -> str:
     return hmac.new(key, canonical_json(manifest), hashlib.sha256).hexdigest()
 
 
+def signature_status(manifest: dict[str, Any] | None, kid: object, signature: object,
+                     keys: dict[str, bytes] | None = None) -> str:
+    """'trusted', 'invalid' (a trusted key's signature fails), 'untrusted' or 'unsigned'.
+
+    ``manifest`` is None when the version's columns cannot even be read: a trusted
+    key's signature then fails. ``keys`` defaults to the keys trusted right now.
+    """
+    if not kid or not signature:
+        return "unsigned"
+    if not isinstance(kid, str) or not isinstance(signature, str):
+        return "invalid"  # a damaged column (bytes where text belongs)
+    keys = trusted_keys() if keys is None else keys
+    if kid not in keys:
+        return "untrusted"
+    if manifest is None:
+        return "invalid"
+    try:
+        ok = signature_ok(manifest, kid, signature, keys)
+    except (TypeError, ValueError):
+        ok = False
+    return "trusted" if ok else "invalid"
+
+
 def signature_ok(manifest: dict[str, Any], kid: str | None, signature: str | None,
                  keys: dict[str, bytes]) -> bool | None:
     """True if a known key signed the manifest, False if it fails, None for unknown keys."""

@@ -55,3 +55,18 @@ def vault_file(tmp_path):
         v.save("churn", {"w": np.arange(12.0)}, metadata={"auc": 0.91}, tags={"team": "growth"})
         v.save("team/weights", np.random.default_rng(0).normal(size=(300, 300)))
     return path
+
+
+@pytest.fixture
+def flip_chunk_byte():
+    """flip(db, chunk_id, index=None, mask=0xFF): damage a chunk's stored bytes in place."""
+    return _flip_chunk_byte
+
+
+def _flip_chunk_byte(db, chunk_id, index=None, mask=0xFF):
+    """XOR one stored byte of a chunk (in the middle by default) inside its pack, in place."""
+    pack_id, start, length = db.execute(
+        "SELECT pack_id, start, length FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+    data = bytearray(db.execute("SELECT data FROM packs WHERE id = ?", (pack_id,)).fetchone()[0])
+    data[start + (length // 2 if index is None else index)] ^= mask
+    db.execute("UPDATE packs SET data = ? WHERE id = ?", (bytes(data), pack_id))

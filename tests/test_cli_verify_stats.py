@@ -10,8 +10,8 @@ def test_verify_healthy(run, vault_file):
 
 def test_verify_reports_damage_and_fails(run, vault_file):
     with sqlite3.connect(vault_file) as db:
-        db.execute("UPDATE chunks SET data = zeroblob(length(data)) WHERE id = "
-                   "(SELECT min(id) FROM chunks)")
+        db.execute("UPDATE packs SET data = zeroblob(length(data)) WHERE id = "
+                   "(SELECT min(id) FROM packs)")
     db.close()
     result = run("verify", vault_file)
     assert result.exit_code == 1

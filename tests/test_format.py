@@ -56,10 +56,24 @@ def parts_of(db, version_id):
 
 def chunks_of(db, version_id, part):
     return db.execute(
-        "SELECT pc.seq, c.hash, c.size, c.codec, c.itemsize, c.data "
-        "FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
+        "SELECT pc.seq, c.* FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
         "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq",
         (version_id, part)).fetchall()
+
+
+def chunk_bytes(db, chunk_id, depth=0):
+    """A chunk's raw bytes: its slice of its pack decoded, XORed with its base's if a delta."""
+    assert depth <= 4  # modelvault writes chains of at most 4 deltas
+    c = db.execute("SELECT c.*, substr(p.data, c.start + 1, c.length) AS data "
+                   "FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE c.id = ?",
+                   (chunk_id,)).fetchone()
+    assert len(c["data"]) == c["length"]
+    raw = decode_chunk(c["codec"], c["itemsize"], c["size"], c["data"])
+    if c["base_id"] is not None:
+        base = chunk_bytes(db, c["base_id"], depth + 1)
+        raw = np.bitwise_xor(np.frombuffer(raw, np.uint8), np.frombuffer(base, np.uint8)).tobytes()
+    assert blake3.blake3(raw).hexdigest() == c["hash"]
+    return raw
 
 
 def zstd_frame(data, size):
@@ -71,7 +85,7 @@ def zstd_frame(data, size):
     return raw, dobj.unused_data
 
 
-def decode_chunk(codec, itemsize, size, data, expected_hash):
+def decode_chunk(codec, itemsize, size, data):
     data = bytes(data)
     if codec == "raw":
         assert itemsize == 1
@@ -84,11 +98,16 @@ def decode_chunk(codec, itemsize, size, data, expected_hash):
         k = itemsize
         assert k >= 2 and size % k == 0
         lengths = struct.unpack_from(f"<{k}I", data)
-        assert 4 * k + sum(lengths) == len(data)
+        assert 4 * k + sum(n & 0x7FFFFFFF for n in lengths) == len(data)
         planes, offset = [], 4 * k
         for length in lengths:
-            plane, rest = zstd_frame(data[offset:offset + length], size // k)
-            assert rest == b""
+            if length & 0x80000000:  # top bit: the plane is stored as it is
+                length &= 0x7FFFFFFF
+                plane = data[offset:offset + length]
+                assert len(plane) == size // k
+            else:
+                plane, rest = zstd_frame(data[offset:offset + length], size // k)
+                assert rest == b""
             planes.append(plane)
             offset += length
         # plane j holds byte j of every item: undo with a k x n transpose.
@@ -96,7 +115,6 @@ def decode_chunk(codec, itemsize, size, data, expected_hash):
     else:
         raise AssertionError(f"unknown codec {codec!r}")
     assert len(raw) == size
-    assert blake3.blake3(raw).hexdigest() == expected_hash
     return raw
 
 
@@ -104,8 +122,7 @@ def read_part(db, part_row):
     """A part's bytes: its chunks decoded and concatenated in seq order."""
     chunks = chunks_of(db, part_row["version_id"], part_row["part"])
     assert [c["seq"] for c in chunks] == list(range(len(chunks)))
-    data = b"".join(decode_chunk(c["codec"], c["itemsize"], c["size"], c["data"], c["hash"])
-                    for c in chunks)
+    data = b"".join(chunk_bytes(db, c["id"]) for c in chunks)
     assert len(data) == part_row["size"]
     return data
 
@@ -174,7 +191,7 @@ def digest_of(kind, layout, parts):
 
 def fixed_pieces(size, itemsize):
     """Chunk sizes of an array part, as the doc says arrays are cut."""
-    step = 65536 - 65536 % itemsize if itemsize <= 65536 else 65536
+    step = 2**20 - 2**20 % itemsize if itemsize <= 2**20 else 2**20
     return [min(step, size - offset) for offset in range(0, size, step)]
 
 
@@ -184,12 +201,12 @@ def fixed_pieces(size, itemsize):
 def test_arrays_version_is_rebuilt_from_the_tables(tmp_path):
     rng = np.random.default_rng(7)
     titled = np.dtype([("a", "<f4"), ("b", "<i2", (2,)), (("Temperature", "t"), "<f4")])
-    records = np.zeros(20_000, dtype=titled)
-    records["a"] = rng.normal(size=20_000)
-    records["b"] = rng.integers(-100, 100, size=(20_000, 2))
-    records["t"] = rng.normal(size=20_000)
+    records = np.zeros(100_000, dtype=titled)
+    records["a"] = rng.normal(size=100_000)
+    records["b"] = rng.integers(-100, 100, size=(100_000, 2))
+    records["t"] = rng.normal(size=100_000)
     obj = {
-        "weights": rng.normal(size=100_000).astype(np.float32).round(2),  # 400 kB: 7 chunks
+        "weights": rng.normal(size=700_000).astype(np.float32).round(2),  # 2.8 MB: 3 chunks
         "ids": np.arange(-5_000, 5_000, dtype=np.int64),
         "matrix": np.asfortranarray(rng.normal(size=(300, 70))),
         "scale": np.array(2.5),
@@ -218,17 +235,17 @@ def test_arrays_version_is_rebuilt_from_the_tables(tmp_path):
         assert row["size"] == sum(p["size"] for p in parts)
 
         weights = by_name[layout["weights"]["array"]]
-        assert (weights["dtype"], json.loads(weights["shape"])) == ("<f4", [100_000])
+        assert (weights["dtype"], json.loads(weights["shape"])) == ("<f4", [700_000])
         codecs = {(c["codec"], c["itemsize"]) for c in chunks_of(db, row["id"], weights["part"])}
         assert codecs == {("zstd-shuffle", 4)}
-        assert len(chunks_of(db, row["id"], weights["part"])) == 7
+        assert len(chunks_of(db, row["id"], weights["part"])) == 3
         matrix = by_name[layout["matrix"]["array"]]
         assert (matrix["fortran_order"], json.loads(matrix["shape"])) == (1, [300, 70])
         scale = by_name[layout["scale"]["array"]]
         assert (json.loads(scale["shape"]), scale["size"]) == ([], 8)
         structured = by_name[layout["records"]["array"]]
         assert structured["dtype"].startswith("[") and structured["itemsize"] == 12
-        assert [c["size"] for c in chunks_of(db, row["id"], structured["part"])][0] == 65532
+        assert [c["size"] for c in chunks_of(db, row["id"], structured["part"])][0] == 2**20 - 4
 
     assert rebuilt.keys() == obj.keys()
     for key in ("weights", "ids", "matrix", "scale", "records"):
@@ -248,7 +265,7 @@ def test_digest_is_recomputed_from_the_tables(tmp_path):
     (folder / "weights.bin").write_bytes(np.arange(50_000, dtype=np.int32).tobytes())
     path = tmp_path / "digest.vault"
     with modelvault.open(path) as vault:
-        vault.save("arr", {"w": np.linspace(0, 1, 40_000), "\u00fcber": [1.5, "t\u00e9"]})
+        vault.save("arr", {"w": np.linspace(0, 1, 300_000), "\u00fcber": [1.5, "t\u00e9"]})
         vault.save("obj", {"big": np.ones(200_000), "s": {1, 2}}, metadata={"auc": 0.9})
         vault.save_files("files", folder)
 
@@ -365,13 +382,13 @@ def test_file_settings_and_one_file_at_rest(tmp_path):
     header = path.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert header[68:72] == b"MVLT"
-    assert header[60:64] == (1).to_bytes(4, "big")
+    assert header[60:64] == (2).to_bytes(4, "big")
     assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
     with opened(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 65536
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     assert side_files() == []
 
@@ -390,6 +407,7 @@ def test_schema_in_the_file_is_the_documented_ddl(tmp_path):
     assert {(o["type"], o["name"]) for o in objects} == {
         ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
         ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
+        ("table", "packs"),
         ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
         ("view", "model_versions"), ("view", "model_summary")}
     for obj in objects:

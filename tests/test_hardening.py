@@ -104,12 +104,18 @@ def test_damaged_version_columns_raise_integrity_error(vault_path, column, value
     db.close()
     with modelvault.open(vault_path) as vault:
         with pytest.raises(IntegrityError):
-            vault.get("m")
+            record = vault.get("m")  # the timestamp is read at once, JSON on first use
+            (record.metadata, record.environment)
+        with pytest.raises(IntegrityError):
+            vault.load("m")
+        assert vault.verify()
 
 
 @pytest.mark.parametrize("update", [
     "UPDATE chunks SET size = 1000000000000",
-    "UPDATE chunks SET data = CAST(data AS TEXT)",
+    "UPDATE packs SET data = CAST(data AS TEXT)",
+    "UPDATE chunks SET start = start + 1000000000",
+    "UPDATE chunks SET base_id = id",
     "UPDATE chunks SET itemsize = 'x'",
     "UPDATE parts SET dtype = NULL",
 ])

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import modelvault
+from modelvault._chunks import ARRAY_CHUNK
 from modelvault import NotFoundError, VaultError
 
-CHUNK = 64 * 1024
+CHUNK = ARRAY_CHUNK
 
 # One vault is shared by every example of a hypothesis test: saving many versions into
 # one file is itself part of what is tested.
@@ -707,7 +708,8 @@ def test_deleted_chunks_shared_with_kept_versions_stay(vault):
 def test_stats_are_consistent(vault):
     assert vault.stats().raw_bytes == 0 and vault.stats().versions == 0
     rng = np.random.default_rng(5)
-    model = {"w": rng.standard_normal((300, 200)).astype(np.float32),
+    # Big enough that the empty vault's pages (one 64 KiB page per table) do not dominate.
+    model = {"w": rng.standard_normal((1000, 1000)).astype(np.float32),
              "noise": rng.integers(0, 256, 200_000, dtype=np.uint8)}
     vault.save("m", model)
     once = vault.stats()
@@ -750,8 +752,8 @@ def test_damaged_file_chunk_leaves_no_half_written_file(vault_path, tmp_path):
     with modelvault.open(vault_path) as vault:
         vault.save_files("m", source)
     with sqlite3.connect(vault_path) as db:
-        db.execute("UPDATE chunks SET data = zeroblob(length(data)) WHERE id = "
-                   "(SELECT max(id) FROM chunks)")
+        db.execute("UPDATE packs SET data = zeroblob(length(data)) WHERE id = "
+                   "(SELECT max(id) FROM packs)")
     db.close()
     with modelvault.open(vault_path) as vault:
         with pytest.raises(modelvault.IntegrityError):

@@ -41,9 +41,13 @@ def _decode(codec, itemsize, size, data):
     lengths = struct.unpack_from(f"<{itemsize}I", data)
     offset, planes = 4 * itemsize, []
     for length in lengths:
-        frame = data[offset:offset + length]
-        planes.append(np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8))
-        offset += length
+        frame = data[offset:offset + (length & 0x7FFFFFFF)]
+        if length & 0x80000000:  # a plane stored as it is
+            planes.append(np.frombuffer(frame, np.uint8))
+        else:
+            planes.append(np.frombuffer(zstandard.ZstdDecompressor().decompress(frame),
+                                        np.uint8))
+        offset += length & 0x7FFFFFFF
     assert offset == len(data)
     return np.stack(planes, axis=1).reshape(-1).tobytes()
 
@@ -102,7 +106,9 @@ def test_every_chunk_hash_is_blake3_of_its_decoded_bytes(saved):
     path, _ = saved
     codecs = set()
     with _db(path) as db:
-        for row in db.execute("SELECT hash, size, codec, itemsize, data FROM chunks"):
+        for row in db.execute("SELECT hash, size, codec, itemsize, "
+                              "substr(p.data, start + 1, length) AS data "
+                              "FROM chunks JOIN packs p ON p.id = pack_id"):
             raw = _decode(row["codec"], row["itemsize"], row["size"], row["data"])
             assert len(raw) == row["size"]
             assert row["hash"] == blake3.blake3(raw).hexdigest()
@@ -115,14 +121,14 @@ def test_codecs_chosen_per_content(saved):
     with _db(path) as db:
         def chunks_of(part):
             return db.execute(
-                "SELECT c.codec, c.itemsize, c.size, length(c.data) AS stored "
+                "SELECT c.codec, c.itemsize, c.size, c.length AS stored "
                 "FROM versions v JOIN models m ON m.id = v.model_id "
                 "JOIN part_chunks pc ON pc.version_id = v.id "
                 "JOIN chunks c ON c.id = pc.chunk_id "
                 "WHERE m.name = 'team/churn' AND pc.part = ? ORDER BY pc.seq", (part,)).fetchall()
 
         weights = chunks_of(0)
-        assert len(weights) == -(-model["weights"].nbytes // 65536)
+        assert len(weights) == -(-model["weights"].nbytes // (1024 * 1024))
         assert {(c["codec"], c["itemsize"]) for c in weights} == {("zstd-shuffle", 4)}
         assert all(c["stored"] < c["size"] for c in weights)
         noise = chunks_of(1)
@@ -163,7 +169,8 @@ def test_file_header_pragmas(saved):
     path, _ = saved
     with _db(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 65536
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental: gc shrinks
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -305,17 +312,14 @@ def test_truncated_file_raises_a_vault_error(saved):
 # -- damaged contents ------------------------------------------------------------------------
 
 
-def test_changed_chunk_bytes_are_caught(saved):
+def test_changed_chunk_bytes_are_caught(saved, flip_chunk_byte):
     path, _ = saved
     db = sqlite3.connect(path)
     (chunk_id,) = db.execute(
         "SELECT c.id FROM chunks c JOIN part_chunks pc ON pc.chunk_id = c.id "
         "JOIN versions v ON v.id = pc.version_id JOIN models m ON m.id = v.model_id "
         "WHERE m.name = 'team/churn' AND pc.part = 1 AND pc.seq = 0").fetchone()
-    data = bytearray(db.execute("SELECT data FROM chunks WHERE id = ?", (chunk_id,))
-                     .fetchone()[0])
-    data[100] ^= 0xFF  # a raw chunk: same length, one byte flipped
-    db.execute("UPDATE chunks SET data = ? WHERE id = ?", (bytes(data), chunk_id))
+    flip_chunk_byte(db, chunk_id, index=100)  # a raw chunk: same length, one byte flipped
     db.commit()
     db.close()
     with modelvault.open(path) as vault:

@@ -123,16 +123,15 @@ def test_swapped_chunk_list_is_an_integrity_error(tmp_path, monkeypatch):
         assert any(p.version == 1 for p in vault.verify())
 
 
-def test_flipped_byte_in_a_chunk_names_model_version_and_chunk(tmp_path, monkeypatch):
+def test_flipped_byte_in_a_chunk_names_model_version_and_chunk(tmp_path, monkeypatch,
+                                                             flip_chunk_byte):
     use_home(monkeypatch, tmp_path / "alice")
     path = tmp_path / "v.vault"
     with modelvault.open(path) as vault:
         vault.save("m", {"a": np.random.default_rng(0).normal(size=50_000)})
     with sqlite3.connect(path) as db:
-        chunk_hash, data = db.execute("SELECT hash, data FROM chunks LIMIT 1").fetchone()
-        damaged = bytearray(data)
-        damaged[len(damaged) // 2] ^= 0x10
-        db.execute("UPDATE chunks SET data = ? WHERE hash = ?", (bytes(damaged), chunk_hash))
+        chunk_id, chunk_hash = db.execute("SELECT id, hash FROM chunks LIMIT 1").fetchone()
+        flip_chunk_byte(db, chunk_id, mask=0x10)
     db.close()
     with modelvault.open(path) as vault:
         with pytest.raises(IntegrityError) as info:
