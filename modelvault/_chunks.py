@@ -13,12 +13,12 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-import blake3
-import numpy as np
-import zstandard
-from pyfastcdc import FastCDC
-
 from ._errors import IntegrityError
+from ._lazy import lazy, load
+
+blake3 = lazy("blake3")
+np = lazy("numpy")
+zstandard = lazy("zstandard")
 
 # Arrays are cut into fixed 1 MiB pieces from their own start: an unchanged
 # array yields the same chunks wherever it sits in the model, and pieces this big
@@ -52,6 +52,11 @@ RAW_PLANE = 1 << 31
 _local = threading.local()
 
 
+def ready() -> None:
+    """Import numpy and the codecs now (see ``_lazy.load``)."""
+    load(np, zstandard, blake3)
+
+
 def chunk_hash(data: memoryview | bytes) -> str:
     """Hex BLAKE3-256 of ``data``: the chunk's name."""
     return blake3.blake3(data).hexdigest()
@@ -67,12 +72,16 @@ def content_cuts(data: memoryview) -> list[tuple[int, int]]:
     """(offset, length) pieces of an opaque stream, cut where its content says."""
     if len(data) == 0:
         return []
+    from pyfastcdc import FastCDC
+
     # A FastCDC object is not safe to share between threads; making one is cheap.
     return [(c.offset, c.length) for c in FastCDC(**_CDC).cut_buf(data)]
 
 
 def content_pieces(stream: BinaryIO) -> Iterator[bytes]:
     """The pieces ``content_cuts`` would give for a file, read from it one at a time."""
+    from pyfastcdc import FastCDC
+
     for chunk in FastCDC(**_CDC).cut_stream(stream):
         yield bytes(chunk.data)  # the chunker reuses its buffer: copy before the next cut
 

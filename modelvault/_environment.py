@@ -5,17 +5,20 @@ from __future__ import annotations
 import functools
 import platform
 import sys
-from importlib import metadata
 from typing import Any
 
 
 @functools.lru_cache(maxsize=1)
 def _distributions() -> dict[str, list[str]]:
+    from importlib import metadata  # ~20 ms to import; only saves need it
+
     # Scans every installed package's metadata: slow enough (~50 ms) to do once per process.
     return metadata.packages_distributions()
 
 
 def _version(distribution: str) -> str | None:
+    from importlib import metadata
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
+from ._lazy import lazy
+
+np = lazy("numpy")
 
 # Buffers below this stay inside the pickle stream: a forest has thousands of
 # small node arrays that compress better together than one by one (7.9x vs 6.6x).

@@ -8,20 +8,16 @@ import os
 import pickle
 import sqlite3
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
-import zstandard
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _chunks, _environment, _schema, _serialize, _trust
+from ._chunks import np, zstandard
 from ._errors import (
     CorruptVaultError,
     IntegrityError,
@@ -32,6 +28,9 @@ from ._errors import (
 from ._records import Columns, ModelInfo, ModelVersion, Problem, VaultStats
 from ._refs import Ref, check_alias, check_name, parse_ref
 from ._serialize import Part
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,6 +65,10 @@ _VERSION_COLUMNS = """
     v.digest, v.description, v.metadata, v.environment, v.key_id, v.signature
 """
 _SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id"
+# What a ModelVersion is made of, in the order _records takes them.
+_RECORD_COLUMNS = ("v.id, m.name, v.version, v.uuid, v.digest, v.created_at, v.size, "
+                   "v.added_bytes, v.kind, v.description, v.metadata, v.environment, "
+                   "v.key_id, v.signature")
 
 
 def _api(method: F) -> F:
@@ -108,7 +111,7 @@ def _parse_time(text: str) -> datetime:
     # the shape check keeps it as strict as the format _now writes.
     if isinstance(text, str) and len(text) == 27 and text[10] == "T" and text[26] == "Z":
         try:
-            return datetime.fromisoformat(text[:26]).replace(tzinfo=timezone.utc)
+            return datetime.fromisoformat(text[:26] + "+00:00")
         except ValueError:
             pass
     raise IntegrityError(f"{text!r} is not a modelvault timestamp")
@@ -228,6 +231,9 @@ class Vault:
     def _threads(self) -> ThreadPoolExecutor:
         # zstd and blake3 release the GIL, so threads use both cores.
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _chunks.ready()  # before any worker can be the first to touch numpy
             self._pool = ThreadPoolExecutor(max_workers=_WORKERS,
                                             thread_name_prefix="modelvault")
         return self._pool
@@ -342,6 +348,7 @@ class Vault:
         ('demo:2', {'auc': 0.91})
         """
         check_name(name)
+        _chunks.ready()
         kind, layout, parts = _serialize.serialize(obj)
         return self._store(name, kind, layout, parts, metadata=metadata, tags=tags,
                            aliases=aliases, description=description, parent=parent)
@@ -358,6 +365,7 @@ class Vault:
         ``extract`` writes them back out under the same relative paths.
         """
         check_name(name)
+        _chunks.ready()
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         parts = _serialize.files_parts(paths)
         return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
@@ -625,7 +633,8 @@ class Vault:
         return self._get(_as_ref(ref))
 
     def _get(self, ref: Ref) -> ModelVersion:
-        return self._records([self._resolve(ref)])[0]
+        row = self._resolve(ref)
+        return self._records([[row[c.split(".")[1]] for c in _RECORD_COLUMNS.split(", ")]])[0]
 
     def _resolve(self, ref: Ref) -> sqlite3.Row:
         db = self._db
@@ -664,33 +673,41 @@ class Vault:
                                 f"(versions: {', '.join(numbers) or 'none'})")
         return row
 
-    def _records(self, rows: list[sqlite3.Row]) -> list[ModelVersion]:
+    def _records(self, rows: Sequence[Sequence[Any]]) -> list[ModelVersion]:
+        """Records for rows of ``_RECORD_COLUMNS`` (plain tuples: listing 10,000 versions
+        is mostly building these, and name lookups in sqlite3.Row cost a third of it)."""
         if not rows:
             return []
         db = self._db
-        ids = [r["id"] for r in rows]
-        tags: dict[str, dict[str, str]] = {i: {} for i in ids}
-        aliases: dict[str, list[str]] = {i: [] for i in ids}
-        # Chunked so that a model with thousands of versions stays under SQLite's variable limit.
-        for start in range(0, len(ids), 500):
-            some = ids[start:start + 500]
-            marks = ",".join("?" * len(some))
+        tags: dict[int, dict[str, str]] = {r[0]: {} for r in rows}
+        aliases: dict[int, list[str]] = {r[0]: [] for r in rows}
+        ids = list(tags)
+        # Few versions: look up theirs (in groups, under SQLite's variable limit);
+        # many: one pass over the tables beats a thousand lookups.
+        groups = [ids[i:i + 500] for i in range(0, len(ids), 500)] if len(ids) <= 2000 else [[]]
+        for some in groups:
+            where = f"WHERE version_id IN ({','.join('?' * len(some))})" if some else ""
             for vid, key, value in db.execute(
-                    f"SELECT version_id, key, value FROM tags WHERE version_id IN ({marks}) "
-                    "ORDER BY key", some):
-                tags[vid][key] = value
+                    f"SELECT version_id, key, value FROM tags {where} ORDER BY key", some):
+                if vid in tags:
+                    tags[vid][key] = value
             for vid, alias in db.execute(
-                    f"SELECT version_id, alias FROM aliases WHERE version_id IN ({marks}) "
-                    "ORDER BY alias", some):
-                aliases[vid].append(alias)
-        return [ModelVersion(
-            name=r["name"], version=r["version"], id=r["uuid"], digest=r["digest"],
-            created_at=_parse_time(r["created_at"]), size=r["size"], added_bytes=r["added_bytes"],
-            kind=r["kind"], tags=tags[r["id"]], aliases=tuple(aliases[r["id"]]),
-            description=r["description"],
-            columns=Columns(r["created_at"], r["metadata"], r["environment"], r["key_id"],
-                            r["signature"]))
-            for r in rows]
+                    f"SELECT version_id, alias FROM aliases {where} ORDER BY alias", some):
+                if vid in aliases:
+                    aliases[vid].append(alias)
+        return [ModelVersion._make(name, version, uuid_, digest, _parse_time(created_at), size,
+                                   added, kind, tags[vid], tuple(aliases[vid]), description,
+                                   Columns(created_at, metadata, environment, key_id,
+                                           signature))
+                for (vid, name, version, uuid_, digest, created_at, size, added, kind,
+                     description, metadata, environment, key_id, signature) in rows]
+
+    def _list(self, where: str, params: Sequence[Any] = ()) -> list[ModelVersion]:
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        return self._records(cursor.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id "
+            f"{where}", params).fetchall())
 
     @_api
     @_snapshot
@@ -715,14 +732,12 @@ class Vault:
         [1]
         """
         if name is None:
-            rows = self._db.execute(f"{_SELECT_VERSIONS} ORDER BY m.name, v.version").fetchall()
-            return self._records(rows)
+            return self._list("ORDER BY m.name, v.version")
         check_name(name)
-        rows = self._db.execute(f"{_SELECT_VERSIONS} WHERE m.name = ? ORDER BY v.version",
-                                (name,)).fetchall()
-        if not rows:
+        records = self._list("WHERE m.name = ? ORDER BY v.version", (name,))
+        if not records:
             self._resolve(Ref(name))  # raises NotFoundError naming what exists
-        return self._records(rows)
+        return records
 
     @_api
     @_snapshot
@@ -736,6 +751,7 @@ class Vault:
         >>> vault.load("demo")
         [1, 2, 3]
         """
+        _chunks.ready()
         row = self._resolve(_as_ref(ref))
         self._check_signature(row, trust)
         parts = self._read_parts(row)
@@ -770,6 +786,7 @@ class Vault:
 
         Like ``load``, refuses a version whose signature fails unless ``trust=True``.
         """
+        _chunks.ready()
         row = self._resolve(_as_ref(ref))
         if row["kind"] != "files":
             raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
@@ -784,6 +801,8 @@ class Vault:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # Written batch by batch (a checkpoint need not fit in memory) to a side
                 # file, renamed only once every chunk checked out: no half-written model.
+                import tempfile
+
                 fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
                                                dir=target.parent)
                 try:
@@ -1036,6 +1055,7 @@ class Vault:
         >>> vault.verify()
         []
         """
+        _chunks.ready()
         db = self._db
         problems: list[Problem] = []
         result = [r[0] for r in db.execute("PRAGMA quick_check")]
