@@ -37,6 +37,13 @@ MAX_CHUNK = ARRAY_CHUNK
 # New chunks are written into packs: rows of about this many stored bytes. Rows this
 # size cost ~1 % of the file in 64 KiB pages; one row per ~20 KiB chunk costs ~25 %.
 PACK_SIZE = 1024 * 1024
+# Chunks of pickle streams and files go into solid packs: up to this many raw bytes
+# compressed as one zstd frame. Compressed one by one, ~80 KiB chunks start every
+# time from an empty window: a forest's pickle shrank 4.4x that way, 5.1x in 4 MiB packs.
+SOLID_PACK = 4 * 1024 * 1024
+# Readers refuse packs whose content declares more (a damaged size must not make them
+# allocate gigabytes); writers stay below it.
+MAX_PACK = 2 * SOLID_PACK
 
 # zstd 1 on shuffled numeric data is within 1 % of level 3 at 1.5x the speed;
 # pickle streams of tree models gain 13 % from level 3 (7.0x -> 7.9x on a forest).
@@ -134,6 +141,29 @@ def encode(raw: memoryview, itemsize: int, level: int) -> tuple[str, int, bytes]
     if len(stored) >= len(raw):
         return "raw", 1, bytes(raw)
     return codec, itemsize, stored
+
+
+def solid(pieces: list[memoryview | bytes]) -> tuple[str, bytes]:
+    """A solid pack of raw chunk bytes: (pack codec, data)."""
+    content = b"".join(pieces)
+    frame = _compressor(STREAM_LEVEL).compress(content)
+    return ("zstd", frame) if len(frame) < len(content) else ("raw", content)
+
+
+def pack_content(codec: object, size: object, data: object) -> bytes | str:
+    """A pack's content (what chunks' start and length point into), or what is wrong."""
+    if not isinstance(data, bytes) or type(size) is not int or not 0 <= size <= MAX_PACK:
+        return f"is malformed (codec {codec!r}, size {size!r}, data {type(data).__name__})"
+    try:
+        if codec == "raw":
+            if len(data) != size:
+                raise ValueError(f"holds {len(data)} bytes, expected {size}")
+            return data
+        if codec == "zstd":
+            return _decompress_frame(data, size)
+        raise ValueError(f"has unknown codec {codec!r}")
+    except (ValueError, zstandard.ZstdError) as exc:
+        return f"cannot be decoded: {exc}"
 
 
 def check_row(size: object, codec: object, itemsize: object, pack_id: object,

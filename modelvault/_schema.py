@@ -31,6 +31,10 @@ CREATE TABLE models (
     created_at   TEXT NOT NULL,
     last_version INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE environments (
+    id   INTEGER PRIMARY KEY,
+    json TEXT NOT NULL
+);
 CREATE TABLE versions (
     id          INTEGER PRIMARY KEY,
     uuid        TEXT NOT NULL UNIQUE,
@@ -44,7 +48,7 @@ CREATE TABLE versions (
     digest      TEXT NOT NULL,
     description TEXT NOT NULL DEFAULT '',
     metadata    TEXT NOT NULL DEFAULT '{}',
-    environment TEXT NOT NULL DEFAULT '{}',
+    environment_id INTEGER NOT NULL REFERENCES environments(id),
     key_id      TEXT,
     signature   TEXT,
     UNIQUE (model_id, version)
@@ -62,8 +66,10 @@ CREATE TABLE parts (
     PRIMARY KEY (version_id, part)
 ) WITHOUT ROWID;
 CREATE TABLE packs (
-    id   INTEGER PRIMARY KEY,
-    data BLOB NOT NULL
+    id    INTEGER PRIMARY KEY,
+    codec TEXT NOT NULL,
+    size  INTEGER NOT NULL,
+    data  BLOB NOT NULL
 );
 CREATE TABLE chunks (
     id       INTEGER PRIMARY KEY,
@@ -106,13 +112,17 @@ CREATE TABLE tags (
 VIEWS = """
 CREATE VIEW model_versions AS
 SELECT m.name, v.version, v.created_at, v.kind, v.size,
-       (SELECT coalesce(sum(c.length), 0) FROM chunks c
+       (SELECT CAST(round(coalesce(sum(c.length * 1.0 * length(p.data) / max(p.size, 1)), 0))
+                AS INTEGER)
+          FROM chunks c JOIN packs p ON p.id = c.pack_id
          WHERE c.id IN (SELECT pc.chunk_id FROM part_chunks pc WHERE pc.version_id = v.id))
          AS stored_size,
        (SELECT group_concat(a.alias, ', ') FROM aliases a WHERE a.version_id = v.id) AS aliases,
        (SELECT group_concat(t.key || '=' || t.value, ', ') FROM tags t
          WHERE t.version_id = v.id) AS tags,
-       v.metadata, v.description, v.environment, v.digest, v.uuid
+       v.metadata, v.description,
+       (SELECT e.json FROM environments e WHERE e.id = v.environment_id) AS environment,
+       v.digest, v.uuid
 FROM versions v JOIN models m ON m.id = v.model_id
 ORDER BY m.name, v.version;
 CREATE VIEW model_summary AS

@@ -15,6 +15,7 @@ import json
 import os
 import pickletools
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,17 @@ def own_key() -> bytes:
         return key
     path = home() / "key"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole beside it, then linked into place: the key appears complete or not
+    # at all, and if two threads or processes make one at once, the first link wins and
+    # the other reads the winner's key (an O_EXCL create would let it read an empty file).
+    partial = path.with_name(f".key.{os.getpid()}.{threading.get_ident()}.partial")
+    write_private(partial, format_key(secrets.token_bytes(32)))
     try:
-        # O_EXCL: if two processes create the key at once, one wins and the other reads it.
-        write_private(path, format_key(secrets.token_bytes(32)), exclusive=True)
+        os.link(partial, path)
     except FileExistsError:
         pass
+    finally:
+        partial.unlink()
     return parse_key(path.read_text())
 
 

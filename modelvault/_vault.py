@@ -62,12 +62,13 @@ _PROGRESS_MIN = 64 * 1024 * 1024
 
 _VERSION_COLUMNS = """
     v.id, v.uuid, m.name, v.version, v.created_at, v.kind, v.layout, v.size, v.added_bytes,
-    v.digest, v.description, v.metadata, v.environment, v.key_id, v.signature
+    v.digest, v.description, v.metadata, e.json AS environment, v.key_id, v.signature
 """
-_SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id"
+_SELECT_VERSIONS = (f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = "
+                    "v.model_id LEFT JOIN environments e ON e.id = v.environment_id")
 # What a ModelVersion is made of, in the order _records takes them.
 _RECORD_COLUMNS = ("v.id, m.name, v.version, v.uuid, v.digest, v.created_at, v.size, "
-                   "v.added_bytes, v.kind, v.description, v.metadata, v.environment, "
+                   "v.added_bytes, v.kind, v.description, v.metadata, v.environment_id, "
                    "v.key_id, v.signature")
 
 
@@ -419,11 +420,12 @@ class Vault:
             # visible, and all of it commits together.
             version_id = db.execute(
                 "INSERT INTO versions (uuid, model_id, version, created_at, kind, layout, "
-                "size, added_bytes, digest, description, metadata, environment, key_id, "
+                "size, added_bytes, digest, description, metadata, environment_id, key_id, "
                 "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (version["uuid"], model_id, number, created_at, kind,
                  json.dumps(layout), sum(p.size for p in parts), added, version["digest"],
-                 description, metadata_json, environment, _trust.key_id(key),
+                 description, metadata_json, self._environment_id(db, environment),
+                 _trust.key_id(key),
                  signature)).lastrowid
             db.executemany(
                 "INSERT INTO parts (version_id, part, kind, name, dtype, shape, "
@@ -442,6 +444,16 @@ class Vault:
                 [(model_id, a, version_id) for a in aliases])
             db.execute("UPDATE models SET last_version = ? WHERE id = ?", (number, model_id))
         return self._get(Ref(name, version=number))
+
+    @staticmethod
+    def _environment_id(db: sqlite3.Connection, text: str) -> int:
+        """The environments row holding ``text``, added if new. Versions saved on one
+        machine share one row: listing 10,000 versions reads it once, not 10,000 times."""
+        # A scan, not an index: there are as many rows as machines and package sets.
+        row = db.execute("SELECT id FROM environments WHERE json = ?", (text,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return int(db.execute("INSERT INTO environments (json) VALUES (?)", (text,)).lastrowid)
 
     def _delta_bases(self, name: str, kind: str, layout: Any, parts: list[Part],
                      parent: str | ModelVersion | bool | None) -> list[list[Any] | None]:
@@ -488,7 +500,6 @@ class Vault:
         written to SQLite.
         """
         numeric = part.kind in ("array", "buffer")
-        level = _chunks.ARRAY_LEVEL if numeric else _chunks.STREAM_LEVEL
         itemsize = part.itemsize if numeric else 1
         hashes: list[str] = []
         added = size = 0
@@ -496,12 +507,15 @@ class Vault:
         writing: tuple[list[Any], Callable[[], list[Any]]] | None = None
 
         def write(new: list[Any], results: Callable[[], list[Any]]) -> int:
-            rows = [(h, len(piece), codec, isz, base[0] if used else None, data)
+            if numeric:
+                stored = self._write_packs(db, [
+                    (h, len(piece), codec, isz, base[0] if used else None, data)
                     for (h, piece, base), (codec, isz, data, used)
-                    in zip(new, results(), strict=True)]
-            stored = self._write_packs(db, rows)
-            known.update(self._chunk_ids(db, [r[0] for r in rows]))
-            pending.difference_update(r[0] for r in rows)
+                    in zip(new, results(), strict=True)])
+            else:
+                stored = self._write_solid(db, _solid_groups(new), results())
+            known.update(self._chunk_ids(db, [h for h, _, _ in new]))
+            pending.difference_update(h for h, _, _ in new)
             return stored
 
         for pieces in _batches(part):
@@ -523,10 +537,16 @@ class Vault:
                 base = bases[seq] if bases is not None and seq < len(bases) else None
                 new.append((h, piece, base if base is not None and base[2] == len(piece)
                             else None))
-            parents = self._parent_bytes(db, [b for _, _, b in new if b is not None])
-            jobs = [(piece, itemsize, level, parents.get(b[0]) if b is not None else None)
-                    for _, piece, b in new]
-            encoding = (new, self._submit(_encode_job, jobs)) if new else None
+            if not new:
+                encoding = None
+            elif numeric:
+                parents = self._parent_bytes(db, [b for _, _, b in new if b is not None])
+                encoding = (new, self._submit(_encode_job, [
+                    (piece, itemsize, parents.get(b[0]) if b is not None else None)
+                    for _, piece, b in new]))
+            else:
+                encoding = (new, self._submit(_chunks.solid, [
+                    [piece for _, piece, _ in group] for group in _solid_groups(new)]))
             if writing is not None:
                 added += write(*writing)
             writing = encoding
@@ -562,6 +582,23 @@ class Vault:
                                                                           strict=True)])
         return sum(len(r[5]) for r in rows)
 
+    def _write_solid(self, db: sqlite3.Connection, groups: list[list[Any]],
+                     packs: list[tuple[str, bytes]]) -> int:
+        """Insert solid packs (``_chunks.solid``'s output for ``groups`` of (hash, piece,
+        _)), and their chunks as raw slices of the packs' content; returns bytes stored."""
+        rows = []
+        for group, (codec, data) in zip(groups, packs, strict=True):
+            content_size = sum(len(piece) for _, piece, _ in group)
+            pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
+                                 (codec, content_size, data)).lastrowid
+            start = 0
+            for h, piece, _ in group:
+                rows.append((h, len(piece), "raw", 1, None, pack_id, start, len(piece)))
+                start += len(piece)
+        db.executemany("INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
+                       "start, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return sum(len(data) for _, data in packs)
+
     def _jobs(self, rows: Sequence[Any], packs: dict[int, bytes] | None = None) -> list[Any]:
         """Decoding jobs for chunk rows (``_CHUNK_COLUMNS`` order), bases and bytes fetched.
 
@@ -581,8 +618,9 @@ class Vault:
             wanted = {r[5] for r in found if r[5] is not None} - by_id.keys()
         cache = packs if packs is not None else {}
         needed = sorted({r[6] for r in by_id.values() if type(r[6]) is int} - cache.keys())
-        fetched = dict(db.execute(f"SELECT id, data FROM packs WHERE id IN "
-                                  f"({','.join('?' * len(needed))})", needed))
+        fetched = {row[0]: _chunks.pack_content(*row[1:]) for row in db.execute(
+            f"SELECT id, codec, size, data FROM packs WHERE id IN "
+            f"({','.join('?' * len(needed))})", needed)}
         # Keep only this call's packs: the cache holds at most two batches' worth.
         current = {pid: cache[pid] for pid in {r[6] for r in by_id.values()} if pid in cache}
         current.update(fetched)
@@ -596,8 +634,10 @@ class Vault:
             except IntegrityError as exc:
                 return (chunk_hash, size, codec, itemsize, str(exc), None)
             pack = current.get(pack_id)
-            if not isinstance(pack, bytes):
-                stored: memoryview | str = f"pack #{pack_id} is missing or not a blob"
+            if pack is None:
+                stored: memoryview | str = f"pack #{pack_id} is missing"
+            elif isinstance(pack, str):
+                stored = f"pack #{pack_id} {pack}"
             elif start + length > len(pack):
                 stored = f"lies beyond the end of pack #{pack_id}"
             else:
@@ -633,8 +673,7 @@ class Vault:
         return self._get(_as_ref(ref))
 
     def _get(self, ref: Ref) -> ModelVersion:
-        row = self._resolve(ref)
-        return self._records([[row[c.split(".")[1]] for c in _RECORD_COLUMNS.split(", ")]])[0]
+        return self._list("WHERE v.id = ?", (self._resolve(ref)["id"],))[0]
 
     def _resolve(self, ref: Ref) -> sqlite3.Row:
         db = self._db
@@ -695,12 +734,13 @@ class Vault:
                     f"SELECT version_id, alias FROM aliases {where} ORDER BY alias", some):
                 if vid in aliases:
                     aliases[vid].append(alias)
+        environments = dict(db.execute("SELECT id, json FROM environments"))
         return [ModelVersion._make(name, version, uuid_, digest, _parse_time(created_at), size,
                                    added, kind, tags[vid], tuple(aliases[vid]), description,
-                                   Columns(created_at, metadata, environment, key_id,
-                                           signature))
+                                   Columns(created_at, metadata, environments.get(env_id),
+                                           key_id, signature))
                 for (vid, name, version, uuid_, digest, created_at, size, added, kind,
-                     description, metadata, environment, key_id, signature) in rows]
+                     description, metadata, env_id, key_id, signature) in rows]
 
     def _list(self, where: str, params: Sequence[Any] = ()) -> list[ModelVersion]:
         cursor = self._db.cursor()
@@ -1007,6 +1047,8 @@ class Vault:
         with self._write() as db:
             before = self._file_bytes()
             db.execute(f"{_LIVE_CHUNKS} DELETE FROM chunks WHERE id NOT IN live")
+            db.execute("DELETE FROM environments WHERE id NOT IN "
+                       "(SELECT environment_id FROM versions)")
             db.execute("DELETE FROM packs WHERE NOT EXISTS "
                        "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)")
             self._repack(db)
@@ -1024,20 +1066,23 @@ class Vault:
         """Move the live chunks of packs that are mostly dead space into new packs."""
         sparse = [r[0] for r in db.execute(
             "SELECT p.id FROM packs p JOIN chunks c ON c.pack_id = p.id GROUP BY p.id "
-            "HAVING 2 * sum(c.length) < length(p.data)")]
-        for first in range(0, len(sparse), 16):  # ~16 MiB of packs in memory at a time
-            ids = sparse[first:first + 16]
+            "HAVING 2 * sum(c.length) < p.size")]
+        for first in range(0, len(sparse), 4):  # at most 4 solid packs' content at a time
+            ids = sparse[first:first + 4]
             marks = ",".join("?" * len(ids))
-            packs = dict(db.execute(f"SELECT id, data FROM packs WHERE id IN ({marks})", ids))
+            packs = {r[0]: (r[1] == "zstd", _chunks.pack_content(*r[1:])) for r in db.execute(
+                f"SELECT id, codec, size, data FROM packs WHERE id IN ({marks})", ids)}
             chunks = db.execute(f"SELECT id, pack_id, start, length FROM chunks "
                                 f"WHERE pack_id IN ({marks}) ORDER BY pack_id, start",
                                 ids).fetchall()
-            if not all(isinstance(packs.get(p), bytes) and type(s) is int and type(n) is int
-                       and 0 <= s and s + n <= len(packs[p]) for _, p, s, n in chunks):
+            if not all(isinstance(packs[p][1], bytes) and type(s) is int and type(n) is int
+                       and 0 <= s and s + n <= len(packs[p][1]) for _, p, s, n in chunks):
                 continue  # damaged: verify() reports it; moving it would hide the damage
-            places = _pack(db, [packs[p][s:s + n] for _, p, s, n in chunks])
-            db.executemany("UPDATE chunks SET pack_id = ?, start = ? WHERE id = ?",
-                           [(*place, c[0]) for c, place in zip(chunks, places, strict=True)])
+            for solid in (False, True):
+                mine = [c for c in chunks if packs[c[1]][0] == solid]
+                places = _pack(db, [packs[p][1][s:s + n] for _, p, s, n in mine], solid=solid)
+                db.executemany("UPDATE chunks SET pack_id = ?, start = ? WHERE id = ?",
+                               [(*place, c[0]) for c, place in zip(mine, places, strict=True)])
             db.execute(f"DELETE FROM packs WHERE id IN ({marks})", ids)
 
     def _file_bytes(self) -> int:
@@ -1107,8 +1152,8 @@ class Vault:
             "SELECT count(DISTINCT model_id), count(*), coalesce(sum(size), 0) "
             "FROM versions").fetchone()
         chunks, unique, stored = db.execute(
-            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(length), 0) "
-            "FROM chunks").fetchone()
+            "SELECT count(*), coalesce(sum(size), 0), "
+            "(SELECT coalesce(sum(length(data)), 0) FROM packs) FROM chunks").fetchone()
         return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
                           unique_bytes=unique, stored_bytes=stored,
                           file_bytes=self._file_bytes())
@@ -1120,24 +1165,27 @@ def _as_ref(ref: str | ModelVersion) -> Ref:
     return parse_ref(ref)
 
 
-def _pack(db: sqlite3.Connection, blobs: list[bytes]) -> list[tuple[int, int]]:
-    """Write ``blobs`` into new packs of about PACK_SIZE bytes; returns each one's
-    (pack id, start)."""
+def _pack(db: sqlite3.Connection, blobs: list[bytes], *, solid: bool = False
+          ) -> list[tuple[int, int]]:
+    """Write ``blobs`` into new packs of about PACK_SIZE bytes (SOLID_PACK raw bytes
+    compressed as one, if ``solid``); returns each one's (pack id, start)."""
     places: list[tuple[int, int]] = []
     group: list[bytes] = []
 
     def flush() -> None:
-        pack_id = db.execute("INSERT INTO packs (data) VALUES (?)",
-                             (b"".join(group),)).lastrowid
+        codec, data = _chunks.solid(group) if solid else ("raw", b"".join(group))
+        pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
+                             (codec, sum(len(b) for b in group), data)).lastrowid
         start = 0
         for blob in group:
             places.append((pack_id, start))
             start += len(blob)
         group.clear()
 
+    limit = _chunks.SOLID_PACK if solid else _chunks.PACK_SIZE
     length = 0
     for blob in blobs:
-        if group and length + len(blob) > _chunks.PACK_SIZE:
+        if group and length + len(blob) > limit:
             flush()
             length = 0
         group.append(blob)
@@ -1150,16 +1198,19 @@ def _pack(db: sqlite3.Connection, blobs: list[bytes]) -> list[tuple[int, int]]:
 def _batches(part: Part) -> Iterator[list[bytes | memoryview]]:
     """A part's chunk pieces a batch at a time: fixed-size for numbers, by content
     otherwise, and for files read from disk as they go."""
+    # Stream chunks (~80 KiB) go four times as many to a batch: enough for several solid
+    # packs, so that both cores compress.
     if part.path is not None:
         with open(part.path, "rb") as f:
-            yield from _runs(_chunks.content_pieces(f), len)
+            yield from _runs(_chunks.content_pieces(f), len, 4 * _BATCH)
         return
     assert part.data is not None
     if part.kind in ("array", "buffer"):
         cuts = _chunks.fixed_cuts(part.size, part.itemsize)
+        yield from _runs((part.data[o:o + n] for o, n in cuts), len)
     else:
         cuts = _chunks.content_cuts(part.data)
-    yield from _runs((part.data[o:o + n] for o, n in cuts), len)
+        yield from _runs((part.data[o:o + n] for o, n in cuts), len, 4 * _BATCH)
 
 
 def _batch_views(chunks: list[Any]) -> Iterator[tuple[Any, memoryview]]:
@@ -1172,14 +1223,28 @@ def _batch_views(chunks: list[Any]) -> Iterator[tuple[Any, memoryview]]:
             offset += chunk[2]
 
 
-def _runs(items: Iterable[Any], size: Callable[[Any], int]) -> Iterator[list[Any]]:
-    """``items`` in lists of at most ``_BATCH`` items and about ``_BATCH_BYTES`` bytes."""
+def _solid_groups(new: list[Any]) -> list[list[Any]]:
+    """New stream chunks (hash, piece, _) in consecutive groups of about SOLID_PACK bytes."""
+    groups: list[list[Any]] = []
+    total = 0
+    for entry in new:
+        if not groups or total + len(entry[1]) > _chunks.SOLID_PACK:
+            groups.append([])
+            total = 0
+        groups[-1].append(entry)
+        total += len(entry[1])
+    return groups
+
+
+def _runs(items: Iterable[Any], size: Callable[[Any], int],
+          count: int = _BATCH) -> Iterator[list[Any]]:
+    """``items`` in lists of at most ``count`` items and about ``_BATCH_BYTES`` bytes."""
     run: list[Any] = []
     total = 0
     for item in items:
         run.append(item)
         total += size(item)
-        if len(run) == _BATCH or total >= _BATCH_BYTES:
+        if len(run) == count or total >= _BATCH_BYTES:
             yield run
             run, total = [], 0
     if run:
@@ -1226,11 +1291,12 @@ def _descriptor(part: Mapping[str, Any] | sqlite3.Row, hashes: list[str]) -> dic
             "size": part["size"], "chunks": hashes}
 
 
-def _encode_job(job: tuple[memoryview, int, int, np.ndarray | None]
+def _encode_job(job: tuple[memoryview, int, np.ndarray | None]
                 ) -> tuple[str, int, bytes, bool]:
-    """Encode a new chunk, as a delta against its parent's bytes where that is smaller;
-    returns (codec, itemsize, stored bytes, whether it is a delta)."""
-    piece, itemsize, level, parent = job
+    """Encode a new numeric chunk, as a delta against its parent's bytes where that is
+    smaller; returns (codec, itemsize, stored bytes, whether it is a delta)."""
+    piece, itemsize, parent = job
+    level = _chunks.ARRAY_LEVEL
     if parent is None:
         return (*_chunks.encode(piece, itemsize, level), False)
     delta = np.frombuffer(piece, np.uint8).copy()

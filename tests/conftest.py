@@ -67,6 +67,10 @@ def _flip_chunk_byte(db, chunk_id, index=None, mask=0xFF):
     """XOR one stored byte of a chunk (in the middle by default) inside its pack, in place."""
     pack_id, start, length = db.execute(
         "SELECT pack_id, start, length FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
-    data = bytearray(db.execute("SELECT data FROM packs WHERE id = ?", (pack_id,)).fetchone()[0])
-    data[start + (length // 2 if index is None else index)] ^= mask
+    codec, data = db.execute("SELECT codec, data FROM packs WHERE id = ?", (pack_id,)).fetchone()
+    data = bytearray(data)
+    if codec == "raw":
+        data[start + (length // 2 if index is None else index)] ^= mask
+    else:  # a solid pack: damage its compressed frame, and so every chunk in it
+        data[len(data) // 2 if index is None else index] ^= mask
     db.execute("UPDATE packs SET data = ? WHERE id = ?", (bytes(data), pack_id))

@@ -190,3 +190,35 @@ def test_gc_repacks_mostly_dead_packs(vault):
         expected = rng.integers(0, 256, 100_000, dtype=np.uint8)
         if i % 4 == 0:
             np.testing.assert_array_equal(vault.load(f"m{i}"), expected)
+
+
+def test_gc_repacks_solid_packs_of_streams(vault, tmp_path):
+    rng = np.random.default_rng(4)
+    words = np.array(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"])
+    first = " ".join(rng.choice(words, 300_000)).encode()  # ~1.8 MB: one solid pack
+    second = first[: len(first) // 2] + " ".join(rng.choice(words, 150_000)).encode()
+    for i, text in enumerate((first, second)):
+        (tmp_path / "vocab.txt").write_bytes(text)
+        vault.save_files("tok", tmp_path / "vocab.txt", description=str(i))
+    vault.delete("tok:1")
+    assert vault.gc() > 0
+    with sqlite3.connect(vault.path) as db:
+        for size, live in db.execute("SELECT p.size, sum(c.length) FROM packs p "
+                                     "JOIN chunks c ON c.pack_id = p.id GROUP BY p.id"):
+            assert live == size  # nothing dead is left in any pack
+        assert db.execute("SELECT count(*) FROM packs WHERE codec = 'zstd'").fetchone()[0]
+    assert vault.verify() == []
+    assert vault.load("tok")["vocab.txt"] == second
+
+
+def test_a_damaged_solid_pack_fails_every_chunk_in_it(vault, flip_chunk_byte):
+    vault.save("obj", {"labels": {"a", "b"}, "text": "x" * 500_000})
+    with sqlite3.connect(vault.path) as db:
+        (chunk_id,) = db.execute("SELECT c.id FROM chunks c JOIN packs p ON p.id = c.pack_id "
+                                 "WHERE p.codec = 'zstd' LIMIT 1").fetchone()
+        flip_chunk_byte(db, chunk_id)
+    with pytest.raises(IntegrityError) as info:
+        vault.load("obj", trust=True)
+    assert (info.value.model, info.value.version) == ("obj", 1)
+    problems = vault.verify()
+    assert problems and all(p.model == "obj" for p in problems)

@@ -40,7 +40,8 @@ def opened(path):
 
 def version_row(db, name, version=None):
     """A versions row by model name and number; the latest (highest existing) by default."""
-    sql = ("SELECT v.*, m.name FROM versions v JOIN models m ON m.id = v.model_id "
+    sql = ("SELECT v.*, m.name, e.json AS environment FROM versions v "
+           "JOIN models m ON m.id = v.model_id JOIN environments e ON e.id = v.environment_id "
            "WHERE m.name = ?")
     if version is None:
         return db.execute(sql + " ORDER BY v.version DESC LIMIT 1", (name,)).fetchone()
@@ -61,14 +62,28 @@ def chunks_of(db, version_id, part):
         (version_id, part)).fetchall()
 
 
+def pack_content(db, pack_id):
+    """What chunks' start and length point into: the pack's data, or its one zstd frame
+    decompressed."""
+    p = db.execute("SELECT codec, size, data FROM packs WHERE id = ?", (pack_id,)).fetchone()
+    if p["codec"] == "raw":
+        content = p["data"]
+    else:
+        assert p["codec"] == "zstd"
+        content, rest = zstd_frame(p["data"], p["size"])
+        assert rest == b""
+    assert len(content) == p["size"]
+    return content
+
+
 def chunk_bytes(db, chunk_id, depth=0):
     """A chunk's raw bytes: its slice of its pack decoded, XORed with its base's if a delta."""
     assert depth <= 4  # modelvault writes chains of at most 4 deltas
-    c = db.execute("SELECT c.*, substr(p.data, c.start + 1, c.length) AS data "
-                   "FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE c.id = ?",
-                   (chunk_id,)).fetchone()
-    assert len(c["data"]) == c["length"]
-    raw = decode_chunk(c["codec"], c["itemsize"], c["size"], c["data"])
+    c = db.execute("SELECT * FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+    content = pack_content(db, c["pack_id"])
+    stored = content[c["start"]:c["start"] + c["length"]]
+    assert len(stored) == c["length"]
+    raw = decode_chunk(c["codec"], c["itemsize"], c["size"], stored)
     if c["base_id"] is not None:
         base = chunk_bytes(db, c["base_id"], depth + 1)
         raw = np.bitwise_xor(np.frombuffer(raw, np.uint8), np.frombuffer(base, np.uint8)).tobytes()
@@ -314,10 +329,15 @@ def test_files_version_is_rebuilt_from_the_tables(tmp_path):
             chunks = chunks_of(db, row["id"], p["part"])
             assert all(c["size"] <= 256 * 1024 for c in chunks)
             assert all(c["size"] >= 16 * 1024 for c in chunks[:-1])
+            # File chunks sit raw in solid packs: one zstd frame for many chunks, or
+            # the bytes as they are when that does not shrink them.
+            assert {c["codec"] for c in chunks} <= {"raw"}
+            packs = {db.execute("SELECT codec FROM packs WHERE id = ?", (c["pack_id"],))
+                     .fetchone()[0] for c in chunks}
             if p["name"] == "vocab.txt":
-                assert len(chunks) >= 2 and {c["codec"] for c in chunks} == {"zstd"}
+                assert len(chunks) >= 2 and packs == {"zstd"}
             if p["name"] == "model.bin":
-                assert {c["codec"] for c in chunks} == {"raw"}
+                assert packs == {"raw"}
             if p["name"] == "tokenizer/empty.json":
                 assert p["size"] == 0 and chunks == []
     assert got == expected
@@ -407,7 +427,7 @@ def test_schema_in_the_file_is_the_documented_ddl(tmp_path):
     assert {(o["type"], o["name"]) for o in objects} == {
         ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
         ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
-        ("table", "packs"),
+        ("table", "packs"), ("table", "environments"),
         ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
         ("view", "model_versions"), ("view", "model_summary")}
     for obj in objects:

@@ -100,12 +100,15 @@ def test_damaged_version_columns_raise_integrity_error(vault_path, column, value
     with modelvault.open(vault_path) as vault:
         vault.save("m", [1])
     with sqlite3.connect(vault_path) as db:
-        db.execute(f"UPDATE versions SET {column} = ?", (value,))
+        if column == "environment":
+            db.execute("UPDATE environments SET json = ?", (value,))
+        else:
+            db.execute(f"UPDATE versions SET {column} = ?", (value,))
     db.close()
     with modelvault.open(vault_path) as vault:
         with pytest.raises(IntegrityError):
             record = vault.get("m")  # the timestamp is read at once, JSON on first use
-            (record.metadata, record.environment)
+            assert record.metadata is not None and record.environment is not None
         with pytest.raises(IntegrityError):
             vault.load("m")
         assert vault.verify()

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import modelvault
-from modelvault._chunks import ARRAY_CHUNK
 from modelvault import NotFoundError, VaultError
+from modelvault._chunks import ARRAY_CHUNK
 
 CHUNK = ARRAY_CHUNK
 
