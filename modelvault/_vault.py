@@ -243,16 +243,17 @@ class Vault:
         """``function`` over ``items`` on the thread pool, results in order."""
         return self._submit(function, items)()
 
-    def _submit(self, function: Callable[[Any], Any],
-                items: Iterable[Any]) -> Callable[[], list[Any]]:
+    def _submit(self, function: Callable[[Any], Any], items: Iterable[Any], *,
+                grouped: bool = True) -> Callable[[], list[Any]]:
         """Start ``function`` over ``items`` on the thread pool; call the result to wait.
 
-        Each call is ~20 us of work, less than a pool task's own overhead, so the items
-        go out in one group per thread rather than one task each.
+        A call on a small chunk is ~20 us of work, less than a pool task's own overhead,
+        so items go out in one group per thread rather than one task each, unless not
+        ``grouped``.
         """
         items = list(items)
         pool = self._threads()
-        step = max(1, -(-len(items) // _WORKERS))
+        step = max(1, -(-len(items) // _WORKERS)) if grouped else 1
         futures = [pool.submit(lambda g: [function(x) for x in g], items[i:i + step])
                    for i in range(0, len(items), step)]
         return lambda: [result for future in futures for result in future.result()]
@@ -385,13 +386,13 @@ class Vault:
             raise TypeError("description must be a string")
         metadata_json = _metadata_json(metadata)
         # What the pickle imports decides which package versions the environment records.
-        # Reading 20 MB of opcodes takes ~40 ms (and the first capture in a process ~0.3 s
-        # of package metadata): done beside the chunking, which leaves the GIL to it.
-        stream = parts[0].data if kind == "pickle" else None
-        environment = _Background(lambda: json.dumps(_environment.capture(
-            _trust.pickle_imports(stream.obj if isinstance(stream.obj, bytes)
-                                  else bytes(stream)) if stream is not None else []),
-            sort_keys=True))
+        imports = _trust.own_pickle_imports(
+            parts[0].data.obj if isinstance(parts[0].data.obj, bytes)
+            else bytes(parts[0].data), [p.data for p in parts[1:]]) if kind == "pickle" else []
+        # The first capture in a process reads every installed package's metadata (~0.3 s
+        # with many installed): done beside the chunking.
+        environment = _Background(
+            lambda: json.dumps(_environment.capture(imports), sort_keys=True))
         key = _trust.own_key()
         with self._progress(sum(p.size for p in parts), f"save {name}") as advance, \
                 self._write() as db:
@@ -551,8 +552,11 @@ class Vault:
                     (piece, itemsize, parents.get(b[0]) if b is not None else None)
                     for _, piece, b in new]))
             else:
+                # One task per pack: each is milliseconds of zstd, and whole packs
+                # share out between the cores more evenly than groups of them.
                 encoding = (new, self._submit(_chunks.solid, [
-                    [piece for _, piece, _ in group] for group in _solid_groups(new)]))
+                    [piece for _, piece, _ in group] for group in _solid_groups(new)],
+                    grouped=False))
             if writing is not None:
                 added += write(*writing)
             writing = encoding
@@ -1232,11 +1236,12 @@ def _pack(db: sqlite3.Connection, blobs: list[bytes], *, solid: bool = False
 def _batches(part: Part) -> Iterator[list[bytes | memoryview]]:
     """A part's chunk pieces a batch at a time: fixed-size for numbers, by content
     otherwise, and for files read from disk as they go."""
-    # Stream chunks (~80 KiB) go four times as many to a batch: enough for several solid
-    # packs, so that both cores compress.
+    # Stream chunks (~80 KiB) go by the two solid packs' worth: one for each core to
+    # compress while the batch before is written.
     if part.path is not None:
         with open(part.path, "rb") as f:
-            yield from _runs(_chunks.content_pieces(f), len, 4 * _BATCH)
+            yield from _runs(_chunks.content_pieces(f), len, 4 * _BATCH,
+                             2 * _chunks.SOLID_PACK)
         return
     assert part.data is not None
     if part.kind in ("array", "buffer"):
@@ -1244,7 +1249,8 @@ def _batches(part: Part) -> Iterator[list[bytes | memoryview]]:
         yield from _runs((part.data[o:o + n] for o, n in cuts), len)
     else:
         cuts = _chunks.content_cuts(part.data)
-        yield from _runs((part.data[o:o + n] for o, n in cuts), len, 4 * _BATCH)
+        yield from _runs((part.data[o:o + n] for o, n in cuts), len, 4 * _BATCH,
+                         2 * _chunks.SOLID_PACK)
 
 
 def _batch_views(chunks: list[Any]) -> Iterator[tuple[Any, memoryview]]:
@@ -1258,27 +1264,34 @@ def _batch_views(chunks: list[Any]) -> Iterator[tuple[Any, memoryview]]:
 
 
 def _solid_groups(new: list[Any]) -> list[list[Any]]:
-    """New stream chunks (hash, piece, _) in consecutive groups of about SOLID_PACK bytes."""
+    """New stream chunks (hash, piece, _) in consecutive groups of at most SOLID_PACK
+    bytes (but for a single bigger chunk), as few and as even as that allows."""
+    total = sum(len(piece) for _, piece, _ in new)
+    target = total / max(1, -(-total // _chunks.SOLID_PACK))
     groups: list[list[Any]] = []
-    total = 0
+    size = 0
     for entry in new:
-        if not groups or total + len(entry[1]) > _chunks.SOLID_PACK:
+        if not groups or (size + len(entry[1]) > _chunks.SOLID_PACK
+                          or size >= target and groups[-1]):
             groups.append([])
-            total = 0
+            size = 0
         groups[-1].append(entry)
-        total += len(entry[1])
+        size += len(entry[1])
     return groups
 
 
-def _runs(items: Iterable[Any], size: Callable[[Any], int],
-          count: int = _BATCH) -> Iterator[list[Any]]:
-    """``items`` in lists of at most ``count`` items and about ``_BATCH_BYTES`` bytes."""
+def _runs(items: Iterable[Any], size: Callable[[Any], int], count: int = _BATCH,
+          limit: int = _BATCH_BYTES) -> Iterator[list[Any]]:
+    """``items`` in lists of at most ``count`` items and, short of one item, ``limit`` bytes."""
     run: list[Any] = []
     total = 0
     for item in items:
+        if run and total + size(item) > limit:
+            yield run
+            run, total = [], 0
         run.append(item)
         total += size(item)
-        if len(run) == count or total >= _BATCH_BYTES:
+        if len(run) == count:
             yield run
             run, total = [], 0
     if run:
