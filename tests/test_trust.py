@@ -155,3 +155,25 @@ def test_pickle_imports_names_classes_without_running_them():
 def test_key_ids_differ_between_keys():
     assert key_id(b"a" * 32) != key_id(b"b" * 32)
     assert len(key_id(b"a" * 32)) == 16
+
+
+def test_imports_of_our_own_pickles_match_the_opcode_reading():
+    import collections
+    import pickle
+
+    import cloudpickle
+    from sklearn.tree import DecisionTreeClassifier
+
+    from modelvault._trust import own_pickle_imports
+
+    tree = DecisionTreeClassifier(max_depth=3).fit([[0], [1], [2], [3]], [0, 1, 0, 1])
+    for obj in ({"a": collections.OrderedDict(x=1), "b": np.arange(3), "c": {1, 2}},
+                tree, [np.float32(1), frozenset([2]), bytearray(b"x")]):
+        stream = pickle.dumps(obj, protocol=5)
+        assert own_pickle_imports(stream, []) == pickle_imports(stream)
+    scale = 3
+    stream = cloudpickle.dumps(lambda x: x * scale, protocol=5)
+    assert own_pickle_imports(stream, []) == pickle_imports(stream)
+    buffers = []
+    stream = pickle.dumps(np.zeros(10), protocol=5, buffer_callback=buffers.append)
+    assert own_pickle_imports(stream, [b.raw() for b in buffers]) == pickle_imports(stream)
