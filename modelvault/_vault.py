@@ -407,15 +407,10 @@ class Vault:
             else:
                 model_id, number = row["id"], row["last_version"] + 1
             bases = self._delta_bases(name, kind, layout, parts, parent)
-            known: dict[str, int] = {}
-            added = 0
-            descriptors = []
-            chunk_lists = []
-            for part, part_bases in zip(parts, bases, strict=True):
-                hashes, part_added = self._put_chunks(db, part, known, advance, part_bases)
-                added += part_added
-                chunk_lists.append([known[h] for h in hashes])
-                descriptors.append(_descriptor(_part_columns(part), hashes))
+            hash_lists, known, added = self._put_chunks(db, parts, bases, advance)
+            chunk_lists = [[known[h] for h in hashes] for hashes in hash_lists]
+            descriptors = [_descriptor(_part_columns(part), hashes)
+                           for part, hashes in zip(parts, hash_lists, strict=True)]
             version = {
                 "uuid": str(uuid.uuid4()), "name": name, "version": number, "kind": kind,
                 "digest": _digest(kind, layout, descriptors), "created_at": created_at,
@@ -496,24 +491,23 @@ class Vault:
             bases.append(old[1] if same else None)
         return bases
 
-    def _put_chunks(self, db: sqlite3.Connection, part: Part, known: dict[str, int],
-                    advance: Callable[[int], Any], bases: list[Any] | None
-                    ) -> tuple[list[str], int]:
-        """Store the chunks of ``part`` the vault lacks; returns (chunk hashes, bytes added).
+    def _put_chunks(self, db: sqlite3.Connection, parts: list[Part],
+                    bases: list[list[Any] | None], advance: Callable[[int], Any]
+                    ) -> tuple[list[list[str]], dict[str, int], int]:
+        """Store the chunks of ``parts`` the vault lacks.
 
-        ``known`` maps every chunk hash met so far in this save to its row id. ``bases``
-        are the parent part's chunk rows, by position. A file part's size is set to the
-        bytes actually read. While one batch is encoded on the pool, the one before is
-        written to SQLite.
+        Returns each part's chunk hashes, every chunk's row id by hash, and the bytes
+        added. ``bases`` are each part's parent chunk rows, by position. A file part's
+        size is set to the bytes actually read. While one batch is encoded on the pool,
+        the one before (of this part or the one before it) is written to SQLite.
         """
-        numeric = part.kind in ("array", "buffer")
-        itemsize = part.itemsize if numeric else 1
-        hashes: list[str] = []
-        added = size = 0
+        known: dict[str, int] = {}
         pending: set[str] = set()  # encoded or being encoded, not yet written
-        writing: tuple[list[Any], Callable[[], list[Any]]] | None = None
+        hash_lists: list[list[str]] = []
+        added = 0
+        writing: tuple[bool, list[Any], Callable[[], list[Any]]] | None = None
 
-        def write(new: list[Any], results: Callable[[], list[Any]]) -> int:
+        def write(numeric: bool, new: list[Any], results: Callable[[], list[Any]]) -> int:
             if numeric:
                 stored = self._write_packs(db, [
                     (h, len(piece), codec, isz, base[0] if used else None, data)
@@ -525,45 +519,51 @@ class Vault:
             pending.difference_update(h for h, _, _ in new)
             return stored
 
-        for pieces in _batches(part):
-            # Hashed and encoded from the same bytes: a file changing under us cannot
-            # store bytes under another content's hash.
-            batch = self._map(_chunks.chunk_hash, pieces)
-            first = len(hashes)
-            hashes.extend(batch)
-            size += sum(len(p) for p in pieces)
-            advance(sum(len(p) for p in pieces))
-            unknown = sorted(set(batch) - known.keys() - pending)
-            if unknown:
-                known.update(self._chunk_ids(db, unknown))
-            new: list[Any] = []  # (hash, piece, parent chunk row or None)
-            for seq, (h, piece) in enumerate(zip(batch, pieces, strict=True), first):
-                if h in known or h in pending:
+        for part, part_bases in zip(parts, bases, strict=True):
+            numeric = part.kind in ("array", "buffer")
+            hashes: list[str] = []
+            hash_lists.append(hashes)
+            size = 0
+            for pieces in _batches(part):
+                # Hashed and encoded from the same bytes: a file changing under us cannot
+                # store bytes under another content's hash.
+                batch = self._map(_chunks.chunk_hash, pieces)
+                first = len(hashes)
+                hashes.extend(batch)
+                size += sum(len(p) for p in pieces)
+                advance(sum(len(p) for p in pieces))
+                unknown = sorted(set(batch) - known.keys() - pending)
+                if unknown:
+                    known.update(self._chunk_ids(db, unknown))
+                new: list[Any] = []  # (hash, piece, parent chunk row or None)
+                for seq, (h, piece) in enumerate(zip(batch, pieces, strict=True), first):
+                    if h in known or h in pending:
+                        continue
+                    pending.add(h)
+                    base = (part_bases[seq] if part_bases is not None and seq < len(part_bases)
+                            else None)
+                    new.append((h, piece, base if base is not None and base[2] == len(piece)
+                                else None))
+                if not new:
                     continue
-                pending.add(h)
-                base = bases[seq] if bases is not None and seq < len(bases) else None
-                new.append((h, piece, base if base is not None and base[2] == len(piece)
-                            else None))
-            if not new:
-                encoding = None
-            elif numeric:
-                parents = self._parent_bytes(db, [b for _, _, b in new if b is not None])
-                encoding = (new, self._submit(_encode_job, [
-                    (piece, itemsize, parents.get(b[0]) if b is not None else None)
-                    for _, piece, b in new]))
-            else:
-                # One task per pack: each is milliseconds of zstd, and whole packs
-                # share out between the cores more evenly than groups of them.
-                encoding = (new, self._submit(_chunks.solid, [
-                    [piece for _, piece, _ in group] for group in _solid_groups(new)],
-                    grouped=False))
-            if writing is not None:
-                added += write(*writing)
-            writing = encoding
+                if numeric:
+                    parents = self._parent_bytes(db, [b for _, _, b in new if b is not None])
+                    encoding = (True, new, self._submit(_encode_job, [
+                        (piece, part.itemsize, parents.get(b[0]) if b is not None else None)
+                        for _, piece, b in new]))
+                else:
+                    # One task per pack: each is milliseconds of zstd, and whole packs
+                    # share out between the cores more evenly than groups of them.
+                    encoding = (False, new, self._submit(_chunks.solid, [
+                        [piece for _, piece, _ in group] for group in _solid_groups(new)],
+                        grouped=False))
+                if writing is not None:
+                    added += write(*writing)
+                writing = encoding
+            part.size = size
         if writing is not None:
             added += write(*writing)
-        part.size = size
-        return hashes, added
+        return hash_lists, known, added
 
     def _parent_bytes(self, db: sqlite3.Connection, rows: list[Any]) -> dict[int, np.ndarray]:
         """Raw bytes of the parent chunks that may serve as delta bases, by chunk id.
