@@ -1,0 +1,129 @@
+"""The models the workloads store, built from fixed seeds so sizes repeat exactly."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BertShape:
+    """Dimensions of a BERT-like encoder; the defaults are BERT-base (438 MB as fp32)."""
+
+    vocab: int = 30522
+    hidden: int = 768
+    intermediate: int = 3072
+    layers: int = 12
+    positions: int = 512
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the suite uses; ``QUICK`` shrinks them all for a smoke run."""
+
+    forest_trees: int = 200
+    forest_samples: int = 10000
+    forest_features: int = 40
+    forest_versions: int = 10  # W3: warm-started versions, 5 more trees each
+    bert: BertShape = BertShape()
+    small_models: int = 100  # W4: models x versions of a tiny model
+    small_versions: int = 100
+
+
+FULL = Sizes()
+QUICK = Sizes(forest_trees=20, forest_samples=2000, forest_features=20,
+              bert=BertShape(vocab=4000, hidden=256, intermediate=1024, layers=2, positions=128),
+              small_models=10, small_versions=10)
+
+
+@cache
+def classification_data(sizes: Sizes) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_classification
+
+    return make_classification(n_samples=sizes.forest_samples,
+                               n_features=sizes.forest_features, random_state=0)
+
+
+@cache
+def forest(sizes: Sizes) -> Any:
+    """RandomForestClassifier(random_state=0) fitted on ``classification_data``.
+
+    Cached: W3's warm-start series starts from a copy of it. Treat it as read-only.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y = classification_data(sizes)
+    return RandomForestClassifier(n_estimators=sizes.forest_trees, random_state=0,
+                                  n_jobs=-1).fit(X, y)
+
+
+def normal(rng: np.random.Generator, shape: tuple[int, ...], std: float = 0.02) -> np.ndarray:
+    """float32 normal values; scaled in place, so building a model never holds a temporary."""
+    values = rng.standard_normal(shape, dtype=np.float32)
+    values *= std
+    return values
+
+
+def bert_spec(shape: BertShape) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensor names and shapes of a BERT-like encoder, in state-dict order."""
+    h, inner = shape.hidden, shape.intermediate
+
+    def dense(prefix: str, n_in: int, n_out: int) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{prefix}.weight", (n_in, n_out)), (f"{prefix}.bias", (n_out,))]
+
+    def layer_norm(prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{prefix}.LayerNorm.weight", (h,)), (f"{prefix}.LayerNorm.bias", (h,))]
+
+    spec = [("embeddings.word_embeddings.weight", (shape.vocab, h)),
+            ("embeddings.position_embeddings.weight", (shape.positions, h)),
+            ("embeddings.token_type_embeddings.weight", (2, h)),
+            *layer_norm("embeddings")]
+    for i in range(shape.layers):
+        layer = f"encoder.layer.{i}"
+        for part in ("query", "key", "value"):
+            spec += dense(f"{layer}.attention.self.{part}", h, h)
+        spec += dense(f"{layer}.attention.output.dense", h, h)
+        spec += layer_norm(f"{layer}.attention.output")
+        spec += dense(f"{layer}.intermediate.dense", h, inner)
+        spec += dense(f"{layer}.output.dense", inner, h)
+        spec += layer_norm(f"{layer}.output")
+    return spec + dense("pooler.dense", h, h)
+
+
+def bert_nbytes(shape: BertShape) -> int:
+    """Bytes of ``bert_like(shape)``, without building it."""
+    return 4 * sum(math.prod(dims) for _, dims in bert_spec(shape))
+
+
+def bert_like(shape: BertShape, seed: int = 0) -> dict[str, np.ndarray]:
+    """A float32 state dict with BERT's tensor names and shapes, values normal with std 0.02.
+
+    LayerNorm weights are 1 plus that noise.
+    """
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, dims in bert_spec(shape):
+        weights[name] = normal(rng, dims)
+        if name.endswith("LayerNorm.weight"):
+            weights[name] += 1
+    return weights
+
+
+@cache
+def bert_fp32(shape: BertShape) -> dict[str, np.ndarray]:
+    """``bert_like(shape)``, built once per run. Treat it as read-only."""
+    return bert_like(shape)
+
+
+@cache
+def bert_bf16(shape: BertShape) -> dict[str, np.ndarray]:
+    """The fp32 weights truncated to bfloat16, kept as their uint16 bit patterns."""
+    return {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in bert_fp32(shape).items()}
+
+
+def nbytes(weights: dict[str, np.ndarray]) -> int:
+    return sum(array.nbytes for array in weights.values())
