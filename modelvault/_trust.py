@@ -57,11 +57,17 @@ def own_key() -> bytes:
     # at all, and if two threads or processes make one at once, the first link wins and
     # the other reads the winner's key (an O_EXCL create would let it read an empty file).
     partial = path.with_name(f".key.{os.getpid()}.{threading.get_ident()}.partial")
-    write_private(partial, format_key(secrets.token_bytes(32)))
+    text = format_key(secrets.token_bytes(32))
+    write_private(partial, text)
     try:
         os.link(partial, path)
     except FileExistsError:
         pass
+    except OSError:  # a file system without hard links: create in place, first one wins
+        try:
+            write_private(path, text, exclusive=True)
+        except FileExistsError:
+            pass
     finally:
         partial.unlink()
     return parse_key(path.read_text())
