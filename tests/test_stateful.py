@@ -29,10 +29,15 @@ ALIASES = ["prod", "staging"]
 TAG_KEYS = ["stage", "owner"]
 
 # Arrays of a few chunks, shared between saves so that versions share chunks and
-# deleting one version must not take another's chunks with it.
+# deleting one version must not take another's chunks with it. The last two are
+# "fine-tunes" of the one before them: saved after it under the same key, their
+# chunks become XOR deltas whose bases must outlive the versions that used them.
 _rng = np.random.default_rng(0)
+_tuned = _rng.standard_normal(160_000)  # 1.3 MB: two chunks
 POOL = [_rng.standard_normal(20_000), np.arange(50_000, dtype=np.int32),
-        _rng.integers(0, 256, 140_000, dtype=np.uint8)]
+        _rng.integers(0, 256, 140_000, dtype=np.uint8), _tuned,
+        _tuned + _rng.standard_normal(160_000) * 1e-9,
+        _tuned + _rng.standard_normal(160_000) * 1e-12]
 
 ARRAYS = st.one_of(
     st.sampled_from(range(len(POOL))).map(lambda i: POOL[i]),
