@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from ._errors import IntegrityError
-from ._lazy import lazy, load
+from ._lazy import lazy
 
 blake3 = lazy("blake3")
 np = lazy("numpy")
@@ -57,11 +57,6 @@ _MIN_MATCH = {ARRAY_LEVEL: 7}
 RAW_PLANE = 1 << 31
 
 _local = threading.local()
-
-
-def ready() -> None:
-    """Import numpy and the codecs now (see ``_lazy.load``)."""
-    load(np, zstandard, blake3)
 
 
 def chunk_hash(data: memoryview | bytes) -> str:

@@ -6,35 +6,31 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import threading
+import importlib
 from types import ModuleType
-
-_lock = threading.Lock()
-
-
-def lazy(name: str) -> ModuleType:
-    """``name`` as a module object that imports itself when an attribute is first read."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from typing import Any
 
 
-def load(*modules: ModuleType) -> None:
-    """Finish importing lazy ``modules`` now, one thread at a time.
+class LazyModule:
+    """Stands for a module and imports it when an attribute is first read.
 
-    Python 3.11's LazyLoader is not thread-safe: two threads touching a module first
-    would both run it. Everything that touches model bytes calls this first, in the
-    calling thread, before any worker thread starts.
+    Not importlib's LazyLoader: that puts a half-made module into ``sys.modules``, where
+    the user's own ``import numpy`` in another thread could meet it mid-import (Python
+    3.11). This proxy stays private; ``importlib.import_module`` does the importing,
+    under the import system's own locks.
     """
-    with _lock:
-        for module in modules:
-            _ = module.__name__  # any attribute read finishes the import
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        module = self._module
+        if module is None:
+            module = self._module = importlib.import_module(self._name)
+        return getattr(module, attribute)
+
+
+def lazy(name: str) -> Any:
+    """``name``, imported when first used."""
+    return LazyModule(name)

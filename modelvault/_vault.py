@@ -234,7 +234,6 @@ class Vault:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            _chunks.ready()  # before any worker can be the first to touch numpy
             self._pool = ThreadPoolExecutor(max_workers=_WORKERS,
                                             thread_name_prefix="modelvault")
         return self._pool
@@ -350,7 +349,6 @@ class Vault:
         ('demo:2', {'auc': 0.91})
         """
         check_name(name)
-        _chunks.ready()
         kind, layout, parts = _serialize.serialize(obj)
         return self._store(name, kind, layout, parts, metadata=metadata, tags=tags,
                            aliases=aliases, description=description, parent=parent)
@@ -367,7 +365,6 @@ class Vault:
         ``extract`` writes them back out under the same relative paths.
         """
         check_name(name)
-        _chunks.ready()
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         parts = _serialize.files_parts(paths)
         return self._store(name, "files", {"files": [p.name for p in parts]}, parts,
@@ -573,6 +570,10 @@ class Vault:
         """
         if not rows:
             return {}
+        # Once per chunk: a parent that repeats a piece (tied or tiled weights) names the
+        # same chunk many times, and two tasks decoding a delta into one buffer at once
+        # would interleave their XORs and leave it wrong.
+        rows = list({r[0]: r for r in rows}.values())
         jobs = self._jobs(rows)
         usable = [(r[0], job) for r, job in zip(rows, jobs, strict=True)
                   if _chain_length(job) < DELTA_DEPTH]
@@ -781,7 +782,6 @@ class Vault:
         >>> vault.load("demo")
         [1, 2, 3]
         """
-        _chunks.ready()
         row = self._resolve(_as_ref(ref))
         self._check_signature(row, trust)
         parts = self._read_parts(row)
@@ -816,7 +816,6 @@ class Vault:
 
         Like ``load``, refuses a version whose signature fails unless ``trust=True``.
         """
-        _chunks.ready()
         row = self._resolve(_as_ref(ref))
         if row["kind"] != "files":
             raise ValueError(f"{row['name']}:{row['version']} holds a Python object, not "
@@ -1090,7 +1089,6 @@ class Vault:
         >>> vault.verify()
         []
         """
-        _chunks.ready()
         db = self._db
         problems: list[Problem] = []
         result = [r[0] for r in db.execute("PRAGMA quick_check")]
@@ -1339,7 +1337,8 @@ def _job(row: tuple[Any, ...], by_id: dict[int, Any], packs: dict[int, bytes | s
     base = None
     if base_id is not None:
         if depth >= _MAX_CHAIN or base_id not in by_id:
-            stored = (f"its delta base #{base_id} is missing" if depth < _MAX_CHAIN
+            stored = (f"its delta base #{base_id} is missing, or its chain of deltas is "
+                      f"longer than {_MAX_CHAIN}" if depth < _MAX_CHAIN
                       else "delta chain too long or circular")
         else:
             base = _job(by_id[base_id], by_id, packs, depth + 1)

@@ -222,3 +222,22 @@ def test_a_damaged_solid_pack_fails_every_chunk_in_it(vault, flip_chunk_byte):
     assert (info.value.model, info.value.version) == ("obj", 1)
     problems = vault.verify()
     assert problems and all(p.model == "obj" for p in problems)
+
+
+def test_a_parent_that_repeats_a_chunk_gives_right_deltas(vault):
+    # Tiled or tied weights name one parent chunk many times; it must be decoded once,
+    # not by several threads into one buffer.
+    rng = np.random.default_rng(5)
+    block = rng.standard_normal(1024 * 1024 // 4, dtype=np.float32) * 0.02  # one chunk
+    vault.save("m", {"w": np.tile(block, 16)})
+    tuned = block + rng.standard_normal(block.shape, dtype=np.float32) * 1e-6
+    vault.save("m", {"w": np.tile(tuned, 16)})  # its one chunk is a delta of block's
+    saved = []
+    for i in range(6):
+        weights = np.tile(tuned, 16)
+        weights[rng.choice(weights.size, 50, replace=False)] += 1e-3 * (i + 1)
+        saved.append(weights)
+        vault.save("m", {"w": weights}, parent="m:2")
+    for number, weights in enumerate(saved, 3):
+        np.testing.assert_array_equal(vault.load(f"m:{number}")["w"], weights)
+    assert vault.verify() == []

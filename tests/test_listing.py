@@ -44,8 +44,7 @@ def test_import_and_listing_leave_numpy_unimported(vault_path):
         import modelvault
         with modelvault.open({str(vault_path)!r}) as vault:
             vault.models(), vault.versions(), vault.get("m").metadata
-        numpy = sys.modules.get("numpy")
-        print(numpy is None or type(numpy).__name__ == "_LazyModule")
+        print("numpy" not in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
@@ -75,3 +74,31 @@ def test_first_loads_in_several_threads_at_once(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_users_own_numpy_import_races_a_first_save(tmp_path):
+    # Our lazy imports must never leave a half-imported module where the user's code,
+    # in another thread, could import it.
+    script = textwrap.dedent(f"""
+        import threading
+        import modelvault
+        vault = modelvault.open({str(tmp_path / "v.vault")!r})
+        barrier, errors = threading.Barrier(2), []
+        def user():
+            barrier.wait()
+            try:
+                import numpy
+                numpy.zeros(3).sum()
+            except BaseException as exc:
+                errors.append(exc)
+        thread = threading.Thread(target=user)
+        thread.start()
+        barrier.wait()
+        vault.save("m", {{"w": [1, 2]}})
+        thread.join()
+        print(errors)
+    """)
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.strip() == "[]"
