@@ -291,6 +291,24 @@ def rm_command(vault: Path, ref: str, yes: bool) -> None:
     click.echo(f"deleted {count} version{'s' if count != 1 else ''}")
 
 
+@cli.command("export")
+@vault_path
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("refs", nargs=-1)
+def export_command(vault: Path, dest: Path, refs: tuple[str, ...]) -> None:
+    """Write a compact copy of VAULT, or of the versions REFS name, to DEST.
+
+    DEST is replaced in one step (a temporary file beside it, flushed, then renamed):
+    safe to run into a synced folder.
+    """
+    with _open(vault) as v:
+        v.export(dest, list(refs) or None)
+    with Vault(dest, readonly=True) as copy:
+        count = len(copy.versions())
+    click.echo(f"exported {count} version{'s' if count != 1 else ''} to {dest} "
+               f"({_human(dest.stat().st_size)})")
+
+
 @cli.command("gc")
 @vault_path
 def gc_command(vault: Path) -> None:

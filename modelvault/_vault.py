@@ -1025,6 +1025,80 @@ class Vault:
             db.execute("DELETE FROM versions WHERE id = ?", (row["id"],))
             return 1
 
+    # -- copies -----------------------------------------------------------------
+
+    @_api
+    def export(self, dest: str | os.PathLike[str],
+               refs: Sequence[str | ModelVersion] | None = None) -> Path:
+        """Write a compact vault holding every version, or the versions ``refs`` name, to
+        ``dest``: only their chunks (and the delta bases those need), packed anew.
+
+        The copy is made in a temporary file beside ``dest``, flushed to disk, then
+        renamed over it, so ``dest`` is at every moment the complete old file or the
+        complete new one: the way to publish a vault into a synced folder or attach it
+        to an email. Signatures, aliases and tags go along; so do version numbers.
+        """
+        import tempfile
+
+        dest = Path(dest)
+        if dest.exists() and dest.resolve() == self.path.resolve():
+            raise ValueError(f"{dest} is the vault itself; export to another file")
+        with self._read():
+            if refs is None:
+                ids = [r[0] for r in self._db.execute("SELECT id FROM versions")]
+            else:
+                ids = sorted({self._resolve(_as_ref(ref))["id"] for ref in refs})
+        fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial",
+                                       dir=dest.parent)
+        os.close(fd)
+        os.unlink(partial)  # SQLite makes the file, with our page size
+        try:
+            with Vault(partial, timeout=self._timeout, progress=False) as copy:
+                copy._copy_from(self.path, ids)
+                copy.gc()  # repacks the packs that came along with chunks left behind
+            _fsync(partial)
+            os.replace(partial, dest)
+            _fsync(dest.parent, directory=True)
+        finally:
+            for leftover in (partial, f"{partial}-journal"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+        return dest
+
+    def _copy_from(self, source: Path, ids: list[int]) -> None:
+        """Copy versions ``ids`` of the vault at ``source`` into this (new, empty) vault."""
+        db = self._db
+        # Read-only and through SQLite: the source's locks are untouched, and reading
+        # happens inside this transaction, so it sees one snapshot of the source.
+        db.execute("ATTACH DATABASE ? AS src", (f"{source.absolute().as_uri()}?mode=ro",))
+        try:
+            with self._write():
+                db.execute("CREATE TEMP TABLE wanted (id INTEGER PRIMARY KEY)")
+                db.executemany("INSERT INTO temp.wanted VALUES (?)", [(i,) for i in ids])
+                for table, where in (
+                        ("environments", "id IN (SELECT environment_id FROM src.versions "
+                                         "WHERE id IN temp.wanted)"),
+                        ("models", "id IN (SELECT model_id FROM src.versions "
+                                   "WHERE id IN temp.wanted)"),
+                        ("versions", "id IN temp.wanted"),
+                        ("parts", "version_id IN temp.wanted")):
+                    db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
+                               f"WHERE {where}")
+                needed = ("WITH RECURSIVE needed(id) AS (SELECT chunk_id FROM src.part_chunks "
+                          "WHERE version_id IN temp.wanted UNION SELECT c.base_id FROM "
+                          "src.chunks c JOIN needed ON c.id = needed.id "
+                          "WHERE c.base_id NOT NULL)")
+                db.execute(f"{needed} INSERT INTO main.packs SELECT * FROM src.packs WHERE id "
+                           "IN (SELECT pack_id FROM src.chunks WHERE id IN needed)")
+                db.execute(f"{needed} INSERT INTO main.chunks SELECT * FROM src.chunks "
+                           "WHERE id IN needed")
+                for table in ("part_chunks", "aliases", "tags"):
+                    db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
+                               "WHERE version_id IN temp.wanted")
+                db.execute("DROP TABLE temp.wanted")
+        finally:
+            db.execute("DETACH DATABASE src")
+
     # -- housekeeping -----------------------------------------------------------
 
     @_api
@@ -1145,6 +1219,15 @@ class Vault:
         return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
                           unique_bytes=unique, stored_bytes=stored,
                           file_bytes=self._file_bytes())
+
+
+def _fsync(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Flush a file we do not hold open in SQLite (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Background:

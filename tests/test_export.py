@@ -1,0 +1,104 @@
+"""export: a compact copy of all or some versions, replacing the destination in one step."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import numpy as np
+import pytest
+
+import modelvault
+
+
+def fine_tune(model, seed):
+    rng = np.random.default_rng(seed)
+    return {k: w + rng.standard_normal(w.shape, dtype=np.float32) * 1e-6
+            for k, w in model.items()}
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A vault with a fine-tuned model (deltas), a pickle, aliases, tags, and a gap."""
+    rng = np.random.default_rng(0)
+    base = {f"l{i}": rng.standard_normal((512, 1024), dtype=np.float32) * 0.02
+            for i in range(2)}
+    tuned = fine_tune(base, 1)
+    path = tmp_path / "source.vault"
+    with modelvault.open(path) as vault:
+        vault.save("bert", base, aliases=["prod"], tags={"stage": "base"})
+        vault.save("bert", tuned, metadata={"auc": 0.9})
+        vault.save("obj", {"labels": {"a", "b"}, "text": "x" * 300_000})
+        vault.save("gone", rng.integers(0, 256, 2_000_000, dtype=np.uint8))
+        vault.delete("gone")
+    return path, base, tuned
+
+
+def contents(path):
+    with modelvault.open(path, readonly=True) as vault:
+        return {v.ref: (v.id, v.digest, v.aliases, v.tags, v.metadata, v.signature)
+                for v in vault.versions()}
+
+
+def test_export_of_everything_is_complete_and_compact(source, tmp_path):
+    path, base, tuned = source
+    dest = tmp_path / "copy.vault"
+    with modelvault.open(path) as vault:
+        assert vault.export(dest) == dest
+    assert contents(dest) == contents(path)
+    with modelvault.open(dest) as copy:
+        assert copy.verify() == []
+        np.testing.assert_array_equal(copy.load("bert:1")["l0"], base["l0"])
+        np.testing.assert_array_equal(copy.load("bert@latest")["l1"], tuned["l1"])
+        assert copy.load("obj")["labels"] == {"a", "b"}
+        assert copy.get("bert@prod").version == 1
+    # The deleted model's chunks stayed behind: the copy is smaller than the source.
+    assert dest.stat().st_size < path.stat().st_size
+    assert sorted(os.listdir(tmp_path)) == ["copy.vault", "source.vault"]
+
+
+def test_export_of_some_versions_takes_their_chunks_and_delta_bases(source, tmp_path):
+    path, _, tuned = source
+    dest = tmp_path / "tuned.vault"
+    with modelvault.open(path) as vault:
+        vault.export(dest, ["bert:2"])
+    assert list(contents(dest)) == ["bert:2"]
+    assert contents(dest)["bert:2"] == contents(path)["bert:2"]
+    with modelvault.open(dest) as copy:
+        np.testing.assert_array_equal(copy.load("bert")["l0"], tuned["l0"])
+        assert copy.verify() == []
+        stats = copy.stats()
+    with sqlite3.connect(dest) as db:
+        # bert:2's chunks are deltas, so bert:1's chunks came along as their bases,
+        # but nothing of obj or of the deleted model.
+        # (2 arrays of 2 MiB: 4 chunks each.)
+        assert db.execute("SELECT count(*) FROM chunks WHERE base_id IS NOT NULL"
+                          ).fetchone()[0] == 4
+        assert db.execute("SELECT count(*) FROM chunks").fetchone()[0] == 8
+        dead = db.execute("SELECT sum(p.size) - (SELECT sum(length) FROM chunks) "
+                          "FROM packs p").fetchone()[0]
+    assert dead == 0 and stats.versions == 1
+
+
+def test_export_replaces_the_destination_and_leaves_no_side_files(source, tmp_path):
+    path, _, _ = source
+    dest = tmp_path / "published.vault"
+    dest.write_bytes(b"an older copy")
+    with modelvault.open(path) as vault:
+        vault.export(dest, ["obj"])
+        with pytest.raises(ValueError, match="vault itself"):
+            vault.export(path)
+        with pytest.raises(modelvault.NotFoundError):
+            vault.export(tmp_path / "never.vault", ["nothing:1"])
+    assert list(contents(dest)) == ["obj:1"]
+    assert sorted(os.listdir(tmp_path)) == ["published.vault", "source.vault"]
+
+
+def test_cli_export(run, vault_file, tmp_path):
+    dest = tmp_path / "out.vault"
+    result = run("export", vault_file, dest, "churn@production", "team/weights")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"exported 2 versions to {dest}")
+    assert sorted(v.ref for v in modelvault.open(dest, readonly=True).versions()) == [
+        "churn:1", "team/weights:1"]
+    assert run("export", vault_file, tmp_path / "x.vault", "nope").exit_code == 1
