@@ -1054,7 +1054,7 @@ class Vault:
         os.unlink(partial)  # SQLite makes the file, with our page size
         try:
             with Vault(partial, timeout=self._timeout, progress=False) as copy:
-                copy._copy_from(self.path, ids)
+                copy._copy_from(self.path, ids, every_model=refs is None)
                 copy.gc()  # repacks the packs that came along with chunks left behind
             _fsync(partial)
             os.replace(partial, dest)
@@ -1065,8 +1065,11 @@ class Vault:
                     os.unlink(leftover)
         return dest
 
-    def _copy_from(self, source: Path, ids: list[int]) -> None:
-        """Copy versions ``ids`` of the vault at ``source`` into this (new, empty) vault."""
+    def _copy_from(self, source: Path, ids: list[int], *, every_model: bool) -> None:
+        """Copy versions ``ids`` of the vault at ``source`` into this (new, empty) vault,
+        with their models' rows, or every model's row if ``every_model``: a model whose
+        versions were all deleted keeps its row, so that its numbers are not given out
+        again, in a whole copy too."""
         db = self._db
         # Read-only and through SQLite: the source's locks are untouched, and reading
         # happens inside this transaction, so it sees one snapshot of the source.
@@ -1078,8 +1081,8 @@ class Vault:
                 for table, where in (
                         ("environments", "id IN (SELECT environment_id FROM src.versions "
                                          "WHERE id IN temp.wanted)"),
-                        ("models", "id IN (SELECT model_id FROM src.versions "
-                                   "WHERE id IN temp.wanted)"),
+                        ("models", "1" if every_model else
+                         "id IN (SELECT model_id FROM src.versions WHERE id IN temp.wanted)"),
                         ("versions", "id IN temp.wanted"),
                         ("parts", "version_id IN temp.wanted")):
                     db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "

@@ -102,3 +102,13 @@ def test_cli_export(run, vault_file, tmp_path):
     assert sorted(v.ref for v in modelvault.open(dest, readonly=True).versions()) == [
         "churn:1", "team/weights:1"]
     assert run("export", vault_file, tmp_path / "x.vault", "nope").exit_code == 1
+
+
+def test_a_whole_copy_keeps_the_numbers_of_emptied_models(tmp_path):
+    path, dest = tmp_path / "a.vault", tmp_path / "b.vault"
+    with modelvault.open(path) as vault:
+        vault.save("m", [1])
+        vault.delete("m:1")  # the model keeps its row: m:1 is never given out again
+        vault.export(dest)
+    with modelvault.open(dest) as copy:
+        assert copy.save("m", [2]).version == 2

@@ -211,6 +211,19 @@ class VaultMachine(RuleBasedStateMachine):
             assert os.listdir(self.folder) == [self.path.name]  # no -journal, -wal or -shm
             self.vault = modelvault.open(self.path)
 
+    @rule()
+    def export_and_carry_on_in_the_copy(self):
+        # The copy must hold the same versions (same ids and digests, so the same bytes:
+        # verify() re-hashes them), and be a vault the next rules can go on using.
+        copy_path = self.folder / "copy.vault"
+        self.vault.export(copy_path)
+        before = {v.ref: (v.id, v.digest, v.aliases, v.tags) for v in self.vault.versions()}
+        self.vault.close()
+        os.replace(copy_path, self.path)
+        self.vault = modelvault.open(self.path)
+        assert {v.ref: (v.id, v.digest, v.aliases, v.tags)
+                for v in self.vault.versions()} == before
+
     # -- invariants ----------------------------------------------------------------
 
     @invariant()
