@@ -1087,6 +1087,10 @@ class Vault:
                         ("parts", "version_id IN temp.wanted")):
                     db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
                                f"WHERE {where}")
+                copied = db.execute("SELECT count(*) FROM main.versions").fetchone()[0]
+                if copied != len(ids):  # deleted by another process since they were named
+                    raise NotFoundError(f"{source}: {len(ids) - copied} of the versions to "
+                                        "export were deleted meanwhile; nothing was written")
                 needed = ("WITH RECURSIVE needed(id) AS (SELECT chunk_id FROM src.part_chunks "
                           "WHERE version_id IN temp.wanted UNION SELECT c.base_id FROM "
                           "src.chunks c JOIN needed ON c.id = needed.id "
