@@ -722,9 +722,16 @@ class Vault:
                 if vid in aliases:
                     aliases[vid].append(alias)
         # Names and environments are shared by many versions: one string each, not one
-        # per version.
-        names = dict(db.execute("SELECT id, name FROM models"))
-        environments = dict(db.execute("SELECT id, json FROM environments"))
+        # per version; for a few records, only theirs (a save returns one record).
+        names: dict[int, str] = {}
+        environments: dict[int, str] = {}
+        for table, column, found, key in (("models", "name", names, 1),
+                                          ("environments", "json", environments, 11)):
+            wanted = sorted({r[key] for r in rows})
+            where = (f"WHERE id IN ({','.join('?' * len(wanted))})" if len(wanted) <= 500
+                     else "")
+            found.update(db.execute(f"SELECT id, {column} FROM {table} {where}",
+                                    wanted if where else ()))
         make, columns = ModelVersion._make, Columns._make
         return [make(names[model_id], version, uuid_, digest, _parse_time(created_at), size,
                      added, kind, tags[vid], tuple(aliases[vid]), description,
