@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import pickle
@@ -544,7 +545,7 @@ class Vault:
                 if not new:
                     continue
                 if numeric:
-                    parents = self._parent_bytes(db, [b for _, _, b in new if b is not None])
+                    parents = self._parent_bytes([b for _, _, b in new if b is not None])
                     encoding = (True, new, self._submit(_encode_job, [
                         (piece, part.itemsize, parents.get(b[0]) if b is not None else None)
                         for _, piece, b in new]))
@@ -562,7 +563,7 @@ class Vault:
             added += write(*writing)
         return hash_lists, known, added
 
-    def _parent_bytes(self, db: sqlite3.Connection, rows: list[Any]) -> dict[int, np.ndarray]:
+    def _parent_bytes(self, rows: list[Any]) -> dict[int, np.ndarray]:
         """Raw bytes of the parent chunks that may serve as delta bases, by chunk id.
 
         Left out: chunks already DELTA_DEPTH deltas deep, and any that fail to decode
@@ -599,13 +600,9 @@ class Vault:
         _)), and their chunks as raw slices of the packs' content; returns bytes stored."""
         rows = []
         for group, (codec, data) in zip(groups, packs, strict=True):
-            content_size = sum(len(piece) for _, piece, _ in group)
-            pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
-                                 (codec, content_size, data)).lastrowid
-            start = 0
-            for h, piece, _ in group:
-                rows.append((h, len(piece), "raw", 1, None, pack_id, start, len(piece)))
-                start += len(piece)
+            places = _insert_pack(db, codec, [len(piece) for _, piece, _ in group], data)
+            rows.extend((h, len(piece), "raw", 1, None, *place, len(piece))
+                        for (h, piece, _), place in zip(group, places, strict=True))
         db.executemany("INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
                        "start, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return sum(len(data) for _, data in packs)
@@ -1274,6 +1271,16 @@ def _as_ref(ref: str | ModelVersion) -> Ref:
     return parse_ref(ref)
 
 
+def _insert_pack(db: sqlite3.Connection, codec: str, lengths: list[int], data: bytes
+                 ) -> list[tuple[int, int]]:
+    """Insert one pack whose content is blobs of ``lengths`` in a row; returns each
+    blob's (pack id, start)."""
+    pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
+                         (codec, sum(lengths), data)).lastrowid
+    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+    return [(pack_id, start) for start in starts]
+
+
 def _pack(db: sqlite3.Connection, blobs: list[bytes], *, solid: bool = False
           ) -> list[tuple[int, int]]:
     """Write ``blobs`` into new packs of about PACK_SIZE bytes (SOLID_PACK raw bytes
@@ -1283,12 +1290,7 @@ def _pack(db: sqlite3.Connection, blobs: list[bytes], *, solid: bool = False
 
     def flush() -> None:
         codec, data = _chunks.solid(group) if solid else ("raw", b"".join(group))
-        pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
-                             (codec, sum(len(b) for b in group), data)).lastrowid
-        start = 0
-        for blob in group:
-            places.append((pack_id, start))
-            start += len(blob)
+        places.extend(_insert_pack(db, codec, [len(b) for b in group], data))
         group.clear()
 
     limit = _chunks.SOLID_PACK if solid else _chunks.PACK_SIZE
