@@ -1,10 +1,26 @@
-"""Shared fixtures: a private key folder per test, and a fresh vault file."""
+"""Shared fixtures: a private key folder per test, a fresh vault file, and sweep counts.
+
+Fault-injection sweeps (marked ``sweep``) run in every ``pytest`` at counts that
+meet issue #4's figures where that is cheap; ``pytest -m sweep --full`` runs them
+at their full counts (every bit flipped, more kill points), which takes longer.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 import modelvault
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the fault-injection sweeps at their full counts")
+
+
+@pytest.fixture
+def full(request) -> bool:
+    """True under ``pytest --full``: sweeps run every trial instead of the CI sample."""
+    return bool(request.config.getoption("--full"))
 
 
 @pytest.fixture(autouse=True)
