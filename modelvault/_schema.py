@@ -22,7 +22,7 @@ from ._errors import (
 
 # PRAGMA application_id: the bytes "MVLT", so `file` and SQLite tools can tell a vault apart.
 APPLICATION_ID = 0x4D564C54
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 TABLES = """
 CREATE TABLE models (
@@ -215,7 +215,7 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
     if version < FORMAT_VERSION:
         raise FormatVersionError(
             f"{path}: format version {version} was written by a pre-release of modelvault "
-            f"(0.1.0 development snapshot) that this version ({FORMAT_VERSION}) no longer reads")
+            f"(a 0.1.0 development snapshot) that this version ({FORMAT_VERSION}) no longer reads")
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{path}: format version {version} is newer than this modelvault reads "

@@ -157,8 +157,12 @@ def _digest(kind: str, layout: Any, parts: Sequence[dict[str, Any]]) -> str:
 
 
 def _manifest(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
-    """What a version's signature covers. The chunk list is covered through the digest."""
-    return {"id": row["uuid"], "name": row["name"], "version": row["version"],
+    """What a version's signature covers. The chunk list is covered through the digest.
+
+    Not the version number: it is a local name, like an alias, and merge() renumbers
+    a version whose number is taken. The uuid, name and created_at identify the version.
+    """
+    return {"id": row["uuid"], "name": row["name"],
             "kind": row["kind"], "digest": row["digest"], "created_at": row["created_at"],
             "description": row["description"], "metadata": _column_json(row, "metadata"),
             "environment": _column_json(row, "environment")}

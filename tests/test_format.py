@@ -363,7 +363,7 @@ def test_pickle_version_is_signed_and_rebuilt(tmp_path, _private_key_home):
         assert parts[1]["size"] == big.nbytes
         # Check the signature before unpickling.
         assert row["key_id"] == hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
-        manifest = {"id": row["uuid"], "name": row["name"], "version": row["version"],
+        manifest = {"id": row["uuid"], "name": row["name"],
                     "kind": row["kind"], "digest": row["digest"],
                     "created_at": row["created_at"], "description": row["description"],
                     "metadata": json.loads(row["metadata"]),
@@ -402,11 +402,11 @@ def test_file_settings_and_one_file_at_rest(tmp_path):
     header = path.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert header[68:72] == b"MVLT"
-    assert header[60:64] == (2).to_bytes(4, "big")
+    assert header[60:64] == (3).to_bytes(4, "big")
     assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
     with opened(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA page_size").fetchone()[0] == 65536
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
