@@ -22,7 +22,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
-from ._records import ModelInfo, ModelVersion, Problem, VaultStats
+from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
 from ._vault import Vault
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "FormatVersionError",
     "IntegrityError",
     "LockTimeout",
+    "MergeReport",
     "ModelInfo",
     "ModelVersion",
     "NotAVaultError",

@@ -309,6 +309,21 @@ def export_command(vault: Path, dest: Path, refs: tuple[str, ...]) -> None:
                f"({_human(dest.stat().st_size)})")
 
 
+@cli.command("merge")
+@vault_path
+@click.argument("other", type=click.Path(dir_okay=False, path_type=Path))
+def merge_command(vault: Path, other: Path) -> None:
+    """Bring every version of OTHER that VAULT lacks into VAULT; OTHER is not changed.
+
+    Versions are matched by id, so two copies of one vault that both changed (a sync
+    service's "conflicted copy") merge without loss. Numbers that clash are renumbered;
+    aliases and tags that differ stay as they are in VAULT. Both are listed.
+    """
+    with _open(vault) as v:
+        report = v.merge(other)
+    click.echo(str(report))
+
+
 @cli.command("gc")
 @vault_path
 def gc_command(vault: Path) -> None:

@@ -74,11 +74,9 @@ class ModelVersion:
         from . import _trust
 
         try:
-            manifest = {"id": self.id, "name": self.name, "version": self.version,
-                        "kind": self.kind, "digest": self.digest,
-                        "created_at": self.columns.created_at,
-                        "description": self.description, "metadata": self.metadata,
-                        "environment": self.environment}
+            manifest = _trust.manifest(self.id, self.name, self.kind, self.digest,
+                                       self.columns.created_at, self.description,
+                                       self.metadata, self.environment)
         except IntegrityError:
             manifest = None
         return _trust.signature_status(manifest, self.columns.key_id, self.columns.signature)
@@ -147,3 +145,21 @@ class Problem:
         where = f"{self.model}:{self.version}" if self.model is not None else "vault"
         chunk = f" chunk {self.chunk[:16]}" if self.chunk else ""
         return f"{where}{chunk}: {self.message}"
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What ``Vault.merge`` did: versions brought in, numbers changed, conflicts left."""
+
+    added: tuple[ModelVersion, ...]  # the versions brought in, as numbered here
+    renumbered: tuple[tuple[str, int, int], ...]  # (name, number there, number here)
+    conflicts: tuple[str, ...]  # aliases and tags that differ, kept as they are here
+
+    def __str__(self) -> str:
+        lines = [f"added {len(self.added)} version(s)"
+                 + (f", {len(self.renumbered)} renumbered" if self.renumbered else "")
+                 + (f", {len(self.conflicts)} conflict(s) kept as they are here"
+                    if self.conflicts else "")]
+        lines += [f"  {name}:{old} is {name}:{new} here" for name, old, new in self.renumbered]
+        lines += [f"  conflict: {c}" for c in self.conflicts]
+        return "\n".join(lines)

@@ -185,8 +185,7 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
 
 def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
                      readonly: bool) -> None:
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    if app_id == 0 and not readonly:
+    if conn.execute("PRAGMA application_id").fetchone()[0] == 0 and not readonly:
         # We may have just made the file, or another process may be making it right
         # now: decide under the write lock so two first opens cannot both create tables.
         # An empty file we did not create stays a NotAVaultError: it may be a failed copy.
@@ -200,7 +199,6 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
                         conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-                app_id = APPLICATION_ID
                 conn.execute("COMMIT")
             else:
                 # Nothing to write: committing would still give an empty file a SQLite
@@ -209,9 +207,16 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    check(conn, path)
+
+
+def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
+    """Refuse the database ``schema`` of ``conn`` unless it is a vault of our format
+    whose schema is exactly ours (``schema`` names an attached database, if not main)."""
+    app_id = conn.execute(f"PRAGMA {schema}.application_id").fetchone()[0]
     if app_id != APPLICATION_ID:
         raise NotAVaultError(f"{path}: not a modelvault file (application_id {app_id:#x})")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
     if version < FORMAT_VERSION:
         raise FormatVersionError(
             f"{path}: format version {version} was written by a pre-release of modelvault "
@@ -220,7 +225,7 @@ def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
         raise FormatVersionError(
             f"{path}: format version {version} is newer than this modelvault reads "
             f"({FORMAT_VERSION}); upgrade modelvault")
-    found = _schema_of(conn)
+    found = _schema_of(conn, schema)
     expected = _expected_schema()
     if found != expected:
         # Anything else (a trigger, a view, an edited column) could run SQL on our
@@ -236,11 +241,11 @@ def _has_journal(path: Path) -> bool:
     return Path(f"{path}-journal").exists()  # a stat, not an open(): no lock is disturbed
 
 
-def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tuple[str, str]]:
     """name -> (type, SQL with whitespace squeezed) of every schema object we could create."""
     try:
         # substr, not LIKE 'sqlite_%': LIKE's _ matches any character ("sqliteXevil").
-        rows = conn.execute("SELECT type, name, sql FROM sqlite_master "
+        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master "
                             "WHERE substr(name, 1, 7) <> 'sqlite_'").fetchall()
     except UnicodeDecodeError as exc:
         raise CorruptVaultError(f"schema text is not UTF-8: {exc}") from exc

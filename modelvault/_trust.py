@@ -135,6 +135,19 @@ def canonical_json(value: Any) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def manifest(uuid: str, name: str, kind: str, digest: str, created_at: str, description: str,
+             metadata: Any, environment: Any) -> dict[str, Any]:
+    """What a version's signature covers (docs/format.md, "The signature and keys").
+
+    Not the version number: it is a local name, like an alias, and merge renumbers a
+    version whose number is taken. The uuid, name and created_at identify the version;
+    the chunk list is covered through the digest.
+    """
+    return {"id": uuid, "name": name, "kind": kind, "digest": digest,
+            "created_at": created_at, "description": description, "metadata": metadata,
+            "environment": environment}
+
+
 def sign(key: bytes, manifest: dict[str, Any]) -> str:
     return hmac.new(key, canonical_json(manifest), hashlib.sha256).hexdigest()
 

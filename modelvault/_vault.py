@@ -26,7 +26,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
-from ._records import Columns, ModelInfo, ModelVersion, Problem, VaultStats
+from ._records import Columns, MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
 from ._refs import Ref, check_alias, check_name, parse_ref
 from ._serialize import Part
 
@@ -157,15 +157,9 @@ def _digest(kind: str, layout: Any, parts: Sequence[dict[str, Any]]) -> str:
 
 
 def _manifest(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
-    """What a version's signature covers. The chunk list is covered through the digest.
-
-    Not the version number: it is a local name, like an alias, and merge() renumbers
-    a version whose number is taken. The uuid, name and created_at identify the version.
-    """
-    return {"id": row["uuid"], "name": row["name"],
-            "kind": row["kind"], "digest": row["digest"], "created_at": row["created_at"],
-            "description": row["description"], "metadata": _column_json(row, "metadata"),
-            "environment": _column_json(row, "environment")}
+    return _trust.manifest(row["uuid"], row["name"], row["kind"], row["digest"],
+                           row["created_at"], row["description"],
+                           _column_json(row, "metadata"), _column_json(row, "environment"))
 
 
 def _column_json(row: sqlite3.Row | dict[str, Any], column: str) -> Any:
@@ -1078,41 +1072,268 @@ class Vault:
         with their models' rows, or every model's row if ``every_model``: a model whose
         versions were all deleted keeps its row, so that its numbers are not given out
         again, in a whole copy too."""
+        with self._attached(source) as db, self._write():
+            db.execute("CREATE TEMP TABLE wanted (id INTEGER PRIMARY KEY)")
+            db.executemany("INSERT INTO temp.wanted VALUES (?)", [(i,) for i in ids])
+            for table, where in (
+                    ("environments", "id IN (SELECT environment_id FROM src.versions "
+                                     "WHERE id IN temp.wanted)"),
+                    ("models", "1" if every_model else
+                     "id IN (SELECT model_id FROM src.versions WHERE id IN temp.wanted)"),
+                    ("versions", "id IN temp.wanted"),
+                    ("parts", "version_id IN temp.wanted")):
+                db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
+                           f"WHERE {where}")
+            copied = db.execute("SELECT count(*) FROM main.versions").fetchone()[0]
+            if copied != len(ids):  # deleted by another process since they were named
+                raise NotFoundError(f"{source}: {len(ids) - copied} of the versions to "
+                                    "export were deleted meanwhile; nothing was written")
+            needed = ("WITH RECURSIVE needed(id) AS (SELECT chunk_id FROM src.part_chunks "
+                      "WHERE version_id IN temp.wanted UNION SELECT c.base_id FROM "
+                      "src.chunks c JOIN needed ON c.id = needed.id "
+                      "WHERE c.base_id NOT NULL)")
+            db.execute(f"{needed} INSERT INTO main.packs SELECT * FROM src.packs WHERE id "
+                       "IN (SELECT pack_id FROM src.chunks WHERE id IN needed)")
+            db.execute(f"{needed} INSERT INTO main.chunks SELECT * FROM src.chunks "
+                       "WHERE id IN needed")
+            for table in ("part_chunks", "aliases", "tags"):
+                db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
+                           "WHERE version_id IN temp.wanted")
+            db.execute("DROP TABLE temp.wanted")
+
+    @contextmanager
+    def _attached(self, source: Path) -> Iterator[sqlite3.Connection]:
+        """The vault at ``source`` attached as ``src``: read-only and through SQLite, so
+        its locks are untouched, and read inside one transaction of ours, one snapshot."""
         db = self._db
-        # Read-only and through SQLite: the source's locks are untouched, and reading
-        # happens inside this transaction, so it sees one snapshot of the source.
         db.execute("ATTACH DATABASE ? AS src", (f"{source.absolute().as_uri()}?mode=ro",))
         try:
-            with self._write():
-                db.execute("CREATE TEMP TABLE wanted (id INTEGER PRIMARY KEY)")
-                db.executemany("INSERT INTO temp.wanted VALUES (?)", [(i,) for i in ids])
-                for table, where in (
-                        ("environments", "id IN (SELECT environment_id FROM src.versions "
-                                         "WHERE id IN temp.wanted)"),
-                        ("models", "1" if every_model else
-                         "id IN (SELECT model_id FROM src.versions WHERE id IN temp.wanted)"),
-                        ("versions", "id IN temp.wanted"),
-                        ("parts", "version_id IN temp.wanted")):
-                    db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
-                               f"WHERE {where}")
-                copied = db.execute("SELECT count(*) FROM main.versions").fetchone()[0]
-                if copied != len(ids):  # deleted by another process since they were named
-                    raise NotFoundError(f"{source}: {len(ids) - copied} of the versions to "
-                                        "export were deleted meanwhile; nothing was written")
-                needed = ("WITH RECURSIVE needed(id) AS (SELECT chunk_id FROM src.part_chunks "
-                          "WHERE version_id IN temp.wanted UNION SELECT c.base_id FROM "
-                          "src.chunks c JOIN needed ON c.id = needed.id "
-                          "WHERE c.base_id NOT NULL)")
-                db.execute(f"{needed} INSERT INTO main.packs SELECT * FROM src.packs WHERE id "
-                           "IN (SELECT pack_id FROM src.chunks WHERE id IN needed)")
-                db.execute(f"{needed} INSERT INTO main.chunks SELECT * FROM src.chunks "
-                           "WHERE id IN needed")
-                for table in ("part_chunks", "aliases", "tags"):
-                    db.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} "
-                               "WHERE version_id IN temp.wanted")
-                db.execute("DROP TABLE temp.wanted")
+            yield db
         finally:
             db.execute("DETACH DATABASE src")
+
+    @_api
+    def merge(self, other: str | os.PathLike[str] | Vault) -> MergeReport:
+        """Bring in every version of the vault ``other`` that this one lacks, copying only
+        the chunks this one lacks. ``other`` is read, never changed.
+
+        Versions are matched by id (``ModelVersion.id``), not number, so two copies of
+        one vault that both went on being used (a sync service's "conflicted copy")
+        merge without loss. A version brought in keeps its number unless a version here
+        holds it; from the first such clash on, a model's versions brought in are
+        numbered after this vault's last number, oldest first. An alias or tag that
+        differs between the two is left as it is here. The report lists the versions
+        added, the numbers changed and the conflicts.
+
+        Every chunk brought in is decoded and its hash checked first: a damaged ``other``
+        raises IntegrityError and nothing is merged.
+        """
+        source = Path(other.path if isinstance(other, Vault) else other)
+        if source.exists() and source.resolve() == self.path.resolve():
+            raise ValueError(f"{source} is the vault itself; merge another file into it")
+        # Opening it as a vault first gives the usual errors for a file that is not one
+        # (or that needs a writable open to roll back an interrupted write).
+        Vault(source, readonly=True, create=False).close()
+        with self._attached(source) as db, self._write():
+            _schema.check(db, source, "src")  # again, in the snapshot merged from
+            conflicts = [
+                f"{name}:{number}: the version with this id differs in {source.name} "
+                "(kept this one)" for name, number in db.execute(
+                    "SELECT m.name, v.version FROM main.versions v JOIN main.models m ON "
+                    "m.id = v.model_id JOIN src.versions s ON s.uuid = v.uuid "
+                    "WHERE s.digest IS NOT v.digest")]
+            models = self._merge_models(db, source)
+            renumbered = self._merge_numbers(db, models)
+            # Numbers they gave out (to versions since deleted, too) are not given out here.
+            db.executemany("UPDATE main.models SET last_version = max(last_version, ?) "
+                           "WHERE id = ?", [(last, model_id) for model_id, _, last
+                                            in models.values()])
+            offsets = self._merge_chunks(db)
+            self._merge_versions(db, offsets)
+            conflicts += self._merge_labels(db, source, models, offsets["versions"])
+            added = self._list("WHERE v.id > ? ORDER BY m.name, v.version",
+                               (offsets["versions"],))
+            for table in ("incoming", "needed"):
+                db.execute(f"DROP TABLE temp.{table}")
+        return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts))
+
+    @staticmethod
+    def _merge_models(db: sqlite3.Connection, source: Path
+                      ) -> dict[int, tuple[int, str, int]]:
+        """Our model row (added if missing) for each of ``src``'s, by their id: (our id,
+        name, their last_version)."""
+        models = {}
+        for src_id, name, created_at, last in db.execute(
+                "SELECT id, name, created_at, last_version FROM src.models").fetchall():
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise IntegrityError(f"{source}: {exc}") from exc
+            row = db.execute("SELECT id FROM main.models WHERE name = ?", (name,)).fetchone()
+            model_id = row[0] if row else db.execute(
+                "INSERT INTO main.models (name, created_at) VALUES (?, ?)",
+                (name, created_at)).lastrowid
+            models[src_id] = (model_id, name, last)
+        return models
+
+    def _merge_numbers(self, db: sqlite3.Connection,
+                       models: dict[int, tuple[int, str, int]]) -> list[tuple[str, int, int]]:
+        """Fill temp.incoming with the versions to bring in and their model, number and
+        environment here; returns the renumbered ones as (name, theirs, ours)."""
+        db.execute("CREATE TEMP TABLE incoming (src_id INTEGER PRIMARY KEY, model_id INTEGER, "
+                   "version INTEGER, environment_id INTEGER)")
+        rows = db.execute(
+            "SELECT s.id, s.model_id, s.version, s.created_at, e.json FROM src.versions s "
+            "LEFT JOIN src.environments e ON e.id = s.environment_id "
+            "WHERE s.uuid NOT IN (SELECT uuid FROM main.versions) "
+            "ORDER BY s.model_id, s.version").fetchall()
+        renumbered = []
+        for src_model, group in itertools.groupby(rows, key=lambda r: r[1]):
+            model_id, name, _ = models[src_model]
+            mine = list(group)
+            held = {r[0] for r in db.execute("SELECT version FROM main.versions "
+                                             "WHERE model_id = ?", (model_id,))}
+            clash = next((i for i, r in enumerate(mine) if r[2] in held), len(mine))
+            last = max(held | {db.execute("SELECT last_version FROM main.models WHERE id = ?",
+                                          (model_id,)).fetchone()[0]})
+            numbers = {r[0]: r[2] for r in mine[:clash]}
+            for r in sorted(mine[clash:], key=lambda r: (r[3], r[2])):
+                last += 1
+                numbers[r[0]] = last
+                renumbered.append((name, r[2], last))
+            db.executemany("INSERT INTO temp.incoming VALUES (?, ?, ?, ?)",
+                           [(r[0], model_id, numbers[r[0]],
+                             None if r[4] is None else self._environment_id(db, r[4]))
+                            for r in mine])
+            db.execute("UPDATE main.models SET last_version = max(last_version, ?) "
+                       "WHERE id = ?", (max(numbers.values()), model_id))
+        return renumbered
+
+    def _merge_chunks(self, db: sqlite3.Connection) -> dict[str, int]:
+        """Copy the chunks the incoming versions need and this vault lacks (by hash), with
+        their packs, check them, and tidy up; returns the id offsets of the copied rows."""
+        offsets = {table: db.execute(f"SELECT coalesce(max(id), 0) FROM main.{table}"
+                                     ).fetchone()[0] for table in ("chunks", "packs", "versions")}
+        # Chunks whose hash is here already are not copied, nor are their bases.
+        db.execute(
+            "CREATE TEMP TABLE needed AS WITH RECURSIVE needed(id) AS ("
+            "SELECT c.id FROM src.part_chunks pc JOIN src.chunks c ON c.id = pc.chunk_id "
+            "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming) "
+            "AND NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = c.hash) "
+            "UNION SELECT b.id FROM needed JOIN src.chunks c ON c.id = needed.id "
+            "JOIN src.chunks b ON b.id = c.base_id "
+            "WHERE NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = b.hash)) "
+            "SELECT id FROM needed")
+        db.execute("INSERT INTO main.packs SELECT id + ?, codec, size, data FROM src.packs "
+                   "WHERE id IN (SELECT pack_id FROM src.chunks WHERE id IN temp.needed)",
+                   (offsets["packs"],))
+        # A delta whose base is here already is a delta of our copy of it.
+        db.execute(
+            "INSERT INTO main.chunks SELECT c.id + :chunks, c.hash, c.size, c.codec, "
+            "c.itemsize, CASE WHEN c.base_id IS NULL THEN NULL "
+            "WHEN c.base_id IN temp.needed THEN c.base_id + :chunks "
+            "ELSE (SELECT m.id FROM main.chunks m JOIN src.chunks b ON b.hash = m.hash "
+            "WHERE b.id = c.base_id) END, c.pack_id + :packs, c.start, c.length "
+            "FROM src.chunks c WHERE c.id IN temp.needed", offsets)
+        cursor = db.execute(f"SELECT {_CHUNK_COLUMNS} FROM main.chunks c WHERE c.id > ? "
+                            "ORDER BY c.pack_id, c.start", (offsets["chunks"],))
+        for chunk_id, chunk_hash, problem in self._bad_chunks(map(tuple, cursor)):
+            raise IntegrityError(f"chunk {chunk_hash} of the vault merged in: {problem}; "
+                                 "nothing was merged", chunk=chunk_hash)
+        # A delta of a delta here may now lie deeper than ours ever do: store such
+        # chunks whole, so that chains stay short however often vaults are merged.
+        deep = [r[0] for r in db.execute(
+            "WITH RECURSIVE chain(id, top, depth) AS (SELECT id, id, 0 FROM main.chunks "
+            "WHERE id > ? AND base_id IS NOT NULL UNION ALL SELECT c.base_id, chain.top, "
+            "chain.depth + 1 FROM chain JOIN main.chunks c ON c.id = chain.id "
+            "WHERE c.base_id IS NOT NULL AND chain.depth <= ?) "
+            "SELECT top FROM chain GROUP BY top HAVING max(depth) > ?",
+            (offsets["chunks"], _MAX_CHAIN, 2 * DELTA_DEPTH))]
+        self._flatten(db, deep)
+        self._repack(db, after=offsets["packs"])
+        return offsets
+
+    def _flatten(self, db: sqlite3.Connection, ids: list[int]) -> None:
+        """Store the delta chunks ``ids`` whole, in new packs (chunks based on them are
+        unaffected: a chunk's bytes stay the same however they are stored)."""
+        for first in range(0, len(ids), _BATCH):
+            batch = db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
+                               f"({','.join('?' * len(ids[first:first + _BATCH]))})",
+                               ids[first:first + _BATCH]).fetchall()
+            jobs = self._jobs([tuple(r) for r in batch])
+            raws = [np.empty(job[1], dtype=np.uint8) for job in jobs]
+            self._map(lambda task: _decode(*task), zip(map(memoryview, raws), jobs))
+            encoded = self._map(_encode_job, [(memoryview(raw), row[4], None)
+                                              for raw, row in zip(raws, batch, strict=True)])
+            places = _pack(db, [data for _, _, data, _ in encoded])
+            db.executemany(
+                "UPDATE chunks SET codec = ?, itemsize = ?, base_id = NULL, pack_id = ?, "
+                "start = ?, length = ? WHERE id = ?",
+                [(codec, itemsize, *place, len(data), row[0]) for (codec, itemsize, data, _),
+                 place, row in zip(encoded, places, batch, strict=True)])
+
+    @staticmethod
+    def _merge_versions(db: sqlite3.Connection, offsets: dict[str, int]) -> None:
+        """Copy the incoming versions' rows, parts and chunk lists, ids shifted past ours."""
+        shift = offsets["versions"]
+        db.execute(
+            "INSERT INTO main.versions SELECT v.id + ?, v.uuid, i.model_id, i.version, "
+            "v.created_at, v.kind, v.layout, v.size, v.added_bytes, v.digest, v.description, "
+            "v.metadata, i.environment_id, v.key_id, v.signature "
+            "FROM src.versions v JOIN temp.incoming i ON i.src_id = v.id", (shift,))
+        db.execute("INSERT INTO main.parts SELECT version_id + ?, part, kind, name, dtype, "
+                   "shape, fortran_order, itemsize, size FROM src.parts "
+                   "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))
+        copied = db.execute(
+            "INSERT INTO main.part_chunks SELECT pc.version_id + ?, pc.part, pc.seq, "
+            "(SELECT m.id FROM main.chunks m WHERE m.hash = c.hash) FROM src.part_chunks pc "
+            "JOIN src.chunks c ON c.id = pc.chunk_id "
+            "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming)", (shift,)).rowcount
+        listed = db.execute("SELECT count(*) FROM src.part_chunks WHERE version_id IN "
+                            "(SELECT src_id FROM temp.incoming)").fetchone()[0]
+        if copied != listed:
+            raise IntegrityError(f"{listed - copied} chunk(s) that versions of the vault "
+                                 "merged in list are missing from it; nothing was merged")
+
+    @staticmethod
+    def _merge_labels(db: sqlite3.Connection, source: Path,
+                      models: dict[int, tuple[int, str, int]], shift: int) -> list[str]:
+        """Bring in aliases and tags this vault lacks; returns the ones that differ."""
+        conflicts = []
+        db.execute("INSERT INTO main.tags SELECT version_id + ?, key, value FROM src.tags "
+                   "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))
+        for version_id, name, number, key, theirs, ours in db.execute(
+                "SELECT v.id, m.name, v.version, t.key, t.value, o.value FROM src.tags t "
+                "JOIN src.versions s ON s.id = t.version_id JOIN main.versions v ON "
+                "v.uuid = s.uuid JOIN main.models m ON m.id = v.model_id LEFT JOIN main.tags "
+                "o ON o.version_id = v.id AND o.key = t.key WHERE s.id NOT IN "
+                "(SELECT src_id FROM temp.incoming)").fetchall():
+            if ours is None:
+                db.execute("INSERT INTO main.tags VALUES (?, ?, ?)", (version_id, key, theirs))
+            elif ours != theirs:
+                conflicts.append(f"{name}:{number} tag {key}: {ours!r} here, {theirs!r} in "
+                                 f"{source.name}")
+        for src_model, alias, version_id, number in db.execute(
+                "SELECT a.model_id, a.alias, v.id, v.version FROM src.aliases a "
+                "JOIN src.versions s ON s.id = a.version_id AND s.model_id = a.model_id "
+                "JOIN main.versions v ON v.uuid = s.uuid").fetchall():
+            model_id, name, _ = models[src_model]
+            here = db.execute("SELECT v.id, v.version FROM main.aliases a JOIN main.versions "
+                              "v ON v.id = a.version_id WHERE a.model_id = ? AND a.alias = ?",
+                              (model_id, alias)).fetchone()
+            try:
+                check_alias(alias)
+            except ValueError:
+                conflicts.append(f"{name}@{alias} in {source.name} is not a valid alias "
+                                 "(left out)")
+                continue
+            if here is None:
+                db.execute("INSERT INTO main.aliases VALUES (?, ?, ?)",
+                           (model_id, alias, version_id))
+            elif here[0] != version_id:
+                conflicts.append(f"{name}@{alias}: {name}:{here[1]} here, {name}:{number} in "
+                                 f"{source.name} (numbered here)")
+        return conflicts
 
     # -- housekeeping -----------------------------------------------------------
 
@@ -1140,11 +1361,12 @@ class Vault:
             after = self._file_bytes()
         return before - after
 
-    def _repack(self, db: sqlite3.Connection) -> None:
-        """Move the live chunks of packs that are mostly dead space into new packs."""
+    def _repack(self, db: sqlite3.Connection, *, after: int = 0) -> None:
+        """Move the live chunks of packs (with ids above ``after``) that are mostly dead
+        space into new packs."""
         sparse = [r[0] for r in db.execute(
-            "SELECT p.id FROM packs p JOIN chunks c ON c.pack_id = p.id GROUP BY p.id "
-            "HAVING 2 * sum(c.length) < p.size")]
+            "SELECT p.id FROM packs p JOIN chunks c ON c.pack_id = p.id WHERE p.id > ? "
+            "GROUP BY p.id HAVING 2 * sum(c.length) < p.size", (after,))]
         for first in range(0, len(sparse), 4):  # at most 4 solid packs' content at a time
             ids = sparse[first:first + 4]
             marks = ",".join("?" * len(ids))
@@ -1208,17 +1430,23 @@ class Vault:
                 problems.append(Problem(str(exc), name, number, exc.chunk))
         cursor = db.execute(f"{_LIVE_CHUNKS} SELECT {_CHUNK_COLUMNS} FROM chunks c "
                             "WHERE c.id IN live ORDER BY c.pack_id, c.start")
+        for chunk_id, chunk_hash, problem in self._bad_chunks(map(tuple, cursor)):
+            name, number = users.get(chunk_id, (None, None))
+            problems.append(Problem(f"chunk {chunk_hash}: {problem}", name, number,
+                                    chunk_hash))
+        return problems
+
+    def _bad_chunks(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, str, str]]:
+        """Decode chunk rows (``_CHUNK_COLUMNS`` order) and check their hashes; yields
+        (id, hash, problem) for each one that fails."""
         packs: dict[int, bytes] = {}
-        for batch in _runs(map(tuple, cursor), lambda r: _chunks.check_size(r[2])):
+        for batch in _runs(rows, lambda r: _chunks.check_size(r[2])):
             tasks = [(memoryview(np.empty(_chunks.check_size(job[1]), dtype=np.uint8)), job)
                      for job in self._jobs(batch, packs)]
-            owners = {r[1]: r[0] for r in batch}
+            ids = {r[1]: r[0] for r in batch}
             for error in self._map(_decode_checked, tasks):
                 if error is not None:
-                    name, number = users.get(owners[error[0]], (None, None))
-                    problems.append(Problem(f"chunk {error[0]}: {error[1]}", name, number,
-                                            error[0]))
-        return problems
+                    yield ids[error[0]], error[0], error[1]
 
     @_api
     @_snapshot
