@@ -224,6 +224,39 @@ class VaultMachine(RuleBasedStateMachine):
         assert {v.ref: (v.id, v.digest, v.aliases, v.tags)
                 for v in self.vault.versions()} == before
 
+    @rule(data=st.data(), name=st.sampled_from(NAMES), theirs=VALUES, ours=st.none() | VALUES,
+          alias=st.none() | st.sampled_from(ALIASES), forget=st.booleans())
+    def merge_a_conflicted_copy(self, data, name, theirs, ours, alias, forget):
+        # A copy goes its own way (one save, maybe moving an alias); here a version may
+        # be deleted and one saved. Merging the copy back loses nothing: the deleted
+        # version returns with its number, theirs gets a new number if ours took it.
+        side_path = self.folder / "side.vault"
+        self.vault.export(side_path)
+        with modelvault.open(side_path) as side:
+            number = side.save(name, theirs, aliases=[alias] if alias else ()).version
+        forgotten = None
+        if forget and self._has_versions():
+            forgotten = self._pick_version(data)
+            self.vault.delete("{}:{}".format(*forgotten))  # the model keeps it: it comes back
+        entry = self.model.models.setdefault(
+            name, {"next": 1, "versions": {}, "aliases": {}, "tags": {}})
+        if ours is not None:
+            self.save(name, ours, None)
+        report = self.vault.merge(side_path)
+        expected = number if number not in entry["versions"] else entry["next"]
+        assert report.renumbered == (((name, number, expected),) if expected != number else ())
+        assert sorted(v.ref for v in report.added) == sorted(
+            [f"{name}:{expected}"] + (["{}:{}".format(*forgotten)] if forgotten else []))
+        entry["next"] = expected + 1
+        entry["versions"][expected] = theirs
+        entry["tags"][expected] = {}
+        if alias:
+            ours_kept = alias in entry["aliases"] and (name, entry["aliases"][alias]) != forgotten
+            if not ours_kept:
+                entry["aliases"][alias] = expected
+        assert self.vault.merge(side_path).added == ()  # again: nothing left to bring
+        os.unlink(side_path)
+
     # -- invariants ----------------------------------------------------------------
 
     @invariant()
