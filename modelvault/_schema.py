@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 from ._errors import (
@@ -136,6 +137,8 @@ ORDER BY m.name;
 # twice as fast as with 4 KiB pages, for ~1 % of the file. The cost is a larger empty
 # vault (one page per table and index: ~1.2 MB). It must be set before the first table.
 PAGE_SIZE = 65536
+# The longest string or blob SQLite may hand us (SQLITE_LIMIT_LENGTH).
+MAX_VALUE = 64 * 1024 * 1024
 
 
 def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
@@ -147,13 +150,13 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
     """
     path = Path(path)
     # os.stat, unlike open(), takes no file descriptor and so cannot drop SQLite's POSIX locks.
-    exists = path.exists()
-    if (readonly or not create) and not exists:
-        raise NotAVaultError(f"{path}: no such vault")
-    if exists and path.is_dir():
+    if not path.exists():
+        if readonly or not create:
+            raise NotAVaultError(f"{path}: no such vault")
+        _create(path)
+    if path.is_dir():
         raise NotAVaultError(f"{path}: is a directory, not a vault file")
-    mode = "ro" if readonly else ("rw" if exists else "rwc")
-    uri = f"{path.absolute().as_uri()}?mode={mode}"
+    uri = f"{path.absolute().as_uri()}?mode={'ro' if readonly else 'rw'}"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout,
                                check_same_thread=False)
@@ -162,12 +165,10 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
     try:
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA foreign_keys = ON")
-        if not exists:
-            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            # Lets gc() return freed pages to the file system without a full VACUUM copy.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            conn.execute("PRAGMA journal_mode = DELETE")
-        _check_or_create(conn, path, created=not exists, readonly=readonly)
+        # Nothing we read or write comes near this (packs are at most 8 MiB): a damaged
+        # or hostile file declaring a gigabyte string gets an error, not our memory.
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE)
+        check(conn, path)
     except sqlite3.Error as exc:
         conn.close()
         error = translate(exc, path)
@@ -183,31 +184,62 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
     return conn
 
 
-def _check_or_create(conn: sqlite3.Connection, path: Path, *, created: bool,
-                     readonly: bool) -> None:
-    if conn.execute("PRAGMA application_id").fetchone()[0] == 0 and not readonly:
-        # We may have just made the file, or another process may be making it right
-        # now: decide under the write lock so two first opens cannot both create tables.
-        # An empty file we did not create stays a NotAVaultError: it may be a failed copy.
-        conn.execute("BEGIN IMMEDIATE")
+def _create(path: Path) -> None:
+    """Make an empty vault at ``path`` in one step: built beside it, then linked into
+    place. No process ever sees a vault half made, so an empty or headerless file at
+    ``path`` is never one being created: it is refused (it may be a failed copy). If
+    another process creates the vault first, theirs is kept."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.creating")
+    try:
+        conn = sqlite3.connect(partial, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+    try:
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and objects == 0 and created:
-                for statement in (TABLES + VIEWS).split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-                conn.execute("COMMIT")
-            else:
-                # Nothing to write: committing would still give an empty file a SQLite
-                # header, so a failed open would change a file that is not ours.
-                conn.execute("ROLLBACK")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    check(conn, path)
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            # Lets gc() return freed pages to the file system without a full VACUUM copy.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = DELETE")
+            conn.execute("BEGIN")
+            for statement in (TABLES + VIEWS).split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        fsync(partial)
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (FAT, some shares): copy in, first one wins
+            try:
+                with open(path, "xb") as out, open(partial, "rb") as built:
+                    out.write(built.read())
+                    out.flush()
+                    os.fsync(out.fileno())
+            except FileExistsError:
+                pass
+        fsync(path.parent, directory=True)
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+    except OSError as exc:
+        raise NotAVaultError(f"{path}: cannot create ({exc})") from exc
+    finally:
+        for leftover in (partial, Path(f"{partial}-journal")):
+            leftover.unlink(missing_ok=True)
+
+
+def fsync(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Flush a file no connection holds open (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 
 def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
@@ -271,6 +303,9 @@ def translate(exc: sqlite3.Error, path: object = None) -> VaultError:
         return LockTimeout(f"{where}timed out waiting for another process's lock ({message})")
     if "readonly" in lowered or "read-only" in lowered:
         return ReadOnlyError(f"{where}vault is read-only ({message})")
+    if "too big" in lowered:  # beyond MAX_VALUE: more than modelvault ever writes
+        return CorruptVaultError(f"{where}vault file holds a value larger than modelvault "
+                                 f"writes: damaged or not made by modelvault ({message})")
     if "file is not a database" in lowered:
         return NotAVaultError(f"{where}not a modelvault file ({message})")
     if ("malformed" in lowered or "corrupt" in lowered or "disk i/o" in lowered

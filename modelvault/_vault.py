@@ -55,6 +55,9 @@ _CHUNK_COLUMNS = ("c.id, c.hash, c.size, c.codec, c.itemsize, c.base_id, c.pack_
 _LIVE_CHUNKS = """WITH RECURSIVE live(id) AS (
     SELECT chunk_id FROM part_chunks
     UNION SELECT c.base_id FROM chunks c JOIN live ON c.id = live.id WHERE c.base_id NOT NULL)"""
+# Metadata and descriptions are for numbers and notes: far below what readers accept
+# of a text column (_schema.MAX_VALUE), so whatever we write, we read back.
+_MAX_TEXT = 16 * 1024 * 1024
 _WORKERS = min(4, os.cpu_count() or 1)
 # Connections inherited across fork(), never closed in the child (see Vault._db).
 _INHERITED: list[sqlite3.Connection] = []
@@ -136,7 +139,11 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
         value = json.loads(json.dumps(dict(metadata), default=_json_default, allow_nan=False))
     except ValueError as exc:
         raise ValueError(f"metadata is not valid JSON: {exc}") from exc
-    return json.dumps(value, sort_keys=True)
+    text = json.dumps(value, sort_keys=True)
+    if len(text) > _MAX_TEXT:
+        raise ValueError(f"metadata is {len(text):,} characters of JSON; the limit is "
+                         f"{_MAX_TEXT:,} (store large things as a model of their own)")
+    return text
 
 
 def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
@@ -380,6 +387,9 @@ class Vault:
         tag_items = [(k, v) for k, v in _tag_items(tags) if v is not None]
         if not isinstance(description, str):
             raise TypeError("description must be a string")
+        if len(description) > _MAX_TEXT:
+            raise ValueError(f"description is {len(description):,} characters; the limit is "
+                             f"{_MAX_TEXT:,}")
         metadata_json = _metadata_json(metadata)
         # What the pickle imports decides which package versions the environment records.
         imports = _trust.own_pickle_imports(
@@ -1058,9 +1068,9 @@ class Vault:
             with Vault(partial, timeout=self._timeout, progress=False) as copy:
                 copy._copy_from(self.path, ids, every_model=refs is None)
                 copy.gc()  # repacks the packs that came along with chunks left behind
-            _fsync(partial)
+            _schema.fsync(partial)
             os.replace(partial, dest)
-            _fsync(dest.parent, directory=True)
+            _schema.fsync(dest.parent, directory=True)
         finally:
             for leftover in (partial, f"{partial}-journal"):
                 if os.path.exists(leftover):
@@ -1462,15 +1472,6 @@ class Vault:
         return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
                           unique_bytes=unique, stored_bytes=stored,
                           file_bytes=self._file_bytes())
-
-
-def _fsync(path: str | os.PathLike[str], *, directory: bool = False) -> None:
-    """Flush a file we do not hold open in SQLite (or a folder's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Background:

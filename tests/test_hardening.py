@@ -238,3 +238,57 @@ def test_extract_of_an_object_says_to_use_load(vault, tmp_path):
     vault.save("obj", {"a set": {1}})
     with pytest.raises(ValueError, match="use load"):
         vault.extract("obj", tmp_path / "out")
+
+
+def _open_and_save(path, home, index, barrier):
+    import os
+
+    os.environ["MODELVAULT_HOME"] = home
+    barrier.wait()
+    with modelvault.open(path) as vault:
+        vault.save(f"m{index}", [index])
+
+
+def test_processes_creating_one_vault_at_once_all_get_it(tmp_path):
+    # The vault is built beside its path and linked into place, so no process sees it
+    # half made (an empty file would be refused as "not a vault").
+    import os
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        path = tmp_path / f"new{round_}.vault"
+        barrier = context.Barrier(4)
+        children = [context.Process(target=_open_and_save, args=(
+            str(path), os.environ["MODELVAULT_HOME"], i, barrier)) for i in range(4)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(120)
+        assert [c.exitcode for c in children] == [0] * 4
+        with modelvault.open(path) as vault:
+            assert [m.name for m in vault.models()] == ["m0", "m1", "m2", "m3"]
+        assert sorted(os.listdir(tmp_path)) == sorted(f"new{i}.vault" for i in range(round_ + 1))
+
+
+def test_a_value_larger_than_we_write_is_refused_not_read(vault_path):
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", [1])
+    with sqlite3.connect(vault_path) as db:  # 100 MB of metadata: more than saves allow
+        db.execute("UPDATE versions SET metadata = '\"' || printf('%.*c', 100000000, 'x') || '\"'")
+    db.close()
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(modelvault.CorruptVaultError, match="larger than modelvault writes"):
+            vault.get("m")
+        with pytest.raises(modelvault.CorruptVaultError):
+            vault.load("m")
+
+
+def test_metadata_and_descriptions_have_a_limit(vault, monkeypatch):
+    from modelvault import _vault
+
+    monkeypatch.setattr(_vault, "_MAX_TEXT", 1000)
+    with pytest.raises(ValueError, match="limit"):
+        vault.save("m", [1], metadata={"curve": list(range(1000))})
+    with pytest.raises(ValueError, match="limit"):
+        vault.save("m", [1], description="x" * 1001)
+    assert vault.save("m", [1], metadata={"auc": 0.9}).version == 1
