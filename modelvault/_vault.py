@@ -451,7 +451,8 @@ class Vault:
                 "INSERT OR REPLACE INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
                 [(model_id, a, version_id) for a in aliases])
             db.execute("UPDATE models SET last_version = ? WHERE id = ?", (number, model_id))
-        return self._get(Ref(name, version=number))
+            # Read before the commit: once it is in, another process may delete it.
+            return self._get(Ref(name, version=number))
 
     @staticmethod
     def _environment_id(db: sqlite3.Connection, text: str) -> int:
@@ -983,7 +984,7 @@ class Vault:
             row = self._resolve(_as_ref(ref))
             db.execute("INSERT OR REPLACE INTO aliases (model_id, alias, version_id) "
                        "SELECT model_id, ?, id FROM versions WHERE id = ?", (alias, row["id"]))
-        return self._get(Ref(row["name"], version=row["version"]))
+            return self._get(Ref(row["name"], version=row["version"]))
 
     @_api
     def unalias(self, name: str, alias: str) -> None:
@@ -1012,7 +1013,7 @@ class Vault:
                 else:
                     db.execute("INSERT OR REPLACE INTO tags (version_id, key, value) "
                                "VALUES (?, ?, ?)", (row["id"], key, value))
-        return self._get(Ref(row["name"], version=row["version"]))
+            return self._get(Ref(row["name"], version=row["version"]))
 
     @_api
     def delete(self, ref: str | ModelVersion) -> int:

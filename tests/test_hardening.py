@@ -292,3 +292,32 @@ def test_metadata_and_descriptions_have_a_limit(vault, monkeypatch):
     with pytest.raises(ValueError, match="limit"):
         vault.save("m", [1], description="x" * 1001)
     assert vault.save("m", [1], metadata={"auc": 0.9}).version == 1
+
+
+@pytest.mark.parametrize("operation", ["save", "alias", "tag"])
+def test_a_write_reads_the_record_it_returns_before_its_commit(vault_path, monkeypatch,
+                                                              operation):
+    # Read after the commit, the record could be gone: another process may delete the
+    # version in between, and a save that succeeded would raise NotFoundError.
+    from modelvault._vault import Vault
+
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", [1])
+        original, outcomes = Vault._get, []
+
+        def racing_get(self, ref):
+            if self is vault:
+                with modelvault.open(vault_path, timeout=0.1) as other:
+                    try:
+                        other.delete("m")
+                        outcomes.append("deleted")
+                    except LockTimeout:
+                        outcomes.append("locked out")
+            return original(self, ref)
+
+        monkeypatch.setattr(Vault, "_get", racing_get)
+        record = {"save": lambda: vault.save("m", [2]),
+                  "alias": lambda: vault.alias("m:1", "prod"),
+                  "tag": lambda: vault.tag("m:1", stage="x")}[operation]()
+        assert outcomes == ["locked out"]
+        assert record.name == "m"
