@@ -13,6 +13,7 @@ from typing import Any
 
 from ._errors import (
     CorruptVaultError,
+    DiskFullError,
     FormatVersionError,
     IntegrityError,
     LockTimeout,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CorruptVaultError",
+    "DiskFullError",
     "FormatVersionError",
     "IntegrityError",
     "LockTimeout",

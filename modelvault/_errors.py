@@ -76,3 +76,10 @@ class LockTimeout(VaultError, TimeoutError):
 
 class ReadOnlyError(VaultError):
     """A write was attempted on a vault that can only be read."""
+
+
+class DiskFullError(VaultError, OSError):
+    """A write could not be made: the disk is full, or a quota or file-size limit was hit.
+
+    The write is rolled back as a whole; the vault holds what it held before.
+    """

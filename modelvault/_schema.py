@@ -7,13 +7,16 @@ FORMAT_VERSION whenever a reader of the old format would misread the new one.
 from __future__ import annotations
 
 import functools
+import glob
 import os
+import socket
 import sqlite3
 import threading
 from pathlib import Path
 
 from ._errors import (
     CorruptVaultError,
+    DiskFullError,
     FormatVersionError,
     LockTimeout,
     NotAVaultError,
@@ -169,6 +172,8 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
         # or hostile file declaring a gigabyte string gets an error, not our memory.
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE)
         check(conn, path)
+        if not readonly:
+            _remove_cold_journal(conn, path, timeout)
     except sqlite3.Error as exc:
         conn.close()
         error = translate(exc, path)
@@ -184,12 +189,65 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
     return conn
 
 
+def _remove_cold_journal(conn: sqlite3.Connection, path: Path, timeout: float) -> None:
+    """Delete a journal that holds nothing to roll back.
+
+    A write killed before SQLite first wrote to the database leaves a journal whose
+    header was never written: a "cold" one, which SQLite rightly ignores, and leaves
+    there until the next write. Until then the vault would be two files, and a copy of
+    the folder would carry the stray one along. Taking the write lock rolls back a hot
+    journal; a journal still there while we hold the lock belongs to no writer. The lock
+    is tried without waiting: if another process holds it, the journal is theirs.
+    """
+    if not _has_journal(path):
+        return
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        Path(f"{path}-journal").unlink(missing_ok=True)
+    finally:
+        conn.execute("COMMIT")
+
+
+def scratch_path(path: Path, suffix: str) -> Path:
+    """A file beside ``path`` to build it in, named by host, process and thread.
+
+    Scratch files of processes on this host that no longer run (killed mid-build) are
+    deleted first, with their journals; another host's (seen through a synced folder)
+    are left alone, since its process may still be writing.
+    """
+    prefix = f".{path.name}.{socket.gethostname()}."
+    # "." + prefix: the scratch file a scratch file was itself created in (see _create).
+    for start in (prefix, f".{prefix}"):
+        for old in path.parent.glob(f"{glob.escape(start)}*{suffix}*"):
+            pid = old.name[len(start):].split(".", 1)[0]
+            if pid.isdigit() and not _running(int(pid)):
+                old.unlink(missing_ok=True)
+    return path.with_name(f"{prefix}{os.getpid()}.{threading.get_ident()}{suffix}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _create(path: Path) -> None:
     """Make an empty vault at ``path`` in one step: built beside it, then linked into
     place. No process ever sees a vault half made, so an empty or headerless file at
     ``path`` is never one being created: it is refused (it may be a failed copy). If
     another process creates the vault first, theirs is kept."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.creating")
+    partial = scratch_path(path, ".creating")
     try:
         conn = sqlite3.connect(partial, isolation_level=None)
     except sqlite3.Error as exc:
@@ -294,11 +352,21 @@ def _expected_schema() -> dict[str, tuple[str, str]]:
         conn.close()
 
 
+# SQLITE_FULL, and the write-side I/O errors SQLite reports when the file system refuses
+# a write for want of room: a quota (EDQUOT) or a file-size limit (EFBIG, FAT32's 4 GiB)
+# come back as SQLITE_IOERR_WRITE/FSYNC/TRUNCATE, not as SQLITE_FULL.
+_WRITE_REFUSED = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_FSYNC,
+                  sqlite3.SQLITE_IOERR_DIR_FSYNC, sqlite3.SQLITE_IOERR_TRUNCATE}
+
+
 def translate(exc: sqlite3.Error, path: object = None) -> VaultError:
     """Map a sqlite3 exception onto our exception tree."""
     message = str(exc)
     where = f"{path}: " if path is not None else ""
     lowered = message.lower()
+    if getattr(exc, "sqlite_errorcode", None) in _WRITE_REFUSED:
+        return DiskFullError(f"{where}could not write: the disk is full, or a quota or "
+                             f"file-size limit was hit ({message}); nothing was changed")
     if "locked" in lowered or "busy" in lowered:
         return LockTimeout(f"{where}timed out waiting for another process's lock ({message})")
     if "readonly" in lowered or "read-only" in lowered:

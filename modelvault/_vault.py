@@ -1051,8 +1051,6 @@ class Vault:
         complete new one: the way to publish a vault into a synced folder or attach it
         to an email. Signatures, aliases and tags go along; so do version numbers.
         """
-        import tempfile
-
         dest = Path(dest)
         if dest.exists() and dest.resolve() == self.path.resolve():
             raise ValueError(f"{dest} is the vault itself; export to another file")
@@ -1061,10 +1059,7 @@ class Vault:
                 ids = [r[0] for r in self._db.execute("SELECT id FROM versions")]
             else:
                 ids = sorted({self._resolve(_as_ref(ref))["id"] for ref in refs})
-        fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial",
-                                       dir=dest.parent)
-        os.close(fd)
-        os.unlink(partial)  # SQLite makes the file, with our page size
+        partial = _schema.scratch_path(dest, ".partial")
         try:
             with Vault(partial, timeout=self._timeout, progress=False) as copy:
                 copy._copy_from(self.path, ids, every_model=refs is None)

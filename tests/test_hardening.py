@@ -321,3 +321,27 @@ def test_a_write_reads_the_record_it_returns_before_its_commit(vault_path, monke
                   "tag": lambda: vault.tag("m:1", stage="x")}[operation]()
         assert outcomes == ["locked out"]
         assert record.name == "m"
+
+
+def test_scratch_files_of_dead_processes_on_this_host_are_swept(tmp_path, vault):
+    import os
+    import socket
+    import subprocess
+
+    vault.save("m", [1])
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    pid = finished.pid  # a process that no longer runs
+    host = socket.gethostname()
+    stale = [tmp_path / f".copy.vault.{host}.{pid}.1.partial",
+             tmp_path / f".copy.vault.{host}.{pid}.1.partial-journal",
+             tmp_path / f"..copy.vault.{host}.{pid}.1.partial.{host}.{pid}.1.creating",
+             tmp_path / f".new.vault.{host}.{pid}.1.creating"]
+    kept = [tmp_path / f".copy.vault.other-host.{pid}.1.partial",  # maybe still writing
+            tmp_path / f".copy.vault.{host}.{os.getpid()}.1.partial"]  # a live process's
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    vault.export(tmp_path / "copy.vault")
+    modelvault.open(tmp_path / "new.vault").close()
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
