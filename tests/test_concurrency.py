@@ -7,8 +7,9 @@ Issue #4's concurrency rows, with counted results:
   and no reader ever sees a version that is not whole;
 * gc in a loop while other processes save and delete: content whose chunks are
   garbage is saved again (the save reuses the garbage chunk rows), fine-tunes are
-  stored as deltas whose base versions get deleted; after every round each surviving
-  save loads exactly and verify() finds nothing.
+  stored as deltas whose base versions get deleted, and a reader loads the latest
+  fine-tunes meanwhile; after every round each surviving save loads exactly and
+  verify() finds nothing.
 
 Every child is a spawned process with its own connection. A child does not stop at an
 exception: it records it (and whether it was a busy/locked error) and carries on, so
@@ -361,7 +362,8 @@ def _gc_writer(report, path: str, writer: int, inbox, revived, tunes: int) -> No
             for j in range(tunes):
                 state = _tweak(state, [SEED, 5, writer, round_, j])
                 with errors.catch(f"round {round_}: tune {j}"):
-                    mv = vault.save(f"tune/{writer}", {"w": state})
+                    mv = vault.save(f"tune/{writer}", {"w": state},
+                                    metadata={"sha": _sha(state)})
                     saves.append((mv.name, mv.version, _sha(state), mv.added_bytes))
             report(round_, saves=saves, **errors.report())
 
@@ -386,6 +388,32 @@ def _deleter(report, path: str, inbox, done) -> None:
                     break
                 time.sleep(0.02)  # leave the lock to the writers most of the time
             report(round_, deleted=deleted, **errors.report())
+
+
+def _tune_reader(report, path: str, inbox, done, writers: int) -> None:
+    """Each round, until the writers are done: load the latest fine-tune of each writer
+    while the deleter and gc work on the chunks under it (gc repacks packs that the
+    deletes left mostly empty). A version deleted between get() and load() is gone, not
+    an error; a load that does not match the version's metadata is."""
+    with modelvault.open(path) as vault:
+        report("ready")
+        for round_, _ in iter(inbox.get, None):
+            errors = _Errors()
+            loads = gone = 0
+            bad = []
+            while not done.is_set():
+                for w in range(writers):
+                    with errors.catch(f"round {round_}: load"):
+                        try:
+                            mv = vault.get(f"tune/{w}")
+                            array = vault.load(mv)["w"]
+                        except modelvault.NotFoundError:
+                            gone += 1
+                            continue
+                        loads += 1
+                        if _sha(array) != mv.metadata["sha"]:
+                            bad.append(mv.ref)
+            report(round_, loads=loads, gone=gone, bad=bad, **errors.report())
 
 
 def _collector(report, path: str, inbox, done, revived, writers: int) -> None:
@@ -444,7 +472,7 @@ def test_gc_while_other_processes_save_reused_garbage_and_deltas(tmp_path, full)
     ctx = multiprocessing.get_context("spawn")
     out, done, revived = ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
     home = os.environ["MODELVAULT_HOME"]
-    inboxes = [ctx.Queue() for _ in range(writers + 2)]
+    inboxes = [ctx.Queue() for _ in range(writers + 3)]
     procs = [ctx.Process(target=_child, name=f"writer {w}",
                          args=(_gc_writer, out, home, path, w, inboxes[w], revived, tunes))
              for w in range(writers)]
@@ -452,9 +480,12 @@ def test_gc_while_other_processes_save_reused_garbage_and_deltas(tmp_path, full)
                              args=(_deleter, out, home, path, inboxes[writers], done)))
     procs.append(ctx.Process(target=_child, name="gc", args=(
         _collector, out, home, path, inboxes[writers + 1], done, revived, writers)))
+    procs.append(ctx.Process(target=_child, name="reader", args=(
+        _tune_reader, out, home, path, inboxes[writers + 2], done, writers)))
 
     totals = {"saves": 0, "revives_reusing_garbage_sure": 0, "revives_reusing_garbage_race": 0,
               "deletes": 0, "gc_runs": 0, "gc_runs_while_saving": 0, "gc_freed": 0,
+              "reader_loads": 0, "reader_found_deleted": 0,
               "errors": 0, "busy": 0, "rounds_with_deltas": 0,
               "rounds_with_base_only_chunks": 0}
     returned: dict[tuple[str, int], str] = {}  # (model, version) -> sha of what was saved
@@ -478,9 +509,9 @@ def test_gc_while_other_processes_save_reused_garbage_and_deltas(tmp_path, full)
                 inbox.put((round_, wait))
             saved = reports.take(procs[:writers], round_)
             done.set()
-            deleter, collector = reports.take(procs[writers:], round_)
+            deleter, collector, reader = reports.take(procs[writers:], round_)
 
-            for r in (*saved, deleter, collector):
+            for r in (*saved, deleter, collector, reader):
                 totals["errors"] += r["errors"]
                 totals["busy"] += r["busy"]
                 assert r["errors"] == 0, f"{where}: {r['who']}:\n" + "\n".join(
@@ -500,6 +531,9 @@ def test_gc_while_other_processes_save_reused_garbage_and_deltas(tmp_path, full)
             totals["gc_runs"] += collector["runs"]
             totals["gc_runs_while_saving"] += collector["runs"] - 1  # the last ran after
             totals["gc_freed"] += collector["freed"]
+            assert reader["bad"] == [], f"{where}: loads that differ from their metadata"
+            totals["reader_loads"] += reader["loads"]
+            totals["reader_found_deleted"] += reader["gone"]
 
             # Every save that returned is there and loads exactly, unless deleted.
             present = {(mv.name, mv.version): mv for mv in vault.versions()
@@ -528,6 +562,7 @@ def test_gc_while_other_processes_save_reused_garbage_and_deltas(tmp_path, full)
     assert totals["errors"] == totals["busy"] == 0
     assert totals["gc_runs"] >= rounds and totals["gc_freed"] > 0, totals
     assert totals["deletes"] > 0, totals
+    assert totals["reader_loads"] > 0, totals
     # The races this test is for did happen: saves reused garbage chunk rows, and gc
     # had delta bases to keep that no version used directly.
     assert totals["revives_reusing_garbage_sure"] == writers * ((rounds + 1) // 2), totals
