@@ -332,11 +332,17 @@ def _has_journal(path: Path) -> bool:
 
 
 def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tuple[str, str]]:
-    """name -> (type, SQL with whitespace squeezed) of every schema object we could create."""
+    """name -> (type, SQL with whitespace squeezed) of every schema object.
+
+    Names starting with ``sqlite_`` are compared too: SQLite names our automatic
+    indexes so, and a trigger written into sqlite_master under such a name (with
+    writable_schema) would fire like any other. Only the planner's statistics tables
+    are left out: ANALYZE, which a SQLite browser may run, makes them.
+    """
     try:
-        # substr, not LIKE 'sqlite_%': LIKE's _ matches any character ("sqliteXevil").
-        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master "
-                            "WHERE substr(name, 1, 7) <> 'sqlite_'").fetchall()
+        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master WHERE NOT "
+                            "(type = 'table' AND name IN ('sqlite_stat1', 'sqlite_stat4'))"
+                            ).fetchall()
     except UnicodeDecodeError as exc:
         raise CorruptVaultError(f"schema text is not UTF-8: {exc}") from exc
     return {name: (kind, " ".join(str(sql).split())) for kind, name, sql in rows}

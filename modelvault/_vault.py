@@ -669,25 +669,56 @@ class Vault:
         return self._list("WHERE v.id = ?", (self._resolve(ref)["id"],))[0]
 
     def _resolve(self, ref: Ref) -> sqlite3.Row:
+        """The row of the version ``ref`` names, read from its table and checked to be it."""
+        db = self._db
+        row = self._look_up(ref)
+        # Lookups go through indexes, and SQLite answers indexed columns from the index:
+        # a damaged index entry would hand over another version under the name and
+        # number asked for. The row itself, read by rowid alone, must agree.
+        real = db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions v NOT INDEXED JOIN models "
+                          "m NOT INDEXED ON m.id = v.model_id LEFT JOIN environments e ON "
+                          "e.id = v.environment_id WHERE v.id = ?", (row["id"],)).fetchone()
+        if ref.alias is not None:
+            agrees = real is not None and db.execute(
+                "SELECT 1 FROM aliases NOT INDEXED WHERE rowid = ? AND alias = ? AND "
+                "version_id = ?", (row["alias_row"], ref.alias, real["id"])).fetchone()
+        elif ref.version is None:  # latest: no higher number in the table itself
+            agrees = real is not None and db.execute(
+                "SELECT max(version) FROM versions NOT INDEXED WHERE model_id = "
+                "(SELECT model_id FROM versions WHERE id = ?)", (real["id"],)
+            ).fetchone()[0] == real["version"]
+        else:
+            agrees = real is not None and real["version"] == ref.version
+        if not (agrees and real["name"] == ref.name):
+            what = ref.name + (f"@{ref.alias}" if ref.alias else
+                               f":{ref.version}" if ref.version else "")
+            raise CorruptVaultError(f"{self.path}: vault file is damaged (an index of it does "
+                                    f"not match its table where {what} is looked up); run "
+                                    "verify()")
+        return real
+
+    def _look_up(self, ref: Ref) -> sqlite3.Row:
         db = self._db
         model = db.execute("SELECT id FROM models WHERE name = ?", (ref.name,)).fetchone()
         if model is None:
             names = [r[0] for r in db.execute(
                 "SELECT name FROM models m WHERE EXISTS (SELECT 1 FROM versions v "
                 "WHERE v.model_id = m.id) ORDER BY name LIMIT 11")]
-            known = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            known = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")
             raise NotFoundError(f"no model named {ref.name!r} in {self.path} "
                                 f"(models: {known or 'none'})")
         if ref.alias is not None:
             row = db.execute(
-                f"{_SELECT_VERSIONS} JOIN aliases a ON a.version_id = v.id "
-                "WHERE a.model_id = ? AND a.alias = ?", (model["id"], ref.alias)).fetchone()
+                f"SELECT {_VERSION_COLUMNS}, a.rowid AS alias_row FROM versions v JOIN models m "
+                "ON m.id = v.model_id LEFT JOIN environments e ON e.id = v.environment_id "
+                "JOIN aliases a ON a.version_id = v.id WHERE a.model_id = ? AND a.alias = ?",
+                (model["id"], ref.alias)).fetchone()
             if row is None:
                 aliases = [r[0] for r in db.execute(
                     "SELECT alias FROM aliases WHERE model_id = ? ORDER BY alias",
                     (model["id"],))]
                 raise NotFoundError(f"model {ref.name!r} has no alias {ref.alias!r} "
-                                    f"(aliases: {', '.join(aliases) or 'none'})")
+                                    f"(aliases: {', '.join(map(str, aliases)) or 'none'})")
             return row
         if ref.version is not None:
             row = db.execute(f"{_SELECT_VERSIONS} WHERE v.model_id = ? AND v.version = ?",
@@ -733,11 +764,15 @@ class Vault:
         environments: dict[int, str] = {}
         for table, column, found, key in (("models", "name", names, 1),
                                           ("environments", "json", environments, 11)):
-            wanted = sorted({r[key] for r in rows})
+            wanted = list({r[key] for r in rows})
             where = (f"WHERE id IN ({','.join('?' * len(wanted))})" if len(wanted) <= 500
                      else "")
             found.update(db.execute(f"SELECT id, {column} FROM {table} {where}",
                                     wanted if where else ()))
+        lost = {r[1] for r in rows} - names.keys()
+        if lost or not all(type(r[2]) is int and type(names[r[1]]) is str for r in rows):
+            raise CorruptVaultError(f"{self.path}: vault file is damaged (a version's model "
+                                    "or number is missing or not what modelvault writes)")
         make, columns = ModelVersion._make, Columns._make
         return [make(names[model_id], version, uuid_, digest, _parse_time(created_at), size,
                      added, kind, tags[vid], tuple(aliases[vid]), description,
@@ -1408,9 +1443,11 @@ class Vault:
         """
         db = self._db
         problems: list[Problem] = []
-        result = [r[0] for r in db.execute("PRAGMA quick_check")]
+        # integrity_check, not quick_check: it also finds index entries that point at the
+        # wrong row (the cost is in rows, not in the packs' bytes).
+        result = [r[0] for r in db.execute("PRAGMA integrity_check")]
         if result != ["ok"]:
-            problems.extend(Problem(f"SQLite quick_check: {line}") for line in result)
+            problems.extend(Problem(f"SQLite integrity_check: {line}") for line in result)
         for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
             problems.append(Problem(f"{table} row {rowid} points at a missing {parent} row"))
         for name, last, highest in db.execute(
