@@ -1278,7 +1278,7 @@ class Vault:
             "FROM src.chunks c WHERE c.id IN temp.needed", offsets)
         cursor = db.execute(f"SELECT {_CHUNK_COLUMNS} FROM main.chunks c WHERE c.id > ? "
                             "ORDER BY c.pack_id, c.start", (offsets["chunks"],))
-        for chunk_id, chunk_hash, problem in self._bad_chunks(map(tuple, cursor)):
+        for _, chunk_hash, problem in self._bad_chunks(map(tuple, cursor)):
             raise IntegrityError(f"chunk {chunk_hash} of the vault merged in: {problem}; "
                                  "nothing was merged", chunk=chunk_hash)
         # A delta of a delta here may now lie deeper than ours ever do: store such
@@ -1303,7 +1303,7 @@ class Vault:
                                ids[first:first + _BATCH]).fetchall()
             jobs = self._jobs([tuple(r) for r in batch])
             raws = [np.empty(job[1], dtype=np.uint8) for job in jobs]
-            self._map(lambda task: _decode(*task), zip(map(memoryview, raws), jobs))
+            self._map(lambda task: _decode(*task), zip(map(memoryview, raws), jobs, strict=True))
             encoded = self._map(_encode_job, [(memoryview(raw), row[4], None)
                                               for raw, row in zip(raws, batch, strict=True)])
             places = _pack(db, [data for _, _, data, _ in encoded])

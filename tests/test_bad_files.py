@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
+from helpers import same
 
 import modelvault
 from modelvault import (
@@ -89,21 +90,6 @@ def _cli_reads(path, folder, ref="arr"):
 def _one_line_error(run):
     return (run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1
             and "Traceback" not in run.stderr and run.stderr.startswith("Error: "))
-
-
-def same(expected, got):
-    """Equal values of equal types, arrays equal in dtype, shape and every element."""
-    if isinstance(expected, np.ndarray):
-        return (isinstance(got, np.ndarray) and got.dtype == expected.dtype
-                and got.shape == expected.shape and np.array_equal(got, expected))
-    if isinstance(expected, (dict, list, tuple)):
-        if type(got) is not type(expected) or len(got) != len(expected):
-            return False
-        if isinstance(expected, dict):
-            return expected.keys() == got.keys() and all(same(expected[k], got[k])
-                                                         for k in expected)
-        return all(same(e, g) for e, g in zip(expected, got, strict=True))
-    return type(got) is type(expected) and got == expected
 
 
 def _healthy(folder, *, big=False):
