@@ -1230,6 +1230,9 @@ class Vault:
             "ORDER BY s.model_id, s.version").fetchall()
         renumbered = []
         for src_model, group in itertools.groupby(rows, key=lambda r: r[1]):
+            if src_model not in models:
+                raise IntegrityError("a version of the vault merged in names a model it does "
+                                     "not hold; nothing was merged")
             model_id, name, _ = models[src_model]
             mine = list(group)
             held = {r[0] for r in db.execute("SELECT version FROM main.versions "
@@ -1356,6 +1359,7 @@ class Vault:
                                  f"{source.name}")
         for src_model, alias, version_id, number in db.execute(
                 "SELECT a.model_id, a.alias, v.id, v.version FROM src.aliases a "
+                "JOIN src.models sm ON sm.id = a.model_id "
                 "JOIN src.versions s ON s.id = a.version_id AND s.model_id = a.model_id "
                 "JOIN main.versions v ON v.uuid = s.uuid").fetchall():
             model_id, name, _ = models[src_model]
