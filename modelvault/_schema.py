@@ -211,6 +211,8 @@ def _remove_cold_journal(conn: sqlite3.Connection, path: Path, timeout: float) -
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         Path(f"{path}-journal").unlink(missing_ok=True)
+    except OSError:
+        pass  # not ours to delete (another user's, in a shared folder): SQLite ignores it
     finally:
         conn.execute("COMMIT")
 
@@ -227,8 +229,11 @@ def scratch_path(path: Path, suffix: str) -> Path:
     for start in (prefix, f".{prefix}"):
         for old in path.parent.glob(f"{glob.escape(start)}*{suffix}*"):
             pid = old.name[len(start):].split(".", 1)[0]
-            if pid.isdigit() and not _running(int(pid)):
-                old.unlink(missing_ok=True)
+            try:
+                if pid.isascii() and pid.isdigit() and not _running(int(pid)):
+                    old.unlink(missing_ok=True)
+            except (OSError, OverflowError):
+                pass  # not ours to delete, or no pid at all: leave it
     return path.with_name(f"{prefix}{os.getpid()}.{threading.get_ident()}{suffix}")
 
 

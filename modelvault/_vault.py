@@ -683,10 +683,7 @@ class Vault:
                 "SELECT 1 FROM aliases NOT INDEXED WHERE rowid = ? AND alias = ? AND "
                 "version_id = ?", (row["alias_row"], ref.alias, real["id"])).fetchone()
         elif ref.version is None:  # latest: no higher number in the table itself
-            agrees = real is not None and db.execute(
-                "SELECT max(version) FROM versions NOT INDEXED WHERE model_id = "
-                "(SELECT model_id FROM versions WHERE id = ?)", (real["id"],)
-            ).fetchone()[0] == real["version"]
+            agrees = real is not None and self._highest(real["id"], real["version"])
         else:
             agrees = real is not None and real["version"] == ref.version
         if not (agrees and real["name"] == ref.name):
@@ -696,6 +693,18 @@ class Vault:
                                     f"not match its table where {what} is looked up); run "
                                     "verify()")
         return real
+
+    def _highest(self, version_id: int, number: int) -> bool:
+        """Whether no version of version ``version_id``'s model has a number above
+        ``number``, by the tables alone. Usually the model's last_version says so at once;
+        after the newest versions were deleted, every version row is read."""
+        db = self._db
+        model_id, last = db.execute(
+            "SELECT m.id, m.last_version FROM versions v NOT INDEXED JOIN models m NOT INDEXED "
+            "ON m.id = v.model_id WHERE v.id = ?", (version_id,)).fetchone()
+        return last == number or db.execute(
+            "SELECT max(version) FROM versions NOT INDEXED WHERE model_id = ?",
+            (model_id,)).fetchone()[0] == number
 
     def _look_up(self, ref: Ref) -> sqlite3.Row:
         db = self._db
@@ -1065,6 +1074,11 @@ class Vault:
                 if model is None:
                     self._resolve(target)  # raises NotFoundError naming the models there are
                 model_id = model[0]
+                if db.execute("SELECT name FROM models NOT INDEXED WHERE id = ?",
+                              (model_id,)).fetchone()[0] != target.name:  # see _resolve
+                    raise CorruptVaultError(f"{self.path}: vault file is damaged (an index of "
+                                            f"it does not match its table where "
+                                            f"{target.name} is looked up); run verify()")
                 count = db.execute("SELECT count(*) FROM versions WHERE model_id = ?",
                                    (model_id,)).fetchone()[0]
                 db.execute("DELETE FROM models WHERE id = ?", (model_id,))
@@ -1167,10 +1181,12 @@ class Vault:
         added, the numbers changed and the conflicts.
 
         Every chunk brought in is decoded and its hash checked first: a damaged ``other``
-        raises IntegrityError and nothing is merged.
+        raises IntegrityError and nothing is merged. ``other`` is read under its read
+        lock, while this vault is locked for writing: merging A into B while B is merged
+        into A makes one of the two wait for the other, and time out (LockTimeout).
         """
         source = Path(other.path if isinstance(other, Vault) else other)
-        if source.exists() and source.resolve() == self.path.resolve():
+        if source.exists() and os.path.samefile(source, self.path):  # hard links too
             raise ValueError(f"{source} is the vault itself; merge another file into it")
         # Opening it as a vault first gives the usual errors for a file that is not one
         # (or that needs a writable open to roll back an interrupted write).
@@ -1181,8 +1197,9 @@ class Vault:
                 f"{name}:{number}: the version with this id differs in {source.name} "
                 "(kept this one)" for name, number in db.execute(
                     "SELECT m.name, v.version FROM main.versions v JOIN main.models m ON "
-                    "m.id = v.model_id JOIN src.versions s ON s.uuid = v.uuid "
-                    "WHERE s.digest IS NOT v.digest")]
+                    "m.id = v.model_id JOIN src.versions s ON s.uuid = v.uuid JOIN src.models "
+                    "sm ON sm.id = s.model_id WHERE s.digest IS NOT v.digest "
+                    "OR sm.name IS NOT m.name")]
             models = self._merge_models(db, source)
             renumbered = self._merge_numbers(db, models)
             # Numbers they gave out (to versions since deleted, too) are not given out here.
@@ -1208,8 +1225,9 @@ class Vault:
                 "SELECT id, name, created_at, last_version FROM src.models").fetchall():
             try:
                 check_name(name)
+                _check_number(last, "last_version", lowest=0)
             except ValueError as exc:
-                raise IntegrityError(f"{source}: {exc}") from exc
+                raise IntegrityError(f"{source}: {exc}; nothing was merged") from exc
             row = db.execute("SELECT id FROM main.models WHERE name = ?", (name,)).fetchone()
             model_id = row[0] if row else db.execute(
                 "INSERT INTO main.models (name, created_at) VALUES (?, ?)",
@@ -1235,6 +1253,11 @@ class Vault:
                                      "not hold; nothing was merged")
             model_id, name, _ = models[src_model]
             mine = list(group)
+            for r in mine:
+                try:
+                    _check_number(r[2], "version number")
+                except ValueError as exc:
+                    raise IntegrityError(f"{name}: {exc}; nothing was merged") from exc
             held = {r[0] for r in db.execute("SELECT version FROM main.versions "
                                              "WHERE model_id = ?", (model_id,))}
             clash = next((i for i, r in enumerate(mine) if r[2] in held), len(mine))
@@ -1294,6 +1317,8 @@ class Vault:
             "SELECT top FROM chain GROUP BY top HAVING max(depth) > ?",
             (offsets["chunks"], _MAX_CHAIN, 2 * DELTA_DEPTH))]
         self._flatten(db, deep)
+        db.execute("DELETE FROM packs WHERE id > ? AND NOT EXISTS "
+                   "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)", (offsets["packs"],))
         self._repack(db, after=offsets["packs"])
         return offsets
 
@@ -1348,8 +1373,9 @@ class Vault:
                    "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))
         for version_id, name, number, key, theirs, ours in db.execute(
                 "SELECT v.id, m.name, v.version, t.key, t.value, o.value FROM src.tags t "
-                "JOIN src.versions s ON s.id = t.version_id JOIN main.versions v ON "
-                "v.uuid = s.uuid JOIN main.models m ON m.id = v.model_id LEFT JOIN main.tags "
+                "JOIN src.versions s ON s.id = t.version_id JOIN src.models sm ON "
+                "sm.id = s.model_id JOIN main.versions v ON v.uuid = s.uuid "
+                "JOIN main.models m ON m.id = v.model_id AND m.name = sm.name LEFT JOIN main.tags "
                 "o ON o.version_id = v.id AND o.key = t.key WHERE s.id NOT IN "
                 "(SELECT src_id FROM temp.incoming)").fetchall():
             if ours is None:
@@ -1361,7 +1387,8 @@ class Vault:
                 "SELECT a.model_id, a.alias, v.id, v.version FROM src.aliases a "
                 "JOIN src.models sm ON sm.id = a.model_id "
                 "JOIN src.versions s ON s.id = a.version_id AND s.model_id = a.model_id "
-                "JOIN main.versions v ON v.uuid = s.uuid").fetchall():
+                "JOIN main.versions v ON v.uuid = s.uuid "
+                "JOIN main.models mm ON mm.id = v.model_id AND mm.name = sm.name").fetchall():
             model_id, name, _ = models[src_model]
             here = db.execute("SELECT v.id, v.version FROM main.aliases a JOIN main.versions "
                               "v ON v.id = a.version_id WHERE a.model_id = ? AND a.alias = ?",
@@ -1533,6 +1560,13 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _check_number(value: Any, what: str, *, lowest: int = 1) -> int:
+    """``value`` if it is an integer modelvault could have given out, else ValueError."""
+    if type(value) is not int or not lowest <= value < 2**62:
+        raise ValueError(f"{what} {value!r} is not one modelvault gives out")
+    return value
 
 
 def _as_ref(ref: str | ModelVersion) -> Ref:

@@ -345,3 +345,30 @@ def test_scratch_files_of_dead_processes_on_this_host_are_swept(tmp_path, vault)
     modelvault.open(tmp_path / "new.vault").close()
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
+
+
+def test_a_damaged_index_never_hands_over_another_model(vault_path):
+    # Swap two model names in the table's page only: the index on models.name still
+    # says the old thing, and a lookup through it must not act on the other model.
+    with modelvault.open(vault_path) as vault:
+        vault.save("alpha1", [1])
+        vault.save("alpha2", [2])
+    with sqlite3.connect(vault_path) as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'models'"
+                          ).fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    data = bytearray(vault_path.read_bytes())
+    page = slice((root - 1) * size, root * size)
+    table = data[page]
+    first, second = table.find(b"alpha1"), table.find(b"alpha2")
+    table[first + 5], table[second + 5] = ord("2"), ord("1")
+    data[page] = table
+    vault_path.write_bytes(data)
+    with modelvault.open(vault_path) as vault:
+        for call in (lambda: vault.get("alpha1"), lambda: vault.load("alpha1:1"),
+                     lambda: vault.delete("alpha1")):
+            with pytest.raises(modelvault.CorruptVaultError, match="index"):
+                call()
+        assert sorted(m.name for m in vault.models()) == ["alpha1", "alpha2"]
+        assert any("integrity_check" in p.message for p in vault.verify())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 
@@ -146,6 +147,9 @@ def test_long_delta_chains_are_stored_whole(tmp_path, monkeypatch):
             "SELECT c.base_id, depth + 1 FROM chain JOIN chunks c ON c.id = chain.id "
             "WHERE c.base_id IS NOT NULL) SELECT max(depth) FROM chain").fetchone()[0]
         assert depths == 2 * _vault.DELTA_DEPTH
+        assert vault._db.execute("SELECT count(*) FROM packs p WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM chunks c WHERE c.pack_id = p.id)"
+                                 ).fetchone()[0] == 0  # what the chunks stored whole left
         assert vault.verify() == []
 
 
@@ -207,3 +211,49 @@ def test_cli_merge_lists_what_changed(conflicted, run):
         f"  conflict: net:1 tag stage: 'mine' here, 'theirs' in {theirs.name}",
         f"  conflict: net@prod: net:2 here, net:6 in {theirs.name} (numbered here)"]
     assert run("merge", mine, mine.with_name("nope.vault")).exit_code != 0
+
+
+@pytest.mark.parametrize("edit", [
+    "UPDATE versions SET version = 'abc' WHERE version = 2",
+    "UPDATE versions SET version = -3 WHERE version = 2",
+    "UPDATE models SET last_version = 9223372036854775807",
+])
+def test_numbers_no_vault_gives_out_are_not_merged(tmp_path, edit):
+    mine, theirs = tmp_path / "a.vault", tmp_path / "b.vault"
+    with modelvault.open(theirs) as vault:
+        vault.save("x", [1])
+        vault.save("x", [2])
+    with sqlite3.connect(theirs) as db:
+        db.execute(edit)
+    db.close()
+    with modelvault.open(mine) as vault:
+        with pytest.raises(modelvault.IntegrityError, match="nothing was merged"):
+            vault.merge(theirs)
+        assert vault.versions() == [] and vault.save("x", [3]).version == 1
+
+
+def test_a_known_version_under_another_name_brings_no_aliases_or_tags(tmp_path):
+    mine, theirs = tmp_path / "a.vault", tmp_path / "b.vault"
+    with modelvault.open(mine) as vault:
+        vault.save("x", [1])
+    shutil.copy(mine, theirs)
+    with sqlite3.connect(theirs) as db:  # the same version id, filed under another model
+        db.execute("UPDATE models SET name = 'y'")
+    db.close()
+    with modelvault.open(theirs) as vault:
+        vault.alias("y:1", "prod")
+        vault.tag("y:1", stage="prod")
+    with modelvault.open(mine) as vault:
+        report = vault.merge(theirs)
+        assert report.added == () and report.conflicts == (
+            f"x:1: the version with this id differs in {theirs.name} (kept this one)",)
+        assert vault.get("x:1").tags == {} and vault.get("x:1").aliases == ()
+        assert vault.verify() == []
+
+
+def test_the_same_file_under_another_name_is_not_merged(vault, vault_path, tmp_path):
+    vault.save("m", [1])
+    link = tmp_path / "link.vault"
+    os.link(vault_path, link)
+    with pytest.raises(ValueError, match="itself"):
+        vault.merge(link)
