@@ -411,7 +411,12 @@ class Vault:
                     (name, created_at)).lastrowid
                 number = 1
             else:
-                model_id, number = row["id"], row["last_version"] + 1
+                model_id = row["id"]
+                try:
+                    number = _check_number(row["last_version"], "last_version", lowest=0) + 1
+                except ValueError as exc:
+                    raise CorruptVaultError(f"{self.path}: model {name!r}: {exc}: the file is "
+                                            "damaged") from exc
             bases = self._delta_bases(name, kind, layout, parts, parent)
             hash_lists, known, added = self._put_chunks(db, parts, bases, advance)
             chunk_lists = [[known[h] for h in hashes] for hashes in hash_lists]

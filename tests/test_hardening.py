@@ -372,3 +372,16 @@ def test_a_damaged_index_never_hands_over_another_model(vault_path):
                 call()
         assert sorted(m.name for m in vault.models()) == ["alpha1", "alpha2"]
         assert any("integrity_check" in p.message for p in vault.verify())
+
+
+@pytest.mark.parametrize("value", ["'abc'", "9223372036854775807", "-1"])
+def test_a_damaged_last_version_stops_saves_with_a_vault_error(vault_path, value):
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", [1])
+    with sqlite3.connect(vault_path) as db:
+        db.execute(f"UPDATE models SET last_version = {value}")
+    db.close()
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(modelvault.CorruptVaultError, match="last_version"):
+            vault.save("m", [2])
+        assert vault.load("m") == [1]
