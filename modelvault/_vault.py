@@ -1486,6 +1486,11 @@ class Vault:
             problems.extend(Problem(f"SQLite integrity_check: {line}") for line in result)
         for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
             problems.append(Problem(f"{table} row {rowid} points at a missing {parent} row"))
+        for name, last in db.execute(
+                "SELECT name, last_version FROM models WHERE typeof(last_version) <> "
+                "'integer' OR last_version < 0 OR last_version >= 1 << 62"):
+            problems.append(Problem(f"last_version {last!r} is not a number modelvault "
+                                    "gives out: the next save would fail", name))
         for name, last, highest in db.execute(
                 "SELECT m.name, m.last_version, max(v.version) FROM models m "
                 "JOIN versions v ON v.model_id = m.id GROUP BY m.id "

@@ -374,8 +374,9 @@ def test_a_damaged_index_never_hands_over_another_model(vault_path):
         assert any("integrity_check" in p.message for p in vault.verify())
 
 
-@pytest.mark.parametrize("value", ["'abc'", "9223372036854775807", "-1"])
-def test_a_damaged_last_version_stops_saves_with_a_vault_error(vault_path, value):
+@pytest.mark.parametrize("value,read", [("'abc'", "abc"), ("9223372036854775807", 2**63 - 1),
+                                        ("-1", -1)])
+def test_a_damaged_last_version_stops_saves_with_a_vault_error(vault_path, value, read):
     with modelvault.open(vault_path) as vault:
         vault.save("m", [1])
     with sqlite3.connect(vault_path) as db:
@@ -385,3 +386,5 @@ def test_a_damaged_last_version_stops_saves_with_a_vault_error(vault_path, value
         with pytest.raises(modelvault.CorruptVaultError, match="last_version"):
             vault.save("m", [2])
         assert vault.load("m") == [1]
+        assert (f"last_version {read!r} is not a number modelvault gives out: the next save "
+                "would fail") in [p.message for p in vault.verify()]
