@@ -676,17 +676,17 @@ class Vault:
     def _resolve(self, ref: Ref) -> sqlite3.Row:
         """The row of the version ``ref`` names, read from its table and checked to be it."""
         db = self._db
-        row = self._look_up(ref)
+        version_id, alias_row = self._look_up(ref)
         # Lookups go through indexes, and SQLite answers indexed columns from the index:
         # a damaged index entry would hand over another version under the name and
         # number asked for. The row itself, read by rowid alone, must agree.
         real = db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions v NOT INDEXED JOIN models "
                           "m NOT INDEXED ON m.id = v.model_id LEFT JOIN environments e ON "
-                          "e.id = v.environment_id WHERE v.id = ?", (row["id"],)).fetchone()
+                          "e.id = v.environment_id WHERE v.id = ?", (version_id,)).fetchone()
         if ref.alias is not None:
             agrees = real is not None and db.execute(
                 "SELECT 1 FROM aliases NOT INDEXED WHERE rowid = ? AND alias = ? AND "
-                "version_id = ?", (row["alias_row"], ref.alias, real["id"])).fetchone()
+                "version_id = ?", (alias_row, ref.alias, real["id"])).fetchone()
         elif ref.version is None:  # latest: no higher number in the table itself
             agrees = real is not None and self._highest(real["id"], real["version"])
         else:
@@ -711,7 +711,9 @@ class Vault:
             "SELECT max(version) FROM versions NOT INDEXED WHERE model_id = ?",
             (model_id,)).fetchone()[0] == number
 
-    def _look_up(self, ref: Ref) -> sqlite3.Row:
+    def _look_up(self, ref: Ref) -> tuple[int, int | None]:
+        """(version id, alias rowid or None) of the version ``ref`` names, by the indexes;
+        NotFoundError listing what there is, if none."""
         db = self._db
         model = db.execute("SELECT id FROM models WHERE name = ?", (ref.name,)).fetchone()
         if model is None:
@@ -722,25 +724,22 @@ class Vault:
             raise NotFoundError(f"no model named {ref.name!r} in {self.path} "
                                 f"(models: {known or 'none'})")
         if ref.alias is not None:
-            row = db.execute(
-                f"SELECT {_VERSION_COLUMNS}, a.rowid AS alias_row FROM versions v JOIN models m "
-                "ON m.id = v.model_id LEFT JOIN environments e ON e.id = v.environment_id "
-                "JOIN aliases a ON a.version_id = v.id WHERE a.model_id = ? AND a.alias = ?",
-                (model["id"], ref.alias)).fetchone()
+            row = db.execute("SELECT version_id, rowid FROM aliases WHERE model_id = ? AND "
+                             "alias = ?", (model["id"], ref.alias)).fetchone()
             if row is None:
                 aliases = [r[0] for r in db.execute(
                     "SELECT alias FROM aliases WHERE model_id = ? ORDER BY alias",
                     (model["id"],))]
                 raise NotFoundError(f"model {ref.name!r} has no alias {ref.alias!r} "
                                     f"(aliases: {', '.join(map(str, aliases)) or 'none'})")
-            return row
+            return row[0], row[1]
         if ref.version is not None:
-            row = db.execute(f"{_SELECT_VERSIONS} WHERE v.model_id = ? AND v.version = ?",
+            row = db.execute("SELECT id FROM versions WHERE model_id = ? AND version = ?",
                              (model["id"], ref.version)).fetchone()
         else:
             # "Latest" is a query, never a stored pointer that could go stale.
-            row = db.execute(f"{_SELECT_VERSIONS} WHERE v.model_id = ? "
-                             "ORDER BY v.version DESC LIMIT 1", (model["id"],)).fetchone()
+            row = db.execute("SELECT id FROM versions WHERE model_id = ? "
+                             "ORDER BY version DESC LIMIT 1", (model["id"],)).fetchone()
         if row is None:
             numbers = [str(r[0]) for r in db.execute(
                 "SELECT version FROM versions WHERE model_id = ? ORDER BY version",
@@ -748,7 +747,7 @@ class Vault:
             what = f"version {ref.version}" if ref.version is not None else "versions"
             raise NotFoundError(f"model {ref.name!r} has no {what} "
                                 f"(versions: {', '.join(numbers) or 'none'})")
-        return row
+        return row[0], None
 
     def _records(self, rows: Sequence[Sequence[Any]]) -> list[ModelVersion]:
         """Records for rows of ``_RECORD_COLUMNS`` (plain tuples: listing 10,000 versions
