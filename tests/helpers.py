@@ -18,3 +18,10 @@ def same(expected, got):
                                                          for k in expected)
         return all(same(e, g) for e, g in zip(expected, got, strict=True))
     return type(got) is type(expected) and got == expected
+
+
+def one_line_error(result) -> bool:
+    """True if a command failed the way the CLI promises: exit 1, one "Error:" line on
+    stderr, no traceback (``result`` has ``returncode`` and ``stderr``)."""
+    return (result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+            and "Traceback" not in result.stderr and result.stderr.startswith("Error: "))

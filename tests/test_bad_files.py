@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from helpers import same
+from helpers import one_line_error, same
 
 import modelvault
 from modelvault import (
@@ -85,11 +85,6 @@ def _cli_reads(path, folder, ref="arr"):
     runs = _processes([[sys.executable, "-m", "modelvault", *args]
                        for args in commands.values()], folder)
     return dict(zip(commands, runs, strict=True))
-
-
-def _one_line_error(run):
-    return (run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1
-            and "Traceback" not in run.stderr and run.stderr.startswith("Error: "))
 
 
 def _healthy(folder, *, big=False):
@@ -221,7 +216,7 @@ def test_a_bad_file_gets_a_typed_error_runs_nothing_and_one_cli_line(tmp_path, w
         [sys.executable, "-m", "modelvault", "put", path, "m", __file__]], tmp_path),
         strict=True))
     for command, run in runs.items():
-        if not (_one_line_error(run) and path.name in run.stderr):
+        if not (one_line_error(run) and path.name in run.stderr):
             failures.append(f"CLI {command}: exit {run.returncode}, {run.stderr[-300:]!r}")
     # Nothing ran and nothing was written: the bytes are as they were, no journal beside.
     if before.startswith(b"SQLite format 3"):
@@ -297,7 +292,7 @@ def test_a_vault_truncated_at_any_page_boundary_is_refused(tmp_path, full):
             ok = run.returncode == 0 and command != "verify"
             listed = (command == "verify" and run.returncode == 1 and not run.stderr
                       and run.stdout.strip())  # verify lists the problems it found
-            if not (ok or listed or _one_line_error(run)):
+            if not (ok or listed or one_line_error(run)):
                 failures.append((cut, command, run.returncode, run.stderr[-500:]))
     summary = f"{len(cuts)} page boundaries and {len(mid_page)} mid-page cuts: {dict(counts)}"
     print(summary)
@@ -424,7 +419,7 @@ def test_a_zstd_bomb_is_refused_in_bounded_memory(tmp_path, bomb):
     script.unlink()
 
     runs = _cli_reads(path, tmp_path, ref=name)
-    assert _one_line_error(runs["get"]) and f"{name}:1" in runs["get"].stderr, runs["get"]
+    assert one_line_error(runs["get"]) and f"{name}:1" in runs["get"].stderr, runs["get"]
     verify = runs["verify"]
     assert verify.returncode == 1 and not verify.stderr and f"{name}:1" in verify.stdout, verify
     # ls and show read no chunks: they work on a vault with a damaged chunk.

@@ -25,6 +25,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
+from helpers import one_line_error
 
 import modelvault
 from modelvault import IntegrityError, UntrustedError
@@ -40,12 +41,6 @@ def _cli(*args):
         [_SOURCE, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-m", "modelvault", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=120)
-
-
-def _one_line_error(result):
-    """True if a command failed the way the CLI promises: exit 1, one line, no traceback."""
-    return (result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
-            and "Traceback" not in result.stderr)
 
 
 def _version_id(db, name, number=1):
@@ -419,7 +414,7 @@ def test_a_foreign_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypa
             modelvault.load(path, ref)
         counts["one-call load refused"] += 1
         result = _cli("get", path, ref, "-o", tmp_path / "out")
-        assert _one_line_error(result), result.stderr
+        assert one_line_error(result), result.stderr
         assert imported in result.stderr and "--trust" in result.stderr
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
         counts["CLI get refused"] += 1
@@ -461,5 +456,5 @@ def test_a_trusted_version_pointed_at_a_foreign_pickle_never_runs_it(tmp_path, m
             vault.load("model")
         assert any(p.model == "model" for p in vault.verify())
     result = _cli("get", path, "model", "-o", tmp_path / "out")
-    assert _one_line_error(result), result.stderr
+    assert one_line_error(result), result.stderr
     assert not marker.exists()
