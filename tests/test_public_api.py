@@ -1,0 +1,155 @@
+"""The public surface, pinned: what users import, call and catch (as httpx tests its exports).
+
+A change here is a change users see. Written before the package was split into modules,
+so that the split could show it changed nothing of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import click
+
+import modelvault
+from modelvault._cli import cli
+
+EXPORTS = [
+    "CorruptVaultError", "DiskFullError", "FormatVersionError", "IntegrityError", "LockTimeout",
+    "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
+    "ReadOnlyError", "UntrustedError", "Vault", "VaultError", "VaultStats", "load", "open",
+    "save",
+]
+
+PATHLIKE = "str | os.PathLike[str]"
+REF = "str | ModelVersion"
+LABELS = ("metadata: 'Mapping[str, Any] | None' = None, tags: 'Mapping[str, Any] | None' = "
+          "None, aliases: 'Sequence[str]' = (), description: 'str' = ''")
+FUNCTIONS = {
+    "open": f"(path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = True, "
+            "timeout: 'float' = 60.0, progress: 'bool | None' = None) -> 'Vault'",
+    "save": f"(path: '{PATHLIKE}', name: 'str', obj: 'Any', **options: 'Any') -> 'ModelVersion'",
+    "load": f"(path: '{PATHLIKE}', ref: 'str', *, trust: 'bool' = False) -> 'Any'",
+}
+VAULT_METHODS = {
+    "__init__": f"(self, path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = "
+                "True, timeout: 'float' = 60.0, progress: 'bool | None' = None) -> 'None'",
+    "alias": f"(self, ref: '{REF}', alias: 'str') -> 'ModelVersion'",
+    "close": "(self) -> 'None'",
+    "delete": f"(self, ref: '{REF}') -> 'int'",
+    "export": f"(self, dest: '{PATHLIKE}', refs: 'Sequence[str | ModelVersion] | None' = None) "
+              "-> 'Path'",
+    "extract": f"(self, ref: '{REF}', out_dir: '{PATHLIKE}', *, trust: 'bool' = False) "
+               "-> 'list[Path]'",
+    "gc": "(self) -> 'int'",
+    "get": f"(self, ref: '{REF}') -> 'ModelVersion'",
+    "load": f"(self, ref: '{REF}', *, trust: 'bool' = False) -> 'Any'",
+    "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
+    "models": "(self) -> 'list[ModelInfo]'",
+    "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
+            "'str | ModelVersion | bool | None' = None) -> 'ModelVersion'",
+    "save_files": f"(self, name: 'str', path: '{PATHLIKE} | Sequence[{PATHLIKE}]', *, "
+                  f"{LABELS}) -> 'ModelVersion'",
+    "stats": "(self) -> 'VaultStats'",
+    "tag": f"(self, ref: '{REF}', tags: 'Mapping[str, Any] | None' = None, /, **more: 'Any') "
+           "-> 'ModelVersion'",
+    "unalias": "(self, name: 'str', alias: 'str') -> 'None'",
+    "verify": "(self) -> 'list[Problem]'",
+    "versions": "(self, name: 'str | None' = None) -> 'list[ModelVersion]'",
+}
+RECORDS = {
+    "ModelVersion": ["name", "version", "id", "digest", "created_at", "size", "added_bytes",
+                     "kind", "tags", "aliases", "description", "columns"],
+    "ModelInfo": ["name", "versions", "latest", "updated_at"],
+    "VaultStats": ["models", "versions", "chunks", "raw_bytes", "unique_bytes", "stored_bytes",
+                   "file_bytes"],
+    "Problem": ["message", "model", "version", "chunk"],
+    "MergeReport": ["added", "renumbered", "conflicts"],
+}
+RECORD_PROPERTIES = {
+    "ModelVersion": {"ref", "metadata", "environment", "signature"},
+    "VaultStats": {"dedup_ratio", "compression_ratio", "total_ratio"},
+}
+ERRORS = {
+    "VaultError": ("Exception",), "NotFoundError": ("VaultError", "KeyError"),
+    "NotAVaultError": ("VaultError",), "FormatVersionError": ("VaultError",),
+    "CorruptVaultError": ("VaultError",), "IntegrityError": ("VaultError",),
+    "UntrustedError": ("VaultError",), "LockTimeout": ("VaultError", "TimeoutError"),
+    "ReadOnlyError": ("VaultError",), "DiskFullError": ("VaultError", "OSError"),
+}
+COMMANDS = {
+    "alias": ["vault", "ref", "alias"],
+    "demo": ["vault"],
+    "export": ["vault", "dest", "refs"],
+    "gc": ["vault"],
+    "get": ["vault", "ref", "-o/--output", "--trust"],
+    "key export": ["-o/--output"],
+    "log": ["vault", "name", "--json"],
+    "ls": ["vault", "--json"],
+    "merge": ["vault", "other"],
+    "put": ["vault", "name", "paths", "--meta", "--tag", "--alias", "-m/--description",
+            "--json"],
+    "rm": ["vault", "ref", "-y/--yes"],
+    "show": ["vault", "ref", "--json"],
+    "stats": ["vault", "--json"],
+    "tag": ["vault", "ref", "tags"],
+    "trust": ["keyfile"],
+    "unalias": ["vault", "name", "alias"],
+    "verify": ["vault", "--json"],
+}
+
+
+def test_the_package_exports_exactly_its_public_names():
+    assert sorted(modelvault.__all__) == EXPORTS
+    assert all(hasattr(modelvault, name) for name in EXPORTS)
+    assert isinstance(modelvault.__version__, str)
+
+
+def test_module_functions_keep_their_signatures():
+    assert {name: str(inspect.signature(getattr(modelvault, name))) for name in FUNCTIONS} \
+        == FUNCTIONS
+
+
+def test_vault_has_exactly_its_public_methods_with_their_signatures():
+    public = {name for name, value in vars(modelvault.Vault).items()
+              if callable(value) and not name.startswith("_")}
+    assert public == VAULT_METHODS.keys() - {"__init__"}
+    assert {name: str(inspect.signature(getattr(modelvault.Vault, name)))
+            for name in VAULT_METHODS} == VAULT_METHODS
+
+
+def test_vault_attributes_and_context_manager(tmp_path):
+    with modelvault.open(tmp_path / "a.vault") as vault:
+        assert vault.path == tmp_path / "a.vault" and vault.readonly is False
+        assert repr(vault) == f"<Vault {str(tmp_path / 'a.vault')!r}>"
+
+
+def test_records_are_frozen_dataclasses_with_their_fields():
+    for name, expected in RECORDS.items():
+        record = getattr(modelvault, name)
+        assert dataclasses.is_dataclass(record) and record.__dataclass_params__.frozen, name
+        assert [f.name for f in dataclasses.fields(record)] == expected, name
+    for name, expected in RECORD_PROPERTIES.items():
+        record = getattr(modelvault, name)
+        assert expected <= {n for n in dir(record) if not n.startswith("_")}, name
+
+
+def test_the_exception_tree():
+    for name, bases in ERRORS.items():
+        assert tuple(b.__name__ for b in getattr(modelvault, name).__bases__) == bases, name
+
+
+def test_cli_commands_and_their_parameters():
+    found = {}
+
+    def walk(group, prefix):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix}{name} ")
+            else:
+                found[prefix + name] = [
+                    "/".join(p.opts) if isinstance(p, click.Option) else p.name
+                    for p in command.params]
+
+    walk(cli, "")
+    assert found == COMMANDS
