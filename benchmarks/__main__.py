@@ -6,7 +6,8 @@
 
 Prints one markdown table per workload and writes it, with the machine's facts, to
 OUT/<date>-<hostname>.md, and the raw numbers to the .json beside it. A --quick run
-writes its files to a temporary directory instead: its sizes make the targets meaningless.
+without --out writes its files to a temporary directory, not into benchmarks/results:
+its sizes make the targets meaningless.
 """
 
 from __future__ import annotations
@@ -45,12 +46,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, metavar="N",
                         help="timed runs per measurement, after one warm-up (default 3, "
                              "or 1 with --quick)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                        metavar="DIR", help="where the report goes (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where the report goes (default benchmarks/results; with "
+                             "--quick, a temporary directory)")
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
     return args
+
+
+def report_dir(args: argparse.Namespace) -> Path:
+    """--out if given; else benchmarks/results, or a new temporary folder for --quick."""
+    if args.out is not None:
+        return args.out
+    if args.quick:
+        return Path(tempfile.mkdtemp(prefix="modelvault-bench-quick-"))
+    return REPO / "benchmarks" / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
 
-    out = Path(tempfile.mkdtemp(prefix="modelvault-bench-quick-")) if args.quick else args.out
+    out = report_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{facts['date'][:10]}-{facts['hostname']}"
     options = {"quick": args.quick, "runs": runs, "only": args.only, "sizes": asdict(sizes)}

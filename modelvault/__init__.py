@@ -25,8 +25,7 @@ from ._errors import (
 )
 from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
 from ._vault import Vault
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "CorruptVaultError",

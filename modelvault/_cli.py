@@ -14,9 +14,11 @@ from typing import Any
 
 import click
 
-from . import Vault, __version__, _trust
+from . import _trust
 from ._errors import VaultError
 from ._records import ModelVersion
+from ._vault import Vault
+from ._version import __version__
 
 
 class _Group(click.Group):
@@ -329,8 +331,17 @@ def merge_command(vault: Path, other: Path) -> None:
 def gc_command(vault: Path) -> None:
     """Drop chunks no version uses and shrink the file."""
     with _open(vault) as v:
-        freed = v.gc()
-    click.echo(f"freed {_human(freed)}")
+        before = v.stats()
+        shrank = v.gc()
+        after = v.stats()
+    dropped = before.chunks - after.chunks
+    line = (f"dropped {dropped} unused chunk{'' if dropped == 1 else 's'} "
+            f"({_human(before.unique_bytes - after.unique_bytes)} of model bytes); the file "
+            f"shrank by {_human(shrank)} to {_human(after.file_bytes)}")
+    if dropped and not shrank:
+        line += (" (the packs those chunks were in are still at least half in use: their "
+                 "space is reused by later saves, and handed back once they are not)")
+    click.echo(line)
 
 
 @cli.command("verify")
@@ -366,7 +377,13 @@ def stats_command(vault: Path, as_json: bool) -> None:
     click.echo(f"raw:          {_human(s.raw_bytes)}  (every version stored whole)")
     click.echo(f"deduplicated: {_human(s.unique_bytes)}  ({s.dedup_ratio:.2f}x)")
     click.echo(f"compressed:   {_human(s.stored_bytes)}  ({s.compression_ratio:.2f}x)")
-    click.echo(f"file:         {_human(s.file_bytes)}  ({s.total_ratio:.2f}x smaller than raw)")
+    if not s.raw_bytes:
+        versus = "no model bytes in it"
+    elif s.file_bytes <= s.raw_bytes:
+        versus = f"{s.raw_bytes / s.file_bytes:.2f}x smaller than raw"
+    else:
+        versus = f"{s.file_bytes / s.raw_bytes:.2f}x larger than raw"
+    click.echo(f"file:         {_human(s.file_bytes)}  ({versus})")
 
 
 @cli.group("key")

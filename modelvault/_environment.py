@@ -7,6 +7,8 @@ import platform
 import sys
 from typing import Any
 
+from ._version import __version__
+
 
 @functools.lru_cache(maxsize=1)
 def _distributions() -> dict[str, list[str]]:
@@ -27,8 +29,6 @@ def _version(distribution: str) -> str | None:
 
 def capture(imports: list[str]) -> dict[str, Any]:
     """Environment record for a version whose pickle imports ``imports`` (module.name)."""
-    from . import __version__
-
     packages = {"numpy": _version("numpy")}
     modules = {name.split(".", 1)[0] for name in imports}
     for module in sorted(modules - {"builtins", "copyreg", "__main__", "_codecs", "collections"}):

@@ -73,13 +73,11 @@ class ModelVersion:
         Checked against the keys trusted at the time of asking."""
         from . import _trust
 
-        try:
-            manifest = _trust.manifest(self.id, self.name, self.kind, self.digest,
-                                       self.columns.created_at, self.description,
-                                       self.metadata, self.environment)
-        except IntegrityError:
-            manifest = None
-        return _trust.signature_status(manifest, self.columns.key_id, self.columns.signature)
+        columns = self.columns
+        manifest = _trust.Manifest(self.id, self.name, self.kind, self.digest,
+                                   columns.created_at, self.description, columns.metadata,
+                                   columns.environment)
+        return _trust.signature_status(manifest, columns.key_id, columns.signature)
 
     def _json(self, column: str) -> Any:
         try:

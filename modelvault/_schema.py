@@ -7,13 +7,11 @@ FORMAT_VERSION whenever a reader of the old format would misread the new one.
 from __future__ import annotations
 
 import functools
-import glob
 import os
-import socket
 import sqlite3
-import threading
 from pathlib import Path
 
+from . import _atomic
 from ._errors import (
     CorruptVaultError,
     DiskFullError,
@@ -217,42 +215,12 @@ def _remove_cold_journal(conn: sqlite3.Connection, path: Path, timeout: float) -
         conn.execute("COMMIT")
 
 
-def scratch_path(path: Path, suffix: str) -> Path:
-    """A file beside ``path`` to build it in, named by host, process and thread.
-
-    Scratch files of processes on this host that no longer run (killed mid-build) are
-    deleted first, with their journals; another host's (seen through a synced folder)
-    are left alone, since its process may still be writing.
-    """
-    prefix = f".{path.name}.{socket.gethostname()}."
-    # "." + prefix: the scratch file a scratch file was itself created in (see _create).
-    for start in (prefix, f".{prefix}"):
-        for old in path.parent.glob(f"{glob.escape(start)}*{suffix}*"):
-            pid = old.name[len(start):].split(".", 1)[0]
-            try:
-                if pid.isascii() and pid.isdigit() and not _running(int(pid)):
-                    old.unlink(missing_ok=True)
-            except (OSError, OverflowError):
-                pass  # not ours to delete, or no pid at all: leave it
-    return path.with_name(f"{prefix}{os.getpid()}.{threading.get_ident()}{suffix}")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _create(path: Path) -> None:
     """Make an empty vault at ``path`` in one step: built beside it, then linked into
     place. No process ever sees a vault half made, so an empty or headerless file at
     ``path`` is never one being created: it is refused (it may be a failed copy). If
     another process creates the vault first, theirs is kept."""
-    partial = scratch_path(path, ".creating")
+    partial = _atomic.scratch_path(path, ".creating")
     try:
         conn = sqlite3.connect(partial, isolation_level=None)
     except sqlite3.Error as exc:
@@ -272,20 +240,9 @@ def _create(path: Path) -> None:
             conn.execute("COMMIT")
         finally:
             conn.close()
-        fsync(partial)
-        try:
-            os.link(partial, path)
-        except FileExistsError:
-            pass
-        except OSError:  # no hard links here (FAT, some shares): copy in, first one wins
-            try:
-                with open(path, "xb") as out, open(partial, "rb") as built:
-                    out.write(built.read())
-                    out.flush()
-                    os.fsync(out.fileno())
-            except FileExistsError:
-                pass
-        fsync(path.parent, directory=True)
+        _atomic.fsync(partial)
+        _atomic.place(partial, path)
+        _atomic.fsync(path.parent, directory=True)
     except sqlite3.Error as exc:
         raise translate(exc, path) from exc
     except OSError as exc:
@@ -293,16 +250,6 @@ def _create(path: Path) -> None:
     finally:
         for leftover in (partial, Path(f"{partial}-journal")):
             leftover.unlink(missing_ok=True)
-
-
-def fsync(path: str | os.PathLike[str], *, directory: bool = False) -> None:
-    """Flush a file no connection holds open (or a folder's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 
 def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -43,7 +44,8 @@ class Part:
     shape: list[int] | None = None
     fortran_order: bool = False
     itemsize: int = 1  # byte-shuffle width; 1 means no shuffle
-    size: int = 0  # bytes; for a file, what was read when it was stored
+    size: int = 0  # bytes; for a file, its size when it was found
+    mode: int | None = None  # a file's permission bits
 
     def __post_init__(self) -> None:
         if self.data is not None:
@@ -185,8 +187,12 @@ def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
             if name in files:
                 raise ValueError(f"two files would be stored as {name!r}")
             files[name] = file
-    return [Part(kind="file", path=files[name], name=name, size=files[name].stat().st_size)
-            for name in sorted(files)]
+    parts = []
+    for name in sorted(files):
+        found = files[name].stat()
+        parts.append(Part(kind="file", path=files[name], name=name, size=found.st_size,
+                          mode=stat.S_IMODE(found.st_mode) & 0o777))
+    return parts
 
 
 def safe_relative_path(name: str) -> PurePosixPath:
@@ -249,3 +255,28 @@ def rebuild_native(layout: Any, arrays: list[np.ndarray]) -> Any:
     if tag == "value":
         return value
     raise ValueError(f"unknown layout node {tag!r}")
+
+
+def part_keys(kind: str, layout: Any, count: int) -> list[str | None]:
+    """What identifies each part across versions (its place in the layout), so that a
+    part can be stored as a delta of the parent version's part in the same place."""
+    keys: list[str | None] = [None] * count
+    if kind == "pickle":  # out-of-band buffers, in the order the pickle met them
+        return [None] + [f"buffer {i}" for i in range(1, count)]
+
+    def walk(node: Any, path: list[Any]) -> None:
+        if not isinstance(node, dict):
+            return
+        index = node.get("array")
+        if type(index) is int and 0 <= index < count:
+            keys[index] = json.dumps(path)
+        for key, child in node.get("dict", []) if isinstance(node.get("dict"), list) else []:
+            walk(child, [*path, key])
+        for name in ("list", "tuple"):
+            if isinstance(node.get(name), list):
+                for i, child in enumerate(node[name]):
+                    walk(child, [*path, i])
+
+    if kind == "arrays":
+        walk(layout, [])
+    return keys

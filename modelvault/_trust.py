@@ -16,10 +16,10 @@ import os
 import pickle
 import pickletools
 import secrets
-import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from . import _atomic
 from ._errors import VaultError
 
 KEY_PREFIX = "modelvault-key-v1:"
@@ -53,21 +53,12 @@ def own_key() -> bytes:
         return key
     path = home() / "key"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole beside it, then linked into place: the key appears complete or not
-    # at all, and if two threads or processes make one at once, the first link wins and
-    # the other reads the winner's key (an O_EXCL create would let it read an empty file).
-    partial = path.with_name(f".key.{os.getpid()}.{threading.get_ident()}.partial")
-    text = format_key(secrets.token_bytes(32))
-    write_private(partial, text)
+    # Written whole beside it, then put into place: the key appears complete or not at
+    # all, and if two threads or processes make one at once, both end up with the first.
+    partial = _atomic.scratch_path(path, ".partial")
+    write_private(partial, format_key(secrets.token_bytes(32)))
     try:
-        os.link(partial, path)
-    except FileExistsError:
-        pass
-    except OSError:  # a file system without hard links: create in place, first one wins
-        try:
-            write_private(path, text, exclusive=True)
-        except FileExistsError:
-            pass
+        _atomic.place(partial, path, mode=0o600)
     finally:
         partial.unlink()
     return parse_key(path.read_text())
@@ -135,29 +126,41 @@ def canonical_json(value: Any) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def manifest(uuid: str, name: str, kind: str, digest: str, created_at: str, description: str,
-             metadata: Any, environment: Any) -> dict[str, Any]:
-    """What a version's signature covers (docs/format.md, "The signature and keys").
+class Manifest(NamedTuple):
+    """What a version's signature covers (docs/format.md, "The signature and keys"), as
+    stored: ``metadata`` and ``environment`` are the JSON texts of their columns.
 
     Not the version number: it is a local name, like an alias, and merge renumbers a
     version whose number is taken. The uuid, name and created_at identify the version;
     the chunk list is covered through the digest.
     """
-    return {"id": uuid, "name": name, "kind": kind, "digest": digest,
-            "created_at": created_at, "description": description, "metadata": metadata,
-            "environment": environment}
+
+    id: str
+    name: str
+    kind: str
+    digest: str
+    created_at: str
+    description: str
+    metadata: str
+    environment: str
+
+    def document(self) -> bytes:
+        """The bytes signed: canonical JSON of the fields, the two JSON texts parsed.
+        ValueError or TypeError if a text is not JSON (a damaged column)."""
+        return canonical_json({**self._asdict(), "metadata": json.loads(self.metadata),
+                               "environment": json.loads(self.environment)})
 
 
-def sign(key: bytes, manifest: dict[str, Any]) -> str:
-    return hmac.new(key, canonical_json(manifest), hashlib.sha256).hexdigest()
+def sign(key: bytes, manifest: Manifest) -> str:
+    return hmac.new(key, manifest.document(), hashlib.sha256).hexdigest()
 
 
-def signature_status(manifest: dict[str, Any] | None, kid: object, signature: object,
+def signature_status(manifest: Manifest, kid: object, signature: object,
                      keys: dict[str, bytes] | None = None) -> str:
     """'trusted', 'invalid' (a trusted key's signature fails), 'untrusted' or 'unsigned'.
 
-    ``manifest`` is None when the version's columns cannot even be read: a trusted
-    key's signature then fails. ``keys`` defaults to the keys trusted right now.
+    A manifest whose columns cannot be read fails a trusted key's signature. ``keys``
+    defaults to the keys trusted right now.
     """
     if not kid or not signature:
         return "unsigned"
@@ -166,21 +169,11 @@ def signature_status(manifest: dict[str, Any] | None, kid: object, signature: ob
     keys = trusted_keys() if keys is None else keys
     if kid not in keys:
         return "untrusted"
-    if manifest is None:
-        return "invalid"
     try:
-        ok = signature_ok(manifest, kid, signature, keys)
+        ok = hmac.compare_digest(sign(keys[kid], manifest), signature)
     except (TypeError, ValueError):
         ok = False
     return "trusted" if ok else "invalid"
-
-
-def signature_ok(manifest: dict[str, Any], kid: str | None, signature: str | None,
-                 keys: dict[str, bytes]) -> bool | None:
-    """True if a known key signed the manifest, False if it fails, None for unknown keys."""
-    if not kid or not signature or kid not in keys:
-        return None
-    return hmac.compare_digest(sign(keys[kid], manifest), signature)
 
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",

@@ -25,3 +25,25 @@ def one_line_error(result) -> bool:
     stderr, no traceback (``result`` has ``returncode`` and ``stderr``)."""
     return (result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
             and "Traceback" not in result.stderr and result.stderr.startswith("Error: "))
+
+
+def vault_connections(monkeypatch):
+    """A list that gathers every sqlite3 connection opened from now on, in order.
+
+    The seam for tests that must act on the vault's own connection (a trace callback to
+    act between two statements of one write, a connection-scoped PRAGMA): modelvault
+    opens its files with ``sqlite3.connect``, SQLite's public API, so no private name of
+    ours is touched.
+    """
+    import sqlite3
+
+    opened = []
+    connect = sqlite3.connect
+
+    def recording_connect(*args, **kwargs):
+        connection = connect(*args, **kwargs)
+        opened.append(connection)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", recording_connect)
+    return opened

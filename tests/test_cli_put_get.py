@@ -75,3 +75,22 @@ def test_get_pickled_object_needs_trust_from_a_stranger(run, tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     with open(tmp_path / "out" / "team_obj-v1.pkl", "rb") as f:
         assert pickle.load(f) == {"a set": {1, 2}}
+
+
+def test_get_restores_the_permission_bits_recorded_at_put(run, tmp_path):
+    import stat
+
+    source = tmp_path / "model"
+    source.mkdir()
+    modes = {"config.json": 0o644, "run.sh": 0o755, "secret.key": 0o600, "frozen.bin": 0o444}
+    for name, mode in modes.items():
+        (source / name).write_text(name)
+        (source / name).chmod(mode)
+    vault = tmp_path / "m.vault"
+    assert run("put", vault, "m", source).exit_code == 0
+    out = tmp_path / "out"
+    assert run("get", vault, "m", "-o", out).exit_code == 0
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == modes
+    # Written again over files that are there (one of them read-only): the same bits.
+    assert run("get", vault, "m", "-o", out).exit_code == 0
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == modes

@@ -20,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import sqlite3
 import statistics
 import sys
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import vault_connections
 
 import modelvault
 from modelvault import VaultError
@@ -142,12 +144,14 @@ def _plan(rng: random.Random, vault: modelvault.Vault, kind: str, run: Any
     if kind == "alias":
         return {"op": "alias", "ref": rng.choice(refs()), "alias": _ALIAS}
     ref = rng.choice(refs()[:-1])
-    delete = {"op": "delete", "ref": ref,
-              "base": vault._db.execute(_IS_DELTA_BASE, _parse(ref)).fetchone()[0]}
+    with sqlite3.connect(vault.path) as db:
+        delete = {"op": "delete", "ref": ref,
+                  "base": db.execute(_IS_DELTA_BASE, _parse(ref)).fetchone()[0]}
     if kind == "delete":
         return delete
     run(delete)
-    return {"op": "gc", "sparse": vault._db.execute(_SPARSE_PACKS).fetchone()[0]}
+    with sqlite3.connect(vault.path) as db:
+        return {"op": "gc", "sparse": db.execute(_SPARSE_PACKS).fetchone()[0]}
 
 
 # Whether a version's chunks are delta bases of other chunks.
@@ -202,7 +206,8 @@ def _check_recovery(path: Path, state: dict[str, Any], done: list[Any],
         without = _replay(without, op, result)
     with modelvault.open(path) as vault:
         assert vault.verify() == [], label
-        assert [r[0] for r in vault._db.execute("PRAGMA integrity_check")] == ["ok"], label
+        with sqlite3.connect(path) as db:
+            assert [r[0] for r in db.execute("PRAGMA integrity_check")] == ["ok"], label
         actual = _state(vault)
         candidates = [without]
         if pending is not None:
@@ -357,13 +362,15 @@ def _exporter(source: Path, dest: Path, go: Any) -> None:
 
 @pytest.mark.sweep
 @pytest.mark.parametrize("limit", ["max_page_count", "RLIMIT_FSIZE"])
-def test_a_full_disk_fails_the_save_cleanly_and_the_next_save_works(tmp_path, full, limit):
+def test_a_full_disk_fails_the_save_cleanly_and_the_next_save_works(tmp_path, full, limit,
+                                                                   monkeypatch):
     """The save fails with a VaultError that says the disk is full, adds nothing, leaves
     the vault healthy, and the same save works once there is room again. The room left
     varies from none to just short of what the save needs, so the failure hits
     different statements (max_page_count) or page writes at commit (RLIMIT_FSIZE)."""
     trials = 50 if full else 10
     path = tmp_path / "models.vault"
+    opened = vault_connections(monkeypatch)
     with modelvault.open(path) as vault:
         _save(vault, seed=0, whole=True)
         _save(vault, seed=1, whole=False)
@@ -383,8 +390,8 @@ def test_a_full_disk_fails_the_save_cleanly_and_the_next_save_works(tmp_path, fu
             vault.delete(dry_run)
             vault.gc()
             room = rng.randrange(needed)
-            if limit == "max_page_count":
-                result = _save_with_page_limit(vault, save, room)
+        if limit == "max_page_count":
+            result = _save_with_page_limit(path, save, room, opened)
         if limit == "RLIMIT_FSIZE":
             room_bytes = room * page_size + rng.randrange(page_size)
             result = _fork_and_wait(_save_with_file_limit, (path, save, room_bytes),
@@ -419,22 +426,25 @@ def _save(vault: modelvault.Vault, seed: int, whole: bool) -> str:
 
 def _pages(vault: modelvault.Vault) -> tuple[int, int]:
     """The vault's size in pages, and the page size."""
-    return (vault._db.execute("PRAGMA page_count").fetchone()[0],
-            vault._db.execute("PRAGMA page_size").fetchone()[0])
+    with sqlite3.connect(vault.path) as db:
+        return (db.execute("PRAGMA page_count").fetchone()[0],
+                db.execute("PRAGMA page_size").fetchone()[0])
 
 
-def _save_with_page_limit(vault: modelvault.Vault, save: dict[str, Any], room: int
-                          ) -> dict[str, Any]:
+def _save_with_page_limit(path: Path, save: dict[str, Any], room: int,
+                          opened: list[sqlite3.Connection]) -> dict[str, Any]:
     """Save with the file capped ``room`` pages above its size (PRAGMA max_page_count,
-    which lasts as long as the connection), then again with the cap lifted."""
-    db = vault._db
-    default = db.execute("PRAGMA max_page_count").fetchone()[0]
-    db.execute(f"PRAGMA max_page_count = {_pages(vault)[0] + room}")
-    try:
-        return _failing_save(vault, save, lift=lambda: db.execute(
-            f"PRAGMA max_page_count = {default}"))
-    finally:
-        db.execute(f"PRAGMA max_page_count = {default}")
+    which lasts as long as the vault's connection: the last one ``opened``), then again
+    with the cap lifted."""
+    with modelvault.open(path) as vault:
+        db = opened[-1]
+        default = db.execute("PRAGMA max_page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {_pages(vault)[0] + room}")
+        try:
+            return _failing_save(vault, save, lift=lambda: db.execute(
+                f"PRAGMA max_page_count = {default}"))
+        finally:
+            db.execute(f"PRAGMA max_page_count = {default}")
 
 
 def _save_with_file_limit(path: Path, save: dict[str, Any], room: int, go: Any
@@ -513,8 +523,18 @@ def test_a_write_killed_before_it_touched_the_file_leaves_one_file_once_reopened
 
 
 def _save_killed_before_commit(path: Path, go: Any) -> None:
-    # sign() runs inside the save's transaction, after its chunks went in.
-    modelvault._trust.sign = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    # The version's row goes in inside the save's transaction, after its chunks: die
+    # there, through SQLite's trace callback on the vault's connection.
+    connect = sqlite3.connect
+
+    def dying_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        connection.set_trace_callback(
+            lambda sql: sql.lstrip().startswith("INSERT INTO versions")
+            and os.kill(os.getpid(), signal.SIGKILL))
+        return connection
+
+    sqlite3.connect = dying_connect  # in a child process that dies here
     with modelvault.open(path) as vault:
         vault.save("a", np.arange(2000.0))
 

@@ -9,7 +9,7 @@ import pytest
 
 import modelvault
 from modelvault import IntegrityError, NotFoundError
-from modelvault._vault import DELTA_DEPTH
+from modelvault._packs import DELTA_DEPTH
 
 
 def weights(seed, n=4, shape=(512, 1024)):

@@ -475,3 +475,44 @@ def test_views_list_versions_and_models(tmp_path):
         assert vault.save("churn", {"w": np.arange(16.0)}).version == 4
     with opened(path) as db:
         assert version_row(db, "churn")["version"] == 4
+
+
+def test_a_files_version_without_recorded_modes_extracts_with_the_usual_bits(tmp_path):
+    # Versions saved before modelvault recorded permission bits have a layout of names
+    # alone ({"files": [...]}): written out, their files get what open() gives a new
+    # file (0666 less the umask), not the 0600 of a temporary file.
+    import os
+    import stat
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "config.json").chmod(0o640)
+    path = tmp_path / "old.vault"
+    with modelvault.open(path) as vault:
+        vault.save_files("m", folder)
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT id, kind, layout FROM versions").fetchone()
+        layout = json.loads(row["layout"])
+        assert layout == {"files": ["config.json"], "modes": [0o640]}
+        old = {"files": layout["files"]}
+        db.execute("UPDATE versions SET layout = ?, digest = ?, signature = NULL WHERE id = ?",
+                   (json.dumps(old), digest_of("files", old, descriptors(db, row["id"])),
+                    row["id"]))
+    db.close()
+    umask = os.umask(0)
+    os.umask(umask)
+    with modelvault.open(path) as vault:
+        (written,) = vault.extract("m", tmp_path / "out")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+
+
+def test_the_documents_blake3_vector_and_format_version_are_right():
+    from modelvault._schema import FORMAT_VERSION
+
+    text = " ".join(DOC.read_text(encoding="utf-8").split())
+    vector = re.search(r"BLAKE3 hash of the 3 bytes `abc` is `([0-9a-f]{64})`", text)
+    assert vector and blake3.blake3(b"abc").hexdigest() == vector.group(1)
+    assert f"`user_version` is a version the reader knows ({FORMAT_VERSION})" in text
+    assert f"`PRAGMA user_version` is `{FORMAT_VERSION}`" in text  # the minimal reader

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import vault_connections
 
 import modelvault
 from modelvault import IntegrityError, LockTimeout
@@ -283,44 +284,54 @@ def test_a_value_larger_than_we_write_is_refused_not_read(vault_path):
             vault.load("m")
 
 
-def test_metadata_and_descriptions_have_a_limit(vault, monkeypatch):
-    from modelvault import _vault
-
-    monkeypatch.setattr(_vault, "_MAX_TEXT", 1000)
+def test_metadata_and_descriptions_have_a_limit(vault):
+    limit = 16 * 1024 * 1024  # as the save docstring says
     with pytest.raises(ValueError, match="limit"):
-        vault.save("m", [1], metadata={"curve": list(range(1000))})
+        vault.save("m", [1], metadata={"curve": "x" * limit})
     with pytest.raises(ValueError, match="limit"):
-        vault.save("m", [1], description="x" * 1001)
-    assert vault.save("m", [1], metadata={"auc": 0.9}).version == 1
+        vault.save("m", [1], description="x" * (limit + 1))
+    assert vault.models() == []
+    big = vault.save("m", [1], metadata={"curve": "x" * (limit - 20)},
+                     description="x" * limit)
+    assert big.version == 1 and len(vault.get("m").description) == limit
 
 
 @pytest.mark.parametrize("operation", ["save", "alias", "tag"])
 def test_a_write_reads_the_record_it_returns_before_its_commit(vault_path, monkeypatch,
                                                               operation):
     # Read after the commit, the record could be gone: another process may delete the
-    # version in between, and a save that succeeded would raise NotFoundError.
-    from modelvault._vault import Vault
-
+    # version in between, and a save that succeeded would raise NotFoundError. Here
+    # another process deletes the model as soon as the write has committed, before any
+    # further statement of the vault's connection runs.
+    opened = vault_connections(monkeypatch)
     with modelvault.open(vault_path) as vault:
         vault.save("m", [1])
-        original, outcomes = Vault._get, []
+        connection = opened[-1]  # the vault's own (the first made the new file)
+        state = {"committed": False, "deleted": 0}
 
-        def racing_get(self, ref):
-            if self is vault:
-                with modelvault.open(vault_path, timeout=0.1) as other:
-                    try:
-                        other.delete("m")
-                        outcomes.append("deleted")
-                    except LockTimeout:
-                        outcomes.append("locked out")
-            return original(self, ref)
+        def trace(statement):
+            if state["committed"] and not state["deleted"]:
+                state["deleted"] = _delete_in_another_process(vault_path)
+            state["committed"] = statement.strip().upper() == "COMMIT"
 
-        monkeypatch.setattr(Vault, "_get", racing_get)
+        connection.set_trace_callback(trace)
         record = {"save": lambda: vault.save("m", [2]),
                   "alias": lambda: vault.alias("m:1", "prod"),
                   "tag": lambda: vault.tag("m:1", stage="x")}[operation]()
-        assert outcomes == ["locked out"]
+        connection.set_trace_callback(None)
+        assert state["committed"] and not state["deleted"], state
         assert record.name == "m"
+        assert _delete_in_another_process(vault_path) == 1 + (operation == "save")
+
+
+def _delete_in_another_process(path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import modelvault, sys; print(modelvault.open(sys.argv[1])"
+         ".delete('m'))", str(path)], capture_output=True, text=True, check=True)
+    return int(done.stdout)
 
 
 def test_scratch_files_of_dead_processes_on_this_host_are_swept(tmp_path, vault):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import modelvault
-from modelvault import _vault
+from modelvault import _packs
 
 
 def weights(seed, n=300_000):
@@ -124,16 +124,18 @@ def test_a_delta_whose_base_is_here_is_rebased_on_our_copy(tmp_path):
         report = vault.merge(theirs)
         assert [v.ref for v in report.added] == ["net:1", "net:2"]
         np.testing.assert_array_equal(vault.load("net:2")["w"], nudge(w, 1))
-        db = vault._db
+        assert vault.verify() == []
+    with sqlite3.connect(mine) as db:
         assert db.execute("SELECT count(*) FROM chunks WHERE base_id IS NOT NULL"
                           ).fetchone()[0] > 0
-        assert vault.verify() == []
 
 
 def test_long_delta_chains_are_stored_whole(tmp_path, monkeypatch):
     mine, theirs = tmp_path / "a.vault", tmp_path / "b.vault"
     w = weights(0)
-    monkeypatch.setattr(_vault, "DELTA_DEPTH", 12)  # a writer making longer chains
+    # DELTA_DEPTH is the writer's policy (docs/format.md: readers accept chains of up to
+    # 16): a writer with a higher one makes longer chains.
+    monkeypatch.setattr(_packs, "DELTA_DEPTH", 12)
     with modelvault.open(theirs) as vault:
         for i in range(12):
             w = nudge(w, i)
@@ -142,15 +144,16 @@ def test_long_delta_chains_are_stored_whole(tmp_path, monkeypatch):
     with modelvault.open(mine) as vault:
         vault.merge(theirs)
         np.testing.assert_array_equal(vault.load("net")["w"], w)
-        depths = vault._db.execute(
+        assert vault.verify() == []
+    with sqlite3.connect(mine) as db:
+        depths = db.execute(
             "WITH RECURSIVE chain(id, depth) AS (SELECT id, 0 FROM chunks UNION ALL "
             "SELECT c.base_id, depth + 1 FROM chain JOIN chunks c ON c.id = chain.id "
             "WHERE c.base_id IS NOT NULL) SELECT max(depth) FROM chain").fetchone()[0]
-        assert depths == 2 * _vault.DELTA_DEPTH
-        assert vault._db.execute("SELECT count(*) FROM packs p WHERE NOT EXISTS "
-                                 "(SELECT 1 FROM chunks c WHERE c.pack_id = p.id)"
-                                 ).fetchone()[0] == 0  # what the chunks stored whole left
-        assert vault.verify() == []
+        assert depths == 2 * _packs.DELTA_DEPTH
+        assert db.execute("SELECT count(*) FROM packs p WHERE NOT EXISTS "
+                          "(SELECT 1 FROM chunks c WHERE c.pack_id = p.id)"
+                          ).fetchone()[0] == 0  # what the chunks stored whole left
 
 
 def test_a_damaged_vault_is_not_merged(conflicted, flip_chunk_byte):

@@ -1,0 +1,167 @@
+"""The vault's connection: one SQLite connection, its transactions, and the worker pool.
+
+Owns how the file is reached: opening it (through ``_schema.connect``), read and write
+transactions, another vault attached read-only, reopening after fork(), and the
+threads that hash, encode and decode chunks. Knows nothing of tables or chunks: the
+catalog and the pack store run their SQL through it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _schema
+from ._errors import VaultError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+WORKERS = min(4, os.cpu_count() or 1)
+# Connections inherited across fork(), never closed in the child (see Connection.db).
+_INHERITED: list[sqlite3.Connection] = []
+
+
+class Connection:
+    """The SQLite connection of one ``Vault``, safe to share between its threads only
+    under ``lock`` (the Vault's public methods take it)."""
+
+    def __init__(self, path: Path, *, readonly: bool, create: bool, timeout: float) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.timeout = timeout
+        # One connection serves every thread: a save interleaved with another thread's
+        # commit would commit half a version.
+        self.lock = threading.RLock()
+        self._pid = os.getpid()
+        self._conn: sqlite3.Connection | None = _schema.connect(
+            path, readonly=readonly, create=create, timeout=timeout)
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The sqlite3 connection, reopened in a child process after fork()."""
+        if self._conn is None:
+            raise VaultError(f"{self.path}: vault is closed")
+        if os.getpid() != self._pid:
+            # A connection must not cross fork(): the child opens its own. The inherited
+            # one is kept referenced forever, since closing it in the child would roll
+            # back and delete the parent's journal.
+            _INHERITED.append(self._conn)
+            self._pid = os.getpid()
+            self._pool = None
+            self._conn = _schema.connect(self.path, readonly=self.readonly, create=False,
+                                         timeout=self.timeout)
+        return self._conn
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self._conn is not None:
+            if os.getpid() == self._pid:
+                self._conn.close()
+            else:  # inherited across fork(): see db
+                _INHERITED.append(self._conn)
+            self._conn = None
+
+    # -- transactions ------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks."""
+        with self._transaction("BEGIN IMMEDIATE") as db:
+            yield db
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one snapshot, so another process's gc cannot pull chunks
+        out from under a load between its queries."""
+        with self._transaction("BEGIN") as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        if db.in_transaction:  # nested inside another of ours
+            yield db
+            return
+        db.execute(begin)
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite may have rolled back already (disk full), and a failed COMMIT
+            # (lock timeout) leaves the transaction open: end it either way, and let the
+            # original error through rather than one from ROLLBACK.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+
+    @contextmanager
+    def attached(self, source: Path) -> Iterator[sqlite3.Connection]:
+        """The vault at ``source`` attached as ``src``: read-only and through SQLite, so
+        its locks are untouched, and read inside one transaction of ours, one snapshot."""
+        db = self.db
+        db.execute("ATTACH DATABASE ? AS src", (f"{source.absolute().as_uri()}?mode=ro",))
+        try:
+            yield db
+        finally:
+            db.execute("DETACH DATABASE src")
+
+    def file_bytes(self) -> int:
+        """The size of the file, as SQLite sees it."""
+        db = self.db
+        # Read through SQLite, never os.stat-then-open: opening the file ourselves
+        # would drop SQLite's POSIX locks, which are per process, not per descriptor.
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages * db.execute("PRAGMA page_size").fetchone()[0])
+
+    def vacuum(self) -> None:
+        """Hand the file's free pages back to the file system (inside a write)."""
+        db = self.db
+        # The file is created with auto_vacuum=INCREMENTAL: this returns free pages
+        # without VACUUM's full copy of the database. Each step of the pragma frees one
+        # page, and Python's sqlite3 steps a statement that has no result columns only
+        # once (fetchall() does not help): run it once per free page.
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        for _ in range(free):
+            db.execute("PRAGMA incremental_vacuum")
+
+    # -- the worker pool ---------------------------------------------------------------
+
+    def map(self, function: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``function`` over ``items`` on the thread pool, results in order."""
+        return self.submit(function, items)()
+
+    def submit(self, function: Callable[[Any], Any], items: Iterable[Any], *,
+               grouped: bool = True) -> Callable[[], list[Any]]:
+        """Start ``function`` over ``items`` on the thread pool; call the result to wait.
+
+        A call on a small chunk is ~20 us of work, less than a pool task's own overhead,
+        so items go out in one group per thread rather than one task each, unless not
+        ``grouped``.
+        """
+        items = list(items)
+        pool = self._threads()
+        step = max(1, -(-len(items) // WORKERS)) if grouped else 1
+        futures = [pool.submit(lambda g: [function(x) for x in g], items[i:i + step])
+                   for i in range(0, len(items), step)]
+        return lambda: [result for future in futures for result in future.result()]
+
+    def _threads(self) -> ThreadPoolExecutor:
+        # zstd and blake3 release the GIL, so threads use both cores.
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=WORKERS,
+                                            thread_name_prefix="modelvault")
+        return self._pool

@@ -1,0 +1,258 @@
+"""The copier: versions of one vault, and the chunks the destination lacks, into another.
+
+One mechanism serves ``export`` (into a new, empty vault) and ``merge`` (into a vault
+with versions of its own). The steps are the ones a remote store will take too: pick
+the versions the destination lacks (by id), number them, bring the chunks it lacks (by
+hash) with their delta bases, check them, then the versions' rows, then the labels.
+
+Works through SQLite with the source attached as ``src``, inside the destination's
+write transaction, so the source is read in one snapshot and either everything is
+copied or nothing. Leaves chunk bytes to the pack store and records to the catalog.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from pathlib import Path
+from typing import NamedTuple
+
+from . import _schema
+from ._catalog import Catalog, check_number
+from ._connection import Connection
+from ._errors import IntegrityError, NotFoundError
+from ._packs import DELTA_DEPTH, PackStore
+from ._records import MergeReport
+from ._refs import check_alias, check_name
+
+
+class Model(NamedTuple):
+    """A model of the source, as the destination holds it."""
+
+    id: int  # the destination's id
+    name: str
+    last_version: int  # the source's
+
+
+class Offsets(NamedTuple):
+    """The destination's highest ids before the copy: copied rows get ids above them."""
+
+    chunks: int
+    packs: int
+    versions: int
+
+
+def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Path,
+         ids: list[int] | None, *, check: bool) -> MergeReport:
+    """Copy the versions ``ids`` of the vault ``source`` (every one if None) that the
+    destination lacks, with the chunks it lacks.
+
+    Inside a write transaction with ``source`` attached as ``src``. Versions keep their
+    numbers unless one here holds it; from the first clash on, a model's incoming
+    versions are numbered after the destination's last number. Models come along with
+    every version copied, and every model (so that numbers given out there are never
+    given out here) when ``ids`` is None. ``check`` decodes every chunk copied and
+    checks its hash before anything is committed (a source we did not write).
+    """
+    db = connection.db
+    _schema.check(db, source, "src")  # again, in the snapshot copied from
+    db.execute("CREATE TEMP TABLE wanted (id INTEGER PRIMARY KEY)")
+    if ids is None:
+        db.execute("INSERT INTO temp.wanted SELECT id FROM src.versions")
+    else:
+        db.executemany("INSERT INTO temp.wanted VALUES (?)", [(i,) for i in ids])
+        found = db.execute("SELECT count(*) FROM src.versions WHERE id IN temp.wanted"
+                           ).fetchone()[0]
+        if found != len(set(ids)):  # deleted by another process since they were named
+            raise NotFoundError(f"{source}: {len(set(ids)) - found} of the versions to copy "
+                                "were deleted meanwhile; nothing was written")
+    conflicts = [
+        f"{name}:{number}: the version with this id differs in {source.name} "
+        "(kept this one)" for name, number in db.execute(
+            "SELECT m.name, v.version FROM main.versions v JOIN main.models m ON "
+            "m.id = v.model_id JOIN src.versions s ON s.uuid = v.uuid JOIN src.models "
+            "sm ON sm.id = s.model_id WHERE s.id IN temp.wanted AND (s.digest IS NOT "
+            "v.digest OR sm.name IS NOT m.name)")]
+    models = _models(db, catalog, source, every=ids is None)
+    renumbered = _numbers(db, catalog, models)
+    # Numbers given out there (to versions since deleted, too) are not given out here.
+    db.executemany("UPDATE main.models SET last_version = max(last_version, ?) "
+                   "WHERE id = ?", [(m.last_version, m.id) for m in models.values()])
+    offsets = _chunks(db, store, check=check)
+    _versions(db, offsets)
+    conflicts += _labels(db, source, models, offsets.versions)
+    added = catalog.records("WHERE v.id > ? ORDER BY m.name, v.version", (offsets.versions,))
+    for table in ("wanted", "incoming", "needed"):
+        db.execute(f"DROP TABLE temp.{table}")
+    return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts))
+
+
+def _models(db: sqlite3.Connection, catalog: Catalog, source: Path, *, every: bool
+            ) -> dict[int, Model]:
+    """Our model (added if missing) for each model of ``src`` that comes along, by their
+    id."""
+    models = {}
+    for src_id, name, created_at, last in db.execute(
+            "SELECT id, name, created_at, last_version FROM src.models"
+            + ("" if every else " WHERE id IN (SELECT model_id FROM src.versions "
+               "WHERE id IN temp.wanted)")).fetchall():
+        try:
+            check_name(name)
+            check_number(last, "last_version", lowest=0)
+        except ValueError as exc:
+            raise IntegrityError(f"{source}: {exc}; nothing was merged") from exc
+        row = db.execute("SELECT id FROM main.models WHERE name = ?", (name,)).fetchone()
+        model_id = row[0] if row else db.execute(
+            "INSERT INTO main.models (name, created_at) VALUES (?, ?)",
+            (name, created_at)).lastrowid
+        models[src_id] = Model(model_id, name, last)
+    return models
+
+
+def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model]
+             ) -> list[tuple[str, int, int]]:
+    """Fill temp.incoming with the versions to bring in and their model, number and
+    environment here; returns the renumbered ones as (name, theirs, ours)."""
+    db.execute("CREATE TEMP TABLE incoming (src_id INTEGER PRIMARY KEY, model_id INTEGER, "
+               "version INTEGER, environment_id INTEGER)")
+    rows = db.execute(
+        "SELECT s.id, s.model_id, s.version, s.created_at, e.json FROM src.versions s "
+        "LEFT JOIN src.environments e ON e.id = s.environment_id "
+        "WHERE s.id IN temp.wanted AND s.uuid NOT IN (SELECT uuid FROM main.versions) "
+        "ORDER BY s.model_id, s.version").fetchall()
+    renumbered = []
+    for src_model, group in itertools.groupby(rows, key=lambda r: r[1]):
+        if src_model not in models:
+            raise IntegrityError("a version of the vault merged in names a model it does "
+                                 "not hold; nothing was merged")
+        model = models[src_model]
+        theirs = list(group)
+        for r in theirs:
+            try:
+                check_number(r[2], "version number")
+            except ValueError as exc:
+                raise IntegrityError(f"{model.name}: {exc}; nothing was merged") from exc
+        held = {r[0] for r in db.execute("SELECT version FROM main.versions "
+                                         "WHERE model_id = ?", (model.id,))}
+        clash = next((i for i, r in enumerate(theirs) if r[2] in held), len(theirs))
+        last = max(held | {db.execute("SELECT last_version FROM main.models WHERE id = ?",
+                                      (model.id,)).fetchone()[0]})
+        numbers = {r[0]: r[2] for r in theirs[:clash]}
+        for r in sorted(theirs[clash:], key=lambda r: (r[3], r[2])):
+            last += 1
+            numbers[r[0]] = last
+            renumbered.append((model.name, r[2], last))
+        db.executemany("INSERT INTO temp.incoming VALUES (?, ?, ?, ?)",
+                       [(r[0], model.id, numbers[r[0]],
+                         None if r[4] is None else catalog.environment_id(r[4]))
+                        for r in theirs])
+        db.execute("UPDATE main.models SET last_version = max(last_version, ?) "
+                   "WHERE id = ?", (max(numbers.values()), model.id))
+    return renumbered
+
+
+def _chunks(db: sqlite3.Connection, store: PackStore, *, check: bool) -> Offsets:
+    """Copy the chunks the incoming versions need and the destination lacks (by hash),
+    with their packs, check them if ``check``, and tidy up."""
+    offsets = Offsets(*(db.execute(f"SELECT coalesce(max(id), 0) FROM main.{table}"
+                                   ).fetchone()[0] for table in Offsets._fields))
+    # Chunks whose hash is here already are not copied, nor are their bases.
+    db.execute(
+        "CREATE TEMP TABLE needed AS WITH RECURSIVE needed(id) AS ("
+        "SELECT c.id FROM src.part_chunks pc JOIN src.chunks c ON c.id = pc.chunk_id "
+        "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming) "
+        "AND NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = c.hash) "
+        "UNION SELECT b.id FROM needed JOIN src.chunks c ON c.id = needed.id "
+        "JOIN src.chunks b ON b.id = c.base_id "
+        "WHERE NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = b.hash)) "
+        "SELECT id FROM needed")
+    db.execute("INSERT INTO main.packs SELECT id + ?, codec, size, data FROM src.packs "
+               "WHERE id IN (SELECT pack_id FROM src.chunks WHERE id IN temp.needed)",
+               (offsets.packs,))
+    # A delta whose base is here already is a delta of our copy of it.
+    db.execute(
+        "INSERT INTO main.chunks SELECT c.id + :chunks, c.hash, c.size, c.codec, "
+        "c.itemsize, CASE WHEN c.base_id IS NULL THEN NULL "
+        "WHEN c.base_id IN temp.needed THEN c.base_id + :chunks "
+        "ELSE (SELECT m.id FROM main.chunks m JOIN src.chunks b ON b.hash = m.hash "
+        "WHERE b.id = c.base_id) END, c.pack_id + :packs, c.start, c.length "
+        "FROM src.chunks c WHERE c.id IN temp.needed", offsets._asdict())
+    if check:
+        for bad in store.bad_chunks(store.chunks("c.id > ?", (offsets.chunks,))):
+            raise IntegrityError(f"chunk {bad.hash} of the vault merged in: {bad.problem}; "
+                                 "nothing was merged", chunk=bad.hash)
+    # A delta of a delta here may now lie deeper than ours ever do: store such chunks
+    # whole, so that chains stay short however often vaults are merged.
+    store.flatten(store.delta_depths(offsets.chunks, 2 * DELTA_DEPTH))
+    db.execute("DELETE FROM packs WHERE id > ? AND NOT EXISTS "
+               "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)", (offsets.packs,))
+    store.repack(after=offsets.packs)
+    return offsets
+
+
+def _versions(db: sqlite3.Connection, offsets: Offsets) -> None:
+    """Copy the incoming versions' rows, parts and chunk lists, ids shifted past ours."""
+    shift = offsets.versions
+    db.execute(
+        "INSERT INTO main.versions SELECT v.id + ?, v.uuid, i.model_id, i.version, "
+        "v.created_at, v.kind, v.layout, v.size, v.added_bytes, v.digest, v.description, "
+        "v.metadata, i.environment_id, v.key_id, v.signature "
+        "FROM src.versions v JOIN temp.incoming i ON i.src_id = v.id", (shift,))
+    db.execute("INSERT INTO main.parts SELECT version_id + ?, part, kind, name, dtype, "
+               "shape, fortran_order, itemsize, size FROM src.parts "
+               "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))
+    copied = db.execute(
+        "INSERT INTO main.part_chunks SELECT pc.version_id + ?, pc.part, pc.seq, "
+        "(SELECT m.id FROM main.chunks m WHERE m.hash = c.hash) FROM src.part_chunks pc "
+        "JOIN src.chunks c ON c.id = pc.chunk_id "
+        "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming)", (shift,)).rowcount
+    listed = db.execute("SELECT count(*) FROM src.part_chunks WHERE version_id IN "
+                        "(SELECT src_id FROM temp.incoming)").fetchone()[0]
+    if copied != listed:
+        raise IntegrityError(f"{listed - copied} chunk(s) that versions of the vault "
+                             "merged in list are missing from it; nothing was merged")
+
+
+def _labels(db: sqlite3.Connection, source: Path, models: dict[int, Model], shift: int
+            ) -> list[str]:
+    """Bring in the aliases and tags of the copied versions that the destination lacks;
+    returns the ones that differ."""
+    conflicts = []
+    db.execute("INSERT INTO main.tags SELECT version_id + ?, key, value FROM src.tags "
+               "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))
+    for version_id, name, number, key, theirs, ours in db.execute(
+            "SELECT v.id, m.name, v.version, t.key, t.value, o.value FROM src.tags t "
+            "JOIN src.versions s ON s.id = t.version_id JOIN src.models sm ON "
+            "sm.id = s.model_id JOIN main.versions v ON v.uuid = s.uuid "
+            "JOIN main.models m ON m.id = v.model_id AND m.name = sm.name LEFT JOIN main.tags "
+            "o ON o.version_id = v.id AND o.key = t.key WHERE s.id IN temp.wanted AND "
+            "s.id NOT IN (SELECT src_id FROM temp.incoming)").fetchall():
+        if ours is None:
+            db.execute("INSERT INTO main.tags VALUES (?, ?, ?)", (version_id, key, theirs))
+        elif ours != theirs:
+            conflicts.append(f"{name}:{number} tag {key}: {ours!r} here, {theirs!r} in "
+                             f"{source.name}")
+    for src_model, alias, version_id, number in db.execute(
+            "SELECT a.model_id, a.alias, v.id, v.version FROM src.aliases a "
+            "JOIN src.models sm ON sm.id = a.model_id "
+            "JOIN src.versions s ON s.id = a.version_id AND s.model_id = a.model_id "
+            "JOIN main.versions v ON v.uuid = s.uuid "
+            "JOIN main.models mm ON mm.id = v.model_id AND mm.name = sm.name "
+            "WHERE s.id IN temp.wanted").fetchall():
+        model = models[src_model]
+        here = db.execute("SELECT v.id, v.version FROM main.aliases a JOIN main.versions "
+                          "v ON v.id = a.version_id WHERE a.model_id = ? AND a.alias = ?",
+                          (model.id, alias)).fetchone()
+        try:
+            check_alias(alias)
+        except ValueError:
+            conflicts.append(f"{model.name}@{alias} in {source.name} is not a valid alias "
+                             "(left out)")
+            continue
+        if here is None:
+            db.execute("INSERT INTO main.aliases VALUES (?, ?, ?)",
+                       (model.id, alias, version_id))
+        elif here[0] != version_id:
+            conflicts.append(f"{model.name}@{alias}: {model.name}:{here[1]} here, "
+                             f"{model.name}:{number} in {source.name} (numbered here)")
+    return conflicts

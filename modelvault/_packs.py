@@ -1,0 +1,579 @@
+"""The pack store: chunks in, chunks out, hash-checked.
+
+Owns the ``chunks`` and ``packs`` tables: putting a version's new chunks into packs
+(deduplicated by hash, delta-encoded against the parent's chunks where that is
+smaller), reading chunks back into buffers with their hashes checked, finding bad
+chunks, repacking sparse packs and sweeping chunks nothing uses. Leaves to others which
+version uses which chunks (the catalog), how objects become parts (``_serialize``),
+and the bytes-level codecs (``_chunks``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+from . import _chunks
+from ._chunks import np
+from ._connection import Connection
+from ._errors import IntegrityError
+from ._serialize import Part
+
+# Chunks are hashed, looked up and encoded at most this many, and this many raw
+# bytes, at a time: enough work per batch to keep both cores busy, little memory in
+# flight (two batches while one is encoded and the one before is written).
+_BATCH = 64
+_BATCH_BYTES = 16 * 1024 * 1024
+# A delta chunk is at most this many XORs away from a chunk stored whole, so a load
+# never decodes more than DELTA_DEPTH + 1 chunks per chunk; the next version in a
+# long fine-tune series starts a new chain. Readers refuse chains beyond MAX_CHAIN.
+DELTA_DEPTH = 4
+MAX_CHAIN = 16
+# A delta at most this fraction of the raw chunk is kept without also trying the chunk
+# alone (XOR against a parent with a few changed rows: nearly all zeros).
+_DELTA_SURE = 1 / 16
+
+
+class ChunkRow(NamedTuple):
+    """A row of the chunks table. ``hash`` is None for a chunk a version lists and the
+    vault lacks (see ``Catalog.contents``)."""
+
+    id: int
+    hash: str | None
+    size: int
+    codec: str
+    itemsize: int
+    base_id: int | None
+    pack_id: int
+    start: int
+    length: int
+
+
+CHUNK_COLUMNS = ", ".join(f"c.{column}" for column in ChunkRow._fields)
+# Chunks some version uses, and the delta bases of those, transitively (UNION stops at
+# cycles).
+LIVE_CHUNKS = """WITH RECURSIVE live(id) AS (
+    SELECT chunk_id FROM part_chunks
+    UNION SELECT c.base_id FROM chunks c JOIN live ON c.id = live.id WHERE c.base_id NOT NULL)"""
+
+
+class Job(NamedTuple):
+    """What decoding one chunk takes: its row's fields, its stored bytes (or what is
+    wrong with them), and its delta base's job."""
+
+    hash: str
+    size: int
+    codec: str
+    itemsize: int
+    stored: memoryview | str
+    base: Job | None
+
+
+class NewChunk(NamedTuple):
+    """A chunk a save is about to add: its hash, raw bytes and delta base, if any."""
+
+    hash: str
+    piece: memoryview | bytes
+    base: ChunkRow | None
+
+
+class Encoded(NamedTuple):
+    codec: str
+    itemsize: int
+    data: bytes
+    is_delta: bool
+
+
+class Stored(NamedTuple):
+    """What ``PackStore.put`` did for a version's parts."""
+
+    hashes: list[list[str]]  # each part's chunk hashes, in order
+    ids: dict[str, int]  # every one of those chunks' row id, by hash
+    sizes: list[int]  # each part's bytes (a file's: what was read)
+    added: int  # stored bytes of the chunks added
+
+
+class BadChunk(NamedTuple):
+    id: int
+    hash: str
+    problem: str
+
+
+class PackStore:
+    """The chunks and packs of one vault, reached through its connection."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    # -- putting chunks in -------------------------------------------------------------
+
+    def put(self, parts: list[Part], bases: list[list[ChunkRow] | None],
+            advance: Callable[[int], Any]) -> Stored:
+        """Store the chunks of ``parts`` the vault lacks (inside a write transaction).
+
+        ``bases`` are each part's parent chunks, by position, that new chunks of the
+        same size may be stored as XOR deltas of. While one batch is encoded on the
+        pool, the one before (of this part or the one before it) is written to SQLite.
+        """
+        connection = self._connection
+        known: dict[str, int] = {}
+        pending: set[str] = set()  # encoded or being encoded, not yet written
+        hash_lists: list[list[str]] = []
+        sizes: list[int] = []
+        added = 0
+        writing: tuple[bool, list[NewChunk], Callable[[], list[Any]]] | None = None
+
+        def write(numeric: bool, new: list[NewChunk], results: Callable[[], list[Any]]) -> int:
+            if numeric:
+                stored = self._add_chunks(new, results())
+            else:
+                stored = self._add_solid(_solid_groups(new), results())
+            known.update(self.ids([chunk.hash for chunk in new]))
+            pending.difference_update(chunk.hash for chunk in new)
+            return stored
+
+        for part, part_bases in zip(parts, bases, strict=True):
+            numeric = part.kind in ("array", "buffer")
+            hashes: list[str] = []
+            hash_lists.append(hashes)
+            size = 0
+            for pieces in batches(part):
+                # Hashed and encoded from the same bytes: a file changing under us cannot
+                # store bytes under another content's hash.
+                batch = connection.map(_chunks.chunk_hash, pieces)
+                first = len(hashes)
+                hashes.extend(batch)
+                size += sum(len(p) for p in pieces)
+                advance(sum(len(p) for p in pieces))
+                unknown = sorted(set(batch) - known.keys() - pending)
+                if unknown:
+                    known.update(self.ids(unknown))
+                new: list[NewChunk] = []
+                for seq, (h, piece) in enumerate(zip(batch, pieces, strict=True), first):
+                    if h in known or h in pending:
+                        continue
+                    pending.add(h)
+                    base = (part_bases[seq] if part_bases is not None and seq < len(part_bases)
+                            else None)
+                    new.append(NewChunk(h, piece, base if base is not None
+                                        and base.size == len(piece) else None))
+                if not new:
+                    continue
+                if numeric:
+                    parents = self._base_bytes([c.base for c in new if c.base is not None])
+                    encoding = (True, new, connection.submit(_encode, [
+                        (c.piece, part.itemsize,
+                         parents.get(c.base.id) if c.base is not None else None)
+                        for c in new]))
+                else:
+                    # One task per pack: each is milliseconds of zstd, and whole packs
+                    # share out between the cores more evenly than groups of them.
+                    encoding = (False, new, connection.submit(_chunks.solid, [
+                        [c.piece for c in group] for group in _solid_groups(new)],
+                        grouped=False))
+                if writing is not None:
+                    added += write(*writing)
+                writing = encoding
+            sizes.append(size)
+        if writing is not None:
+            added += write(*writing)
+        return Stored(hash_lists, known, sizes, added)
+
+    def ids(self, hashes: list[str]) -> dict[str, int]:
+        """The row ids of the chunks with these hashes that the vault holds."""
+        if not hashes:
+            return {}
+        marks = ",".join("?" * len(hashes))
+        return dict(self._connection.db.execute(
+            f"SELECT hash, id FROM chunks WHERE hash IN ({marks})", hashes))
+
+    def _base_bytes(self, rows: list[ChunkRow]) -> dict[int, np.ndarray]:
+        """Raw bytes of the parent chunks that may serve as delta bases, by chunk id.
+
+        Left out: chunks already DELTA_DEPTH deltas deep, and any that fail to decode
+        (a damaged parent costs only the delta, never the save).
+        """
+        if not rows:
+            return {}
+        # Once per chunk: a parent that repeats a piece (tied or tiled weights) names the
+        # same chunk many times, and two tasks decoding a delta into one buffer at once
+        # would interleave their XORs and leave it wrong.
+        rows = list({r.id: r for r in rows}.values())
+        usable = [(r.id, job) for r, job in zip(rows, self._jobs(rows), strict=True)
+                  if _chain_length(job) < DELTA_DEPTH]
+        outs = {cid: np.empty(job.size, dtype=np.uint8) for cid, job in usable}
+        errors = self._connection.map(_decode_checked, [(memoryview(outs[cid]), job)
+                                                        for cid, job in usable])
+        return {cid: outs[cid] for (cid, _), error in zip(usable, errors, strict=True)
+                if error is None}
+
+    def _add_chunks(self, new: list[NewChunk], encoded: list[Encoded]) -> int:
+        """Write encoded numeric chunks into new packs, and their rows; returns the
+        bytes stored."""
+        places = self._pack([e.data for e in encoded])
+        self._connection.db.executemany(
+            "INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, start, "
+            "length) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(c.hash, len(c.piece), e.codec, e.itemsize,
+              c.base.id if e.is_delta and c.base is not None else None, *place, len(e.data))
+             for c, e, place in zip(new, encoded, places, strict=True)])
+        return sum(len(e.data) for e in encoded)
+
+    def _add_solid(self, groups: list[list[NewChunk]], packs: list[tuple[str, bytes]]) -> int:
+        """Write solid packs (``_chunks.solid``'s output for ``groups``), and their chunks
+        as raw slices of the packs' content; returns the bytes stored."""
+        rows = []
+        for group, (codec, data) in zip(groups, packs, strict=True):
+            places = self._new_pack(codec, [len(c.piece) for c in group], data)
+            rows.extend((c.hash, len(c.piece), "raw", 1, None, *place, len(c.piece))
+                        for c, place in zip(group, places, strict=True))
+        self._connection.db.executemany(
+            "INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, start, "
+            "length) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return sum(len(data) for _, data in packs)
+
+    def _pack(self, blobs: list[bytes], *, solid: bool = False) -> list[tuple[int, int]]:
+        """Write ``blobs`` into new packs of about PACK_SIZE bytes (SOLID_PACK raw bytes
+        compressed as one, if ``solid``); returns each one's (pack id, start)."""
+        places: list[tuple[int, int]] = []
+        group: list[bytes] = []
+
+        def flush() -> None:
+            codec, data = _chunks.solid(group) if solid else ("raw", b"".join(group))
+            places.extend(self._new_pack(codec, [len(b) for b in group], data))
+            group.clear()
+
+        limit = _chunks.SOLID_PACK if solid else _chunks.PACK_SIZE
+        length = 0
+        for blob in blobs:
+            if group and length + len(blob) > limit:
+                flush()
+                length = 0
+            group.append(blob)
+            length += len(blob)
+        if group:
+            flush()
+        return places
+
+    def _new_pack(self, codec: str, lengths: list[int], data: bytes) -> list[tuple[int, int]]:
+        """Insert one pack whose content is blobs of ``lengths`` in a row; returns each
+        blob's (pack id, start)."""
+        pack_id = self._connection.db.execute(
+            "INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
+            (codec, sum(lengths), data)).lastrowid
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        return [(pack_id, start) for start in starts]
+
+    # -- reading chunks out ------------------------------------------------------------
+
+    def read(self, pieces: Iterable[tuple[ChunkRow, memoryview]],
+             advance: Callable[[int], Any],
+             done: Callable[[list[memoryview]], Any] | None = None) -> None:
+        """Decode chunks into their views, each one's hash checked; IntegrityError naming
+        the first chunk that fails.
+
+        Works in batches: the pool decodes one batch while the next is read from
+        SQLite. ``done`` gets each batch's views once they hold their bytes, in order.
+        """
+        connection = self._connection
+        pending: tuple[list[memoryview], Callable[[], list[Any]]] | None = None
+
+        def finish(views: list[memoryview], results: Callable[[], list[Any]]) -> None:
+            for error in results():
+                if error is not None:
+                    raise IntegrityError(f"chunk {error[0]} {error[1]}", chunk=error[0])
+            advance(sum(len(v) for v in views))
+            if done is not None:
+                done(views)
+
+        packs: dict[int, bytes] = {}
+        for batch in runs(pieces, lambda piece: piece[0].size):
+            views = [view for _, view in batch]
+            jobs = self._jobs([chunk for chunk, _ in batch], packs)
+            started = (views, connection.submit(_decode_checked,
+                                                list(zip(views, jobs, strict=True))))
+            if pending is not None:
+                finish(*pending)
+            pending = started
+        if pending is not None:
+            finish(*pending)
+
+    def _jobs(self, rows: Sequence[ChunkRow], packs: dict[int, bytes] | None = None
+              ) -> list[Job]:
+        """Decoding jobs for chunk rows, with their bases' rows and the packs' bytes
+        fetched. ``packs`` caches pack bytes across calls (a pack often spans two
+        batches)."""
+        db = self._connection.db
+        by_id = {r.id: r for r in rows}
+        wanted = {r.base_id for r in rows if r.base_id is not None} - by_id.keys()
+        for _ in range(MAX_CHAIN):
+            if not wanted:
+                break
+            ids = sorted(wanted)
+            found = [ChunkRow._make(r) for r in db.execute(
+                f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
+                f"({','.join('?' * len(ids))})", ids)]
+            by_id.update((r.id, r) for r in found)
+            wanted = {r.base_id for r in found if r.base_id is not None} - by_id.keys()
+        cache = packs if packs is not None else {}
+        needed = sorted({r.pack_id for r in by_id.values() if type(r.pack_id) is int}
+                        - cache.keys())
+        fetched = {row[0]: _chunks.pack_content(*row[1:]) for row in db.execute(
+            f"SELECT id, codec, size, data FROM packs WHERE id IN "
+            f"({','.join('?' * len(needed))})", needed)}
+        # Keep only this call's packs: the cache holds at most two batches' worth.
+        current = {pid: cache[pid] for pid in {r.pack_id for r in by_id.values()}
+                   if pid in cache}
+        current.update(fetched)
+        cache.clear()
+        cache.update(current)
+        return [_job(r, by_id, current, 0) for r in rows]
+
+    def chunks(self, where: str = "", params: Sequence[Any] = (), *, live: bool = False
+               ) -> Iterator[ChunkRow]:
+        """Chunk rows (``where`` filters ``chunks c``; only live ones if ``live``) in the
+        order of their packs, which reads each pack once."""
+        live_clause = ("c.id IN live" if live else "")
+        condition = " AND ".join(filter(None, [live_clause, where]))
+        cursor = self._connection.db.execute(
+            f"{LIVE_CHUNKS if live else ''} SELECT {CHUNK_COLUMNS} FROM chunks c "
+            f"{'WHERE ' + condition if condition else ''} ORDER BY c.pack_id, c.start",
+            params)
+        return map(ChunkRow._make, cursor)
+
+    def bad_chunks(self, rows: Iterable[ChunkRow]) -> Iterator[BadChunk]:
+        """Decode chunk rows and check their hashes; yields each one that fails."""
+        packs: dict[int, bytes] = {}
+        for batch in runs(rows, lambda r: _chunks.check_size(r.size)):
+            tasks = [(memoryview(np.empty(_chunks.check_size(job.size), dtype=np.uint8)), job)
+                     for job in self._jobs(batch, packs)]
+            ids = {r.hash: r.id for r in batch}
+            for error in self._connection.map(_decode_checked, tasks):
+                if error is not None:
+                    yield BadChunk(ids[error[0]], error[0], error[1])
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Drop chunks no version uses (nor any chunk as its delta base), and repack
+        (inside a write transaction)."""
+        db = self._connection.db
+        db.execute(f"{LIVE_CHUNKS} DELETE FROM chunks WHERE id NOT IN live")
+        db.execute("DELETE FROM packs WHERE NOT EXISTS "
+                   "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)")
+        self.repack()
+
+    def repack(self, *, after: int = 0) -> None:
+        """Move the live chunks of packs (with ids above ``after``) that are mostly dead
+        space into new packs."""
+        db = self._connection.db
+        sparse = [r[0] for r in db.execute(
+            "SELECT p.id FROM packs p JOIN chunks c ON c.pack_id = p.id WHERE p.id > ? "
+            "GROUP BY p.id HAVING 2 * sum(c.length) < p.size", (after,))]
+        for first in range(0, len(sparse), 4):  # at most 4 solid packs' content at a time
+            ids = sparse[first:first + 4]
+            marks = ",".join("?" * len(ids))
+            packs = {r[0]: (r[1] == "zstd", _chunks.pack_content(*r[1:])) for r in db.execute(
+                f"SELECT id, codec, size, data FROM packs WHERE id IN ({marks})", ids)}
+            chunks = db.execute(f"SELECT id, pack_id, start, length FROM chunks "
+                                f"WHERE pack_id IN ({marks}) ORDER BY pack_id, start",
+                                ids).fetchall()
+            if not all(isinstance(packs[p][1], bytes) and type(s) is int and type(n) is int
+                       and 0 <= s and s + n <= len(packs[p][1]) for _, p, s, n in chunks):
+                continue  # damaged: verify() reports it; moving it would hide the damage
+            for solid in (False, True):
+                mine = [c for c in chunks if packs[c[1]][0] == solid]
+                places = self._pack([packs[p][1][s:s + n] for _, p, s, n in mine],
+                                    solid=solid)
+                db.executemany("UPDATE chunks SET pack_id = ?, start = ? WHERE id = ?",
+                               [(*place, c[0]) for c, place in zip(mine, places, strict=True)])
+            db.execute(f"DELETE FROM packs WHERE id IN ({marks})", ids)
+
+    def flatten(self, ids: list[int]) -> None:
+        """Store the delta chunks ``ids`` whole, in new packs (chunks based on them are
+        unaffected: a chunk's bytes stay the same however they are stored)."""
+        db = self._connection.db
+        for first in range(0, len(ids), _BATCH):
+            some = ids[first:first + _BATCH]
+            batch = [ChunkRow._make(r) for r in db.execute(
+                f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
+                f"({','.join('?' * len(some))})", some)]
+            jobs = self._jobs(batch)
+            raws = [np.empty(job.size, dtype=np.uint8) for job in jobs]
+            self._connection.map(lambda task: _decode(*task),
+                                 zip(map(memoryview, raws), jobs, strict=True))
+            encoded = self._connection.map(_encode, [(memoryview(raw), row.itemsize, None)
+                                                     for raw, row in zip(raws, batch,
+                                                                         strict=True)])
+            places = self._pack([e.data for e in encoded])
+            db.executemany(
+                "UPDATE chunks SET codec = ?, itemsize = ?, base_id = NULL, pack_id = ?, "
+                "start = ?, length = ? WHERE id = ?",
+                [(e.codec, e.itemsize, *place, len(e.data), row.id)
+                 for e, place, row in zip(encoded, places, batch, strict=True)])
+
+    def delta_depths(self, after: int, limit: int) -> list[int]:
+        """Chunks with ids above ``after`` lying more than ``limit`` deltas from a chunk
+        stored whole."""
+        return [r[0] for r in self._connection.db.execute(
+            "WITH RECURSIVE chain(id, top, depth) AS (SELECT id, id, 0 FROM main.chunks "
+            "WHERE id > ? AND base_id IS NOT NULL UNION ALL SELECT c.base_id, chain.top, "
+            "chain.depth + 1 FROM chain JOIN main.chunks c ON c.id = chain.id "
+            "WHERE c.base_id IS NOT NULL AND chain.depth <= ?) "
+            "SELECT top FROM chain GROUP BY top HAVING max(depth) > ?",
+            (after, MAX_CHAIN, limit))]
+
+
+def batches(part: Part) -> Iterator[list[bytes | memoryview]]:
+    """A part's chunk pieces a batch at a time: fixed-size for numbers, by content
+    otherwise, and for files read from disk as they go."""
+    # Stream chunks (~80 KiB) go by the two solid packs' worth: one for each core to
+    # compress while the batch before is written.
+    if part.path is not None:
+        with open(part.path, "rb") as f:
+            yield from runs(_chunks.content_pieces(f), len, 4 * _BATCH,
+                            2 * _chunks.SOLID_PACK)
+        return
+    assert part.data is not None
+    if part.kind in ("array", "buffer"):
+        cuts = _chunks.fixed_cuts(part.size, part.itemsize)
+        yield from runs((part.data[o:o + n] for o, n in cuts), len)
+    else:
+        cuts = _chunks.content_cuts(part.data)
+        yield from runs((part.data[o:o + n] for o, n in cuts), len, 4 * _BATCH,
+                        2 * _chunks.SOLID_PACK)
+
+
+def batch_views(chunks: list[ChunkRow]) -> Iterator[tuple[ChunkRow, memoryview]]:
+    """(chunk, view) for a part's chunks, with a fresh buffer per batch (as ``runs`` cuts
+    them): a part streamed to a file is never held whole."""
+    for batch in runs(chunks, lambda c: c.size):
+        view, offset = memoryview(np.empty(sum(c.size for c in batch), dtype=np.uint8)), 0
+        for chunk in batch:
+            yield chunk, view[offset:offset + chunk.size]
+            offset += chunk.size
+
+
+def runs(items: Iterable[Any], size: Callable[[Any], int], count: int = _BATCH,
+         limit: int = _BATCH_BYTES) -> Iterator[list[Any]]:
+    """``items`` in lists of at most ``count`` items and, short of one item, ``limit`` bytes."""
+    run: list[Any] = []
+    total = 0
+    for item in items:
+        if run and total + size(item) > limit:
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += size(item)
+        if len(run) == count:
+            yield run
+            run, total = [], 0
+    if run:
+        yield run
+
+
+def _solid_groups(new: list[NewChunk]) -> list[list[NewChunk]]:
+    """New stream chunks in consecutive groups of at most SOLID_PACK bytes (but for a
+    single bigger chunk), as few and as even as that allows."""
+    total = sum(len(c.piece) for c in new)
+    target = total / max(1, -(-total // _chunks.SOLID_PACK))
+    groups: list[list[NewChunk]] = []
+    size = 0
+    for chunk in new:
+        if not groups or (size + len(chunk.piece) > _chunks.SOLID_PACK
+                          or size >= target and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(chunk)
+        size += len(chunk.piece)
+    return groups
+
+
+def _job(row: ChunkRow, by_id: dict[int, ChunkRow], packs: dict[int, bytes | str],
+         depth: int) -> Job:
+    """The decoding job for one chunk row, its base's inside.
+
+    A module function, not a closure: a closure that calls itself is a reference cycle,
+    which kept every batch's packs alive until the garbage collector ran (+260 MB at the
+    peak of a 400 MB load).
+    """
+    try:
+        _chunks.check_row(row.size, row.codec, row.itemsize, row.pack_id, row.start,
+                          row.length)
+    except IntegrityError as exc:
+        return Job(row.hash, row.size, row.codec, row.itemsize, str(exc), None)
+    pack = packs.get(row.pack_id)
+    stored: memoryview | str
+    if pack is None:
+        stored = f"pack #{row.pack_id} is missing"
+    elif isinstance(pack, str):
+        stored = f"pack #{row.pack_id} {pack}"
+    elif row.start + row.length > len(pack):
+        stored = f"lies beyond the end of pack #{row.pack_id}"
+    else:
+        stored = memoryview(pack)[row.start:row.start + row.length]
+    base = None
+    if row.base_id is not None:
+        if depth >= MAX_CHAIN or row.base_id not in by_id:
+            stored = (f"its delta base #{row.base_id} is missing, or its chain of deltas is "
+                      f"longer than {MAX_CHAIN}" if depth < MAX_CHAIN
+                      else "delta chain too long or circular")
+        else:
+            base = _job(by_id[row.base_id], by_id, packs, depth + 1)
+    return Job(row.hash, row.size, row.codec, row.itemsize, stored, base)
+
+
+def _encode(task: tuple[memoryview, int, np.ndarray | None]) -> Encoded:
+    """Encode a new numeric chunk, as a delta against its parent's bytes where that is
+    smaller."""
+    piece, itemsize, parent = task
+    level = _chunks.ARRAY_LEVEL
+    if parent is None:
+        return Encoded(*_chunks.encode(piece, itemsize, level), False)
+    delta = np.frombuffer(piece, np.uint8).copy()
+    _chunks.xor_into(memoryview(delta), parent)
+    as_delta = _chunks.encode(memoryview(delta), itemsize, level)
+    if len(as_delta[2]) <= len(piece) * _DELTA_SURE:
+        return Encoded(*as_delta, True)
+    alone = _chunks.encode(piece, itemsize, level)
+    if len(as_delta[2]) < len(alone[2]):
+        return Encoded(*as_delta, True)
+    return Encoded(*alone, False)
+
+
+def _chain_length(job: Job) -> int:
+    """How many deltas lie between a job's chunk and one stored whole."""
+    length = 0
+    while job.base is not None:
+        job, length = job.base, length + 1
+    return length
+
+
+def _decode_checked(task: tuple[memoryview, Job]) -> tuple[str, str] | None:
+    """Decode one chunk into its slot and check its hash; (hash, problem) or None."""
+    out, job = task
+    try:
+        _decode(out, job)
+    except IntegrityError as exc:
+        return job.hash, str(exc)
+    return None
+
+
+def _decode(out: memoryview, job: Job) -> None:
+    """Decode a job into ``out``, base first for a delta; check hashes."""
+    if isinstance(job.stored, str):
+        raise IntegrityError(job.stored)
+    if job.size != len(out):
+        raise IntegrityError(f"holds {job.size} bytes where {len(out)} are needed")
+    _chunks.decode_into(out, job.codec, job.itemsize, job.stored)
+    if job.base is not None:
+        parent = np.empty(len(out), dtype=np.uint8)
+        try:
+            _decode(memoryview(parent), job.base)
+        except IntegrityError as exc:
+            raise IntegrityError(f"its delta base {job.base.hash}: {exc}") from exc
+        _chunks.xor_into(out, parent)
+    if _chunks.chunk_hash(out) != job.hash:
+        raise IntegrityError("hash mismatch: stored bytes are damaged")
+
