@@ -17,11 +17,11 @@ import sqlite3
 from pathlib import Path
 from typing import NamedTuple
 
-from . import _schema
+from . import _packs, _schema
 from ._catalog import Catalog, check_number
 from ._connection import Connection
 from ._errors import IntegrityError, NotFoundError
-from ._packs import DELTA_DEPTH, PackStore
+from ._packs import PackStore
 from ._records import MergeReport
 from ._refs import check_alias, check_name
 
@@ -43,7 +43,7 @@ class Offsets(NamedTuple):
 
 
 def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Path,
-         ids: list[int] | None, *, check: bool) -> MergeReport:
+         ids: list[int] | None, *, check: bool, action: str) -> MergeReport:
     """Copy the versions ``ids`` of the vault ``source`` (every one if None) that the
     destination lacks, with the chunks it lacks.
 
@@ -53,7 +53,9 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
     every version copied, and every model (so that numbers given out there are never
     given out here) when ``ids`` is None. ``check`` decodes every chunk copied and
     checks its hash before anything is committed (a source we did not write).
+    ``action`` ("export" or "merge") names the operation in errors.
     """
+    nothing = f"nothing was {action}{'d' if action.endswith('e') else 'ed'}"
     db = connection.db
     _schema.check(db, source, "src")  # again, in the snapshot copied from
     db.execute("CREATE TEMP TABLE wanted (id INTEGER PRIMARY KEY)")
@@ -64,8 +66,9 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
         found = db.execute("SELECT count(*) FROM src.versions WHERE id IN temp.wanted"
                            ).fetchone()[0]
         if found != len(set(ids)):  # deleted by another process since they were named
-            raise NotFoundError(f"{source}: {len(set(ids)) - found} of the versions to copy "
-                                "were deleted meanwhile; nothing was written")
+            raise NotFoundError(f"{source}: {len(set(ids)) - found} of the versions to "
+                                f"{action} were deleted meanwhile; "
+                                "nothing was written")
     conflicts = [
         f"{name}:{number}: the version with this id differs in {source.name} "
         "(kept this one)" for name, number in db.execute(
@@ -73,13 +76,13 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
             "m.id = v.model_id JOIN src.versions s ON s.uuid = v.uuid JOIN src.models "
             "sm ON sm.id = s.model_id WHERE s.id IN temp.wanted AND (s.digest IS NOT "
             "v.digest OR sm.name IS NOT m.name)")]
-    models = _models(db, catalog, source, every=ids is None)
-    renumbered = _numbers(db, catalog, models)
+    models = _models(db, catalog, source, nothing, every=ids is None)
+    renumbered = _numbers(db, catalog, models, nothing)
     # Numbers given out there (to versions since deleted, too) are not given out here.
     db.executemany("UPDATE main.models SET last_version = max(last_version, ?) "
                    "WHERE id = ?", [(m.last_version, m.id) for m in models.values()])
-    offsets = _chunks(db, store, check=check)
-    _versions(db, offsets)
+    offsets = _chunks(db, store, nothing, check=check)
+    _versions(db, offsets, nothing)
     conflicts += _labels(db, source, models, offsets.versions)
     added = catalog.records("WHERE v.id > ? ORDER BY m.name, v.version", (offsets.versions,))
     for table in ("wanted", "incoming", "needed"):
@@ -87,8 +90,8 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
     return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts))
 
 
-def _models(db: sqlite3.Connection, catalog: Catalog, source: Path, *, every: bool
-            ) -> dict[int, Model]:
+def _models(db: sqlite3.Connection, catalog: Catalog, source: Path, nothing: str, *,
+            every: bool) -> dict[int, Model]:
     """Our model (added if missing) for each model of ``src`` that comes along, by their
     id."""
     models = {}
@@ -100,7 +103,7 @@ def _models(db: sqlite3.Connection, catalog: Catalog, source: Path, *, every: bo
             check_name(name)
             check_number(last, "last_version", lowest=0)
         except ValueError as exc:
-            raise IntegrityError(f"{source}: {exc}; nothing was merged") from exc
+            raise IntegrityError(f"{source}: {exc}; {nothing}") from exc
         row = db.execute("SELECT id FROM main.models WHERE name = ?", (name,)).fetchone()
         model_id = row[0] if row else db.execute(
             "INSERT INTO main.models (name, created_at) VALUES (?, ?)",
@@ -109,8 +112,8 @@ def _models(db: sqlite3.Connection, catalog: Catalog, source: Path, *, every: bo
     return models
 
 
-def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model]
-             ) -> list[tuple[str, int, int]]:
+def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model],
+             nothing: str) -> list[tuple[str, int, int]]:
     """Fill temp.incoming with the versions to bring in and their model, number and
     environment here; returns the renumbered ones as (name, theirs, ours)."""
     db.execute("CREATE TEMP TABLE incoming (src_id INTEGER PRIMARY KEY, model_id INTEGER, "
@@ -123,15 +126,15 @@ def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model]
     renumbered = []
     for src_model, group in itertools.groupby(rows, key=lambda r: r[1]):
         if src_model not in models:
-            raise IntegrityError("a version of the vault merged in names a model it does "
-                                 "not hold; nothing was merged")
+            raise IntegrityError("a version of the vault copied from names a model it does "
+                                 f"not hold; {nothing}")
         model = models[src_model]
         theirs = list(group)
         for r in theirs:
             try:
                 check_number(r[2], "version number")
             except ValueError as exc:
-                raise IntegrityError(f"{model.name}: {exc}; nothing was merged") from exc
+                raise IntegrityError(f"{model.name}: {exc}; {nothing}") from exc
         held = {r[0] for r in db.execute("SELECT version FROM main.versions "
                                          "WHERE model_id = ?", (model.id,))}
         clash = next((i for i, r in enumerate(theirs) if r[2] in held), len(theirs))
@@ -151,7 +154,8 @@ def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model]
     return renumbered
 
 
-def _chunks(db: sqlite3.Connection, store: PackStore, *, check: bool) -> Offsets:
+def _chunks(db: sqlite3.Connection, store: PackStore, nothing: str, *, check: bool
+            ) -> Offsets:
     """Copy the chunks the incoming versions need and the destination lacks (by hash),
     with their packs, check them if ``check``, and tidy up."""
     offsets = Offsets(*(db.execute(f"SELECT coalesce(max(id), 0) FROM main.{table}"
@@ -166,6 +170,12 @@ def _chunks(db: sqlite3.Connection, store: PackStore, *, check: bool) -> Offsets
         "JOIN src.chunks b ON b.id = c.base_id "
         "WHERE NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = b.hash)) "
         "SELECT id FROM needed")
+    lost = db.execute("SELECT c.hash FROM src.chunks c WHERE c.id IN temp.needed AND "
+                      "c.base_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM src.chunks b "
+                      "WHERE b.id = c.base_id)").fetchone()
+    if lost is not None:  # copied, it would be a delta of nothing: refuse, as a load would
+        raise IntegrityError(f"chunk {lost[0]} of the vault copied from: its delta base is "
+                             f"missing; {nothing}", chunk=lost[0])
     db.execute("INSERT INTO main.packs SELECT id + ?, codec, size, data FROM src.packs "
                "WHERE id IN (SELECT pack_id FROM src.chunks WHERE id IN temp.needed)",
                (offsets.packs,))
@@ -179,18 +189,18 @@ def _chunks(db: sqlite3.Connection, store: PackStore, *, check: bool) -> Offsets
         "FROM src.chunks c WHERE c.id IN temp.needed", offsets._asdict())
     if check:
         for bad in store.bad_chunks(store.chunks("c.id > ?", (offsets.chunks,))):
-            raise IntegrityError(f"chunk {bad.hash} of the vault merged in: {bad.problem}; "
-                                 "nothing was merged", chunk=bad.hash)
+            raise IntegrityError(f"chunk {bad.hash} of the vault copied from: {bad.problem}; "
+                                 f"{nothing}", chunk=bad.hash)
     # A delta of a delta here may now lie deeper than ours ever do: store such chunks
     # whole, so that chains stay short however often vaults are merged.
-    store.flatten(store.delta_depths(offsets.chunks, 2 * DELTA_DEPTH))
+    store.flatten(store.delta_depths(offsets.chunks, 2 * _packs.DELTA_DEPTH))
     db.execute("DELETE FROM packs WHERE id > ? AND NOT EXISTS "
                "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)", (offsets.packs,))
     store.repack(after=offsets.packs)
     return offsets
 
 
-def _versions(db: sqlite3.Connection, offsets: Offsets) -> None:
+def _versions(db: sqlite3.Connection, offsets: Offsets, nothing: str) -> None:
     """Copy the incoming versions' rows, parts and chunk lists, ids shifted past ours."""
     shift = offsets.versions
     db.execute(
@@ -210,7 +220,7 @@ def _versions(db: sqlite3.Connection, offsets: Offsets) -> None:
                         "(SELECT src_id FROM temp.incoming)").fetchone()[0]
     if copied != listed:
         raise IntegrityError(f"{listed - copied} chunk(s) that versions of the vault "
-                             "merged in list are missing from it; nothing was merged")
+                             f"copied from list are missing from it; {nothing}")
 
 
 def _labels(db: sqlite3.Connection, source: Path, models: dict[int, Model], shift: int

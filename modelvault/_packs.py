@@ -160,18 +160,7 @@ class PackStore:
                                         and base.size == len(piece) else None))
                 if not new:
                     continue
-                if numeric:
-                    parents = self._base_bytes([c.base for c in new if c.base is not None])
-                    encoding = (True, new, connection.submit(_encode, [
-                        (c.piece, part.itemsize,
-                         parents.get(c.base.id) if c.base is not None else None)
-                        for c in new]))
-                else:
-                    # One task per pack: each is milliseconds of zstd, and whole packs
-                    # share out between the cores more evenly than groups of them.
-                    encoding = (False, new, connection.submit(_chunks.solid, [
-                        [c.piece for c in group] for group in _solid_groups(new)],
-                        grouped=False))
+                encoding = (numeric, new, self._encode(new, part.itemsize if numeric else 0))
                 if writing is not None:
                     added += write(*writing)
                 writing = encoding
@@ -179,6 +168,21 @@ class PackStore:
         if writing is not None:
             added += write(*writing)
         return Stored(hash_lists, known, sizes, added)
+
+    def _encode(self, new: list[NewChunk], itemsize: int) -> Callable[[], list[Any]]:
+        """Start encoding new chunks on the pool: numeric ones (``itemsize`` > 0) one by
+        one, as deltas where that is smaller; stream chunks into solid packs."""
+        connection = self._connection
+        if itemsize:
+            bases = self._base_bytes([c.base for c in new if c.base is not None])
+            return connection.submit(_encode, [
+                (c.piece, itemsize, bases.get(c.base.id) if c.base is not None else None)
+                for c in new])
+        # One task per pack: each is milliseconds of zstd, and whole packs share out
+        # between the cores more evenly than groups of them.
+        return connection.submit(_chunks.solid, [[c.piece for c in group]
+                                                 for group in _solid_groups(new)],
+                                 grouped=False)
 
     def ids(self, hashes: list[str]) -> dict[str, int]:
         """The row ids of the chunks with these hashes that the vault holds."""

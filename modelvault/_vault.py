@@ -458,7 +458,7 @@ class Vault:
         partial = _atomic.scratch_path(dest, ".partial")
         try:
             with Vault(partial, timeout=self._connection.timeout, progress=False) as copy:
-                copy._copy_from(self.path, ids, check=False)
+                copy._copy_from(self.path, ids, check=False, action="export")
                 copy.gc()  # repacks the packs that came along with chunks left behind
             _atomic.fsync(partial)
             os.replace(partial, dest)
@@ -493,12 +493,13 @@ class Vault:
         # Opening it as a vault first gives the usual errors for a file that is not one
         # (or that needs a writable open to roll back an interrupted write).
         Vault(source, readonly=True, create=False).close()
-        return self._copy_from(source, None, check=True)
+        return self._copy_from(source, None, check=True, action="merge")
 
-    def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool) -> MergeReport:
+    def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
+                   action: str) -> MergeReport:
         with self._connection.attached(source), self._connection.write():
             return _copier.copy(self._connection, self._catalog, self._packs, source, ids,
-                                check=check)
+                                check=check, action=action)
 
     # -- housekeeping -----------------------------------------------------------
 

@@ -112,3 +112,25 @@ def test_a_whole_copy_keeps_the_numbers_of_emptied_models(tmp_path):
         vault.export(dest)
     with modelvault.open(dest) as copy:
         assert copy.save("m", [2]).version == 2
+
+
+def test_export_refuses_a_delta_chunk_whose_base_is_gone(tmp_path):
+    # A damaged source: copied as it is, the delta would decode to nothing (or to
+    # wrong bytes, as a chunk of no base). Nothing is written.
+    import numpy as np
+
+    path, dest = tmp_path / "a.vault", tmp_path / "copy.vault"
+    w = np.random.default_rng(0).normal(size=300_000)
+    with modelvault.open(path) as vault:
+        vault.save("net", {"w": w})
+        w[:10] += 1
+        vault.save("net", {"w": w})
+    with sqlite3.connect(path) as db:
+        base = db.execute("SELECT base_id FROM chunks WHERE base_id IS NOT NULL").fetchone()[0]
+        db.execute("UPDATE chunks SET base_id = 999999 WHERE base_id = ?", (base,))
+    db.close()
+    with modelvault.open(path) as vault:
+        with pytest.raises(modelvault.IntegrityError, match="delta base is missing; nothing "
+                                                            "was exported"):
+            vault.export(dest)
+    assert not dest.exists() and [p.name for p in tmp_path.iterdir()] == ["a.vault"]
