@@ -62,8 +62,9 @@ def save(path: str | os.PathLike[str], name: str, obj: Any, **options: Any) -> M
         return vault.save(name, obj, **options)
 
 
-def load(path: str | os.PathLike[str], ref: str, *, trust: bool = False) -> Any:
+def load(path: str | os.PathLike[str], ref: str, *, trust: bool = False,
+         device: Any = None) -> Any:
     """Load the model ``ref`` names from the vault at ``path``, in one call."""
     # Not readonly: if a write was interrupted, only a writable open rolls its journal back.
     with Vault(path, create=False) as vault:
-        return vault.load(ref, trust=trust)
+        return vault.load(ref, trust=trust, device=device)

@@ -42,6 +42,7 @@ class Connection:
         self._conn: sqlite3.Connection | None = _schema.connect(
             path, readonly=readonly, create=create, timeout=timeout)
         self._pool: ThreadPoolExecutor | None = None
+        self._upgraded = readonly  # whether a write found the file in the current format
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -74,9 +75,19 @@ class Connection:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks."""
+        """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks.
+
+        The first write of a connection upgrades a vault of an older format, in the
+        same transaction: a vault is never left half upgraded, nor written in the new
+        format under the old one's number.
+        """
+        nested = self.db.in_transaction
         with self._transaction("BEGIN IMMEDIATE") as db:
+            if not self._upgraded:
+                _schema.upgrade(db)
             yield db
+        if not nested:
+            self._upgraded = True
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

@@ -1,7 +1,10 @@
 """The file format: DDL, format version, and opening a file as a vault.
 
 docs/format.md explains every table and column; keep the two in step and bump
-FORMAT_VERSION whenever a reader of the old format would misread the new one.
+FORMAT_VERSION whenever a reader of the old format would misread the new one. Every
+bump comes with a migration from the format before it (``MIGRATIONS``) and a fixture
+vault of that format in tests/fixtures/: older vaults are read as they are and
+upgraded by their first write, never refused.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from ._errors import (
 
 # PRAGMA application_id: the bytes "MVLT", so `file` and SQLite tools can tell a vault apart.
 APPLICATION_ID = 0x4D564C54
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+# The oldest format this modelvault reads (and upgrades on the first write). Formats 1
+# and 2 were development snapshots of 0.1.0, never released.
+OLDEST_FORMAT = 3
 
 TABLES = """
 CREATE TABLE models (
@@ -259,7 +265,7 @@ def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
     if app_id != APPLICATION_ID:
         raise NotAVaultError(f"{path}: not a modelvault file (application_id {app_id:#x})")
     version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
-    if version < FORMAT_VERSION:
+    if version < OLDEST_FORMAT:
         raise FormatVersionError(
             f"{path}: format version {version} was written by a pre-release of modelvault "
             f"(a 0.1.0 development snapshot) that this version ({FORMAT_VERSION}) no longer reads")
@@ -277,6 +283,26 @@ def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
                         if found.get(name) != expected.get(name))
         raise CorruptVaultError(f"{path}: schema is not modelvault's "
                                 f"(differs at: {', '.join(differ)})")
+
+
+def _format_3_to_4(db: sqlite3.Connection) -> None:
+    """Format 4 adds what a format-3 reader would refuse (named dtypes such as bfloat16,
+    torch tensor nodes, odict nodes, pickled tensor storages, framework versions) and
+    no table or column: the tables stay as they are."""
+
+
+# From each format, the step to the next one, run inside the upgrading write.
+MIGRATIONS = {3: _format_3_to_4}
+
+
+def upgrade(db: sqlite3.Connection) -> None:
+    """Bring the main database up to FORMAT_VERSION inside the caller's write transaction
+    (user_version is part of the transaction: a rolled-back write leaves the old format)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    while version < FORMAT_VERSION:
+        MIGRATIONS[version](db)
+        version += 1
+        db.execute(f"PRAGMA user_version = {version}")
 
 
 def _has_journal(path: Path) -> bool:

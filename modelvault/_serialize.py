@@ -2,29 +2,46 @@
 
 Three kinds of version:
 
-* ``arrays``: numpy arrays, and dicts/lists/tuples of them (with plain JSON
-  scalars alongside). Each array is one part: dtype, shape and raw bytes, no
-  pickle, so it loads without trusting anyone.
+* ``arrays``: numpy arrays and torch tensors, and dicts/OrderedDicts/lists/tuples of
+  them (with plain JSON scalars alongside). Each array or tensor is one part: dtype,
+  shape and raw bytes, no pickle, so it loads without trusting anyone. Tensors that
+  view one storage share one part, and come back sharing one storage.
 * ``pickle``: anything else, through cloudpickle protocol 5. Large numeric
-  buffers leave the pickle stream as out-of-band parts and are stored like arrays.
+  buffers leave the pickle stream as out-of-band parts and are stored like arrays;
+  so does every torch tensor storage in it (as ``torch.save`` does).
 * ``files``: the files a framework wrote (ONNX, safetensors, a save_pretrained folder).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
 import os
 import pickle
 import stat
+import sys
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import _torch
+from ._errors import VaultError
 from ._lazy import lazy
 
 np = lazy("numpy")
+
+# Element types that numpy has no descr for, by the name torch and ml_dtypes (JAX's
+# dtypes for numpy) give them: parts.dtype holds the name, parts.itemsize the bytes
+# per element. ml_dtypes' types as numpy arrays; torch's come from torch.
+ML_DTYPES = frozenset({
+    "bfloat16", "float8_e3m4", "float8_e4m3", "float8_e4m3b11fnuz", "float8_e4m3fn",
+    "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float6_e2m3fn",
+    "float6_e3m2fn", "float4_e2m1fn", "int1", "int2", "int4", "uint1", "uint2", "uint4",
+    "complex32", "bcomplex32"})
 
 # Buffers below this stay inside the pickle stream: a forest has thousands of
 # small node arrays that compress better together than one by one (7.9x vs 6.6x).
@@ -56,7 +73,7 @@ def serialize(obj: Any) -> tuple[str, Any, list[Part]]:
     """Split ``obj`` into (kind, layout, parts); layout is JSON that rebuilds it."""
     parts: list[Part] = []
     if _is_native(obj):
-        layout = _native_layout(obj, parts)
+        layout = _native_layout(obj, parts, _shared_storages(obj))
         return "arrays", layout, parts
     return "pickle", _pickle(obj, parts), parts
 
@@ -80,7 +97,9 @@ def _native_tree(obj: Any, object_arrays: list[np.ndarray]) -> bool:
         if obj.dtype.hasobject:
             object_arrays.append(obj)
         return True
-    if kind is dict:
+    if _torch.is_tensor(obj):
+        return _torch.storable(obj)
+    if kind is dict or kind is OrderedDict:
         return all(type(key) is str and _native_tree(value, object_arrays)
                    for key, value in obj.items())
     if kind in (list, tuple):
@@ -90,17 +109,53 @@ def _native_tree(obj: Any, object_arrays: list[np.ndarray]) -> bool:
     return obj is None or kind in (str, int, float, bool)
 
 
-def _native_layout(obj: Any, parts: list[Part]) -> Any:
+def _shared_storages(obj: Any) -> dict[Any, int | None]:
+    """The storages that more than one tensor in ``obj`` views (tied weights, views),
+    each mapped to None until its part is made."""
+    counts: dict[Any, int] = {}
+
+    def walk(node: Any) -> None:
+        if type(node) in (dict, OrderedDict):
+            for value in node.values():
+                walk(value)
+        elif type(node) in (list, tuple):
+            for value in node:
+                walk(value)
+        elif _torch.is_tensor(node):
+            key = _torch.storage_key(node)
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+
+    if "torch" in sys.modules:
+        walk(obj)
+    return {key: None for key, count in counts.items() if count > 1}
+
+
+def _native_layout(obj: Any, parts: list[Part], shared: dict[Any, int | None]) -> Any:
     kind = type(obj)
     if kind is np.ndarray:
         parts.append(_array_part(obj))
         return {"array": len(parts) - 1}
+    if _torch.is_tensor(obj):
+        return _tensor_node(obj, parts, shared)
     if kind is dict:
-        return {"dict": [[key, _native_layout(value, parts)] for key, value in obj.items()]}
+        return {"dict": [[key, _native_layout(value, parts, shared)]
+                         for key, value in obj.items()]}
+    if kind is OrderedDict:
+        node: dict[str, Any] = {"odict": [[key, _native_layout(value, parts, shared)]
+                                          for key, value in obj.items()]}
+        # A state_dict() carries its modules' versions here; load_state_dict reads them.
+        metadata = getattr(obj, "_metadata", None)
+        if isinstance(metadata, dict):
+            try:
+                node["metadata"] = json.loads(json.dumps(metadata, allow_nan=False))
+            except (TypeError, ValueError):
+                pass
+        return node
     if kind is list:
-        return {"list": [_native_layout(item, parts) for item in obj]}
+        return {"list": [_native_layout(item, parts, shared) for item in obj]}
     if kind is tuple:
-        return {"tuple": [_native_layout(item, parts) for item in obj]}
+        return {"tuple": [_native_layout(item, parts, shared) for item in obj]}
     if isinstance(obj, np.generic):
         parts.append(_array_part(np.asarray(obj)))
         return {"scalar": len(parts) - 1}
@@ -110,15 +165,54 @@ def _native_layout(obj: Any, parts: list[Part]) -> Any:
     return {"value": obj}
 
 
+def _tensor_node(tensor: Any, parts: list[Part], shared: dict[Any, int | None]) -> Any:
+    """A tensor's layout node, adding its part: its own elements, or (for a storage
+    several tensors view) the whole storage, once, with the tensor as a view of it."""
+    name = _torch.dtype_name(tensor.dtype)
+    key = _torch.storage_key(tensor)
+    if key in shared:
+        if shared[key] is None:
+            storage = tensor.untyped_storage()
+            data = _torch.storage_bytes(storage)
+            itemsize = tensor.dtype.itemsize
+            whole = len(data) % itemsize == 0
+            parts.append(Part(kind="array", data=data, dtype=name if whole else "|u1",
+                              shape=[len(data) // itemsize if whole else len(data)],
+                              itemsize=itemsize if whole else 1))
+            shared[key] = len(parts) - 1
+        node: dict[str, Any] = {"tensor": shared[key], "dtype": name,
+                                "shape": list(tensor.shape), "stride": list(tensor.stride()),
+                                "offset": tensor.storage_offset()}
+    else:
+        parts.append(Part(kind="array", data=_torch.contiguous_bytes(tensor), dtype=name,
+                          shape=list(tensor.shape), itemsize=tensor.dtype.itemsize))
+        node = {"tensor": len(parts) - 1}
+    if type(tensor) is not _torch_module().Tensor:
+        node["parameter"] = True
+    if tensor.requires_grad:
+        node["grad"] = True
+    return node
+
+
+def _torch_module() -> Any:
+    return sys.modules["torch"]
+
+
 def _array_part(array: np.ndarray) -> Part:
     fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
     # Fortran-ordered arrays keep their memory order (like .npy): the transpose is C-contiguous.
     flat = np.ascontiguousarray(array.T if fortran else array)
-    descr = np.lib.format.dtype_to_descr(array.dtype)
+    if array.dtype.type.__module__ == "ml_dtypes":  # bfloat16 and co: numpy's descr is "<V2"
+        if array.dtype.name not in ML_DTYPES:
+            raise TypeError(f"arrays of dtype {array.dtype.name} cannot be stored yet")
+        dtype = array.dtype.name
+    else:
+        descr = np.lib.format.dtype_to_descr(array.dtype)
+        dtype = descr if isinstance(descr, str) else json.dumps(descr)
     return Part(
         kind="array",
         data=memoryview(flat.reshape(-1).view(np.uint8)) if flat.size else memoryview(b""),
-        dtype=descr if isinstance(descr, str) else json.dumps(descr),
+        dtype=dtype,
         shape=list(array.shape),
         fortran_order=bool(fortran),
         itemsize=array.dtype.itemsize,
@@ -141,8 +235,11 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
     # refuses those), and functions and classes of __main__ (which it would pickle by a
     # reference that other processes cannot resolve; any "__main__" in the stream,
     # even inside data, sends the object to cloudpickle, which is merely slower).
+    # With torch imported, tensor storages leave the stream through persistent ids.
+    dumps = (functools.partial(_torch.dumps, obj) if "torch" in sys.modules
+             else lambda base, callback: (_dumps(obj, base, callback), []))
     try:
-        stream = pickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=keep_in_band)
+        stream, storages = dumps(pickle.Pickler, keep_in_band)
         by_reference_only = b"__main__" not in stream
     except (pickle.PicklingError, AttributeError, TypeError):
         by_reference_only = False
@@ -150,11 +247,23 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
         import cloudpickle  # imported here: it costs ~40 ms and most saves never need it
 
         buffers.clear()
-        stream = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL,
-                                   buffer_callback=keep_in_band)
+        stream, storages = dumps(cloudpickle.Pickler, keep_in_band)
     parts.append(Part(kind="pickle", data=memoryview(stream)))
     parts.extend(buffers)
-    return {"pickle": 0, "buffers": list(range(1, len(parts)))}
+    layout: dict[str, Any] = {"pickle": 0, "buffers": list(range(1, len(parts)))}
+    if storages:
+        for data, name in storages:
+            itemsize = _torch.torch_dtype(name).itemsize if name else 1
+            parts.append(Part(kind="buffer", data=data, dtype=name or "|u1",
+                              itemsize=itemsize if len(data) % itemsize == 0 else 1))
+        layout["storages"] = list(range(1 + len(buffers), len(parts)))
+    return layout
+
+
+def _dumps(obj: Any, base: type, buffer_callback: Any) -> bytes:
+    out = io.BytesIO()
+    base(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
 
 
 def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
@@ -207,8 +316,16 @@ def safe_relative_path(name: str) -> PurePosixPath:
 def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],
                     fortran_order: bool) -> np.ndarray:
     """Rebuild an array over ``buffer`` (uint8, already holding its bytes) without copying."""
-    descr = _descr_from_json(json.loads(dtype)) if dtype.startswith("[") else dtype
-    dt = np.lib.format.descr_to_dtype(descr)
+    if dtype in ML_DTYPES:
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise VaultError(f"this version holds arrays of dtype {dtype}, which numpy reads "
+                             "through the ml_dtypes package: pip install ml_dtypes") from exc
+        dt = np.dtype(getattr(ml_dtypes, dtype))
+    else:
+        descr = _descr_from_json(json.loads(dtype)) if dtype.startswith("[") else dtype
+        dt = np.lib.format.descr_to_dtype(descr)
     if dt.hasobject:
         raise ValueError("object dtype in an array part")
     count = 1
@@ -237,41 +354,113 @@ def _descr_from_json(descr: Any) -> Any:
     return fields
 
 
-def rebuild_native(layout: Any, arrays: list[np.ndarray]) -> Any:
-    """Inverse of the arrays layout: nested containers with arrays put back in place."""
-    (tag, value), = layout.items()
-    if tag == "array":
-        return arrays[value]
-    if tag == "scalar":
-        return arrays[value][()]
-    if tag == "dict":
-        return {key: rebuild_native(item, arrays) for key, item in value}
-    if tag == "list":
-        return [rebuild_native(item, arrays) for item in value]
-    if tag == "tuple":
-        return tuple(rebuild_native(item, arrays) for item in value)
-    if tag == "float":
-        return float(value)
-    if tag == "value":
-        return value
-    raise ValueError(f"unknown layout node {tag!r}")
+def rebuild_native(layout: Any, parts: Sequence[tuple[Any, np.ndarray]],
+                   device: Any = None) -> Any:
+    """Inverse of the arrays layout: nested containers with arrays and tensors put back
+    in place. ``parts`` are (parts row, uint8 buffer); tensors go to ``device``."""
+    return _Rebuilder(parts, device).node(layout)
+
+
+class _Rebuilder:
+    """Rebuilds an arrays layout, each part converted once, when a node first needs it."""
+
+    def __init__(self, parts: Sequence[tuple[Any, np.ndarray]], device: Any) -> None:
+        self.parts = parts
+        self.device = device
+        self.arrays: dict[int, np.ndarray] = {}
+        self.flats: dict[int, Any] = {}  # uint8 tensors over parts, shared by their views
+
+    def node(self, layout: Any) -> Any:
+        (tag, value), = ((k, v) for k, v in layout.items()
+                         if k not in ("dtype", "shape", "stride", "offset", "parameter",
+                                      "grad", "metadata"))
+        if tag == "array":
+            return self.array(value)
+        if tag == "scalar":
+            return self.array(value)[()]
+        if tag == "tensor":
+            return self.tensor(value, layout)
+        if tag == "dict":
+            return {key: self.node(item) for key, item in value}
+        if tag == "odict":
+            rebuilt = OrderedDict((key, self.node(item)) for key, item in value)
+            if isinstance(layout.get("metadata"), dict):
+                rebuilt._metadata = layout["metadata"]  # type: ignore[attr-defined]
+            return rebuilt
+        if tag == "list":
+            return [self.node(item) for item in value]
+        if tag == "tuple":
+            return tuple(self.node(item) for item in value)
+        if tag == "float":
+            return float(value)
+        if tag == "value":
+            return value
+        raise ValueError(f"unknown layout node {tag!r}")
+
+    def array(self, index: int) -> np.ndarray:
+        if index not in self.arrays:
+            part, buffer = self.parts[index]
+            self.arrays[index] = array_from_part(buffer, part.dtype, json.loads(part.shape),
+                                                 bool(part.fortran_order))
+        return self.arrays[index]
+
+    def tensor(self, index: int, node: dict[str, Any]) -> Any:
+        torch = import_torch()
+        part, buffer = self.parts[index]
+        if index not in self.flats:
+            self.flats[index] = _torch.from_buffer(buffer, self.device)
+        if "stride" in node:  # a view of a storage other tensors view too
+            tensor = _torch.view(self.flats[index], node["dtype"], node["shape"],
+                                 node["stride"], node["offset"])
+        else:
+            tensor = _torch.tensor(self.flats[index], part.dtype, json.loads(part.shape))
+        if node.get("parameter"):
+            return torch.nn.Parameter(tensor, requires_grad=bool(node.get("grad")))
+        return tensor.requires_grad_(True) if node.get("grad") else tensor
+
+
+def import_torch() -> Any:
+    """torch, or a VaultError saying to install it."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise VaultError("this version holds torch tensors: install torch to load it "
+                         "(pip install torch)") from exc
+    return torch
+
+
+def unpickle(layout: Any, parts: Sequence[tuple[Any, np.ndarray]], device: Any = None
+             ) -> Any:
+    """Inverse of ``_pickle``: runs the stream's code, so only for trusted versions."""
+    stream = parts[layout["pickle"]][1]
+    buffers = [parts[i][1] for i in layout["buffers"]]
+    storages = layout.get("storages")
+    if storages is None:
+        return pickle.loads(stream, buffers=buffers)
+    import_torch()
+    return _torch.loads(stream, buffers, [parts[i][1] for i in storages], device)
 
 
 def part_keys(kind: str, layout: Any, count: int) -> list[str | None]:
     """What identifies each part across versions (its place in the layout), so that a
     part can be stored as a delta of the parent version's part in the same place."""
     keys: list[str | None] = [None] * count
-    if kind == "pickle":  # out-of-band buffers, in the order the pickle met them
-        return [None] + [f"buffer {i}" for i in range(1, count)]
+    if kind == "pickle":  # out-of-band buffers and storages, in the order the pickle met them
+        storages = layout.get("storages", []) if isinstance(layout, dict) else []
+        for number, index in enumerate(storages if isinstance(storages, list) else []):
+            if type(index) is int and 0 <= index < count:
+                keys[index] = f"storage {number}"
+        return [None] + [keys[i] or f"buffer {i}" for i in range(1, count)]
 
     def walk(node: Any, path: list[Any]) -> None:
         if not isinstance(node, dict):
             return
-        index = node.get("array")
-        if type(index) is int and 0 <= index < count:
+        index = node.get("array", node.get("tensor"))
+        if type(index) is int and 0 <= index < count and keys[index] is None:
             keys[index] = json.dumps(path)
-        for key, child in node.get("dict", []) if isinstance(node.get("dict"), list) else []:
-            walk(child, [*path, key])
+        for name in ("dict", "odict"):
+            for key, child in node[name] if isinstance(node.get(name), list) else []:
+                walk(child, [*path, key])
         for name in ("list", "tuple"):
             if isinstance(node.get(name), list):
                 for i, child in enumerate(node[name]):

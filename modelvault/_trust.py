@@ -253,6 +253,9 @@ class _Recorder(pickle.Unpickler):
         self.found.add(f"{module}.{name}")
         return _Stub
 
+    def persistent_load(self, pid: Any) -> Any:  # a tensor storage taken out of the stream
+        return _Stub()
+
 
 def own_pickle_imports(stream: bytes, buffers: list[Any]) -> list[str]:
     """``pickle_imports`` for a stream we just wrote from a live object, at C speed.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pickle
 import secrets
 import sqlite3
 import sys
@@ -268,19 +267,21 @@ class Vault:
 
     @_api
     @_snapshot
-    def load(self, ref: str | ModelVersion, *, trust: bool = False) -> Any:
+    def load(self, ref: str | ModelVersion, *, trust: bool = False, device: Any = None) -> Any:
         """Load the model ``ref`` names, checking every chunk's hash.
 
         A pickled model loads only if a trusted key signed it, or with ``trust=True``;
-        otherwise UntrustedError lists what the pickle would import. Arrays never need trust.
-        A files version loads as a dict of path to bytes (see ``extract``).
+        otherwise UntrustedError lists what the pickle would import. Arrays and tensors
+        never need trust. torch tensors come back on the CPU, or on ``device`` (as
+        safetensors' ``device=``: "cuda:0", a torch.device). A files version loads as a
+        dict of path to bytes (see ``extract``).
 
         >>> vault.load("demo")
         [1, 2, 3]
         """
         row = self._catalog.resolve(_as_ref(ref))
         self._check_signature(row, trust)
-        return _rebuild(row, self._read(row))
+        return _rebuild(row, self._read(row), device)
 
     def _check_signature(self, row: VersionRow, trust: bool) -> None:
         """Refuse pickles no trusted key signed, and any version whose signature fails."""
@@ -654,15 +655,13 @@ def _file_modes(row: VersionRow, count: int) -> list[int | None]:
     return modes
 
 
-def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]]) -> Any:
+def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) -> Any:
     try:
         layout = json.loads(row.layout)
         if row.kind == "arrays":
-            arrays = [_serialize.array_from_part(buf, p.dtype, json.loads(p.shape),
-                                                 bool(p.fortran_order)) for p, buf in parts]
-            return _serialize.rebuild_native(layout, arrays)
+            return _serialize.rebuild_native(layout, parts, device)
         if row.kind == "pickle":
-            return _unpickle(row, parts)
+            return _unpickle(row, layout, parts, device)
         if row.kind == "files":
             return {p.name: buf.tobytes() for p, buf in parts}
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
@@ -670,10 +669,12 @@ def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]]) -> Any:
     raise row.error(f"unknown kind {row.kind!r}")
 
 
-def _unpickle(row: VersionRow, parts: list[tuple[Any, np.ndarray]]) -> Any:
-    stream, buffers = parts[0][1], [buf for _, buf in parts[1:]]
+def _unpickle(row: VersionRow, layout: Any, parts: list[tuple[Any, np.ndarray]],
+              device: Any) -> Any:
     try:
-        return pickle.loads(stream, buffers=buffers)
+        return _serialize.unpickle(layout, parts, device)
+    except VaultError:
+        raise
     except Exception as exc:
         # Usually a missing or incompatible package; say what the model was saved with.
         env = json.loads(row.environment)  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ from modelvault import (
     NotAVaultError,
     VaultError,
 )
-from modelvault._schema import FORMAT_VERSION
+from modelvault._schema import FORMAT_VERSION, OLDEST_FORMAT
 
 # Children run this checkout's modelvault, whatever is installed.
 _SOURCE = str(Path(modelvault.__file__).resolve().parent.parent)
@@ -94,7 +94,7 @@ def _healthy(folder, *, big=False):
     n = 60_000 if big else 1000
     contents = {
         "arr:1": {"w": rng.normal(size=n).astype(np.float32), "b": np.arange(10)},
-        "obj:1": collections.OrderedDict((f"k{i}", "v" * (i % 50)) for i in range(n // 10)),
+        "obj:1": collections.deque((f"k{i}", "v" * (i % 50)) for i in range(n // 10)),
         "files:1": {"model.bin": rng.integers(0, 256, n * 2, dtype=np.uint8).tobytes(),
                     "config.json": b'{"layers": 4}'},
     }
@@ -163,7 +163,7 @@ _BAD_FILES = {
     "another app's SQLite database": (_other_app, NotAVaultError),
     "newer format version": (_set_pragma("user_version", FORMAT_VERSION + 1),
                              FormatVersionError),
-    "older format version": (_set_pragma("user_version", FORMAT_VERSION - 1),
+    "older format version": (_set_pragma("user_version", OLDEST_FORMAT - 1),
                              FormatVersionError),
     "another application_id": (_set_pragma("application_id", 0x53514C69), NotAVaultError),
     # Each of these would write a marker row during modelvault's own writes.

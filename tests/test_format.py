@@ -402,11 +402,11 @@ def test_file_settings_and_one_file_at_rest(tmp_path):
     header = path.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert header[68:72] == b"MVLT"
-    assert header[60:64] == (3).to_bytes(4, "big")
+    assert header[60:64] == (4).to_bytes(4, "big")
     assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
     with opened(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA page_size").fetchone()[0] == 65536
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
@@ -509,10 +509,11 @@ def test_a_files_version_without_recorded_modes_extracts_with_the_usual_bits(tmp
 
 
 def test_the_documents_blake3_vector_and_format_version_are_right():
-    from modelvault._schema import FORMAT_VERSION
+    from modelvault._schema import FORMAT_VERSION, OLDEST_FORMAT
 
     text = " ".join(DOC.read_text(encoding="utf-8").split())
     vector = re.search(r"BLAKE3 hash of the 3 bytes `abc` is `([0-9a-f]{64})`", text)
     assert vector and blake3.blake3(b"abc").hexdigest() == vector.group(1)
-    assert f"`user_version` is a version the reader knows ({FORMAT_VERSION})" in text
-    assert f"`PRAGMA user_version` is `{FORMAT_VERSION}`" in text  # the minimal reader
+    assert (f"`user_version` is a version the reader knows ({OLDEST_FORMAT} or "
+            f"{FORMAT_VERSION})") in text
+    assert f"`PRAGMA user_version` is `{FORMAT_VERSION}` (or `{OLDEST_FORMAT}`" in text

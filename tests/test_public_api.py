@@ -29,7 +29,8 @@ FUNCTIONS = {
     "open": f"(path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = True, "
             "timeout: 'float' = 60.0, progress: 'bool | None' = None) -> 'Vault'",
     "save": f"(path: '{PATHLIKE}', name: 'str', obj: 'Any', **options: 'Any') -> 'ModelVersion'",
-    "load": f"(path: '{PATHLIKE}', ref: 'str', *, trust: 'bool' = False) -> 'Any'",
+    "load": f"(path: '{PATHLIKE}', ref: 'str', *, trust: 'bool' = False, device: 'Any' = None) "
+            "-> 'Any'",
 }
 VAULT_METHODS = {
     "__init__": f"(self, path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = "
@@ -43,7 +44,7 @@ VAULT_METHODS = {
                "-> 'list[Path]'",
     "gc": "(self) -> 'int'",
     "get": f"(self, ref: '{REF}') -> 'ModelVersion'",
-    "load": f"(self, ref: '{REF}', *, trust: 'bool' = False) -> 'Any'",
+    "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None) -> 'Any'",
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
     "models": "(self) -> 'list[ModelInfo]'",
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "

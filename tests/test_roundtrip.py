@@ -304,7 +304,7 @@ def test_large_buffers_in_custom_objects_round_trip_writable(vault):
     big_f = np.asfortranarray(rng.standard_normal((400, 400)))  # 1.2 MiB, Fortran order
     small = np.arange(10.0)  # in band
     obj = Holder(weights, small, "layer")
-    od = collections.OrderedDict([("z", big_f), ("a", weights), ("note", "x")])
+    od = collections.OrderedDict([("z", big_f), ("a", weights), ("note", {"x"})])  # a set: pickled
     reg = Registry(first=weights, second=rng.integers(0, 9, 2**18, dtype=np.int64))
 
     for value in (obj, od, reg):

@@ -79,7 +79,7 @@ def _use_home(monkeypatch, path):
 
 def _words():
     rng = random.Random(0)
-    return collections.OrderedDict(  # not a plain dict: pickled, in a solid zstd pack
+    return collections.UserDict(  # not a plain dict: pickled, in a solid zstd pack
         ("".join(rng.choice("abcdefghij") for _ in range(8)), i) for i in range(160))
 
 
@@ -164,7 +164,7 @@ def _template(folder):
     with modelvault.open(path) as vault:
         for number in (1, 2):
             arrays = {"w": np.arange(1000, dtype=np.float32) * number}
-            pickled = collections.OrderedDict(a=number, s="x" * 100 * number)
+            pickled = collections.UserDict(a=number, s="x" * 100 * number)
             files = folder / f"model{number}"
             files.mkdir()
             (files / "model.bin").write_bytes(bytes(range(256)) * 8 * number)
@@ -438,7 +438,7 @@ def test_a_trusted_version_pointed_at_a_foreign_pickle_never_runs_it(tmp_path, m
     _use_home(monkeypatch, tmp_path / "alice")
     modelvault.save(path, "evil", RunsShell(marker))
     _use_home(monkeypatch, tmp_path / "bob")
-    modelvault.save(path, "model", collections.OrderedDict(a=1))
+    modelvault.save(path, "model", collections.UserDict(a=1))
     with sqlite3.connect(path) as db:
         vid, evil = _version_id(db, "model"), _version_id(db, "evil")
         db.execute("DELETE FROM part_chunks WHERE version_id = ?", (vid,))

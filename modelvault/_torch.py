@@ -1,0 +1,183 @@
+"""torch tensors as parts and back: a state dict is stored as arrays, never a pickle.
+
+Used only when torch is already imported (a saved object can hold a tensor only if
+it is), or when a version holding tensors is loaded; ``import modelvault`` never
+imports torch. Owns: which tensors can be stored natively, their dtype names, their
+bytes, rebuilding them (views of one storage sharing it again, placed on a device),
+and the pickler and unpickler that take tensor storages out of a pickle stream as
+parts, as ``torch.save`` does with persistent ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import pickle
+import sys
+from typing import Any
+
+from ._lazy import lazy
+
+np = lazy("numpy")
+
+# The persistent id of a storage taken out of a pickle stream: (tag, index into the
+# layout's "storages", dtype name or None for an untyped storage).
+STORAGE_TAG = "modelvault-storage"
+
+
+def is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def storable(tensor: Any) -> bool:
+    """Whether a tensor is stored as an array part: a plain or Parameter tensor with
+    strided memory and data (not sparse, quantized, nested, meta or a subclass)."""
+    import torch
+
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter)
+            and tensor.layout == torch.strided and not tensor.is_quantized
+            and not tensor.is_nested and tensor.device.type != "meta")
+
+
+@functools.cache
+def dtype_name(dtype: Any) -> str:
+    """How parts.dtype names a torch dtype: numpy's descr where numpy has the type
+    (float32 is "<f4", as for an array), else torch's own name ("bfloat16")."""
+    import torch
+
+    try:
+        return str(np.lib.format.dtype_to_descr(torch.empty(0, dtype=dtype).numpy().dtype))
+    except TypeError:  # numpy has no such type
+        return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def torch_dtype(name: str) -> Any:
+    """The torch dtype ``dtype_name`` gave ``name``; ValueError for any other name."""
+    import torch
+
+    if name[:1] in "<>|=":
+        return torch.from_numpy(np.empty(0, dtype=np.lib.format.descr_to_dtype(name))).dtype
+    found = getattr(torch, name, None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r}")
+    return found
+
+
+def contiguous_bytes(tensor: Any) -> memoryview:
+    """A tensor's elements as C-ordered bytes, on the CPU."""
+    import torch
+
+    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def storage_key(tensor: Any) -> tuple[int, str] | None:
+    """What identifies the storage a tensor views (None for an empty one: nothing to share)."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return storage.data_ptr(), str(storage.device)
+
+
+def storage_bytes(storage: Any) -> memoryview:
+    """All bytes of an untyped storage, on the CPU."""
+    import torch
+
+    if storage.nbytes() == 0:
+        return memoryview(b"")
+    whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    return memoryview(whole.cpu().numpy())
+
+
+def from_buffer(buffer: Any, device: Any) -> Any:
+    """A uint8 tensor over a part's bytes (no copy on the CPU), on ``device``."""
+    import torch
+
+    flat = torch.from_numpy(buffer) if buffer.nbytes else torch.empty(0, dtype=torch.uint8)
+    return flat if device is None else flat.to(device)
+
+
+def tensor(flat: Any, name: str, shape: list[int]) -> Any:
+    """The tensor of dtype ``name`` and ``shape`` whose bytes are the uint8 tensor ``flat``."""
+    import torch
+
+    dtype = torch_dtype(name)
+    count = 1
+    for n in shape:
+        count *= n
+    if count * dtype.itemsize != flat.numel():
+        raise ValueError(f"tensor of shape {shape} and dtype {name} needs "
+                         f"{count * dtype.itemsize} bytes, part holds {flat.numel()}")
+    if flat.numel() == 0:
+        return torch.empty(shape, dtype=dtype, device=flat.device)
+    return flat.view(dtype).reshape(shape)
+
+
+def view(flat: Any, name: str, shape: list[int], stride: list[int], offset: int) -> Any:
+    """A tensor viewing the storage of the uint8 tensor ``flat`` (shared with every
+    other view of it), as it viewed the storage it was saved from."""
+    import torch
+
+    dtype = torch_dtype(name)
+    if not (all(type(n) is int and n >= 0 for n in [*shape, *stride, offset])
+            and len(shape) == len(stride)):
+        raise ValueError(f"bad view: shape {shape}, stride {stride}, offset {offset}")
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
+    if all(shape) and last * dtype.itemsize > flat.numel():
+        raise ValueError(f"view of shape {shape} reaches past its storage")
+    return torch.empty(0, dtype=dtype, device=flat.device).set_(
+        flat.untyped_storage(), offset, shape, stride)
+
+
+def dumps(obj: Any, base: type, buffer_callback: Any) -> tuple[bytes, list[tuple[Any, str]]]:
+    """Pickle ``obj`` with a subclass of the pickler ``base``, taking every tensor
+    storage out of the stream; returns the stream and the storages as (bytes, dtype
+    name or "" for an untyped storage), in the order of their ids."""
+    import torch
+
+    storages: list[tuple[Any, str]] = []
+    seen: dict[Any, int] = {}
+
+    class StoragePickler(base):  # type: ignore[misc, valid-type]
+        def persistent_id(self, obj: Any) -> Any:
+            if isinstance(obj, torch.storage.TypedStorage):
+                untyped, name = obj._untyped_storage, dtype_name(obj.dtype)
+            elif isinstance(obj, torch.UntypedStorage):
+                untyped, name = obj, ""
+            else:
+                return None
+            key = (untyped.data_ptr(), str(untyped.device)) if untyped.nbytes() else id(obj)
+            if key not in seen:
+                seen[key] = len(storages)
+                storages.append((untyped, name))
+            return (STORAGE_TAG, seen[key], name or None)
+
+    out = io.BytesIO()
+    StoragePickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue(), [(storage_bytes(s), name) for s, name in storages]
+
+
+def loads(stream: Any, buffers: list[Any], storages: list[Any], device: Any) -> Any:
+    """Unpickle a stream ``dumps`` wrote; ``storages`` are the storages' part buffers."""
+    import torch
+
+    made: dict[int, Any] = {}
+
+    class StorageUnpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            if not (isinstance(pid, tuple) and len(pid) == 3 and pid[0] == STORAGE_TAG
+                    and type(pid[1]) is int and 0 <= pid[1] < len(storages)):
+                raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+            if pid[1] not in made:
+                made[pid[1]] = from_buffer(storages[pid[1]], device).untyped_storage()
+            untyped = made[pid[1]]
+            if pid[2] is None:
+                return untyped
+            return torch.storage.TypedStorage(wrap_storage=untyped,
+                                              dtype=torch_dtype(pid[2]), _internal=True)
+
+    return StorageUnpickler(io.BytesIO(stream), buffers=buffers).load()
