@@ -20,6 +20,9 @@ from ._lazy import lazy
 
 np = lazy("numpy")
 
+# Integer types by width in bytes, to move any type's bits as they are.
+_INTEGERS: dict[int, Any] = {}
+
 # The persistent id of a storage taken out of a pickle stream: (tag, index into the
 # layout's "storages", dtype name or None for an untyped storage).
 STORAGE_TAG = "modelvault-storage"
@@ -69,10 +72,18 @@ def contiguous_bytes(tensor: Any) -> memoryview:
     """A tensor's elements as C-ordered bytes, on the CPU."""
     import torch
 
-    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-    if flat.numel() == 0:
+    if not _INTEGERS:
+        _INTEGERS.update({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
+    tensor = tensor.detach().resolve_conj().resolve_neg()
+    if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    # Copied as integers of the same width: torch has no copy kernel for sub-byte types
+    # (int1, uint4, ...), and a fresh tensor has the strides a byte view needs (a
+    # contiguous tensor of size-1 dimensions may not).
+    same_width = _INTEGERS.get(tensor.dtype.itemsize, tensor.dtype)
+    flat = torch.empty(tensor.shape, dtype=same_width)
+    flat.copy_(tensor.view(same_width) if tensor.dtype != same_width else tensor)
+    return memoryview(flat.reshape(-1).view(torch.uint8).numpy())
 
 
 def storage_key(tensor: Any) -> tuple[int, str] | None:

@@ -44,6 +44,15 @@ ARRAYS = st.one_of(
     hnp.arrays(dtype=st.sampled_from([np.dtype("<f8"), np.dtype(">i2"), np.dtype("u1")]),
                shape=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=5)),
 )
+try:  # where torch is installed, tensors (bf16 fine-tunes among them) join the pool
+    import torch
+except ImportError:
+    torch = None
+else:
+    _weights = torch.from_numpy(_tuned.astype(np.float32)).reshape(400, 400)
+    TENSORS = [_weights, _weights.to(torch.bfloat16), (_weights + 1e-3).to(torch.bfloat16),
+               torch.arange(12, dtype=torch.int64).reshape(3, 4)[:, ::2]]
+    ARRAYS = st.one_of(ARRAYS, st.sampled_from(range(len(TENSORS))).map(lambda i: TENSORS[i]))
 VALUES = st.one_of(
     st.dictionaries(st.sampled_from(["w", "b", "emb"]), ARRAYS, max_size=3),
     st.lists(st.integers(-(2**40), 2**40), max_size=5),
@@ -67,6 +76,9 @@ def assert_same(loaded, expected):
     if isinstance(expected, np.ndarray):
         assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
         np.testing.assert_array_equal(loaded, expected)
+    elif torch is not None and isinstance(expected, torch.Tensor):
+        assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+        assert torch.equal(loaded, expected)
     elif isinstance(expected, dict):
         assert list(loaded) == list(expected)
         for key in expected:
