@@ -18,10 +18,13 @@ from typing import Any, NamedTuple
 from . import _chunks, _serialize, _trust
 from ._connection import Connection
 from ._errors import CorruptVaultError, IntegrityError, NotFoundError
-from ._packs import ChunkRow
+from ._packs import Bases, ChunkRow
 from ._records import Columns, ModelInfo, ModelVersion, Problem
 from ._refs import Ref
 from ._serialize import Part
+
+# Kinds whose parts are files, named in the layout's "files".
+FILE_KINDS = ("files", "framework")
 
 
 class VersionRow(NamedTuple):
@@ -324,16 +327,24 @@ class Catalog:
                             "edited or damaged)")
 
     def bases(self, parent: VersionRow, kind: str, layout: Any, parts: list[PartRow]
-              ) -> list[list[ChunkRow] | None]:
-        """Per new part, the chunks of the ``parent`` version's part that its chunks may
-        be XORed against: the part at the same place in the layout (the same dict key,
-        say) with the same kind, dtype and shape; None where there is none."""
-        none: list[list[ChunkRow] | None] = [None] * len(parts)
+              ) -> list[Bases | None]:
+        """Per new part, the chunks of the ``parent`` version that its chunks may be
+        XORed against (see ``PackStore.put``), None where there are none.
+
+        An array or buffer part's base is the parent's part at the same place in the
+        layout (the same dict key, say) with the same kind, dtype and shape. A tensor
+        in a safetensors file's base is the tensor of the same name, dtype and shape in
+        the parent's file of the same path.
+        """
+        none: list[Bases | None] = [None] * len(parts)
         try:
             old = self.contents(parent)
-            old_keys = _serialize.part_keys(parent.kind, json.loads(parent.layout),
-                                            len(old.parts))
-        except (IntegrityError, ValueError, TypeError):
+            old_layout = json.loads(parent.layout)
+            if kind in FILE_KINDS:
+                return _file_bases(old_layout if parent.kind in FILE_KINDS else {}, old,
+                                   layout)
+            old_keys = _serialize.part_keys(parent.kind, old_layout, len(old.parts))
+        except (IntegrityError, ValueError, TypeError, KeyError, IndexError):
             return none  # a damaged parent only costs the deltas
         by_key = {key: (p, chunks) for key, p, chunks in zip(old_keys, *old, strict=True)
                   if key is not None}
@@ -343,7 +354,7 @@ class Catalog:
             match = by_key.get(key) if key is not None else None
             if match is not None and part.kind in ("array", "buffer") and (
                     _shape_of(match[0]) == _shape_of(part)):
-                bases[i] = match[1]
+                bases[i] = {None: match[1]}
         return bases
 
     # -- writing -----------------------------------------------------------------------
@@ -473,6 +484,31 @@ def digest(kind: str, layout: Any, parts: Sequence[PartRow], hashes: list[list[s
                     "chunks": chunks} for p, chunks in zip(parts, hashes, strict=True)]
     return _chunks.chunk_hash(_trust.canonical_json(
         {"kind": kind, "layout": layout, "parts": descriptors}))
+
+
+def _file_bases(old_layout: Any, old: Contents, layout: Any) -> list[Bases | None]:
+    """Bases for the tensors of safetensors files: the same-named tensor, of the same
+    dtype and shape, in the parent's file of the same path (layouts' "tensors" runs)."""
+    def runs(of: Any) -> list[Any]:
+        found = of.get("tensors") or [None] * len(of.get("files", []))
+        return found if isinstance(found, list) else []
+
+    old_files: dict[str, dict[str, list[ChunkRow]]] = {}
+    for name, file_runs, chunks in zip(old_layout.get("files", []), runs(old_layout),
+                                       old.chunks, strict=True):
+        if isinstance(file_runs, list):
+            old_files[name] = {run[0]: (run[1], run[2], chunks[run[3]:run[3] + run[4]])
+                               for run in file_runs}
+    bases: list[Bases | None] = []
+    for name, file_runs in zip(layout["files"], runs(layout), strict=True):
+        found = old_files.get(name, {})
+        mine: Bases = {}
+        for tensor, dtype, shape, _, _ in file_runs or []:
+            match = found.get(tensor)
+            if match is not None and (match[0], match[1]) == (dtype, shape):
+                mine[tensor] = match[2]
+        bases.append(mine or None)
+    return bases
 
 
 def _shape_of(part: PartRow) -> tuple[Any, ...]:

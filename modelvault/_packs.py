@@ -94,6 +94,10 @@ class Stored(NamedTuple):
     added: int  # stored bytes of the chunks added
 
 
+# A part's delta bases: parent chunks by run key, then by position (see PackStore.put).
+Bases = dict[Any, list[ChunkRow]]
+
+
 class BadChunk(NamedTuple):
     id: int
     hash: str
@@ -108,13 +112,15 @@ class PackStore:
 
     # -- putting chunks in -------------------------------------------------------------
 
-    def put(self, parts: list[Part], bases: list[list[ChunkRow] | None],
+    def put(self, parts: list[Part], bases: list[Bases | None],
             advance: Callable[[int], Any]) -> Stored:
         """Store the chunks of ``parts`` the vault lacks (inside a write transaction).
 
-        ``bases`` are each part's parent chunks, by position, that new chunks of the
-        same size may be stored as XOR deltas of. While one batch is encoded on the
-        pool, the one before (of this part or the one before it) is written to SQLite.
+        ``bases`` are each part's parent chunks that new chunks of the same size may be
+        stored as XOR deltas of: by the key of the run of pieces they belong to (None
+        for a whole part; a tensor's name in a safetensors file), then by position in
+        it. While one batch is encoded on the pool, the one before (of this part or the
+        one before it) is written to SQLite.
         """
         connection = self._connection
         known: dict[str, int] = {}
@@ -134,15 +140,14 @@ class PackStore:
             return stored
 
         for part, part_bases in zip(parts, bases, strict=True):
-            numeric = part.kind in ("array", "buffer")
             hashes: list[str] = []
             hash_lists.append(hashes)
             size = 0
-            for pieces in batches(part):
+            for pieces, itemsize, key, first in batches(part):
+                run_bases = part_bases.get(key) if part_bases is not None else None
                 # Hashed and encoded from the same bytes: a file changing under us cannot
                 # store bytes under another content's hash.
                 batch = connection.map(_chunks.chunk_hash, pieces)
-                first = len(hashes)
                 hashes.extend(batch)
                 size += sum(len(p) for p in pieces)
                 advance(sum(len(p) for p in pieces))
@@ -154,13 +159,13 @@ class PackStore:
                     if h in known or h in pending:
                         continue
                     pending.add(h)
-                    base = (part_bases[seq] if part_bases is not None and seq < len(part_bases)
+                    base = (run_bases[seq] if run_bases is not None and seq < len(run_bases)
                             else None)
                     new.append(NewChunk(h, piece, base if base is not None
                                         and base.size == len(piece) else None))
                 if not new:
                     continue
-                encoding = (numeric, new, self._encode(new, part.itemsize if numeric else 0))
+                encoding = (itemsize > 0, new, self._encode(new, itemsize))
                 if writing is not None:
                     added += write(*writing)
                 writing = encoding
@@ -429,24 +434,69 @@ class PackStore:
             (after, MAX_CHAIN, limit))]
 
 
-def batches(part: Part) -> Iterator[list[bytes | memoryview]]:
-    """A part's chunk pieces a batch at a time: fixed-size for numbers, by content
-    otherwise, and for files read from disk as they go."""
-    # Stream chunks (~80 KiB) go by the two solid packs' worth: one for each core to
-    # compress while the batch before is written.
+class Batch(NamedTuple):
+    """Pieces of a part to store together, and what they are."""
+
+    pieces: list[bytes | memoryview]
+    itemsize: int  # numeric pieces: their byte-shuffle width; 0 for stream pieces
+    key: Any  # the run they belong to, for delta bases (see PackStore.put)
+    first: int  # the position of the first piece in that run
+
+
+def batches(part: Part) -> Iterator[Batch]:
+    """A part's chunk pieces a batch at a time: fixed-size for numbers (and for each
+    tensor of a safetensors file, from its own start), by content otherwise, and for
+    files read from disk as they go."""
     if part.path is not None:
         with open(part.path, "rb") as f:
-            yield from runs(_chunks.content_pieces(f), len, 4 * _BATCH,
-                            2 * _chunks.SOLID_PACK)
+            if part.tensors is None:
+                yield from _stream_batches(_chunks.content_pieces(f))
+                return
+            header = f.read(part.header)
+            yield from _stream_batches(header[o:o + n]
+                                       for o, n in _chunks.content_cuts(memoryview(header)))
+            for tensor in part.tensors:
+                cuts = _chunks.fixed_cuts(tensor.size, tensor.itemsize)
+                pieces = (f.read(n) for _, n in cuts)
+                yield from _numeric_batches(pieces, tensor.itemsize, tensor.name)
         return
     assert part.data is not None
     if part.kind in ("array", "buffer"):
         cuts = _chunks.fixed_cuts(part.size, part.itemsize)
-        yield from runs((part.data[o:o + n] for o, n in cuts), len)
+        yield from _numeric_batches((part.data[o:o + n] for o, n in cuts), part.itemsize, None)
     else:
         cuts = _chunks.content_cuts(part.data)
-        yield from runs((part.data[o:o + n] for o, n in cuts), len, 4 * _BATCH,
-                        2 * _chunks.SOLID_PACK)
+        yield from _stream_batches(part.data[o:o + n] for o, n in cuts)
+
+
+def _numeric_batches(pieces: Iterable[bytes | memoryview], itemsize: int, key: Any
+                     ) -> Iterator[Batch]:
+    first = 0
+    for run in runs(pieces, len):
+        yield Batch(run, max(itemsize, 1), key, first)
+        first += len(run)
+
+
+def _stream_batches(pieces: Iterable[bytes | memoryview]) -> Iterator[Batch]:
+    # Stream chunks (~80 KiB) go by the two solid packs' worth: one for each core to
+    # compress while the batch before is written.
+    for run in runs(pieces, len, 4 * _BATCH, 2 * _chunks.SOLID_PACK):
+        yield Batch(run, 0, None, 0)
+
+
+def tensor_runs(part: Part) -> list[list[Any]] | None:
+    """For a safetensors file part, each tensor's [name, dtype, shape, first chunk,
+    number of chunks] in the part's chunk list, as ``batches`` will cut it; else None."""
+    if part.tensors is None or part.path is None:
+        return None
+    with open(part.path, "rb") as f:
+        first = len(_chunks.content_cuts(memoryview(f.read(part.header))))
+    found = []
+    for tensor in part.tensors:
+        count = len(_chunks.fixed_cuts(tensor.size, tensor.itemsize))
+        found.append([tensor.name, tensor.dtype, tensor.shape, first, count])
+        first += count
+    return found
 
 
 def batch_views(chunks: list[ChunkRow]) -> Iterator[tuple[ChunkRow, memoryview]]:

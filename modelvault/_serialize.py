@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _torch
 from ._errors import VaultError
@@ -49,6 +49,68 @@ OUT_OF_BAND_MIN = 1024 * 1024
 PICKLE_PROTOCOL = 5
 
 
+class FileTensor(NamedTuple):
+    """One tensor of a safetensors file: where its bytes are, and what they are."""
+
+    name: str
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: list[int]
+    start: int  # offset in the file
+    size: int
+    itemsize: int  # bytes per element, the byte-shuffle width (1 when unknown)
+
+
+# Bytes per element of safetensors' dtypes; a dtype not listed is cut as bytes.
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4,
+                         "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+                         "BOOL": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "C64": 8}
+# safetensors refuses headers above 100 MB; so do we (a damaged length must not make us
+# read gigabytes).
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_tensors(path: Path, size: int) -> tuple[int, list[FileTensor]] | None:
+    """(header bytes, tensors in file order) of the safetensors file at ``path``, or
+    None unless it is one: a header that parses, tensors that cover the data exactly.
+    A file that is not one is stored as any other file, never refused."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8).ljust(8, b"\xff"), "little")
+            if length > min(_SAFETENSORS_MAX_HEADER, size - 8):
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    tensors = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            return None
+        if not (isinstance(dtype, str) and isinstance(shape, list)
+                and all(type(n) is int and n >= 0 for n in [*shape, begin, end])
+                and begin <= end):
+            return None
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype, 1)
+        if (end - begin) % itemsize:
+            itemsize = 1
+        tensors.append(FileTensor(name, dtype, shape, 8 + length + begin, end - begin,
+                                  itemsize))
+    tensors.sort(key=lambda t: t.start)
+    offset = 8 + length
+    for tensor in tensors:
+        if tensor.start != offset:
+            return None  # a gap or an overlap: not the format's layout
+        offset += tensor.size
+    if offset != size:
+        return None
+    return 8 + length, tensors
+
+
 @dataclass
 class Part:
     """One byte stream of a version, with what is needed to rebuild it."""
@@ -63,6 +125,10 @@ class Part:
     itemsize: int = 1  # byte-shuffle width; 1 means no shuffle
     size: int = 0  # bytes; for a file, its size when it was found
     mode: int | None = None  # a file's permission bits
+    # A safetensors file: the bytes of its header (with their 8-byte length), and its
+    # tensors in file order, each to be cut from its own start.
+    header: int = 0
+    tensors: list[FileTensor] | None = None
 
     def __post_init__(self) -> None:
         if self.data is not None:
@@ -299,8 +365,13 @@ def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
     parts = []
     for name in sorted(files):
         found = files[name].stat()
-        parts.append(Part(kind="file", path=files[name], name=name, size=found.st_size,
-                          mode=stat.S_IMODE(found.st_mode) & 0o777))
+        part = Part(kind="file", path=files[name], name=name, size=found.st_size,
+                    mode=stat.S_IMODE(found.st_mode) & 0o777)
+        if name.lower().endswith(".safetensors"):
+            cut = safetensors_tensors(part.path, part.size)  # type: ignore[arg-type]
+            if cut is not None:
+                part.header, part.tensors = cut
+        parts.append(part)
     return parts
 
 

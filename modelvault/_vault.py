@@ -29,7 +29,7 @@ from ._catalog import digest as content_digest
 from ._chunks import np, zstandard
 from ._connection import Connection
 from ._errors import CorruptVaultError, IntegrityError, NotFoundError, UntrustedError, VaultError
-from ._packs import ChunkRow, PackStore, batch_views
+from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
 from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
 from ._refs import Ref, check_alias, check_name, parse_ref
 from ._serialize import Part
@@ -150,12 +150,16 @@ class Vault:
                    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                    metadata: Mapping[str, Any] | None = None,
                    tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
-                   description: str = "") -> ModelVersion:
+                   description: str = "", parent: str | ModelVersion | bool | None = None
+                   ) -> ModelVersion:
         """Save a file, a folder's files, or several of either as the next version of ``name``.
 
         For what frameworks write themselves: ONNX, safetensors, save_pretrained folders.
         ``extract`` writes them back out under the same relative paths, with the
-        permission bits they had.
+        permission bits they had. Each tensor of a ``.safetensors`` file is chunked from
+        its own start and stored as its XOR with the tensor of the same name in the
+        ``parent`` version's file of the same path, where that is smaller (``parent`` as
+        for ``save``): a fine-tuned checkpoint folder costs what its state dict would.
 
         Raises FileNotFoundError for a path that does not exist; ValueError as ``save``
         does, and for two files that would be stored under one name.
@@ -163,9 +167,8 @@ class Vault:
         check_name(name)
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         parts = _serialize.files_parts(paths)
-        layout = {"files": [p.name for p in parts], "modes": [p.mode for p in parts]}
-        return self._save(name, "files", layout, parts, metadata=metadata, tags=tags,
-                          aliases=aliases, description=description, parent=False)
+        return self._save(name, "files", _files_layout(parts), parts, metadata=metadata,
+                          tags=tags, aliases=aliases, description=description, parent=parent)
 
     def _save(self, name: str, kind: str, layout: Any, parts: list[Part], *,
               metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
@@ -213,9 +216,9 @@ class Vault:
             return self._catalog.record(Ref(name, version=number))
 
     def _delta_bases(self, name: str, kind: str, layout: Any, parts: list[Part],
-                     parent: str | ModelVersion | bool | None) -> list[list[ChunkRow] | None]:
+                     parent: str | ModelVersion | bool | None) -> list[Bases | None]:
         """Per part, the parent version's chunks that new chunks may be XORed against."""
-        if parent is False or kind == "files":
+        if parent is False:
             return [None] * len(parts)
         if parent is None or parent is True:
             try:
@@ -640,6 +643,16 @@ def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
             raise TypeError(f"tag {key!r}: values are strings (or numbers, stored as text)")
         items.append((key, None if value is None else str(value)))
     return items
+
+
+def _files_layout(parts: list[Part]) -> dict[str, Any]:
+    """The layout of a version of files: their names and permission bits, and for each
+    safetensors file its tensors' runs of chunks (what later versions' deltas match)."""
+    layout: dict[str, Any] = {"files": [p.name for p in parts], "modes": [p.mode for p in parts]}
+    runs = [tensor_runs(p) for p in parts]
+    if any(r is not None for r in runs):
+        layout["tensors"] = runs
+    return layout
 
 
 def _file_modes(row: VersionRow, count: int) -> list[int | None]:

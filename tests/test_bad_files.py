@@ -53,28 +53,51 @@ _CLI_READS = ("ls", "show", "get", "verify")
 Run = collections.namedtuple("Run", "args returncode stdout stderr maxrss_mb")
 
 
-def _processes(commands, folder):
-    """Run commands (argument lists) at once; returns a Run each, with its peak RSS.
+# Runs a Python command (``-m module ...`` or a script) and, at exit, writes the peak
+# resident memory of this program alone (VmHWM) to the file $PEAK_FILE: ru_maxrss would
+# carry over the peak of the process that started it, and a test run that imported
+# torch has a big one.
+_PEAK_WRAPPER = textwrap.dedent("""
+    import atexit, os, runpy, sys
 
-    Output goes to files, not pipes, so that os.wait4 can reap each child and report
-    its own resource use.
+    def peak():
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        with open(os.environ["PEAK_FILE"], "w") as out:
+            out.write(str(kb))
+
+    atexit.register(peak)
+    if sys.argv[1] == "-m":
+        sys.argv = sys.argv[2:]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _processes(commands, folder):
+    """Run Python commands (argument lists after the interpreter) at once; returns a
+    Run each, with its peak RSS.
+
+    Output goes to files, not pipes, so that the children never block on a full pipe.
     """
-    env = {**os.environ, "PYTHONPATH": _ENV_PATH}
     started = []
     for i, args in enumerate(commands):
-        out, err = folder / f".run{i}.out", folder / f".run{i}.err"
+        out, err, peak = (folder / f".run{i}.{what}" for what in ("out", "err", "peak"))
+        env = {**os.environ, "PYTHONPATH": _ENV_PATH, "PEAK_FILE": str(peak)}
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            process = subprocess.Popen([str(a) for a in args], stdout=stdout, stderr=stderr,
-                                       env=env)
-        started.append((args, process, out, err))
+            process = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER,
+                                        *[str(a) for a in args]],
+                                       stdout=stdout, stderr=stderr, env=env)
+        started.append((args, process, out, err, peak))
     runs = []
-    for args, process, out, err in started:
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
+    for args, process, out, err, peak in started:
+        process.wait()
         runs.append(Run(args, process.returncode, out.read_text(), err.read_text(),
-                        usage.ru_maxrss / 1024))
-        out.unlink()
-        err.unlink()
+                        int(peak.read_text()) / 1024 if peak.exists() else float("nan")))
+        for path in (out, err, peak):
+            path.unlink(missing_ok=True)
     return runs
 
 
@@ -82,7 +105,7 @@ def _cli_reads(path, folder, ref="arr"):
     """`modelvault ls/show/get/verify` on ``path``, as child processes, by command."""
     commands = {"ls": ["ls", path], "show": ["show", path, ref],
                 "get": ["get", path, ref, "-o", folder / "cli-out"], "verify": ["verify", path]}
-    runs = _processes([[sys.executable, "-m", "modelvault", *args]
+    runs = _processes([["-m", "modelvault", *args]
                        for args in commands.values()], folder)
     return dict(zip(commands, runs, strict=True))
 
@@ -212,8 +235,8 @@ def test_a_bad_file_gets_a_typed_error_runs_nothing_and_one_cli_line(tmp_path, w
                 failures.append(f"{name}: {exc}")
     runs = _cli_reads(path, tmp_path)
     runs.update(zip(("tag", "put"), _processes([
-        [sys.executable, "-m", "modelvault", "tag", path, "arr:1", "stage=prod"],
-        [sys.executable, "-m", "modelvault", "put", path, "m", __file__]], tmp_path),
+        ["-m", "modelvault", "tag", path, "arr:1", "stage=prod"],
+        ["-m", "modelvault", "put", path, "m", __file__]], tmp_path),
         strict=True))
     for command, run in runs.items():
         if not (one_line_error(run) and path.name in run.stderr):
@@ -390,7 +413,10 @@ _MEASURE = textwrap.dedent("""
                 result[what] = f"{type(exc).__name__}: {exc}"
             except BaseException as exc:
                 result[what] = f"FOREIGN {type(exc).__name__}: {exc}"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: exec() carries the parent's peak over into ru_maxrss, and a
+    # test run that imported torch has a big one.
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     result["grew_mb"] = peak - start
     print(json.dumps(result))
 """)
@@ -407,8 +433,7 @@ def test_a_zstd_bomb_is_refused_in_bounded_memory(tmp_path, bomb):
     db.close()
     script = tmp_path / "measure.py"
     script.write_text(_MEASURE)
-    child, control = _processes([[sys.executable, script, path, name],
-                                 [sys.executable, script, healthy, name]], tmp_path)
+    child, control = _processes([[script, path, name], [script, healthy, name]], tmp_path)
     assert child.returncode == 0 and control.returncode == 0, child.stderr + control.stderr
     result, healthy_result = json.loads(child.stdout), json.loads(control.stdout)
     assert healthy_result["load"] == "loaded" and healthy_result["verify"] == []

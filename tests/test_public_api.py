@@ -50,7 +50,8 @@ VAULT_METHODS = {
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
             "'str | ModelVersion | bool | None' = None) -> 'ModelVersion'",
     "save_files": f"(self, name: 'str', path: '{PATHLIKE} | Sequence[{PATHLIKE}]', *, "
-                  f"{LABELS}) -> 'ModelVersion'",
+                  f"{LABELS}, parent: 'str | ModelVersion | bool | None' = None) "
+                  "-> 'ModelVersion'",
     "stats": "(self) -> 'VaultStats'",
     "tag": f"(self, ref: '{REF}', tags: 'Mapping[str, Any] | None' = None, /, **more: 'Any') "
            "-> 'ModelVersion'",

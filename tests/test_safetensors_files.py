@@ -1,0 +1,169 @@
+"""safetensors files inside files versions: cut tensor by tensor, delta-encoded against
+the parent's file of the same path, and given back byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import struct
+
+import numpy as np
+import pytest
+
+import modelvault
+
+
+def write_safetensors(path, tensors, *, metadata=None, pad=True):
+    """A safetensors file as the format describes it (no library needed)."""
+    header, offset, blobs = {}, 0, []
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array).tobytes()
+        dtype = {"float32": "F32", "float16": "F16", "int64": "I64", "uint8": "U8",
+                 "uint16": "BF16"}[array.dtype.name]
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights(seed, scale=0.0):
+    rng = np.random.default_rng(seed)
+    base = {f"layer{i}.weight": rng.normal(size=(384, 384)).astype(np.float32)
+            for i in range(4)}
+    base["embeddings"] = rng.normal(size=(2000, 64)).astype(np.float16)
+    base["position_ids"] = np.arange(512, dtype=np.int64)
+    base["bf16"] = rng.integers(0, 2**16, size=30_000, dtype=np.uint16)  # bf16 bits
+    if scale:
+        noise = np.random.default_rng(seed + 1)
+        base = {k: (v + (noise.normal(size=v.shape) * scale).astype(v.dtype)
+                    if v.dtype.kind == "f" else v) for k, v in base.items()}
+    return base
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A base folder and a full fine-tune of it (every float changed a little)."""
+    for name, scale in (("base", 0.0), ("tuned", 1e-3)):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_safetensors(folder / "model.safetensors", weights(0, scale),
+                          metadata={"format": "pt"})
+        (folder / "config.json").write_text('{"hidden": 384}')
+    return tmp_path / "base", tmp_path / "tuned"
+
+
+def test_each_tensor_is_its_own_run_of_numeric_chunks_and_comes_back_identical(
+        vault, checkpoints, tmp_path):
+    base, _ = checkpoints
+    mv = vault.save_files("bert", base)
+    written = vault.extract(mv, tmp_path / "out")
+    assert {p.name: sha256(p) for p in written} == {
+        p.name: sha256(p) for p in (base / "config.json", base / "model.safetensors")}
+    with sqlite3.connect(vault.path) as db:
+        codecs = [(r[0], r[1]) for r in db.execute(
+            "SELECT c.codec, c.itemsize FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
+            "JOIN parts p ON p.version_id = pc.version_id AND p.part = pc.part "
+            "WHERE p.name = 'model.safetensors' ORDER BY pc.seq")]
+        layout = json.loads(db.execute("SELECT layout FROM versions").fetchone()[0])
+    # The header first (raw, in a solid pack), then every float tensor byte-shuffled by
+    # its own element size.
+    assert codecs[0] == ("raw", 1)
+    assert {("zstd-shuffle", 4), ("zstd-shuffle", 2)} <= set(codecs)
+    runs = layout["tensors"][layout["files"].index("model.safetensors")]
+    assert [r[0] for r in runs] == ["layer0.weight", "layer1.weight", "layer2.weight",
+                                    "layer3.weight", "embeddings", "position_ids", "bf16"]
+    assert layout["tensors"][layout["files"].index("config.json")] is None
+
+
+def test_a_full_fine_tune_costs_what_its_state_dict_would(tmp_path, checkpoints):
+    base, tuned = checkpoints
+    size = (tuned / "model.safetensors").stat().st_size
+    with modelvault.open(tmp_path / "files.vault") as vault:
+        vault.save_files("bert", base)
+        as_files = vault.save_files("bert", tuned).added_bytes
+    with modelvault.open(tmp_path / "alone.vault") as vault:
+        alone = vault.save_files("bert", tuned).added_bytes
+    with modelvault.open(tmp_path / "arrays.vault") as vault:
+        vault.save("bert", weights(0))
+        as_arrays = vault.save("bert", weights(0, 1e-3)).added_bytes
+    assert as_files < 0.75 * alone  # deltas against the parent's tensors
+    assert as_files < 1.1 * as_arrays + 20_000  # what the same weights cost as arrays
+    assert as_files < size
+
+
+def test_deltas_follow_the_tensors_by_name_whatever_their_order_and_other_files(
+        tmp_path, checkpoints):
+    base, _ = checkpoints
+    tuned = weights(0, 1e-3)
+    reordered = tmp_path / "reordered"
+    reordered.mkdir()
+    write_safetensors(reordered / "model.safetensors",
+                      dict(reversed(list(tuned.items()))))
+    (reordered / "extra.txt").write_text("a new file in front of nothing")
+    with modelvault.open(tmp_path / "v.vault") as vault:
+        vault.save_files("bert", base)
+        moved = vault.save_files("bert", reordered)
+        whole = vault.save_files("other", reordered, parent=False)
+        assert moved.added_bytes < 0.75 * (reordered / "model.safetensors").stat().st_size
+        assert whole.added_bytes == 0  # the same chunks as bert:2, whatever their encoding
+        out = vault.extract("bert:2", tmp_path / "out")
+        assert sha256(next(p for p in out if p.name == "model.safetensors")) == sha256(
+            reordered / "model.safetensors")
+        assert vault.verify() == []
+
+
+@pytest.mark.parametrize("damage", ["header length too large", "header not JSON",
+                                    "a gap between tensors", "offsets past the end",
+                                    "not an object", "shape of strings", "empty file"])
+def test_a_malformed_header_falls_back_to_plain_chunking(vault, tmp_path, damage):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"w": np.arange(100_000, dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    if damage == "header length too large":
+        data[:8] = struct.pack("<Q", 2**40)
+    elif damage == "header not JSON":
+        data[8] = ord("!")
+    elif damage == "empty file":
+        data = bytearray()
+    else:
+        if damage == "a gap between tensors":
+            header["w"]["data_offsets"] = [8, 400_008]
+        elif damage == "offsets past the end":
+            header["w"]["data_offsets"] = [0, 900_000]
+        elif damage == "not an object":
+            header = [1, 2]
+        elif damage == "shape of strings":
+            header["w"]["shape"] = ["a"]
+        text = json.dumps(header).encode()
+        data = bytearray(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    path.write_bytes(bytes(data))
+    mv = vault.save_files("odd", path)
+    (written,) = vault.extract(mv, tmp_path / "out")
+    assert written.read_bytes() == bytes(data)
+    assert vault.verify() == []
+
+
+def test_real_safetensors_files_round_trip(vault, tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    tensors = {"a": np.random.default_rng(0).normal(size=(300, 200)).astype(np.float32),
+               "b": np.arange(7, dtype=np.int64), "empty": np.zeros((0, 3), np.float16)}
+    path = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(tensors, str(path), metadata={"note": "x"})
+    (written,) = vault.extract(vault.save_files("m", path), tmp_path / "out")
+    assert sha256(written) == sha256(path)
+    loaded = safetensors_numpy.load_file(str(written))
+    for key, array in tensors.items():
+        np.testing.assert_array_equal(loaded[key], array)
