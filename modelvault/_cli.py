@@ -208,13 +208,14 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
 def get_command(vault: Path, ref: str, out_dir: Path, trust: bool) -> None:
     """Write version REF out to a folder.
 
-    Files come back under their stored paths. Arrays are written as NAME-vN.npz
+    Files come back under their stored paths, and so do framework models (an xgboost
+    model.ubj, a save_pretrained folder). Arrays are written as NAME-vN.npz
     when they are one array or a flat dict of arrays; other models as a pickle
     file NAME-vN.pkl (loadable with pickle.load).
     """
     with _open(vault) as v:
         mv = v.get(ref)
-        if mv.kind == "files":
+        if mv.kind in ("files", "framework"):
             written = v.extract(mv, out_dir, trust=trust)
         else:
             written = [_write_object(v.load(mv, trust=trust), mv, out_dir)]

@@ -15,6 +15,7 @@ import os
 import secrets
 import sqlite3
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import _atomic, _copier, _environment, _schema, _serialize, _trust
-from ._catalog import Catalog, Contents, NewVersion, VersionRow, part_row
+from . import _atomic, _copier, _environment, _frameworks, _schema, _serialize, _trust
+from ._catalog import FILE_KINDS, Catalog, Contents, NewVersion, VersionRow, part_row
 from ._catalog import digest as content_digest
 from ._chunks import np, zstandard
 from ._connection import Connection
@@ -123,9 +124,13 @@ class Vault:
              ) -> ModelVersion:
         """Save ``obj`` as the next version of model ``name``.
 
-        numpy arrays and scalars, and dicts/lists/tuples of them, are stored natively
-        (no pickle); anything else goes through cloudpickle. Metadata is immutable once saved;
-        tags and aliases can change later.
+        numpy arrays and scalars, torch tensors (a ``state_dict()``), and
+        dicts/OrderedDicts/lists/tuples of them, are stored natively (no pickle). xgboost,
+        lightgbm and onnx models and Hugging Face objects with ``save_pretrained`` are
+        stored in their framework's own format and load without pickle. Anything else goes
+        through cloudpickle, with every torch tensor's storage taken out of the stream
+        (a whole ``nn.Module``, an optimizer, a checkpoint). Metadata is immutable once
+        saved; tags and aliases can change later.
 
         An array that changed since the ``parent`` version (by default the model's latest;
         any ref, such as a base model saved under another name; or False for none) is
@@ -141,9 +146,21 @@ class Vault:
         ('demo:2', {'auc': 0.91})
         """
         check_name(name)
+        options = {"metadata": metadata, "tags": tags, "aliases": aliases,
+                   "description": description, "parent": parent}
+        handler = _frameworks.find(obj)
+        if handler is not None:
+            with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
+                try:
+                    record = _frameworks.save(handler, obj, Path(folder))
+                except ValueError:  # parameters JSON cannot hold: pickled instead
+                    pass
+                else:
+                    parts = _serialize.files_parts([folder])
+                    return self._save(name, "framework", {**_files_layout(parts), **record},
+                                      parts, **options)
         kind, layout, parts = _serialize.serialize(obj)
-        return self._save(name, kind, layout, parts, metadata=metadata, tags=tags,
-                          aliases=aliases, description=description, parent=parent)
+        return self._save(name, kind, layout, parts, **options)
 
     @_api
     def save_files(self, name: str,
@@ -186,9 +203,12 @@ class Vault:
                              f"{MAX_TEXT:,}")
         metadata_json = _metadata_json(metadata)
         # What the pickle imports decides which package versions the environment records.
-        imports = _trust.own_pickle_imports(
-            parts[0].data.obj if isinstance(parts[0].data.obj, bytes)
-            else bytes(parts[0].data), [p.data for p in parts[1:]]) if kind == "pickle" else []
+        if kind == "pickle":
+            imports = _trust.own_pickle_imports(
+                parts[0].data.obj if isinstance(parts[0].data.obj, bytes)
+                else bytes(parts[0].data), [p.data for p in parts[1:]])
+        else:
+            imports = [layout["class"]] if kind == "framework" else []
         # The first capture in a process reads every installed package's metadata (~0.3 s
         # with many installed): done beside the chunking.
         environment = _Background(
@@ -291,16 +311,22 @@ class Vault:
         if trust:
             return
         status = _trust.signature_status(row.manifest, row.key_id, row.signature)
+        why = ("its signature does not match: it was changed after it was saved"
+               if status == "invalid" else "no key this machine trusts signed it")
+        advice = ("If you trust where this vault came from, load with trust=True (CLI: "
+                  "--trust), or trust the saver's key with `modelvault trust KEYFILE`.")
         if row.kind == "pickle" and status != "trusted":
             stream = self._read(row, only_first=True)[0][1]
             imports = _trust.pickle_imports(stream.tobytes())
-            why = ("its signature does not match: it was changed after it was saved"
-                   if status == "invalid" else "no key this machine trusts signed it")
             raise UntrustedError(
                 f"{row.where} is a pickle and {why}; unpickling runs code from "
-                f"{', '.join(imports) or 'Python builtins only'}. If you trust where this "
-                "vault came from, load with trust=True (CLI: --trust), or trust the saver's "
-                "key with `modelvault trust KEYFILE`.", imports=imports)
+                f"{', '.join(imports) or 'Python builtins only'}. {advice}", imports=imports)
+        risky = _frameworks.needs_trust(json.loads(row.layout)) \
+            if row.kind == "framework" and status != "trusted" else []
+        if risky:
+            raise UntrustedError(
+                f"{row.where} holds files its framework may run code from when it loads "
+                f"them ({', '.join(risky)}) and {why}. {advice}", imports=risky)
         if status == "invalid":
             raise row.error("its signature does not match: the version was changed after "
                             "it was saved (load with trust=True to read it anyway)")
@@ -317,7 +343,7 @@ class Vault:
         for a version that holds a Python object rather than files.
         """
         row = self._catalog.resolve(_as_ref(ref))
-        if row.kind != "files":
+        if row.kind not in FILE_KINDS:
             raise ValueError(f"{row.where} holds a Python object, not files; use load()")
         self._check_signature(row, trust)
         contents = self._contents(row)
@@ -677,6 +703,14 @@ def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) 
             return _unpickle(row, layout, parts, device)
         if row.kind == "files":
             return {p.name: buf.tobytes() for p, buf in parts}
+        if row.kind == "framework":
+            with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
+                for part, buffer in parts:
+                    target = Path(folder).joinpath(
+                        *_serialize.safe_relative_path(part.name).parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(buffer)
+                return _frameworks.load(layout, Path(folder), device)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise row.error(f"cannot rebuild: {exc}") from exc
     raise row.error(f"unknown kind {row.kind!r}")
