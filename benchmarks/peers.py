@@ -26,7 +26,7 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -37,7 +37,7 @@ def _fsync(path: Path) -> None:
 # -- the physical baseline ------------------------------------------------------------------
 
 
-def write_fsync(path: Path, buffers: Iterable[Any]) -> None:
+def writefsync(path: Path, buffers: Iterable[Any]) -> None:
     """Write the buffers to a new file and fsync it: the least a durable save can cost."""
     with open(path, "wb") as f:
         for buffer in buffers:
@@ -83,7 +83,7 @@ def safetensors_save(weights: dict[str, Any], path: Path,
     from safetensors.numpy import save_file
 
     save_file(weights, path, metadata=metadata)
-    _fsync(path)
+    fsync(path)
 
 
 def safetensors_load(path: Path) -> dict[str, Any]:

@@ -77,6 +77,11 @@ def contiguous_bytes(tensor: Any) -> memoryview:
     tensor = tensor.detach().resolve_conj().resolve_neg()
     if tensor.numel() == 0:
         return memoryview(b"")
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        try:  # no copy: a state dict's tensors are nearly all like this
+            return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        except RuntimeError:
+            pass  # strides a byte view cannot take (size-1 dimensions): copied below
     # Copied as integers of the same width: torch has no copy kernel for sub-byte types
     # (int1, uint4, ...), and a fresh tensor has the strides a byte view needs (a
     # contiguous tensor of size-1 dimensions may not).
