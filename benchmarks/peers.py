@@ -37,7 +37,7 @@ def fsync(path: Path) -> None:
 # -- the physical baseline ------------------------------------------------------------------
 
 
-def writefsync(path: Path, buffers: Iterable[Any]) -> None:
+def write_fsync(path: Path, buffers: Iterable[Any]) -> None:
     """Write the buffers to a new file and fsync it: the least a durable save can cost."""
     with open(path, "wb") as f:
         for buffer in buffers:
