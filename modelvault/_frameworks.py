@@ -135,9 +135,10 @@ def load(layout: Any, folder: Path, device: Any = None) -> Any:
         return sys.modules["onnx"].load(str(folder / "model.onnx"))
     if cls.__module__.startswith("sentence_transformers"):
         return cls(str(folder), device=device)
-    kwargs = {"device_map": device} if device is not None and hasattr(cls, "config_class") \
-        else {}
-    return cls.from_pretrained(str(folder), **kwargs)
+    model = cls.from_pretrained(str(folder))
+    # Moved after loading: from_pretrained's device_map needs the accelerate package.
+    return model.to(device) if device is not None and callable(getattr(model, "to", None)) \
+        else model
 
 
 def _class(handler: Handler, path: Any) -> type:

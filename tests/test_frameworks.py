@@ -121,6 +121,7 @@ def test_a_bert_model_as_an_object_and_as_a_folder(vault_path, stranger, tiny_be
     with modelvault.open(vault_path) as vault:
         loaded = vault.load("bert").eval()
         assert type(loaded).__name__ == "BertModel"
+        assert vault.load("bert", device="meta").device.type == "meta"
         assert torch.equal(loaded(x).last_hidden_state, expected)
         out = tmp_path / "out"
         vault.extract("bert-folder", out)
