@@ -205,39 +205,74 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
 @click.option("--trust", is_flag=True,
               help="Write a model out even if no trusted key signed it (unpickling runs its "
                    "code) or its signature fails.")
-def get_command(vault: Path, ref: str, out_dir: Path, trust: bool) -> None:
+@click.option("--keys", multiple=True, metavar="PATTERN",
+              help="Only these entries of an arrays version (names or glob patterns over "
+                   "the flat names, e.g. 'encoder.layer.0.*'); repeat for more.")
+@click.option("--format", "form", type=click.Choice(["safetensors", "npz"]),
+              help="Write an arrays version's entries as one file of this format.")
+def get_command(vault: Path, ref: str, out_dir: Path, trust: bool, keys: tuple[str, ...],
+                form: str | None) -> None:
     """Write version REF out to a folder.
 
     Files come back under their stored paths, and so do framework models (an xgboost
-    model.ubj, a save_pretrained folder). Arrays are written as NAME-vN.npz
-    when they are one array or a flat dict of arrays; other models as a pickle
-    file NAME-vN.pkl (loadable with pickle.load).
+    model.ubj, a save_pretrained folder). Arrays and tensors are written as
+    NAME-vN.npz (numpy arrays) or NAME-vN.safetensors (torch tensors) when they are
+    one array or a flat dict of them, or always with --keys or --format, by flat name;
+    other models as a pickle file NAME-vN.pkl (loadable with pickle.load).
     """
     with _open(vault) as v:
         mv = v.get(ref)
+        if (keys or form) and mv.kind != "arrays":
+            raise click.UsageError(f"{mv.ref} is a {mv.kind} version: --keys and --format "
+                                   "write the entries of arrays versions")
         if mv.kind in ("files", "framework"):
             written = v.extract(mv, out_dir, trust=trust)
+        elif keys or form:
+            entries = v.load(mv, keys=list(keys) or ["*"])
+            written = [_write_entries({k or "array": a for k, a in entries.items()}, mv,
+                                      out_dir, form)]
         else:
             written = [_write_object(v.load(mv, trust=trust), mv, out_dir)]
     for path in written:
         click.echo(str(path))
 
 
+def _write_entries(entries: dict[str, Any], mv: ModelVersion, out_dir: Path,
+                   form: str | None) -> Path:
+    """A flat dict of arrays or tensors as one .npz or .safetensors file."""
+    import numpy as np
+
+    from ._serialize import write_safetensors
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{mv.name.replace('/', '_')}-v{mv.version}"
+    numpy_only = all(isinstance(a, (np.ndarray, np.generic)) for a in entries.values())
+    form = form or ("npz" if numpy_only else "safetensors")
+    target = stem.with_suffix(f".{form}")
+    if form == "safetensors":
+        write_safetensors(target, entries)
+        return target
+    if not numpy_only:
+        raise click.UsageError("torch tensors are written as safetensors: use --format "
+                               "safetensors")
+    with open(target, "wb") as f:
+        np.savez(f, **{k: np.asarray(a) for k, a in entries.items()})
+    return target
+
+
 def _write_object(obj: Any, mv: ModelVersion, out_dir: Path) -> Path:
     import numpy as np
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{mv.name.replace('/', '_')}-v{mv.version}"
-    if mv.kind == "arrays" and (isinstance(obj, np.ndarray) or (
-            isinstance(obj, dict) and all(isinstance(a, np.ndarray) for a in obj.values()))):
-        target = out_dir / f"{stem}.npz"
-        arrays = obj if isinstance(obj, dict) else {"array": obj}
-        with open(target, "wb") as f:
-            np.savez(f, **arrays)
-        return target
+    from ._torch import is_tensor
+
+    flat = {"array": obj} if isinstance(obj, np.ndarray) or is_tensor(obj) else obj
+    if mv.kind == "arrays" and isinstance(flat, dict) and flat and all(
+            isinstance(a, np.ndarray) or is_tensor(a) for a in flat.values()):
+        return _write_entries(flat, mv, out_dir, None)
     import cloudpickle
 
-    target = out_dir / f"{stem}.pkl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{mv.name.replace('/', '_')}-v{mv.version}.pkl"
     with open(target, "wb") as f:
         cloudpickle.dump(obj, f, protocol=5)
     return target

@@ -197,6 +197,16 @@ class PackStore:
         return dict(self._connection.db.execute(
             f"SELECT hash, id FROM chunks WHERE hash IN ({marks})", hashes))
 
+    def rows(self, hashes: list[str]) -> dict[str, ChunkRow]:
+        """The chunk rows the vault holds of these hashes, by hash."""
+        found: dict[str, ChunkRow] = {}
+        for first in range(0, len(hashes), 500):
+            some = hashes[first:first + 500]
+            found.update((r.hash, r) for r in map(ChunkRow._make, self._connection.db.execute(
+                f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.hash IN "
+                f"({','.join('?' * len(some))})", some)))
+        return found
+
     def _base_bytes(self, rows: list[ChunkRow]) -> dict[int, np.ndarray]:
         """Raw bytes of the parent chunks that may serve as delta bases, by chunk id.
 

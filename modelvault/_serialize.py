@@ -111,6 +111,60 @@ def safetensors_tensors(path: Path, size: int) -> tuple[int, list[FileTensor]] |
     return 8 + length, tensors
 
 
+# safetensors' dtype names for what modelvault stores (numpy descr or named dtype).
+_SAFETENSORS_NAMES = {"<f8": "F64", "<f4": "F32", "<f2": "F16", "bfloat16": "BF16",
+                      "<i8": "I64", "<i4": "I32", "<i2": "I16", "|i1": "I8", "<u8": "U64",
+                      "<u4": "U32", "<u2": "U16", "|u1": "U8", "|b1": "BOOL",
+                      "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
+                      "float8_e8m0fnu": "F8_E8M0"}
+
+
+def file_tensor(buffer: np.ndarray, dtype: str, shape: list[int], device: Any) -> Any:
+    """A tensor of a safetensors file from its bytes: a numpy array where numpy (or
+    ml_dtypes) has its dtype, else a torch tensor."""
+    names = {v: k for k, v in _SAFETENSORS_NAMES.items()}
+    name = names.get(dtype)
+    if name is None:
+        raise ValueError(f"safetensors dtype {dtype} cannot be read back yet")
+    if name in ML_DTYPES and "ml_dtypes" not in sys.modules:
+        try:
+            import ml_dtypes  # noqa: F401
+        except ImportError:
+            import_torch()
+            return _torch.tensor(_torch.from_buffer(buffer, device), name, shape)
+    return array_from_part(buffer, name, shape, False)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any]) -> None:
+    """Write numpy arrays and torch tensors as a safetensors file (its format: an 8-byte
+    header length, the JSON header, then the tensors' bytes in order). ValueError for a
+    dtype safetensors has no name for."""
+    header: dict[str, Any] = {}
+    blobs = []
+    offset = 0
+    for name, value in tensors.items():
+        if _torch.is_tensor(value):
+            dtype, data = _torch.dtype_name(value.dtype), _torch.contiguous_bytes(value)
+        else:
+            array = np.ascontiguousarray(value)
+            if array.dtype.byteorder == ">":  # safetensors is little-endian
+                array = array.astype(array.dtype.newbyteorder("<"))
+            part = _array_part(array)
+            dtype, data = str(part.dtype), part.data
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"{name}: safetensors has no dtype for {dtype}; use npz")
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.writelines(blobs)
+
+
 @dataclass
 class Part:
     """One byte stream of a version, with what is needed to rebuild it."""
@@ -429,13 +483,63 @@ def rebuild_native(layout: Any, parts: Sequence[tuple[Any, np.ndarray]],
                    device: Any = None) -> Any:
     """Inverse of the arrays layout: nested containers with arrays and tensors put back
     in place. ``parts`` are (parts row, uint8 buffer); tensors go to ``device``."""
-    return _Rebuilder(parts, device).node(layout)
+    return Rebuilder(parts, device).node(layout)
 
 
-class _Rebuilder:
-    """Rebuilds an arrays layout, each part converted once, when a node first needs it."""
+_LEAVES = ("array", "scalar", "tensor")
 
-    def __init__(self, parts: Sequence[tuple[Any, np.ndarray]], device: Any) -> None:
+
+def entries(layout: Any) -> dict[str, dict[str, Any]]:
+    """The arrays, scalars and tensors of an arrays layout, by flat name: the dict keys
+    and list or tuple positions on the way to each, joined with '.'
+    (``encoder.layer.0.weight``), in layout order."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Any, path: list[str]) -> None:
+        if not isinstance(node, dict):
+            return
+        if any(tag in node for tag in _LEAVES):
+            found[".".join(path)] = node
+        for tag in ("dict", "odict"):
+            for key, child in node[tag] if isinstance(node.get(tag), list) else []:
+                walk(child, [*path, str(key)])
+        for tag in ("list", "tuple"):
+            for i, child in enumerate(node[tag]) if isinstance(node.get(tag), list) else []:
+                walk(child, [*path, str(i)])
+
+    walk(layout, [])
+    return found
+
+
+def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The names that ``patterns`` (exact names, or globs such as ``encoder.*.bias``)
+    pick, in the order of ``names``; KeyError naming a pattern that picks none."""
+    import fnmatch
+
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"keys are names or glob patterns, not {type(pattern).__name__}")
+        picked = {pattern} & set(names) or set(fnmatch.filter(names, pattern))
+        if not picked:
+            shown = ", ".join(list(names)[:8]) + (", ..." if len(names) > 8 else "")
+            raise KeyError(f"no entry named or matching {pattern!r} (entries: "
+                           f"{shown or 'none'})")
+        chosen |= picked
+    return [name for name in names if name in chosen]
+
+
+def leaf_part(node: dict[str, Any]) -> int:
+    """The part a leaf node of ``entries`` reads."""
+    return next(node[tag] for tag in _LEAVES if tag in node)
+
+
+class Rebuilder:
+    """Rebuilds an arrays layout, each part converted once, when a node first needs it.
+    ``parts`` maps a part's index to (parts row, uint8 buffer): a list of all of them, or
+    a mapping that fetches one when asked."""
+
+    def __init__(self, parts: Any, device: Any) -> None:
         self.parts = parts
         self.device = device
         self.arrays: dict[int, np.ndarray] = {}

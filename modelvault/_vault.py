@@ -290,7 +290,8 @@ class Vault:
 
     @_api
     @_snapshot
-    def load(self, ref: str | ModelVersion, *, trust: bool = False, device: Any = None) -> Any:
+    def load(self, ref: str | ModelVersion, *, trust: bool = False, device: Any = None,
+             keys: str | Sequence[str] | None = None, lazy: bool = False) -> Any:
         """Load the model ``ref`` names, checking every chunk's hash.
 
         A pickled model loads only if a trusted key signed it, or with ``trust=True``;
@@ -299,12 +300,50 @@ class Vault:
         safetensors' ``device=``: "cuda:0", a torch.device). A files version loads as a
         dict of path to bytes (see ``extract``).
 
+        Of an arrays version (arrays, tensors, a state dict), ``keys`` (a name or glob
+        pattern, or a list of them, over the flat names: dict keys and list positions
+        joined with '.', as ``encoder.layer.0.*``) loads just those entries as a flat
+        dict, decoding only their chunks; KeyError for a pattern that picks none.
+        ``lazy=True`` returns a read-only mapping of every entry by flat name that
+        decodes each one when it is first read (while this vault is open).
+
         >>> vault.load("demo")
         [1, 2, 3]
         """
         row = self._catalog.resolve(_as_ref(ref))
         self._check_signature(row, trust)
-        return _rebuild(row, self._read(row), device)
+        if keys is None and not lazy:
+            return _rebuild(row, self._read(row), device)
+        contents = self._contents(row)
+        fetch, names = self._entries(row, contents, device)
+        if lazy:
+            return _LazyVersion(row, names, fetch)
+        return {name: fetch(name) for name in _serialize.select(
+            names, [keys] if isinstance(keys, str) else keys)}
+
+    def _entries(self, row: VersionRow, contents: Contents, device: Any
+                 ) -> tuple[Callable[[str], Any], list[str]]:
+        """The flat names of a version's entries, and a function that reads one of them
+        (only its chunks): the arrays and tensors of an arrays version, or the tensors of
+        a files version's safetensors files."""
+        layout = json.loads(row.layout)
+        if row.kind == "arrays":
+            found = _serialize.entries(layout)
+
+            class Parts(dict):  # a part is read when the rebuilder first asks for it
+                def __missing__(parts, index: int) -> Any:
+                    parts[index] = self._read_part(row, contents, index)
+                    return parts[index]
+
+            rebuilder = _serialize.Rebuilder(Parts(), device)
+            return (lambda name: rebuilder.node(found[name])), list(found)
+        if row.kind in FILE_KINDS and layout.get("tensors"):
+            runs = {run[0]: (part, run) for part, file_runs in enumerate(layout["tensors"])
+                    for run in file_runs or []}
+            return (lambda name: self._read_tensor(row, contents, *runs[name], device)), \
+                list(runs)
+        raise ValueError(f"{row.where} is a {row.kind} version without tensors: keys= and "
+                         "lazy=True read arrays versions and safetensors files")
 
     def _check_signature(self, row: VersionRow, trust: bool) -> None:
         """Refuse pickles no trusted key signed, and any version whose signature fails."""
@@ -316,7 +355,7 @@ class Vault:
         advice = ("If you trust where this vault came from, load with trust=True (CLI: "
                   "--trust), or trust the saver's key with `modelvault trust KEYFILE`.")
         if row.kind == "pickle" and status != "trusted":
-            stream = self._read(row, only_first=True)[0][1]
+            stream = self._read(row, only={0})[0][1]
             imports = _trust.pickle_imports(stream.tobytes())
             raise UntrustedError(
                 f"{row.where} is a pickle and {why}; unpickling runs code from "
@@ -378,24 +417,60 @@ class Vault:
         self._catalog.check(row, contents)
         return contents
 
-    def _read(self, row: VersionRow, *, only_first: bool = False
-              ) -> list[tuple[Any, np.ndarray]]:
-        """Every part of a version as (part row, uint8 buffer), each chunk's hash checked."""
-        parts, lists = self._contents(row)
-        if only_first:
-            parts, lists = parts[:1], lists[:1]
-        outs = [np.empty(p.size, dtype=np.uint8) for p in parts]
+    def _read(self, row: VersionRow, *, only: set[int] | None = None,
+              contents: Contents | None = None) -> list[Any]:
+        """Every part of a version as (part row, uint8 buffer), each chunk's hash checked;
+        None for the parts not in ``only``, if given (their chunks are not read)."""
+        parts, lists = contents if contents is not None else self._contents(row)
+        wanted = [i for i in range(len(parts)) if only is None or i in only]
+        outs = {i: np.empty(parts[i].size, dtype=np.uint8) for i in wanted}
 
         def pieces() -> Iterator[tuple[ChunkRow, memoryview]]:
-            for out, chunks in zip(outs, lists, strict=True):
-                view, offset = memoryview(out), 0
-                for chunk in chunks:
+            for i in wanted:
+                view, offset = memoryview(outs[i]), 0
+                for chunk in lists[i]:
                     yield chunk, view[offset:offset + chunk.size]
                     offset += chunk.size
 
-        with self._progress(sum(p.size for p in parts), f"load {row.where}") as advance:
+        with self._progress(sum(parts[i].size for i in wanted), f"load {row.where}") as advance:
             self._fill(row, pieces(), advance)
-        return list(zip(parts, outs, strict=True))
+        return [(part, outs[i]) if i in outs else None for i, part in enumerate(parts)]
+
+    @_api
+    @_snapshot
+    def _read_part(self, row: VersionRow, contents: Contents, index: int,
+                   chunks: slice = slice(None)) -> Any:
+        """One part of a version (or the ``chunks`` of it), as (part row, buffer).
+
+        ``contents`` may be older than this read (a lazy mapping's): the chunks are found
+        again by hash if another process's gc moved them since.
+        """
+        def read(lists: list[list[ChunkRow]]) -> Any:
+            mine = list(contents.chunks)
+            mine[index] = lists[index][chunks]
+            parts = list(contents.parts)
+            parts[index] = parts[index]._replace(size=sum(c.size for c in mine[index]))
+            return self._read(row, only={index}, contents=Contents(parts, mine))[index]
+
+        try:
+            return read(contents.chunks)
+        except IntegrityError:
+            hashes = [c.hash for c in contents.chunks[index][chunks]]
+            found = self._packs.rows(hashes)
+            if not all(h in found for h in hashes):
+                raise NotFoundError(f"{row.where} was deleted, and its chunks collected, "
+                                    "since this lazy mapping was made") from None
+            lists = list(contents.chunks)
+            lists[index] = [None] * len(lists[index])
+            lists[index][chunks] = [found[h] for h in hashes]
+            return read(lists)
+
+    def _read_tensor(self, row: VersionRow, contents: Contents, part: int, run: list[Any],
+                     device: Any) -> Any:
+        """One tensor of a safetensors file part, from its own chunks only."""
+        name, dtype, shape, first, count = run
+        _, buffer = self._read_part(row, contents, part, slice(first, first + count))
+        return _serialize.file_tensor(buffer, dtype, shape, device)
 
     def _fill(self, row: VersionRow, pieces: Any, advance: Callable[[int], Any],
               done: Callable[[list[memoryview]], Any] | None = None) -> None:
@@ -600,6 +675,37 @@ class Vault:
         return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
                           unique_bytes=unique, stored_bytes=stored,
                           file_bytes=self._connection.file_bytes())
+
+
+class _LazyVersion(Mapping):
+    """The entries of a version by flat name, each read and decoded when first used."""
+
+    def __init__(self, row: VersionRow, names: list[str], fetch: Callable[[str], Any]
+                 ) -> None:
+        self._row = row
+        self._entries = dict.fromkeys(names)
+        self._fetch = fetch
+        self._loaded: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            if name not in self._entries:
+                raise KeyError(name)
+            self._loaded[name] = self._fetch(name)
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:  # without decoding it
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (f"<lazy {self._row.where}: {len(self._entries)} entries, "
+                f"{len(self._loaded)} loaded>")
 
 
 class _Background:

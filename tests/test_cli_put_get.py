@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 
 def test_put_folder_then_get_it_back(run, tmp_path):
@@ -94,3 +95,43 @@ def test_get_restores_the_permission_bits_recorded_at_put(run, tmp_path):
     # Written again over files that are there (one of them read-only): the same bits.
     assert run("get", vault, "m", "-o", out).exit_code == 0
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == modes
+
+
+def test_get_keys_and_format_write_the_chosen_entries(run, tmp_path):
+    import modelvault
+
+    path = tmp_path / "m.vault"
+    weights = {"encoder": {"w": np.arange(12, dtype=np.float32).reshape(3, 4),
+                           "b": np.arange(4, dtype=np.int64)}, "head": np.ones(2)}
+    with modelvault.open(path) as vault:
+        vault.save("net", weights)
+    out = tmp_path / "out"
+    result = run("get", path, "net", "-o", out, "--keys", "encoder.*", "--format", "npz")
+    assert result.exit_code == 0, result.output
+    with np.load(out / "net-v1.npz") as npz:
+        assert sorted(npz.files) == ["encoder.b", "encoder.w"]
+        np.testing.assert_array_equal(npz["encoder.w"], weights["encoder"]["w"])
+    result = run("get", path, "net", "-o", out, "--format", "safetensors")
+    assert result.exit_code == 0, result.output
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    loaded = safetensors_numpy.load_file(str(out / "net-v1.safetensors"))
+    assert sorted(loaded) == ["encoder.b", "encoder.w", "head"]
+    np.testing.assert_array_equal(loaded["encoder.b"], weights["encoder"]["b"])
+    assert run("get", path, "net", "-o", out, "--keys", "nothing").exit_code == 1
+
+
+def test_get_writes_a_torch_state_dict_as_safetensors(run, tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import modelvault
+
+    path = tmp_path / "m.vault"
+    state = torch.nn.Linear(3, 2).state_dict()
+    state["bf16"] = torch.randn(4).to(torch.bfloat16)
+    with modelvault.open(path) as vault:
+        vault.save("net", state)
+    result = run("get", path, "net", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    loaded = safetensors_torch.load_file(str(tmp_path / "out" / "net-v1.safetensors"))
+    for key, tensor in state.items():
+        assert torch.equal(loaded[key], tensor), key

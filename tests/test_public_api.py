@@ -44,7 +44,8 @@ VAULT_METHODS = {
                "-> 'list[Path]'",
     "gc": "(self) -> 'int'",
     "get": f"(self, ref: '{REF}') -> 'ModelVersion'",
-    "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None) -> 'Any'",
+    "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None, "
+            "keys: 'str | Sequence[str] | None' = None, lazy: 'bool' = False) -> 'Any'",
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
     "models": "(self) -> 'list[ModelInfo]'",
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
@@ -84,7 +85,7 @@ COMMANDS = {
     "demo": ["vault"],
     "export": ["vault", "dest", "refs"],
     "gc": ["vault"],
-    "get": ["vault", "ref", "-o/--output", "--trust"],
+    "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],
     "key export": ["-o/--output"],
     "log": ["vault", "name", "--json"],
     "ls": ["vault", "--json"],

@@ -4,6 +4,7 @@ the parent's file of the same path, and given back byte-identical."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sqlite3
 import struct
@@ -167,3 +168,49 @@ def test_real_safetensors_files_round_trip(vault, tmp_path):
     loaded = safetensors_numpy.load_file(str(written))
     for key, array in tensors.items():
         np.testing.assert_array_equal(loaded[key], array)
+
+
+def test_keys_and_lazy_read_single_tensors_of_safetensors_files(vault, checkpoints):
+    base, _ = checkpoints
+    vault.save_files("bert", base)
+    expected = weights(0)
+    picked = vault.load("bert", keys=["layer2.weight", "position_ids"])
+    assert list(picked) == ["layer2.weight", "position_ids"]
+    np.testing.assert_array_equal(picked["layer2.weight"], expected["layer2.weight"])
+    np.testing.assert_array_equal(picked["position_ids"], expected["position_ids"])
+    lazy = vault.load("bert", lazy=True)
+    assert list(lazy) == ["layer0.weight", "layer1.weight", "layer2.weight",
+                          "layer3.weight", "embeddings", "position_ids", "bf16"]
+    np.testing.assert_array_equal(lazy["embeddings"], expected["embeddings"])
+    if importlib.util.find_spec("ml_dtypes"):  # else bf16 comes back as a torch tensor
+        assert lazy["bf16"].dtype.name == "bfloat16"
+        assert lazy["bf16"].view(np.uint16).tolist() == expected["bf16"].tolist()
+    with pytest.raises(KeyError, match="no entry named or matching 'x'"):
+        vault.load("bert", keys="x")
+
+
+def test_a_tensor_of_a_file_reads_only_its_own_chunks(vault_path, checkpoints):
+    base, _ = checkpoints
+    with modelvault.open(vault_path) as vault:
+        vault.save_files("bert", base)
+    with sqlite3.connect(vault_path) as db:  # damage every chunk of the file but layer1's
+        layout = json.loads(db.execute("SELECT layout FROM versions").fetchone()[0])
+        part = layout["files"].index("model.safetensors")
+        run = next(r for r in layout["tensors"][part] if r[0] == "layer1.weight")
+        keep = range(run[3], run[3] + run[4])
+        for seq, pack, start, length in db.execute(
+                "SELECT pc.seq, c.pack_id, c.start, c.length FROM part_chunks pc JOIN chunks c "
+                "ON c.id = pc.chunk_id WHERE pc.part = ?", (part,)).fetchall():
+            if seq in keep:
+                continue
+            codec, data = db.execute("SELECT codec, data FROM packs WHERE id = ?",
+                                     (pack,)).fetchone()
+            data = bytearray(data)
+            data[start + length // 2 if codec == "raw" else len(data) // 2] ^= 0xFF
+            db.execute("UPDATE packs SET data = ? WHERE id = ?", (bytes(data), pack))
+    db.close()
+    with modelvault.open(vault_path) as vault:
+        got = vault.load("bert", keys="layer1.weight")["layer1.weight"]
+        np.testing.assert_array_equal(got, weights(0)["layer1.weight"])
+        with pytest.raises(modelvault.IntegrityError):
+            vault.load("bert", keys="layer0.weight")
