@@ -10,6 +10,7 @@ and argument checks, trust and the order of steps to the ``Vault``.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -226,6 +227,15 @@ class Catalog:
             f"SELECT {_RECORD_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id "
             f"{where}", params).fetchall())
 
+    def every_record(self) -> list[ModelVersion]:
+        """Records of every version, by model name and number."""
+        # One pass over the table, sorted here: ordered by SQLite, the join walks the
+        # name index and fetches each row by rowid, at 2.5x the time (10,000 versions).
+        records = self._build(self._connection.db.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM versions v").fetchall())
+        records.sort(key=_by_name_and_number)
+        return records
+
     def _build(self, rows: Sequence[Sequence[Any]]) -> list[ModelVersion]:
         """Records for rows of ``_RECORD_COLUMNS`` (plain tuples: listing 10,000 versions
         is mostly building these, and named access costs a third of it)."""
@@ -265,12 +275,20 @@ class Catalog:
                                     "version's model or number is missing or not what "
                                     "modelvault writes)")
         make, columns = ModelVersion._make, Columns._make
-        return [make(names[model_id], version, uuid_, digest, parse_time(created_at), size,
-                     added, kind, tags[vid], tuple(aliases[vid]), description,
-                     columns((created_at, metadata, environments.get(env_id), key_id,
-                              signature)))
-                for (vid, model_id, version, uuid_, digest, created_at, size, added, kind,
-                     description, metadata, env_id, key_id, signature) in rows]
+        # Tens of thousands of new objects, none in a cycle: the collector's passes that
+        # they would set off find nothing, and cost a sixth of listing 10,000 versions.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return [make(names[model_id], version, uuid_, digest, parse_time(created_at),
+                         size, added, kind, tags[vid], tuple(aliases[vid]), description,
+                         columns((created_at, metadata, environments.get(env_id), key_id,
+                                  signature)))
+                    for (vid, model_id, version, uuid_, digest, created_at, size, added, kind,
+                         description, metadata, env_id, key_id, signature) in rows]
+        finally:
+            if collecting:
+                gc.enable()
 
     def models(self) -> list[ModelInfo]:
         """Every model that has versions, by name."""
@@ -467,6 +485,11 @@ class Catalog:
             problems.append(Problem(f"last_version {last} is below version {highest}: the "
                                     "next save would fail", name, highest))
         return problems
+
+
+def _by_name_and_number(record: ModelVersion) -> tuple[str, int]:
+    # Python orders str by code point, as SQLite's BINARY collation orders UTF-8.
+    return record.name, record.version
 
 
 def part_row(part: Part, index: int, size: int) -> PartRow:

@@ -281,7 +281,7 @@ class Vault:
         [1]
         """
         if name is None:
-            return self._catalog.records("ORDER BY m.name, v.version")
+            return self._catalog.every_record()
         check_name(name)
         records = self._catalog.records("WHERE m.name = ? ORDER BY v.version", (name,))
         if not records:
