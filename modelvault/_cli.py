@@ -245,10 +245,9 @@ def _write_entries(entries: dict[str, Any], mv: ModelVersion, out_dir: Path,
     from ._serialize import write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{mv.name.replace('/', '_')}-v{mv.version}"
     numpy_only = all(isinstance(a, (np.ndarray, np.generic)) for a in entries.values())
     form = form or ("npz" if numpy_only else "safetensors")
-    target = stem.with_suffix(f".{form}")
+    target = out_dir / f"{mv.name.replace('/', '_')}-v{mv.version}.{form}"
     if form == "safetensors":
         write_safetensors(target, entries)
         return target

@@ -80,7 +80,9 @@ def save(handler: Handler, obj: Any, folder: Path) -> dict[str, Any]:
         if hasattr(obj, "get_params"):
             record["params"] = _json(obj.get_params())
     elif handler.name == "lightgbm":
-        booster = obj if not hasattr(obj, "booster_") else obj.booster_
+        if hasattr(obj, "get_params") and not getattr(obj, "fitted_", False):
+            raise ValueError("an unfitted lightgbm model has no model string to store")
+        booster = obj if not hasattr(obj, "get_params") else obj.booster_
         (folder / "model.txt").write_text(booster.model_to_string())
         if hasattr(obj, "get_params"):
             record["params"] = _json(obj.get_params())
@@ -100,11 +102,10 @@ def save(handler: Handler, obj: Any, folder: Path) -> dict[str, Any]:
     return record
 
 
-def needs_trust(layout: Any) -> list[str]:
-    """The files of a framework version that could run code when loaded (none: it
+def needs_trust(names: list[str]) -> list[str]:
+    """The files (of a framework version) that could run code when loaded (none: it
     loads without trust)."""
-    return [name for name in layout.get("files", [])
-            if not str(name).lower().endswith(_SAFE_SUFFIXES)]
+    return [name for name in names if not str(name).lower().endswith(_SAFE_SUFFIXES)]
 
 
 def load(layout: Any, folder: Path, device: Any = None) -> Any:
@@ -155,9 +156,21 @@ def _class(handler: Handler, path: Any) -> type:
                          ) from exc
     for name in qualname.split("."):
         module = getattr(module, name)
-    if not isinstance(module, type):
-        raise ValueError(f"{path} is not a class")
+    if not (isinstance(module, type) and _loadable(handler, module)):
+        raise ValueError(f"{path} is not a {handler.name} model class")
     return module
+
+
+def _loadable(handler: Handler, cls: type) -> bool:
+    """Whether ``cls`` is a model class of the handler's, as ``find`` would pick it."""
+    if handler.name in ("xgboost", "lightgbm"):
+        bases = ("Booster", "XGBModel") if handler.name == "xgboost" else ("Booster",
+                                                                           "LGBMModel")
+        return _is_a(cls, handler.name, bases)
+    if handler.name == "onnx":
+        return cls.__name__ == "ModelProto"
+    return cls.__module__.startswith("sentence_transformers") or callable(
+        getattr(cls, "from_pretrained", None))
 
 
 def _json(value: Any) -> Any:

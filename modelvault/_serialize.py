@@ -241,7 +241,8 @@ def _shared_storages(obj: Any) -> dict[Any, int | None]:
         elif type(node) in (list, tuple):
             for value in node:
                 walk(value)
-        elif _torch.is_tensor(node):
+        elif _torch.is_tensor(node) and not (node.is_conj() or node.is_neg()):
+            # (A conjugate or negative view is stored resolved, as a part of its own.)
             key = _torch.storage_key(node)
             if key is not None:
                 counts[key] = counts.get(key, 0) + 1
@@ -289,7 +290,7 @@ def _tensor_node(tensor: Any, parts: list[Part], shared: dict[Any, int | None]) 
     """A tensor's layout node, adding its part: its own elements, or (for a storage
     several tensors view) the whole storage, once, with the tensor as a view of it."""
     name = _torch.dtype_name(tensor.dtype)
-    key = _torch.storage_key(tensor)
+    key = None if tensor.is_conj() or tensor.is_neg() else _torch.storage_key(tensor)
     if key in shared:
         if shared[key] is None:
             storage = tensor.untyped_storage()
@@ -520,7 +521,7 @@ def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise TypeError(f"keys are names or glob patterns, not {type(pattern).__name__}")
-        picked = {pattern} & set(names) or set(fnmatch.filter(names, pattern))
+        picked = {pattern} & set(names) or {n for n in names if fnmatch.fnmatchcase(n, pattern)}
         if not picked:
             shown = ", ".join(list(names)[:8]) + (", ..." if len(names) > 8 else "")
             raise KeyError(f"no entry named or matching {pattern!r} (entries: "

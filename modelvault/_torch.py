@@ -91,12 +91,14 @@ def contiguous_bytes(tensor: Any) -> memoryview:
     return memoryview(flat.reshape(-1).view(torch.uint8).numpy())
 
 
-def storage_key(tensor: Any) -> tuple[int, str] | None:
-    """What identifies the storage a tensor views (None for an empty one: nothing to share)."""
+def storage_key(tensor: Any) -> tuple[int, int, str] | None:
+    """What identifies the storage a tensor views (None for an empty one: nothing to
+    share). Its size too: two storages may start at one address (torch.from_numpy of an
+    array and of a slice of it) and be of different lengths."""
     storage = tensor.untyped_storage()
     if storage.nbytes() == 0:
         return None
-    return storage.data_ptr(), str(storage.device)
+    return storage.data_ptr(), storage.nbytes(), str(storage.device)
 
 
 def storage_bytes(storage: Any) -> memoryview:
@@ -166,7 +168,8 @@ def dumps(obj: Any, base: type, buffer_callback: Any) -> tuple[bytes, list[tuple
                 untyped, name = obj, ""
             else:
                 return None
-            key = (untyped.data_ptr(), str(untyped.device)) if untyped.nbytes() else id(obj)
+            key = ((untyped.data_ptr(), untyped.nbytes(), str(untyped.device))
+                   if untyped.nbytes() else id(obj))
             if key not in seen:
                 seen[key] = len(storages)
                 storages.append((untyped, name))

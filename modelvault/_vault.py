@@ -9,6 +9,7 @@ copier between vaults (``_copier``).
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -314,11 +315,21 @@ class Vault:
         self._check_signature(row, trust)
         if keys is None and not lazy:
             return _rebuild(row, self._read(row), device)
+        if keys is not None and lazy:
+            raise ValueError("keys= and lazy=True do not go together: a lazy mapping has "
+                             "every entry")
         contents = self._contents(row)
         fetch, names = self._entries(row, contents, device)
+
+        def checked(name: str) -> Any:  # a damaged entry is an IntegrityError, as in load()
+            try:
+                return fetch(name)
+            except (ValueError, TypeError, IndexError, AttributeError) as exc:
+                raise row.error(f"cannot rebuild {name}: {exc}") from exc
+
         if lazy:
-            return _LazyVersion(row, names, fetch)
-        return {name: fetch(name) for name in _serialize.select(
+            return _LazyVersion(row, names, checked, self._connection.lock)
+        return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
 
     def _entries(self, row: VersionRow, contents: Contents, device: Any
@@ -338,8 +349,13 @@ class Vault:
             rebuilder = _serialize.Rebuilder(Parts(), device)
             return (lambda name: rebuilder.node(found[name])), list(found)
         if row.kind in FILE_KINDS and layout.get("tensors"):
-            runs = {run[0]: (part, run) for part, file_runs in enumerate(layout["tensors"])
-                    for run in file_runs or []}
+            # A tensor's name, or "file:name" where several files have one of that name.
+            found = [(f"{layout['files'][part]}:{run[0]}", run[0], part, run)
+                     for part, file_runs in enumerate(layout["tensors"])
+                     for run in file_runs or []]
+            counts = collections.Counter(name for _, name, _, _ in found)
+            runs = {(name if counts[name] == 1 else qualified): (part, run)
+                    for qualified, name, part, run in found}
             return (lambda name: self._read_tensor(row, contents, *runs[name], device)), \
                 list(runs)
         raise ValueError(f"{row.where} is a {row.kind} version without tensors: keys= and "
@@ -360,7 +376,7 @@ class Vault:
             raise UntrustedError(
                 f"{row.where} is a pickle and {why}; unpickling runs code from "
                 f"{', '.join(imports) or 'Python builtins only'}. {advice}", imports=imports)
-        risky = _frameworks.needs_trust(json.loads(row.layout)) \
+        risky = _frameworks.needs_trust([p.name for p in self._catalog.contents(row).parts]) \
             if row.kind == "framework" and status != "trusted" else []
         if risky:
             raise UntrustedError(
@@ -680,19 +696,21 @@ class Vault:
 class _LazyVersion(Mapping):
     """The entries of a version by flat name, each read and decoded when first used."""
 
-    def __init__(self, row: VersionRow, names: list[str], fetch: Callable[[str], Any]
-                 ) -> None:
+    def __init__(self, row: VersionRow, names: list[str], fetch: Callable[[str], Any],
+                 lock: Any) -> None:
         self._row = row
         self._entries = dict.fromkeys(names)
         self._fetch = fetch
+        self._lock = lock  # the vault's: one thread reads an entry, the others wait for it
         self._loaded: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Any:
-        if name not in self._loaded:
-            if name not in self._entries:
-                raise KeyError(name)
-            self._loaded[name] = self._fetch(name)
-        return self._loaded[name]
+        with self._lock:
+            if name not in self._loaded:
+                if name not in self._entries:
+                    raise KeyError(name)
+                self._loaded[name] = self._fetch(name)
+            return self._loaded[name]
 
     def __contains__(self, name: object) -> bool:  # without decoding it
         return name in self._entries
@@ -810,13 +828,23 @@ def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) 
         if row.kind == "files":
             return {p.name: buf.tobytes() for p, buf in parts}
         if row.kind == "framework":
+            if [p.name for p, _ in parts] != layout.get("files"):
+                raise ValueError("its files are not the ones its layout lists")
             with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
                 for part, buffer in parts:
                     target = Path(folder).joinpath(
                         *_serialize.safe_relative_path(part.name).parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(buffer)
-                return _frameworks.load(layout, Path(folder), device)
+                try:
+                    return _frameworks.load(layout, Path(folder), device)
+                except (VaultError, ValueError, KeyError, TypeError, IndexError,
+                        AttributeError):
+                    raise
+                except Exception as exc:  # the framework's own error reading its files
+                    raise VaultError(f"{row.where}: {layout.get('framework')} could not "
+                                     f"load it: {type(exc).__name__}: {exc} (saved with "
+                                     f"{_saved_with(row)})") from exc
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise row.error(f"cannot rebuild: {exc}") from exc
     raise row.error(f"unknown kind {row.kind!r}")
@@ -830,8 +858,15 @@ def _unpickle(row: VersionRow, layout: Any, parts: list[tuple[Any, np.ndarray]],
         raise
     except Exception as exc:
         # Usually a missing or incompatible package; say what the model was saved with.
-        env = json.loads(row.environment)  # type: ignore[arg-type]
-        saved_with = ", ".join([f"python {env.get('python', '?')}"] + [
-            f"{name} {version}" for name, version in env.get("packages", {}).items()])
         raise VaultError(f"{row.where}: unpickling failed with "
-                         f"{type(exc).__name__}: {exc} (saved with {saved_with})") from exc
+                         f"{type(exc).__name__}: {exc} (saved with {_saved_with(row)})") from exc
+
+
+def _saved_with(row: VersionRow) -> str:
+    """What a version was saved with, for messages: Python and its packages."""
+    try:
+        env = json.loads(row.environment)  # type: ignore[arg-type]
+        return ", ".join([f"python {env.get('python', '?')}"] + [
+            f"{name} {version}" for name, version in env.get("packages", {}).items()])
+    except (TypeError, ValueError, AttributeError):
+        return "an unreadable environment"

@@ -135,3 +135,16 @@ def test_get_writes_a_torch_state_dict_as_safetensors(run, tmp_path):
     loaded = safetensors_torch.load_file(str(tmp_path / "out" / "net-v1.safetensors"))
     for key, tensor in state.items():
         assert torch.equal(loaded[key], tensor), key
+
+
+def test_get_of_dotted_model_names_writes_one_file_per_version(run, tmp_path):
+    import modelvault
+
+    path = tmp_path / "m.vault"
+    with modelvault.open(path) as vault:
+        vault.save("bert.base", {"w": np.ones(2)})
+        vault.save("bert.base", {"w": np.zeros(2)})
+    out = tmp_path / "out"
+    for ref in ("bert.base:1", "bert.base:2"):
+        assert run("get", path, ref, "-o", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bert.base-v1.npz", "bert.base-v2.npz"]

@@ -210,10 +210,10 @@ def test_a_diffusers_pipeline(vault_path, stranger):
 def test_only_files_that_carry_no_code_load_without_trust():
     from modelvault._frameworks import needs_trust
 
-    assert needs_trust({"files": ["config.json", "pytorch_model.bin", "model.py"]}) == [
+    assert needs_trust(["config.json", "pytorch_model.bin", "model.py"]) == [
         "pytorch_model.bin", "model.py"]
-    assert needs_trust({"files": ["config.json", "model.safetensors", "vocab.txt",
-                                  "tokenizer.json", "spiece.model", "README.md"]}) == []
+    assert needs_trust(["config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
+                        "spiece.model", "README.md"]) == []
 
 
 def test_a_missing_framework_says_what_to_install(vault_path, monkeypatch, iris):
@@ -247,3 +247,54 @@ def test_a_parameter_json_cannot_hold_falls_back_to_a_pickle(vault, iris):
 
 def _squared_error(y_true, y_pred):
     return y_pred - y_true, np.ones_like(y_pred)
+
+
+def test_an_unfitted_lightgbm_model_is_pickled(vault):
+    lightgbm = pytest.importorskip("lightgbm")
+    assert vault.save("m", lightgbm.LGBMClassifier()).kind == "pickle"
+
+
+def test_files_renamed_under_the_layout_need_trust_and_do_not_load(vault_path, stranger):
+    """An edit that renames a framework version's file to one that could run code, keeping
+    the layout's list and fixing the digest, is refused: trust is judged on the files as
+    stored, and the files must be the ones the layout lists."""
+    import json
+    import sqlite3
+
+    import blake3
+
+    from modelvault._trust import canonical_json
+
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", helper.make_model(graph))
+    with sqlite3.connect(vault_path) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT id, kind, layout FROM versions").fetchone()
+        db.execute("UPDATE parts SET name = 'pytorch_model.bin' WHERE version_id = ?",
+                   (row["id"],))
+        parts = [{"kind": p["kind"], "name": p["name"], "dtype": p["dtype"],
+                  "shape": None if p["shape"] is None else json.loads(p["shape"]),
+                  "fortran_order": p["fortran_order"], "itemsize": p["itemsize"],
+                  "size": p["size"], "chunks": [c[0] for c in db.execute(
+                      "SELECT c.hash FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
+                      "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq",
+                      (row["id"], p["part"]))]}
+                 for p in db.execute("SELECT * FROM parts WHERE version_id = ? ORDER BY part",
+                                     (row["id"],))]
+        digest = blake3.blake3(canonical_json({"kind": row["kind"],
+                                               "layout": json.loads(row["layout"]),
+                                               "parts": parts})).hexdigest()
+        db.execute("UPDATE versions SET digest = ?, signature = NULL", (digest,))
+    db.close()
+    stranger()
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(modelvault.UntrustedError, match="pytorch_model.bin"):
+            vault.load("m")
+        with pytest.raises(modelvault.IntegrityError, match="not the ones its layout lists"):
+            vault.load("m", trust=True)

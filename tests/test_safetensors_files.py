@@ -214,3 +214,19 @@ def test_a_tensor_of_a_file_reads_only_its_own_chunks(vault_path, checkpoints):
         np.testing.assert_array_equal(got, weights(0)["layer1.weight"])
         with pytest.raises(modelvault.IntegrityError):
             vault.load("bert", keys="layer0.weight")
+
+
+def test_tensors_of_the_same_name_in_two_files_are_named_by_file(vault, tmp_path):
+    folder = tmp_path / "pipeline"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    write_safetensors(folder / "unet" / "model.safetensors",
+                      {"conv_in.weight": np.ones(4, np.float32), "only": np.zeros(2, np.float32)})
+    write_safetensors(folder / "vae" / "model.safetensors",
+                      {"conv_in.weight": np.full(4, 2, np.float32)})
+    vault.save_files("p", folder)
+    lazy = vault.load("p", lazy=True)
+    assert sorted(lazy) == ["only", "unet/model.safetensors:conv_in.weight",
+                            "vae/model.safetensors:conv_in.weight"]
+    assert lazy["vae/model.safetensors:conv_in.weight"].tolist() == [2.0] * 4
+    assert lazy["unet/model.safetensors:conv_in.weight"].tolist() == [1.0] * 4

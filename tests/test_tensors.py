@@ -206,3 +206,50 @@ def test_a_vault_with_tensors_says_to_install_torch_when_it_is_missing(vault, mo
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     with pytest.raises(modelvault.VaultError, match="pip install torch"):
         vault.load("t")
+
+
+def test_storages_that_start_at_one_address_but_differ_in_length(vault):
+    array = np.arange(10.0)
+    obj = {"head": torch.from_numpy(array[:4]), "full": torch.from_numpy(array)}
+    back = vault.load(vault.save("overlap", obj).ref)
+    assert torch.equal(back["head"], obj["head"]) and torch.equal(back["full"], obj["full"])
+    module = torch.nn.Module()
+    module.register_buffer("head", obj["head"])
+    module.register_buffer("full", obj["full"])
+    loaded = vault.load(vault.save("overlap-pickled", module).ref)
+    assert torch.equal(loaded.head, obj["head"]) and torch.equal(loaded.full, obj["full"])
+
+
+def test_conjugate_and_negative_views_keep_their_values(vault):
+    z = torch.randn(4, dtype=torch.complex64)
+    obj = {"z": z, "zc": z.conj(), "zn": torch._neg_view(z)}
+    back = vault.load(vault.save("conj", obj).ref)
+    for key, tensor in obj.items():
+        assert torch.equal(back[key], tensor.resolve_conj().resolve_neg()), key
+
+
+def test_lazy_reads_from_several_threads_give_one_object(vault):
+    import threading
+
+    vault.save("t", {"w": torch.randn(300, 300), "v": torch.randn(10)})
+    lazy = vault.load("t", lazy=True)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(lazy["w"])) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_a_damaged_entry_read_by_keys_is_an_integrity_error(vault):
+    vault.save("t", {"w": np.arange(12.0), "v": np.ones(3)})
+    with sqlite3.connect(vault.path) as db:
+        db.execute("UPDATE parts SET shape = '[5]' WHERE dtype = '<f8' AND size = 96")
+    db.close()
+    with pytest.raises(modelvault.IntegrityError):
+        vault.load("t", keys="w")
+    with pytest.raises(modelvault.IntegrityError):
+        vault.load("t", lazy=True)["w"]
+    with pytest.raises(ValueError, match="do not go together"):
+        vault.load("t", keys="w", lazy=True)
