@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -223,17 +224,19 @@ class Catalog:
 
     def records(self, where: str, params: Sequence[Any] = ()) -> list[ModelVersion]:
         """Records of the versions ``where`` selects (from ``versions v JOIN models m``)."""
-        return self._build(self._connection.db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id "
-            f"{where}", params).fetchall())
+        with _no_collection():
+            return self._build(self._connection.db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM versions v JOIN models m ON m.id = "
+                f"v.model_id {where}", params).fetchall())
 
     def every_record(self) -> list[ModelVersion]:
         """Records of every version, by model name and number."""
         # One pass over the table, sorted here: ordered by SQLite, the join walks the
         # name index and fetches each row by rowid, at 2.5x the time (10,000 versions).
-        records = self._build(self._connection.db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM versions v").fetchall())
-        records.sort(key=_by_name_and_number)
+        with _no_collection():
+            records = self._build(self._connection.db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM versions v").fetchall())
+            records.sort(key=_by_name_and_number)
         return records
 
     def _build(self, rows: Sequence[Sequence[Any]]) -> list[ModelVersion]:
@@ -275,20 +278,12 @@ class Catalog:
                                     "version's model or number is missing or not what "
                                     "modelvault writes)")
         make, columns = ModelVersion._make, Columns._make
-        # Tens of thousands of new objects, none in a cycle: the collector's passes that
-        # they would set off find nothing, and cost a sixth of listing 10,000 versions.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            return [make(names[model_id], version, uuid_, digest, parse_time(created_at),
-                         size, added, kind, tags[vid], tuple(aliases[vid]), description,
-                         columns((created_at, metadata, environments.get(env_id), key_id,
-                                  signature)))
-                    for (vid, model_id, version, uuid_, digest, created_at, size, added, kind,
-                         description, metadata, env_id, key_id, signature) in rows]
-        finally:
-            if collecting:
-                gc.enable()
+        return [make(names[model_id], version, uuid_, digest, parse_time(created_at), size,
+                     added, kind, tags[vid], tuple(aliases[vid]), description,
+                     columns((created_at, metadata, environments.get(env_id), key_id,
+                              signature)))
+                for (vid, model_id, version, uuid_, digest, created_at, size, added, kind,
+                     description, metadata, env_id, key_id, signature) in rows]
 
     def models(self) -> list[ModelInfo]:
         """Every model that has versions, by name."""
@@ -485,6 +480,20 @@ class Catalog:
             problems.append(Problem(f"last_version {last} is below version {highest}: the "
                                     "next save would fail", name, highest))
         return problems
+
+
+@contextmanager
+def _no_collection() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile. Listing versions makes tens of thousands
+    of objects (rows, strings, records) and none in a cycle: the collector's passes that
+    they set off find nothing, and took a sixth of listing 10,000 versions."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _by_name_and_number(record: ModelVersion) -> tuple[str, int]:
