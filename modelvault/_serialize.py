@@ -14,8 +14,6 @@ Three kinds of version:
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import math
 import os
@@ -357,10 +355,13 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
     # reference that other processes cannot resolve; any "__main__" in the stream,
     # even inside data, sends the object to cloudpickle, which is merely slower).
     # With torch imported, tensor storages leave the stream through persistent ids.
-    dumps = (functools.partial(_torch.dumps, obj) if "torch" in sys.modules
-             else lambda base, callback: (_dumps(obj, base, callback), []))
+    def dumps(module: Any) -> tuple[bytes, list[tuple[Any, str]]]:
+        if "torch" in sys.modules:
+            return _torch.dumps(obj, module.Pickler, keep_in_band)
+        return module.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=keep_in_band), []
+
     try:
-        stream, storages = dumps(pickle.Pickler, keep_in_band)
+        stream, storages = dumps(pickle)
         by_reference_only = b"__main__" not in stream
     except (pickle.PicklingError, AttributeError, TypeError):
         by_reference_only = False
@@ -368,7 +369,7 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
         import cloudpickle  # imported here: it costs ~40 ms and most saves never need it
 
         buffers.clear()
-        stream, storages = dumps(cloudpickle.Pickler, keep_in_band)
+        stream, storages = dumps(cloudpickle)
     parts.append(Part(kind="pickle", data=memoryview(stream)))
     parts.extend(buffers)
     layout: dict[str, Any] = {"pickle": 0, "buffers": list(range(1, len(parts)))}
@@ -379,12 +380,6 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
                               itemsize=itemsize if len(data) % itemsize == 0 else 1))
         layout["storages"] = list(range(1 + len(buffers), len(parts)))
     return layout
-
-
-def _dumps(obj: Any, base: type, buffer_callback: Any) -> bytes:
-    out = io.BytesIO()
-    base(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
-    return out.getvalue()
 
 
 def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
