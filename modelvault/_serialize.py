@@ -306,15 +306,11 @@ def _tensor_node(tensor: Any, parts: list[Part], shared: dict[Any, int | None]) 
         parts.append(Part(kind="array", data=_torch.contiguous_bytes(tensor), dtype=name,
                           shape=list(tensor.shape), itemsize=tensor.dtype.itemsize))
         node = {"tensor": len(parts) - 1}
-    if type(tensor) is not _torch_module().Tensor:
+    if type(tensor) is not sys.modules["torch"].Tensor:  # storable: an nn.Parameter
         node["parameter"] = True
     if tensor.requires_grad:
         node["grad"] = True
     return node
-
-
-def _torch_module() -> Any:
-    return sys.modules["torch"]
 
 
 def _array_part(array: np.ndarray) -> Part:

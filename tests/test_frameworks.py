@@ -261,9 +261,7 @@ def test_files_renamed_under_the_layout_need_trust_and_do_not_load(vault_path, s
     import json
     import sqlite3
 
-    import blake3
-
-    from modelvault._trust import canonical_json
+    from test_format import descriptors, digest_of  # the reader written from the doc
 
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper
@@ -278,18 +276,7 @@ def test_files_renamed_under_the_layout_need_trust_and_do_not_load(vault_path, s
         row = db.execute("SELECT id, kind, layout FROM versions").fetchone()
         db.execute("UPDATE parts SET name = 'pytorch_model.bin' WHERE version_id = ?",
                    (row["id"],))
-        parts = [{"kind": p["kind"], "name": p["name"], "dtype": p["dtype"],
-                  "shape": None if p["shape"] is None else json.loads(p["shape"]),
-                  "fortran_order": p["fortran_order"], "itemsize": p["itemsize"],
-                  "size": p["size"], "chunks": [c[0] for c in db.execute(
-                      "SELECT c.hash FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
-                      "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq",
-                      (row["id"], p["part"]))]}
-                 for p in db.execute("SELECT * FROM parts WHERE version_id = ? ORDER BY part",
-                                     (row["id"],))]
-        digest = blake3.blake3(canonical_json({"kind": row["kind"],
-                                               "layout": json.loads(row["layout"]),
-                                               "parts": parts})).hexdigest()
+        digest = digest_of(row["kind"], json.loads(row["layout"]), descriptors(db, row["id"]))
         db.execute("UPDATE versions SET digest = ?, signature = NULL", (digest,))
     db.close()
     stranger()
