@@ -51,7 +51,11 @@ MAX_PACK = 2 * SOLID_PACK
 # displace cheaper Huffman-coded literals (fp32 weights: 1.19x with, 1.17x without).
 ARRAY_LEVEL = 1
 STREAM_LEVEL = 3
-_MIN_MATCH = {ARRAY_LEVEL: 7}
+# Solid packs (up to 4 MiB of pickle or file bytes) get a window that spans the whole
+# pack and long-distance matching: a forest's trees repeat structure megabytes apart
+# (its vault 2.7 % smaller for ~20 % more compression time).
+_PARAMS = {ARRAY_LEVEL: {"min_match": 7},
+           STREAM_LEVEL: {"window_log": 22, "enable_ldm": True}}
 
 # In a zstd-shuffle header, a plane length with this bit set is a plane stored as is.
 RAW_PLANE = 1 << 31
@@ -94,7 +98,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     comp = getattr(_local, key, None)
     if comp is None:
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, min_match=_MIN_MATCH.get(level, 0), write_content_size=True)
+            level, write_content_size=True, **_PARAMS.get(level, {}))
         comp = zstandard.ZstdCompressor(compression_params=params)
         setattr(_local, key, comp)
     return comp
@@ -215,6 +219,8 @@ def decode_into(out: memoryview, codec: str, itemsize: int, stored: bytes) -> No
                 planes.append(np.frombuffer(plane, np.uint8))
                 offset += length
             # One stack into the output: 3x faster than a strided column copy per plane.
+            # (Building 2- and 4-byte items with integer shifts is 1.5-3x faster on one
+            # thread, but moves 6x the bytes: slower with both cores decoding.)
             np.stack(planes, axis=1, out=np.frombuffer(out, np.uint8).reshape(-1, itemsize))
         else:
             raise ValueError(f"unknown codec {codec!r}")

@@ -74,14 +74,17 @@ class Connection:
     # -- transactions ------------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self, incoming: int = 0) -> Iterator[sqlite3.Connection]:
         """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks.
 
         The first write of a connection upgrades a vault of an older format, in the
         same transaction: a vault is never left half upgraded, nor written in the new
-        format under the old one's number.
+        format under the old one's number. ``incoming``: the most bytes the write may
+        add (see make_room).
         """
         nested = self.db.in_transaction
+        if incoming and not nested:
+            self.make_room(incoming)
         with self._transaction("BEGIN IMMEDIATE") as db:
             if not self._upgraded:
                 _schema.upgrade(db)
@@ -135,6 +138,21 @@ class Connection:
         # would drop SQLite's POSIX locks, which are per process, not per descriptor.
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         return int(pages * db.execute("PRAGMA page_size").fetchone()[0])
+
+    def make_room(self, incoming: int) -> None:
+        """Move a vault in small pages to big ones if ``incoming`` more bytes could take
+        it past ``_schema.GROW_AT`` (outside a transaction: VACUUM cannot run in one).
+
+        Done before the write, while the copy is cheap: the file is at most GROW_AT.
+        VACUUM writes through the rollback journal, so a process killed in it leaves
+        the vault as it was, in its old pages.
+        """
+        db = self.db
+        if db.execute("PRAGMA page_size").fetchone()[0] >= _schema.PAGE_SIZE \
+                or self.file_bytes() + incoming <= _schema.GROW_AT:
+            return
+        db.execute(f"PRAGMA page_size = {_schema.PAGE_SIZE}")
+        db.execute("VACUUM")
 
     def vacuum(self) -> None:
         """Hand the file's free pages back to the file system (inside a write)."""

@@ -140,10 +140,15 @@ GROUP BY m.id
 ORDER BY m.name;
 """
 
-# SQLite's largest page size: blob rows of ~1 MiB (packs) write twice as fast and read
-# twice as fast as with 4 KiB pages, for ~1 % of the file. The cost is a larger empty
-# vault (one page per table and index: ~1.2 MB). It must be set before the first table.
+# Page sizes. Every table and index takes at least one page, so a vault starts with
+# SQLite's default 4 KiB pages: ~80 KB empty where 64 KiB pages made 1.2 MB, which
+# would dwarf a small model. Blob rows of ~1 MiB (packs) write ~1.4x faster in
+# SQLite's largest pages, so a vault about to hold more than GROW_AT moves to them
+# first (Connection.make_room), in one VACUUM: SQLite's rollback journal makes that
+# all or nothing, and any SQLite reader reads either page size.
+SMALL_PAGE = 4096
 PAGE_SIZE = 65536
+GROW_AT = 32 * 1024 * 1024
 # The longest string or blob SQLite may hand us (SQLITE_LIMIT_LENGTH).
 MAX_VALUE = 64 * 1024 * 1024
 
@@ -233,7 +238,7 @@ def _create(path: Path) -> None:
         raise translate(exc, path) from exc
     try:
         try:
-            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            conn.execute(f"PRAGMA page_size = {SMALL_PAGE}")
             # Lets gc() return freed pages to the file system without a full VACUUM copy.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = DELETE")

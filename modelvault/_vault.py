@@ -218,8 +218,8 @@ class Vault:
         environment = _Background(
             lambda: json.dumps(_environment.capture(imports()), sort_keys=True))
         key = _trust.own_key()
-        with self._progress(sum(p.size for p in parts), f"save {name}") as advance, \
-                self._connection.write():
+        size = sum(p.size for p in parts)
+        with self._progress(size, f"save {name}") as advance, self._connection.write(size):
             created_at = _now()
             model_id, number = self._catalog.next_number(name, created_at)
             stored = self._packs.put(parts, self._delta_bases(name, kind, layout, parts,
@@ -621,9 +621,15 @@ class Vault:
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
                    action: str) -> MergeReport:
-        with self._connection.attached(source), self._connection.write():
-            return _copier.copy(self._connection, self._catalog, self._packs, source, ids,
-                                check=check, action=action)
+        with self._connection.attached(source) as db:
+            # The raw bytes of the versions copied: more than they can add.
+            incoming = db.execute(
+                "SELECT coalesce(sum(size), 0) FROM src.versions"
+                + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
+                ids or ()).fetchone()[0]
+            with self._connection.write(incoming):
+                return _copier.copy(self._connection, self._catalog, self._packs, source,
+                                    ids, check=check, action=action)
 
     # -- housekeeping -----------------------------------------------------------
 
