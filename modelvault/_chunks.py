@@ -52,8 +52,9 @@ MAX_PACK = 2 * SOLID_PACK
 ARRAY_LEVEL = 1
 STREAM_LEVEL = 3
 # Solid packs (up to 4 MiB of pickle or file bytes) get a window that spans the whole
-# pack and long-distance matching: a forest's trees repeat structure megabytes apart
-# (its vault 2.7 % smaller for ~20 % more compression time).
+# pack and long-distance matching: a forest's trees repeat structure megabytes apart.
+# Its packs come out 2.7 % smaller, which brings its vault to 1/5 of its pickle, for
+# 1.55x the compression time (61 -> 95 ms of CPU; ~15 ms more on its save, 2 cores).
 _PARAMS = {ARRAY_LEVEL: {"min_match": 7},
            STREAM_LEVEL: {"window_log": 22, "enable_ldm": True}}
 
