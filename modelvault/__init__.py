@@ -23,13 +23,17 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
+from ._diff import Changes, Diff, EntryChange
 from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
 from ._vault import Vault
 from ._version import __version__ as __version__
 
 __all__ = [
+    "Changes",
     "CorruptVaultError",
+    "Diff",
     "DiskFullError",
+    "EntryChange",
     "FormatVersionError",
     "IntegrityError",
     "LockTimeout",

@@ -172,6 +172,67 @@ def show_command(vault: Path, ref: str, as_json: bool) -> None:
         f"{k} {val}" for k, val in env.get("packages", {}).items()))
 
 
+@cli.command("diff")
+@vault_path
+@click.argument("a")
+@click.argument("b")
+@json_option
+def diff_command(vault: Path, a: str, b: str, as_json: bool) -> None:
+    """What differs from version A to version B (of one model or two): metadata, tags,
+    aliases, environment, and every array, tensor or file; for pickles, whether the
+    bytes are equal. Exits 0 whether or not they differ."""
+    with _open(vault) as v:
+        d = v.diff(a, b)
+    if as_json:
+        _echo_json(asdict(d))
+        return
+    click.echo(f"{d.a} -> {d.b} ({d.kind} versions): "
+               + ("they differ" if d else "no differences"))
+    for title, changes in (("metadata", d.metadata), ("tags", d.tags),
+                           ("aliases", d.aliases), ("environment", d.environment)):
+        if changes:
+            click.echo(f"{title}:")
+            for key, value in sorted(changes.removed.items()):
+                click.echo(f"  - {key}: {_shown(value)}")
+            for key, value in sorted(changes.added.items()):
+                click.echo(f"  + {key}: {_shown(value)}")
+            for key, (old, new) in sorted(changes.changed.items()):
+                click.echo(f"  ~ {key}: {_shown(old)} -> {_shown(new)}")
+    if d.description is not None:
+        click.echo(f"description: {d.description[0]!r} -> {d.description[1]!r}")
+    if d.same_stream is not None:
+        click.echo("pickle: " + ("the same bytes" if d.same_stream else "different bytes"))
+    if d.entries:
+        counts = {c: sum(e.change == c for e in d.entries)
+                  for c in ("same", "changed", "added", "removed")}
+        click.echo("entries: " + ", ".join(f"{n} {c}" for c, n in counts.items()))
+        rows = [[{"changed": "~", "added": "+", "removed": "-"}[e.change], e.name,
+                 *_entry_cells(e)] for e in d.changed]
+        if rows:
+            click.echo(_table(["", "name", "dtype", "shape", "size", "max |change|",
+                               "relative L2", "changed"], rows))
+    click.echo(f"bytes: {_human(d.shared_bytes)} of {d.b} shared with {d.a}, "
+               f"{_human(d.new_bytes)} new")
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _entry_cells(e: Any) -> list[str]:
+    """dtype, shape, size, max change, relative L2 and share changed of an entry, each
+    as "a -> b" where the two sides differ."""
+    def pair(values: tuple[Any, Any], show: Any = str) -> str:
+        shown = [show(v) for v in values if v is not None]  # one side for added, removed
+        return shown[0] if len(set(shown)) == 1 else " -> ".join(shown)
+
+    return [pair(e.dtype), pair(e.shape, lambda s: "x".join(map(str, s)) or "scalar"),
+            pair(e.size, _human),
+            "" if e.max_abs is None else f"{e.max_abs:.4g}",
+            "" if e.rel_l2 is None else f"{e.rel_l2:.3g}",
+            "" if e.changed_share is None else f"{e.changed_share:.1%}"]
+
+
 @cli.command("put")
 @vault_path
 @click.argument("name")

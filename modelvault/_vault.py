@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import _atomic, _copier, _environment, _frameworks, _schema, _serialize, _trust
+from . import _atomic, _copier, _diff, _environment, _frameworks, _schema, _serialize, _trust
 from ._catalog import FILE_KINDS, Catalog, Contents, NewVersion, VersionRow, part_row
 from ._catalog import digest as content_digest
 from ._chunks import np, zstandard
@@ -334,6 +334,62 @@ class Vault:
             return _LazyVersion(row, names, checked, self._connection.lock)
         return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
+
+    @_api
+    def diff(self, a: str | ModelVersion, b: str | ModelVersion) -> _diff.Diff:
+        """What differs from version ``a`` to version ``b``, of one model or two.
+
+        Metadata, tags, aliases, description and environment (Python, platform and
+        package versions); of arrays and tensors (arrays versions, and the safetensors
+        files of files versions), every entry by flat name: added, removed, dtype or
+        shape changed, and for the same dtype and shape the largest absolute change, the
+        relative L2 change and the share of elements changed; of files, added, removed
+        and changed paths with sizes; of pickles, whether the streams are equal (nothing
+        is unpickled, so no trust is needed); and how many of b's bytes a shares.
+
+        ValueError if the two are of different kinds (a pickle and an arrays version).
+        """
+        with self._connection.read():
+            rows = [self._catalog.resolve(_as_ref(ref)) for ref in (a, b)]
+            if rows[0].kind != rows[1].kind:
+                raise ValueError(f"cannot diff {rows[0].where}, a {rows[0].kind} version, "
+                                 f"with {rows[1].where}, a {rows[1].kind} version")
+            records = [self._catalog.record(Ref(r.name, version=r.version)) for r in rows]
+            contents = [self._contents(r) for r in rows]
+        hashes = [[[c.hash for c in chunks] for chunks in found.chunks] for found in contents]
+        sizes = {c.hash: c.size for chunks in contents[1].chunks for c in chunks}
+        seen = {h for part in hashes[0] for h in part}
+        shared = sum(size for h, size in sizes.items() if h in seen)
+        kind = rows[0].kind
+        entries: list[_diff.EntryChange] = []
+        if kind in FILE_KINDS:
+            entries += _file_changes(contents, hashes)
+        if kind == "arrays" or any(json.loads(r.layout).get("tensors") for r in rows):
+            entries += self._entry_changes(records)
+        return _diff.Diff(
+            records[0].ref, records[1].ref, kind,
+            _diff.Changes.between(*(r.metadata for r in records)),
+            _diff.Changes.between(*(r.tags for r in records)),
+            _diff.Changes.between(*({alias: r.ref for alias in r.aliases} for r in records)),
+            _diff.Changes.between(*(_diff.environment_items(r.environment) for r in records)),
+            None if records[0].description == records[1].description
+            else (records[0].description, records[1].description),
+            tuple(entries),
+            hashes[0] == hashes[1] and rows[0].layout == rows[1].layout
+            if kind == "pickle" else None,
+            shared, sum(sizes.values()) - shared)
+
+    def _entry_changes(self, records: list[ModelVersion]) -> list[_diff.EntryChange]:
+        """Each array or tensor of two versions compared, one entry in memory at a time."""
+        maps = []
+        for record in records:
+            try:
+                maps.append(self.load(record, lazy=True))
+            except ValueError:  # a files version without safetensors files
+                maps.append({})
+        names = list(dict.fromkeys([*maps[0], *maps[1]]))
+        return [_diff.compare(name, maps[0][name] if name in maps[0] else None,
+                              maps[1][name] if name in maps[1] else None) for name in names]
 
     def _entries(self, row: VersionRow, contents: Contents, device: Any
                  ) -> tuple[Callable[[str], Any], list[str]]:
@@ -802,6 +858,20 @@ def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
             raise TypeError(f"tag {key!r}: values are strings (or numbers, stored as text)")
         items.append((key, None if value is None else str(value)))
     return items
+
+
+def _file_changes(contents: list[Contents], hashes: list[list[list[str]]]
+                  ) -> list[_diff.EntryChange]:
+    """The files of two files versions by path: added, removed, changed or the same."""
+    files = [{(part.name or f"part {i}"): (part.size, hashes[side][i])
+              for i, part in enumerate(found.parts)} for side, found in enumerate(contents)]
+    changes = []
+    for path in dict.fromkeys([*files[0], *files[1]]):
+        a, b = files[0].get(path), files[1].get(path)
+        change = ("added" if a is None else "removed" if b is None
+                  else "same" if a[1] == b[1] else "changed")
+        changes.append(_diff.EntryChange(path, change, size=(a and a[0], b and b[0])))
+    return changes
 
 
 def _files_layout(parts: list[Part]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import modelvault
 from modelvault._cli import cli
 
 EXPORTS = [
-    "CorruptVaultError", "DiskFullError", "FormatVersionError", "IntegrityError", "LockTimeout",
+    "Changes", "CorruptVaultError", "Diff", "DiskFullError", "EntryChange", "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "ReadOnlyError", "UntrustedError", "Vault", "VaultError", "VaultStats", "load", "open",
     "save",
@@ -38,6 +38,7 @@ VAULT_METHODS = {
     "alias": f"(self, ref: '{REF}', alias: 'str') -> 'ModelVersion'",
     "close": "(self) -> 'None'",
     "delete": f"(self, ref: '{REF}') -> 'int'",
+    "diff": f"(self, a: '{REF}', b: '{REF}') -> '_diff.Diff'",
     "export": f"(self, dest: '{PATHLIKE}', refs: 'Sequence[str | ModelVersion] | None' = None) "
               "-> 'Path'",
     "extract": f"(self, ref: '{REF}', out_dir: '{PATHLIKE}', *, trust: 'bool' = False) "
@@ -68,10 +69,16 @@ RECORDS = {
                    "file_bytes"],
     "Problem": ["message", "model", "version", "chunk"],
     "MergeReport": ["added", "renumbered", "conflicts"],
+    "Diff": ["a", "b", "kind", "metadata", "tags", "aliases", "environment", "description",
+             "entries", "same_stream", "shared_bytes", "new_bytes"],
+    "Changes": ["added", "removed", "changed"],
+    "EntryChange": ["name", "change", "dtype", "shape", "size", "max_abs", "rel_l2",
+                    "changed_share"],
 }
 RECORD_PROPERTIES = {
     "ModelVersion": {"ref", "metadata", "environment", "signature"},
     "VaultStats": {"dedup_ratio", "compression_ratio", "total_ratio"},
+    "Diff": {"changed"},
 }
 ERRORS = {
     "VaultError": ("Exception",), "NotFoundError": ("VaultError", "KeyError"),
@@ -83,6 +90,7 @@ ERRORS = {
 COMMANDS = {
     "alias": ["vault", "ref", "alias"],
     "demo": ["vault"],
+    "diff": ["vault", "a", "b", "--json"],
     "export": ["vault", "dest", "refs"],
     "gc": ["vault"],
     "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],

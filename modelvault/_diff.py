@@ -1,0 +1,187 @@
+"""Comparing two versions: what ``Vault.diff`` returns, and the arithmetic behind it.
+
+Owns the records of a diff and how two entries (arrays or tensors) compare. The Vault
+front reads the versions; nothing here touches the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._lazy import lazy
+
+np = lazy("numpy")
+
+# Elements compared per step: bounds the float64 copies a diff of a big tensor makes.
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Changes:
+    """How two mappings differ: keys only in the second (``added``), only in the first
+    (``removed``), and in both with other values (``changed``: key -> (first, second))."""
+
+    added: dict[str, Any] = field(default_factory=dict)
+    removed: dict[str, Any] = field(default_factory=dict)
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    @classmethod
+    def between(cls, a: dict[str, Any], b: dict[str, Any]) -> Changes:
+        return cls({k: b[k] for k in b.keys() - a.keys()},
+                   {k: a[k] for k in a.keys() - b.keys()},
+                   {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]})
+
+
+@dataclass(frozen=True)
+class EntryChange:
+    """One array, tensor or file of two versions: how it changed.
+
+    ``change`` is "added", "removed", "changed" or "same". ``dtype``, ``shape`` and
+    ``size`` (bytes) are (first, second), None on the side that lacks it. For a numeric
+    entry of one dtype and shape in both: ``max_abs``, the largest absolute change of an
+    element; ``rel_l2``, the L2 norm of the change over the first's (None if the first is
+    all zeros); ``changed_share``, the share of elements whose bits differ (0.0-1.0).
+    """
+
+    name: str
+    change: str
+    dtype: tuple[str | None, str | None] = (None, None)
+    shape: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
+    size: tuple[int | None, int | None] = (None, None)
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    changed_share: float | None = None
+
+
+@dataclass(frozen=True)
+class Diff:
+    """What differs between version ``a`` and version ``b`` (refs; two models may be
+    compared). ``entries`` lists every array, tensor or file by name, "same" ones too;
+    ``same_stream`` says whether two pickled versions hold the same bytes (None for
+    other kinds). Of b's bytes, ``shared_bytes`` are in chunks a has too, ``new_bytes``
+    in chunks it has not."""
+
+    a: str
+    b: str
+    kind: str
+    metadata: Changes
+    tags: Changes
+    aliases: Changes
+    environment: Changes
+    description: tuple[str, str] | None
+    entries: tuple[EntryChange, ...]
+    same_stream: bool | None
+    shared_bytes: int
+    new_bytes: int
+
+    @property
+    def changed(self) -> tuple[EntryChange, ...]:
+        """The entries that are not "same"."""
+        return tuple(e for e in self.entries if e.change != "same")
+
+    def __bool__(self) -> bool:
+        """True if anything differs."""
+        return bool(self.metadata or self.tags or self.aliases or self.environment
+                    or self.description or self.changed or self.same_stream is False)
+
+
+def environment_items(environment: dict[str, Any]) -> dict[str, Any]:
+    """An environment record as one flat mapping: Python, platform, modelvault and each
+    package by name."""
+    items = {k: v for k, v in environment.items() if k != "packages"}
+    items.update(environment.get("packages", {}))
+    return items
+
+
+def described(value: Any) -> tuple[str, tuple[int, ...]]:
+    """(dtype name, shape) of an array or tensor."""
+    if _is_torch(value):
+        return str(value.dtype).removeprefix("torch."), tuple(value.shape)
+    return str(value.dtype), tuple(value.shape)
+
+
+def compare(name: str, a: Any, b: Any) -> EntryChange:
+    """How entry ``name`` changed from ``a`` to ``b`` (arrays or tensors; either None if
+    that side lacks it)."""
+    if a is None or b is None:
+        present = b if a is None else a
+        dtype, shape = described(present)
+        pair = (lambda v: (None, v)) if a is None else (lambda v: (v, None))
+        return EntryChange(name, "added" if a is None else "removed", pair(dtype),
+                           pair(shape), pair(_nbytes(present)))
+    (dtype_a, shape_a), (dtype_b, shape_b) = described(a), described(b)
+    base = dict(name=name, dtype=(dtype_a, dtype_b), shape=(shape_a, shape_b),
+                size=(_nbytes(a), _nbytes(b)))
+    if (dtype_a, shape_a) != (dtype_b, shape_b):
+        return EntryChange(change="changed", **base)
+    x, y = _array(a), _array(b)
+    if x.size == 0:
+        return EntryChange(change="same", changed_share=0.0, **base)
+    bits_x, bits_y = _items(x), _items(y)
+    numeric = x.dtype.kind in "biufc" or _is_ml_dtype(x)
+    changed = 0
+    max_abs = 0.0
+    squares = norm = 0.0
+    for start in range(0, x.size, _BLOCK):
+        stop = start + _BLOCK
+        if bits_x.ndim == 1:
+            changed += int(np.count_nonzero(bits_x[start:stop] != bits_y[start:stop]))
+        else:
+            changed += int(np.count_nonzero(
+                (bits_x[start:stop] != bits_y[start:stop]).any(axis=1)))
+        if numeric:
+            first = x.reshape(-1)[start:stop].astype(np.complex128 if x.dtype.kind == "c"
+                                                     else np.float64)
+            delta = np.abs(y.reshape(-1)[start:stop].astype(first.dtype) - first)
+            with np.errstate(invalid="ignore"):
+                max_abs = max(max_abs, float(np.nanmax(delta)) if delta.size else 0.0)
+            squares += float(np.nansum(np.square(delta)))
+            norm += float(np.nansum(np.square(np.abs(first))))
+    share = changed / x.size
+    result = EntryChange(change="changed" if changed else "same", changed_share=share, **base)
+    if not numeric:
+        return result
+    return EntryChange(**{**result.__dict__, "max_abs": max_abs,
+                          "rel_l2": (squares ** 0.5 / norm ** 0.5) if norm else
+                          (0.0 if not squares else None)})
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _is_ml_dtype(array: Any) -> bool:  # bfloat16 and the float8s of ml_dtypes
+    return array.dtype.type.__module__.startswith("ml_dtypes")
+
+
+def _nbytes(value: Any) -> int:
+    if _is_torch(value):
+        return int(value.numel() * value.element_size())
+    return int(value.nbytes)
+
+
+def _array(value: Any) -> np.ndarray:
+    """A C-contiguous numpy array of the value's elements (torch's bfloat16 and other
+    dtypes numpy lacks widened to float32: the comparison is of values)."""
+    if _is_torch(value):
+        import torch
+
+        tensor = value.detach().cpu()
+        if tensor.dtype in (torch.bfloat16,) or str(tensor.dtype).startswith("torch.float8"):
+            tensor = tensor.float()
+        return np.ascontiguousarray(tensor.resolve_conj().resolve_neg().numpy())
+    return np.ascontiguousarray(value)
+
+
+def _items(array: np.ndarray) -> np.ndarray:
+    """The array's elements as unsigned integers of their width (or rows of bytes), so
+    that equal bits compare equal (NaN too) and -0.0 differs from 0.0."""
+    flat = array.reshape(-1)
+    width = array.dtype.itemsize
+    if width in (1, 2, 4, 8):
+        return flat.view(f"u{width}")
+    return flat.view(np.uint8).reshape(-1, width)
