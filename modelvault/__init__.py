@@ -14,6 +14,7 @@ from typing import Any
 from ._errors import (
     CorruptVaultError,
     DiskFullError,
+    EnvironmentWarning,
     FormatVersionError,
     IntegrityError,
     LockTimeout,
@@ -34,6 +35,7 @@ __all__ = [
     "Diff",
     "DiskFullError",
     "EntryChange",
+    "EnvironmentWarning",
     "FormatVersionError",
     "IntegrityError",
     "LockTimeout",

@@ -233,6 +233,20 @@ def _entry_cells(e: Any) -> list[str]:
             "" if e.changed_share is None else f"{e.changed_share:.1%}"]
 
 
+@cli.command("env")
+@vault_path
+@click.argument("ref")
+def env_command(vault: Path, ref: str) -> None:
+    """Print a requirements file (name==version lines) of the packages REF was saved
+    with, after a comment naming its Python: `pip install -r` it to rebuild that
+    environment."""
+    from . import _environment
+
+    with _open(vault) as v:
+        mv = v.get(ref)
+    click.echo(_environment.requirements(mv.environment), nl=False)
+
+
 @cli.command("put")
 @vault_path
 @click.argument("name")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
 import sys
 from typing import Any
 
@@ -27,10 +28,23 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def _modules(imports: list[str]) -> set[str]:
+    """The top-level modules ``imports`` (module.name) come from, and for each class among
+    them that is already imported, the modules of its bases: an XGBClassifier's pickle
+    names only xgboost, but the class is a scikit-learn estimator too."""
+    modules = {name.split(".", 1)[0] for name in imports}
+    for name in imports:
+        module, _, attribute = name.rpartition(".")
+        found = getattr(sys.modules.get(module), attribute, None)  # never imports anything
+        if isinstance(found, type):
+            modules.update(base.__module__.split(".", 1)[0] for base in found.__mro__)
+    return modules
+
+
 def capture(imports: list[str]) -> dict[str, Any]:
     """Environment record for a version whose pickle imports ``imports`` (module.name)."""
     packages = {"numpy": _version("numpy")}
-    modules = {name.split(".", 1)[0] for name in imports}
+    modules = _modules(imports)
     for module in sorted(modules - {"builtins", "copyreg", "__main__", "_codecs", "collections"}):
         for dist in _distributions().get(module, []):
             packages[dist] = _version(dist)
@@ -43,3 +57,43 @@ def capture(imports: list[str]) -> dict[str, Any]:
         "modelvault": __version__,
         "packages": {name: v for name, v in sorted(packages.items()) if v},
     }
+
+
+@functools.lru_cache(maxsize=None)
+def installed(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (once per process: loads ask often)."""
+    return _version(distribution)
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found.groups() if found else (version,)
+
+
+def differences(environment: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(name, saved version, version here or None) for Python and each package a version
+    recorded whose major.minor differs from what runs here."""
+    found = []
+    saved_python = environment.get("python")
+    if isinstance(saved_python, str) and _minor(saved_python) != _minor(
+            platform.python_version()):
+        found.append(("Python", saved_python, platform.python_version()))
+    packages = environment.get("packages")
+    for name, saved in sorted(packages.items()) if isinstance(packages, dict) else []:
+        if not isinstance(saved, str):
+            continue
+        here = installed(name)
+        if here is None or _minor(here) != _minor(saved):
+            found.append((name, saved, here))
+    return found
+
+
+def requirements(environment: dict[str, Any]) -> str:
+    """A requirements file that rebuilds a version's environment: ``name==version`` lines,
+    after a comment naming the Python it ran on."""
+    lines = [f"# saved with Python {environment.get('python', '?')} "
+             f"({environment.get('implementation', '?')}) on {environment.get('platform', '?')}"]
+    packages = environment.get("packages")
+    lines += [f"{name}=={version}" for name, version in sorted(
+        packages.items() if isinstance(packages, dict) else [])]
+    return "\n".join(lines) + "\n"

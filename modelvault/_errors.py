@@ -83,3 +83,9 @@ class DiskFullError(VaultError, OSError):
 
     The write is rolled back as a whole; the vault holds what it held before.
     """
+
+
+class EnvironmentWarning(UserWarning):
+    """A version is loaded under other package versions than it was saved with: for a
+    package it imports, another major.minor (or none installed), or another Python
+    minor version. A pickled model may then behave differently."""

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,7 +31,14 @@ from ._catalog import FILE_KINDS, Catalog, Contents, NewVersion, VersionRow, par
 from ._catalog import digest as content_digest
 from ._chunks import np, zstandard
 from ._connection import Connection
-from ._errors import CorruptVaultError, IntegrityError, NotFoundError, UntrustedError, VaultError
+from ._errors import (
+    CorruptVaultError,
+    EnvironmentWarning,
+    IntegrityError,
+    NotFoundError,
+    UntrustedError,
+    VaultError,
+)
 from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
 from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
 from ._refs import Ref, check_alias, check_name, parse_ref
@@ -311,10 +319,29 @@ class Vault:
         ``lazy=True`` returns a read-only mapping of every entry by flat name that
         decodes each one when it is first read (while this vault is open).
 
+        Of a pickled or framework version, warns (EnvironmentWarning) when a package it
+        imports has another major.minor here than when it was saved, or none is
+        installed, or Python's minor version differs.
+
         >>> vault.load("demo")
         [1, 2, 3]
         """
         row = self._catalog.resolve(_as_ref(ref))
+        # Arrays, tensors and files are rebuilt by modelvault itself, the same under any
+        # versions; a pickle or a framework's model runs its packages' code.
+        found = (_environment.differences(_environment_of(row))
+                 if row.kind in ("pickle", "framework") else [])
+        if found:
+            warnings.warn(EnvironmentWarning(
+                f"{row.where} was saved with " + ", ".join(
+                    f"{name} {saved} (here {here or 'not installed'})"
+                    for name, saved, here in found)
+                + f"; it may behave differently. `modelvault env VAULT {row.where}` prints "
+                  "its requirements"), stacklevel=4)  # past _api and _snapshot
+        return self._load(row, trust=trust, device=device, keys=keys, lazy=lazy)
+
+    def _load(self, row: VersionRow, *, trust: bool, device: Any,
+              keys: str | Sequence[str] | None, lazy: bool) -> Any:
         self._check_signature(row, trust)
         if keys is None and not lazy:
             return _rebuild(row, self._read(row), device)
@@ -384,7 +411,8 @@ class Vault:
         maps = []
         for record in records:
             try:
-                maps.append(self.load(record, lazy=True))
+                maps.append(self._load(self._catalog.resolve(_as_ref(record)), trust=False,
+                                       device=None, keys=None, lazy=True))
             except ValueError:  # a files version without safetensors files
                 maps.append({})
         names = list(dict.fromkeys([*maps[0], *maps[1]]))
@@ -941,11 +969,20 @@ def _unpickle(row: VersionRow, layout: Any, parts: list[tuple[Any, np.ndarray]],
                          f"{type(exc).__name__}: {exc} (saved with {_saved_with(row)})") from exc
 
 
-def _saved_with(row: VersionRow) -> str:
-    """What a version was saved with, for messages: Python and its packages."""
+def _environment_of(row: VersionRow) -> dict[str, Any]:
+    """A version's environment record; empty if it is unreadable (a damaged file)."""
     try:
         env = json.loads(row.environment)  # type: ignore[arg-type]
-        return ", ".join([f"python {env.get('python', '?')}"] + [
-            f"{name} {version}" for name, version in env.get("packages", {}).items()])
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
+def _saved_with(row: VersionRow) -> str:
+    """What a version was saved with, for messages: Python and its packages."""
+    env = _environment_of(row)
+    packages = env.get("packages")
+    if not env or not isinstance(packages, dict):
         return "an unreadable environment"
+    return ", ".join([f"python {env.get('python', '?')}"] + [
+        f"{name} {version}" for name, version in packages.items()])

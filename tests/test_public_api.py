@@ -15,7 +15,8 @@ import modelvault
 from modelvault._cli import cli
 
 EXPORTS = [
-    "Changes", "CorruptVaultError", "Diff", "DiskFullError", "EntryChange", "FormatVersionError", "IntegrityError", "LockTimeout",
+    "Changes", "CorruptVaultError", "Diff", "DiskFullError", "EntryChange", "EnvironmentWarning",
+    "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "ReadOnlyError", "UntrustedError", "Vault", "VaultError", "VaultStats", "load", "open",
     "save",
@@ -91,6 +92,7 @@ COMMANDS = {
     "alias": ["vault", "ref", "alias"],
     "demo": ["vault"],
     "diff": ["vault", "a", "b", "--json"],
+    "env": ["vault", "ref"],
     "export": ["vault", "dest", "refs"],
     "gc": ["vault"],
     "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],

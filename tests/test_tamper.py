@@ -239,6 +239,7 @@ def _tamper_trials():
     return trials
 
 
+@pytest.mark.filterwarnings("ignore::modelvault.EnvironmentWarning")  # edits the environment
 def test_every_tampered_manifest_or_content_is_refused(tmp_path):
     template, originals = _template(tmp_path)
     counts = collections.Counter()
