@@ -55,7 +55,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def _version_json(mv: ModelVersion) -> dict[str, Any]:
     record = {f.name: getattr(mv, f.name) for f in fields(mv) if f.name != "columns"}
     record.update(created_at=mv.created_at.isoformat(), aliases=list(mv.aliases),
-                  metadata=mv.metadata, environment=mv.environment, signature=mv.signature)
+                  metadata=mv.metadata, environment=mv.environment, signature=mv.signature,
+                  signer=mv.signer, key_id=mv.key_id, parent=mv.parent, source=mv.source)
     return record
 
 
@@ -151,6 +152,9 @@ def show_command(vault: Path, ref: str, as_json: bool) -> None:
     """Show one version: REF is NAME, NAME:VERSION or NAME@ALIAS."""
     with _open(vault) as v:
         mv = v.get(ref)
+        found = v.lineage(mv)[:1]
+    parent = (found[0].ref + f" ({mv.parent})" if found else
+              f"{mv.parent} (not in this vault)" if mv.parent else None)
     if as_json:
         _echo_json(_version_json(mv))
         return
@@ -159,7 +163,7 @@ def show_command(vault: Path, ref: str, as_json: bool) -> None:
         ("created", mv.created_at.isoformat()), ("size", _human(mv.size)),
         ("added", _human(mv.added_bytes)), ("digest", mv.digest),
         ("aliases", ", ".join(mv.aliases)), ("description", mv.description),
-        ("signature", mv.signature),
+        ("signature", _signature_line(mv)),
     ]
     for label, value in lines:
         click.echo(f"{label + ':':<13}{value}")
@@ -170,6 +174,33 @@ def show_command(vault: Path, ref: str, as_json: bool) -> None:
     env = mv.environment
     click.echo(f"environment: python {env.get('python', '?')}, " + ", ".join(
         f"{k} {val}" for k, val in env.get("packages", {}).items()))
+    if parent is not None:
+        click.echo(f"parent:      {parent}")
+    if mv.source:
+        click.echo(f"source:      {_source_line(mv.source)}")
+
+
+def _signature_line(mv: ModelVersion) -> str:
+    status, signer = mv.signature, mv.signer
+    if status == "trusted":
+        return f"trusted, signed by {signer} (key {mv.key_id})"
+    if status == "untrusted":
+        return f"untrusted: signed by key {mv.key_id}, which this machine does not trust"
+    if status == "invalid":
+        return f"INVALID: the version changed after key {mv.key_id} signed it"
+    return status
+
+
+def _source_line(source: dict[str, Any]) -> str:
+    git = source.get("git_commit")
+    parts = []
+    if git or source.get("git_branch"):
+        parts.append(f"git {str(git or '(no commit)')[:12]}"
+                     + (f" on {source['git_branch']}" if source.get("git_branch") else "")
+                     + (", with uncommitted changes" if source.get("git_dirty") else ""))
+    if source.get("script"):
+        parts.append(f"script {source['script']}")
+    return "; ".join(parts) or json.dumps(source)
 
 
 @cli.command("diff")
@@ -231,6 +262,25 @@ def _entry_cells(e: Any) -> list[str]:
             "" if e.max_abs is None else f"{e.max_abs:.4g}",
             "" if e.rel_l2 is None else f"{e.rel_l2:.3g}",
             "" if e.changed_share is None else f"{e.changed_share:.1%}"]
+
+
+@cli.command("lineage")
+@vault_path
+@click.argument("ref")
+@json_option
+def lineage_command(vault: Path, ref: str, as_json: bool) -> None:
+    """REF and the versions it came from, nearest first (see `save(..., parent=...)`)."""
+    with _open(vault) as v:
+        mv = v.get(ref)
+        chain = [mv, *v.lineage(mv)]
+    if as_json:
+        _echo_json([_version_json(m) for m in chain])
+        return
+    for depth, m in enumerate(chain):
+        click.echo(f"{'  ' * depth}{m.ref}  {m.created_at:%Y-%m-%d %H:%M:%S}"
+                   + (f"  {_source_line(m.source)}" if m.source else ""))
+    if chain[-1].parent is not None:
+        click.echo(f"{'  ' * len(chain)}{chain[-1].parent} (not in this vault)")
 
 
 @cli.command("env")
@@ -498,31 +548,58 @@ def stats_command(vault: Path, as_json: bool) -> None:
 
 @cli.group("key")
 def key_group() -> None:
-    """This machine's signing key."""
+    """This machine's signing key pair."""
 
 
 @key_group.command("export")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the key to a file instead of stdout.")
-def key_export_command(output: Path | None) -> None:
-    """Print this machine's key, for teammates to `modelvault trust`.
+@click.option("--name", help="The name it suggests to whoever trusts it (default: user@host).")
+def key_export_command(output: Path | None, name: str | None) -> None:
+    """Print this machine's public key, for teammates to `modelvault trust`.
 
-    Whoever has it can sign models this machine will load: share it like a password.
-    """
-    key = _trust.own_key()
+    Only the public key: it lets others check what this machine signed, never sign as
+    it. The private key stays in MODELVAULT_HOME (mode 0600)."""
+    private = _trust.own_private()
+    public = _trust.public_bytes(private)
+    text = _trust.format_public(public, _trust.check_name(name) if name
+                                else _trust.default_name())
     if output is None:
-        click.echo(_trust.format_key(key), nl=False)
+        click.echo(text, nl=False)
     else:
-        _trust.write_private(output, _trust.format_key(key))
-        click.echo(f"wrote key {_trust.key_id(key)} to {output}", err=True)
+        output.write_text(text)
+        click.echo(f"wrote public key {_trust.public_key_id(public)} to {output}", err=True)
 
 
 @cli.command("trust")
 @click.argument("keyfile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def trust_command(keyfile: Path) -> None:
-    """Load pickled models signed with the key in KEYFILE without asking from now on."""
-    kid = _trust.trust_key_file(keyfile)
-    click.echo(f"trusted key {kid}")
+@click.option("--name", help="What to call the key (default: the name in the file).")
+def trust_command(keyfile: Path, name: str | None) -> None:
+    """Load pickled models signed with the public key in KEYFILE without asking from now on."""
+    key = _trust.trust_file(keyfile, name)
+    click.echo(f"trusted {key.name} (key {key.key_id})")
+
+
+@cli.command("untrust")
+@click.argument("name")
+def untrust_command(name: str) -> None:
+    """Stop trusting the key trusted as NAME (see `modelvault keys`)."""
+    key = _trust.untrust(name)
+    click.echo(f"no longer trusted: {key.name} (key {key.key_id})")
+
+
+@cli.command("keys")
+@json_option
+def keys_command(as_json: bool) -> None:
+    """The keys whose signatures this machine accepts: name, fingerprint and kind."""
+    keys = sorted(_trust.trusted().values(), key=lambda k: (k.name != _trust.OWN, k.name))
+    if as_json:
+        _echo_json([{"name": k.name, "key_id": k.key_id, "kind": k.kind} for k in keys])
+        return
+    click.echo(_table(["name", "key id", "kind"],
+                      [[k.name, k.key_id, k.kind + (" (legacy, versions before format 5)"
+                                                    if k.kind == "hmac" else "")]
+                       for k in keys]))
 
 
 @cli.command("demo")

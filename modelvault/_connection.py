@@ -60,6 +60,11 @@ class Connection:
                                          timeout=self.timeout)
         return self._conn
 
+    @property
+    def format(self) -> int:
+        """The file's format version (an older one until a write upgrades it)."""
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()

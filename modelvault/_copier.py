@@ -208,6 +208,10 @@ def _versions(db: sqlite3.Connection, offsets: Offsets, nothing: str) -> None:
         "v.created_at, v.kind, v.layout, v.size, v.added_bytes, v.digest, v.description, "
         "v.metadata, i.environment_id, v.key_id, v.signature "
         "FROM src.versions v JOIN temp.incoming i ON i.src_id = v.id", (shift,))
+    if db.execute("PRAGMA src.user_version").fetchone()[0] >= 5:  # older ones have none
+        db.execute("INSERT INTO main.lineage SELECT version_id + ?, parent, source FROM "
+                   "src.lineage WHERE version_id IN (SELECT src_id FROM temp.incoming)",
+                   (shift,))
     db.execute("INSERT INTO main.parts SELECT version_id + ?, part, kind, name, dtype, "
                "shape, fortran_order, itemsize, size FROM src.parts "
                "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))

@@ -1,10 +1,13 @@
-"""What a version was saved with: Python, platform, and the packages its pickle imports."""
+"""What a version was saved with (Python, platform, the packages its pickle imports) and
+where it was made (the git commit and the script)."""
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import re
+import subprocess
 import sys
 from typing import Any
 
@@ -97,3 +100,50 @@ def requirements(environment: dict[str, Any]) -> str:
     lines += [f"{name}=={version}" for name, version in sorted(
         packages.items() if isinstance(packages, dict) else [])]
     return "\n".join(lines) + "\n"
+
+
+def source() -> dict[str, Any]:
+    """Where a version is saved from: the script or notebook, and the git commit, branch
+    and dirty flag of the repository the current directory is in (none if it is not)."""
+    found: dict[str, Any] = {}
+    script = _script()
+    if script:
+        found["script"] = script
+    found.update(_git())
+    return found
+
+
+def _script() -> str | None:
+    main = sys.modules.get("__main__")
+    # VS Code names the notebook in the kernel's namespace; Jupyter in an environment variable.
+    notebook = getattr(main, "__vsc_ipynb_file__", None) or os.environ.get("JPY_SESSION_NAME")
+    if notebook:
+        return str(notebook)
+    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else None)
+    if not path or path in ("-c", "-m") or path.startswith("<"):  # python -c, <stdin>
+        return None
+    return os.path.abspath(path)
+
+
+def _git() -> dict[str, Any]:
+    """The commit, branch and dirty flag (tracked files changed) of the current
+    directory's repository, from one `git status`; {} outside one or without git."""
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if done.returncode != 0:
+        return {}
+    commit = branch = None
+    dirty = False
+    for line in done.stdout.splitlines():
+        if line.startswith("# branch.oid "):
+            commit = line.split(" ", 2)[2]
+        elif line.startswith("# branch.head "):
+            branch = line.split(" ", 2)[2]
+        elif line and not line.startswith("#"):
+            dirty = True
+    return {"git_commit": None if commit == "(initial)" else commit,
+            "git_branch": None if branch == "(detached)" else branch, "git_dirty": dirty}

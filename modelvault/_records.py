@@ -19,6 +19,8 @@ class Columns(NamedTuple):
     environment: str
     key_id: str | None
     signature: str | None
+    parent: str | None = None  # the lineage row's; both None where there is none
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,43 @@ class ModelVersion:
         from . import _trust
 
         columns = self.columns
-        manifest = _trust.Manifest(self.id, self.name, self.kind, self.digest,
-                                   columns.created_at, self.description, columns.metadata,
-                                   columns.environment)
-        return _trust.signature_status(manifest, columns.key_id, columns.signature)
+        return _trust.signature_status(self._manifest(), columns.key_id, columns.signature)
+
+    @property
+    def signer(self) -> str | None:
+        """The name of the trusted key that signed this version ("this machine" for its
+        own), or None: unsigned, or signed by a key not trusted here (``signature`` says
+        which, and whether the signature holds)."""
+        from . import _trust
+
+        if self.signature not in ("trusted",):
+            return None
+        return _trust.signer(self.columns.key_id)
+
+    @property
+    def key_id(self) -> str | None:
+        """The fingerprint of the key that signed this version, or None if unsigned."""
+        return self.columns.key_id if isinstance(self.columns.key_id, str) else None
+
+    @property
+    def parent(self) -> str | None:
+        """The id of the version this one came from (``save(parent=...)``), or None."""
+        return self.columns.parent
+
+    @cached_property
+    def source(self) -> dict[str, Any]:
+        """Where the version was made: the git commit, branch and whether the working
+        tree had changes, and the script or notebook; {} when not recorded."""
+        return {} if self.columns.source is None else self._json("source")
+
+    def _manifest(self) -> Any:
+        from . import _trust
+
+        columns = self.columns
+        return _trust.Manifest(self.id, self.name, self.kind, self.digest,
+                               columns.created_at, self.description, columns.metadata,
+                               columns.environment,
+                               _trust.lineage_text(columns.parent, columns.source))
 
     def _json(self, column: str) -> Any:
         try:

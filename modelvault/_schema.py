@@ -10,6 +10,7 @@ upgraded by their first write, never refused.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -27,7 +28,7 @@ from ._errors import (
 
 # PRAGMA application_id: the bytes "MVLT", so `file` and SQLite tools can tell a vault apart.
 APPLICATION_ID = 0x4D564C54
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # The oldest format this modelvault reads (and upgrades on the first write). Formats 1
 # and 2 were development snapshots of 0.1.0, never released.
 OLDEST_FORMAT = 3
@@ -112,6 +113,23 @@ CREATE TABLE tags (
     value      TEXT NOT NULL,
     PRIMARY KEY (version_id, key)
 );
+"""
+
+# Format 5's tables: a version's lineage, and package versions as rows. A migration
+# runs this very text, so an upgraded file's schema is a new one's, word for word.
+TABLES_5 = """
+CREATE TABLE lineage (
+    version_id INTEGER PRIMARY KEY REFERENCES versions(id) ON DELETE CASCADE,
+    parent     TEXT,
+    source     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE packages (
+    environment_id INTEGER NOT NULL REFERENCES environments(id) ON DELETE CASCADE,
+    name           TEXT NOT NULL,
+    version        TEXT NOT NULL,
+    PRIMARY KEY (environment_id, name)
+) WITHOUT ROWID;
+CREATE INDEX packages_by_name ON packages(name, version);
 """
 
 # Views exist for people browsing the file in a SQLite browser; the library never reads them.
@@ -243,7 +261,7 @@ def _create(path: Path) -> None:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = DELETE")
             conn.execute("BEGIN")
-            for statement in (TABLES + VIEWS).split(";"):
+            for statement in ddl(FORMAT_VERSION).split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -279,7 +297,7 @@ def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
             f"{path}: format version {version} is newer than this modelvault reads "
             f"({FORMAT_VERSION}); upgrade modelvault")
     found = _schema_of(conn, schema)
-    expected = _expected_schema()
+    expected = _expected_schema(version)
     if found != expected:
         # Anything else (a trigger, a view, an edited column) could run SQL on our
         # writes or make a column read back as something else: refuse the file.
@@ -296,8 +314,35 @@ def _format_3_to_4(db: sqlite3.Connection) -> None:
     no table or column: the tables stay as they are."""
 
 
+def _format_4_to_5(db: sqlite3.Connection) -> None:
+    """Format 5 adds the lineage and packages tables, fills packages from every
+    environment, and signs with this machine's key pair the versions its old HMAC key
+    signed (the others keep their HMAC signatures: see docs/format.md)."""
+    for statement in TABLES_5.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    for env_id, text in db.execute("SELECT id, json FROM environments").fetchall():
+        add_packages(db, env_id, text)
+    from . import _trust
+
+    _trust.resign_legacy(db)
+
+
+def add_packages(db: sqlite3.Connection, env_id: int, text: object) -> None:
+    """The packages rows of environments row ``env_id`` (whose JSON is ``text``)."""
+    try:
+        packages = json.loads(text).get("packages")  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError):
+        return  # a damaged row lists no packages; verify() reports the version
+    if isinstance(packages, dict):
+        db.executemany("INSERT OR IGNORE INTO packages (environment_id, name, version) "
+                       "VALUES (?, ?, ?)", [(env_id, name, version)
+                                            for name, version in packages.items()
+                                            if isinstance(version, str)])
+
+
 # From each format, the step to the next one, run inside the upgrading write.
-MIGRATIONS = {3: _format_3_to_4}
+MIGRATIONS = {3: _format_3_to_4, 4: _format_4_to_5}
 
 
 def upgrade(db: sqlite3.Connection) -> None:
@@ -331,11 +376,16 @@ def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tupl
     return {name: (kind, " ".join(str(sql).split())) for kind, name, sql in rows}
 
 
-@functools.lru_cache(maxsize=1)
-def _expected_schema() -> dict[str, tuple[str, str]]:
+def ddl(version: int) -> str:
+    """The schema of a vault of format ``version`` (3 and up), as SQL."""
+    return TABLES + (TABLES_5 if version >= 5 else "") + VIEWS
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_schema(version: int) -> dict[str, tuple[str, str]]:
     conn = sqlite3.connect(":memory:")
     try:
-        conn.executescript(TABLES + VIEWS)
+        conn.executescript(ddl(version))
         return _schema_of(conn)
     finally:
         conn.close()

@@ -129,8 +129,8 @@ class Vault:
     @_api
     def save(self, name: str, obj: Any, *, metadata: Mapping[str, Any] | None = None,
              tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
-             description: str = "", parent: str | ModelVersion | bool | None = None
-             ) -> ModelVersion:
+             description: str = "", parent: str | ModelVersion | bool | None = None,
+             source: bool = True) -> ModelVersion:
         """Save ``obj`` as the next version of model ``name``.
 
         numpy arrays and scalars, torch tensors (a ``state_dict()``), and
@@ -144,7 +144,13 @@ class Vault:
         An array that changed since the ``parent`` version (by default the model's latest;
         any ref, such as a base model saved under another name; or False for none) is
         stored as its XOR with the parent's array of the same name, shape and dtype
-        wherever that is smaller: a full fine-tune then takes about half the space.
+        wherever that is smaller: a full fine-tune then takes about half the space. A
+        ``parent`` ref is also recorded as the version's lineage (``lineage()``).
+
+        The version records its source: the git commit, branch and whether the working
+        tree had changes (when the current directory is in a git repository), and the
+        script or notebook that saved it; ``source=False`` or the environment variable
+        ``MODELVAULT_NO_SOURCE=1`` leaves it out.
 
         Raises ValueError for an invalid name, alias or tag, metadata that is not JSON,
         or metadata or a description over 16 MiB; NotFoundError for a ``parent`` that
@@ -156,7 +162,7 @@ class Vault:
         """
         check_name(name)
         options = {"metadata": metadata, "tags": tags, "aliases": aliases,
-                   "description": description, "parent": parent}
+                   "description": description, "parent": parent, "source": source}
         handler = _frameworks.find(obj)
         if handler is not None:
             with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
@@ -176,16 +182,17 @@ class Vault:
                    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                    metadata: Mapping[str, Any] | None = None,
                    tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
-                   description: str = "", parent: str | ModelVersion | bool | None = None
-                   ) -> ModelVersion:
+                   description: str = "", parent: str | ModelVersion | bool | None = None,
+                   source: bool = True) -> ModelVersion:
         """Save a file, a folder's files, or several of either as the next version of ``name``.
 
         For what frameworks write themselves: ONNX, safetensors, save_pretrained folders.
         ``extract`` writes them back out under the same relative paths, with the
         permission bits they had. Each tensor of a ``.safetensors`` file is chunked from
         its own start and stored as its XOR with the tensor of the same name in the
-        ``parent`` version's file of the same path, where that is smaller (``parent`` as
-        for ``save``): a fine-tuned checkpoint folder costs what its state dict would.
+        ``parent`` version's file of the same path, where that is smaller (``parent`` and
+        ``source`` as for ``save``): a fine-tuned checkpoint folder costs what its state
+        dict would.
 
         Raises FileNotFoundError for a path that does not exist; ValueError as ``save``
         does, and for two files that would be stored under one name.
@@ -194,12 +201,13 @@ class Vault:
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         parts = _serialize.files_parts(paths)
         return self._save(name, "files", _files_layout(parts), parts, metadata=metadata,
-                          tags=tags, aliases=aliases, description=description, parent=parent)
+                          tags=tags, aliases=aliases, description=description, parent=parent,
+                          source=source)
 
     def _save(self, name: str, kind: str, layout: Any, parts: list[Part], *,
               metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
               aliases: Sequence[str], description: str,
-              parent: str | ModelVersion | bool | None) -> ModelVersion:
+              parent: str | ModelVersion | bool | None, source: bool) -> ModelVersion:
         """Parts -> chunks -> packs -> catalog rows, in one write transaction."""
         if isinstance(aliases, str):
             aliases = [aliases]
@@ -225,7 +233,10 @@ class Vault:
         # ~0.3 s with many installed) are done beside the chunking.
         environment = _Background(
             lambda: json.dumps(_environment.capture(imports()), sort_keys=True))
-        key = _trust.own_key()
+        origin = _Background(lambda: json.dumps(
+            _environment.source() if source and not os.environ.get("MODELVAULT_NO_SOURCE")
+            else {}, sort_keys=True))
+        key = _trust.own_private()
         size = sum(p.size for p in parts)
         with self._progress(size, f"save {name}") as advance, self._connection.write(size):
             created_at = _now()
@@ -234,14 +245,18 @@ class Vault:
                                                               parent), advance)
             rows = [part_row(p, i, size) for i, (p, size) in enumerate(zip(parts, stored.sizes,
                                                                            strict=True))]
+            ancestor = (None if parent is None or isinstance(parent, bool)
+                        else self._catalog.resolve(_as_ref(parent)).uuid)
+            where_from = origin.result()
             manifest = _trust.Manifest(
                 str(uuid.uuid4()), name, kind, content_digest(kind, layout, rows, stored.hashes),
-                created_at, description, metadata_json, environment.result())
+                created_at, description, metadata_json, environment.result(),
+                _trust.lineage_text(ancestor, where_from))
             # Chunks went in first; the version's rows make it visible, and all of it
             # commits together.
             self._catalog.add(NewVersion(
                 manifest, model_id, number, json.dumps(layout), stored.added,
-                _trust.key_id(key), _trust.sign(key, manifest), rows,
+                *_trust.sign(key, manifest), ancestor, where_from, rows,
                 [[stored.ids[h] for h in hashes] for hashes in stored.hashes], tag_items,
                 aliases))
             # Read before the commit: once it is in, another process may delete it.
@@ -327,6 +342,7 @@ class Vault:
         [1, 2, 3]
         """
         row = self._catalog.resolve(_as_ref(ref))
+        self._check_signature(row, trust)
         # Arrays, tensors and files are rebuilt by modelvault itself, the same under any
         # versions; a pickle or a framework's model runs its packages' code.
         found = (_environment.differences(_environment_of(row))
@@ -338,11 +354,11 @@ class Vault:
                     for name, saved, here in found)
                 + f"; it may behave differently. `modelvault env VAULT {row.where}` prints "
                   "its requirements"), stacklevel=4)  # past _api and _snapshot
-        return self._load(row, trust=trust, device=device, keys=keys, lazy=lazy)
+        return self._load(row, device=device, keys=keys, lazy=lazy)
 
-    def _load(self, row: VersionRow, *, trust: bool, device: Any,
-              keys: str | Sequence[str] | None, lazy: bool) -> Any:
-        self._check_signature(row, trust)
+    def _load(self, row: VersionRow, *, device: Any, keys: str | Sequence[str] | None,
+              lazy: bool) -> Any:
+        """Load a version whose signature was checked."""
         if keys is None and not lazy:
             return _rebuild(row, self._read(row), device)
         if keys is not None and lazy:
@@ -361,6 +377,15 @@ class Vault:
             return _LazyVersion(row, names, checked, self._connection.lock)
         return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
+
+    @_api
+    @_snapshot
+    def lineage(self, ref: str | ModelVersion) -> list[ModelVersion]:
+        """The versions ``ref`` came from, nearest first: its parent (``save(...,
+        parent=...)``), that version's parent, and so on. The chain stops early at a
+        parent this vault lacks; the last version's ``parent`` then names its id."""
+        found, _ = self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)))
+        return [self._catalog.record(Ref(r.name, version=r.version)) for r in found]
 
     @_api
     def diff(self, a: str | ModelVersion, b: str | ModelVersion) -> _diff.Diff:
@@ -411,8 +436,9 @@ class Vault:
         maps = []
         for record in records:
             try:
-                maps.append(self._load(self._catalog.resolve(_as_ref(record)), trust=False,
-                                       device=None, keys=None, lazy=True))
+                row = self._catalog.resolve(_as_ref(record))
+                self._check_signature(row, trust=False)
+                maps.append(self._load(row, device=None, keys=None, lazy=True))
             except ValueError:  # a files version without safetensors files
                 maps.append({})
         names = list(dict.fromkeys([*maps[0], *maps[1]]))
@@ -749,7 +775,7 @@ class Vault:
         for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
             problems.append(Problem(f"{table} row {rowid} points at a missing {parent} row"))
         problems += self._catalog.problems()
-        keys = _trust.trusted_keys()
+        keys = _trust.trusted()
         users: dict[int, tuple[str, int]] = {}
         for row in self._catalog.rows():
             try:

@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end(run, tmp_path):
 def test_key_export_prints_a_key(run):
     result = run("key", "export")
     assert result.exit_code == 0
-    assert result.output.startswith("modelvault-key-v1:")
+    assert result.output.startswith("modelvault-public-v2:")  # the public key, never the private
 
 
 def test_trust_rejects_a_bad_key_file(run, tmp_path):
@@ -49,4 +49,4 @@ def test_trust_rejects_a_bad_key_file(run, tmp_path):
     bad.write_text("hello")
     result = run("trust", bad)
     assert result.exit_code == 1
-    assert "not a modelvault key file" in result.output
+    assert "not a modelvault public key" in result.output

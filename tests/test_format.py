@@ -1,13 +1,12 @@
 """docs/format.md is enough to read a vault: these tests read vaults that modelvault
 wrote, following the doc, with sqlite3, zstandard, blake3, numpy, json and pickle
-only (hmac and hashlib for the signature). modelvault is used to write, never to read.
+only (hashlib, and cryptography's Ed25519 for the signature). modelvault is used to write, never to read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
 import pickle
 import re
@@ -344,16 +343,20 @@ def test_files_version_is_rebuilt_from_the_tables(tmp_path):
 
 
 def test_pickle_version_is_signed_and_rebuilt(tmp_path, _private_key_home):
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     big = np.linspace(0, 1, 200_000)  # 1.6 MB: leaves the pickle stream as a buffer part
     obj = {"big": big, "small": np.arange(10), "labels": {"a", "b"}}
     path = tmp_path / "pickle.vault"
     with modelvault.open(path) as vault:
         vault.save("obj", obj, metadata={"auc": 0.91, "note": "caf\u00e9"})
 
-    key_text = (_private_key_home / "key").read_text()
-    assert key_text.startswith("modelvault-key-v1:") and key_text.endswith("\n")
-    key = bytes.fromhex(key_text.strip()[len("modelvault-key-v1:"):])
-    assert len(key) == 32
+    key_text = (_private_key_home / "private.key").read_text()
+    assert key_text.startswith("modelvault-private-v2:") and key_text.endswith("\n")
+    seed = bytes.fromhex(key_text.strip()[len("modelvault-private-v2:"):])
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key()
+    public_raw = public.public_bytes_raw()
 
     with opened(path) as db:
         row = version_row(db, "obj")
@@ -361,22 +364,33 @@ def test_pickle_version_is_signed_and_rebuilt(tmp_path, _private_key_home):
         assert json.loads(row["layout"]) == {"pickle": 0, "buffers": [1]}
         assert [(p["kind"], p["itemsize"]) for p in parts] == [("pickle", 1), ("buffer", 8)]
         assert parts[1]["size"] == big.nbytes
-        # Check the signature before unpickling.
-        assert row["key_id"] == hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
+        # Check the signature before unpickling: with the public key alone.
+        assert row["key_id"] == hashlib.sha256(b"modelvault public key"
+                                               + public_raw).hexdigest()[:16]
+        parent, source = db.execute("SELECT parent, source FROM lineage WHERE version_id = ?",
+                                    (row["id"],)).fetchone()
         manifest = {"id": row["uuid"], "name": row["name"],
                     "kind": row["kind"], "digest": row["digest"],
                     "created_at": row["created_at"], "description": row["description"],
                     "metadata": json.loads(row["metadata"]),
-                    "environment": json.loads(row["environment"])}
+                    "environment": json.loads(row["environment"]),
+                    "lineage": {"parent": parent, "source": json.loads(source)}}
         assert digest_of(row["kind"], json.loads(row["layout"]),
                          descriptors(db, row["id"])) == row["digest"]
 
-        def sign(m):
-            return hmac.new(key, canonical_json(m), hashlib.sha256).hexdigest()
+        def holds(m):
+            assert row["signature"].startswith("ed25519:")
+            try:
+                public.verify(bytes.fromhex(row["signature"][len("ed25519:"):]),
+                              canonical_json(m))
+            except InvalidSignature:
+                return False
+            return True
 
-        assert hmac.compare_digest(sign(manifest), row["signature"])
-        assert sign(dict(manifest, version=2)) != row["signature"]
-        assert sign(dict(manifest, metadata={"auc": 0.99})) != row["signature"]
+        assert holds(manifest)
+        assert not holds(dict(manifest, version=2))
+        assert not holds(dict(manifest, metadata={"auc": 0.99}))
+        assert not holds(dict(manifest, lineage={"parent": None, "source": {}}))
         stream, *buffers = [bytearray(read_part(db, p)) for p in parts]
     rebuilt = pickle.loads(stream, buffers=buffers)
     assert rebuilt.keys() == obj.keys() and rebuilt["labels"] == {"a", "b"}
@@ -402,11 +416,11 @@ def test_file_settings_and_one_file_at_rest(tmp_path):
     header = path.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert header[68:72] == b"MVLT"
-    assert header[60:64] == (4).to_bytes(4, "big")
+    assert header[60:64] == (5).to_bytes(4, "big")
     assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
     with opened(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # small: see test_pages
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
@@ -427,7 +441,8 @@ def test_schema_in_the_file_is_the_documented_ddl(tmp_path):
     assert {(o["type"], o["name"]) for o in objects} == {
         ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
         ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
-        ("table", "packs"), ("table", "environments"),
+        ("table", "packs"), ("table", "environments"), ("table", "lineage"),
+        ("table", "packages"), ("index", "packages_by_name"),
         ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
         ("view", "model_versions"), ("view", "model_summary")}
     for obj in objects:
@@ -514,6 +529,7 @@ def test_the_documents_blake3_vector_and_format_version_are_right():
     text = " ".join(DOC.read_text(encoding="utf-8").split())
     vector = re.search(r"BLAKE3 hash of the 3 bytes `abc` is `([0-9a-f]{64})`", text)
     assert vector and blake3.blake3(b"abc").hexdigest() == vector.group(1)
-    assert (f"`user_version` is a version the reader knows ({OLDEST_FORMAT} or "
-            f"{FORMAT_VERSION})") in text
-    assert f"`PRAGMA user_version` is `{FORMAT_VERSION}` (or `{OLDEST_FORMAT}`" in text
+    assert (f"`user_version` is a version the reader knows ({OLDEST_FORMAT}, "
+            f"{FORMAT_VERSION - 1} or {FORMAT_VERSION})") in text
+    assert (f"`PRAGMA user_version` is `{FORMAT_VERSION}` (or `{FORMAT_VERSION - 1}` or "
+            f"`{OLDEST_FORMAT}`") in text

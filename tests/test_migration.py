@@ -19,17 +19,26 @@ from modelvault._schema import FORMAT_VERSION
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def fixture_copy(tmp_path, name):
+    """A copy of the fixture vault ``name`` (format3, format4) to write to."""
+    path = tmp_path / f"{name}.vault"
+    shutil.copyfile(FIXTURES / f"{name}.vault", path)
+    return path
+
+
+def hold_key(home, name):
+    """This machine holds the key fixture ``name`` was signed with (its own pickles)."""
+    (home / "key").write_text((FIXTURES / f"{name}.key").read_text())
+
+
 @pytest.fixture
 def old_vault(tmp_path):
-    path = tmp_path / "format3.vault"
-    shutil.copyfile(FIXTURES / "format3.vault", path)
-    return path
+    return fixture_copy(tmp_path, "format3")
 
 
 @pytest.fixture
 def as_its_saver(_private_key_home):
-    """This machine holds the key the fixture was signed with (its own pickles)."""
-    (_private_key_home / "key").write_text((FIXTURES / "format3.key").read_text())
+    hold_key(_private_key_home, "format3")
 
 
 def user_version(path):
@@ -119,3 +128,139 @@ def test_merge_and_export_take_a_format_3_vault_in(old_vault, tmp_path):
         vault.merge(merged)
         assert vault.load("new")["w"].tolist() == [0.0, 0.0]
     assert user_version(old_vault) == FORMAT_VERSION
+
+
+# -- format 4 -> 5: lineage and packages tables, key pairs -----------------------------------
+# tests/fixtures/format4.vault was written by the code at b973859, the last that wrote
+# format 4 (tests/fixtures/make_format4.py), and signed with the HMAC secret in format4.key.
+
+@pytest.fixture
+def vault4(tmp_path):
+    return fixture_copy(tmp_path, "format4")
+
+
+@pytest.fixture
+def as_its_saver4(_private_key_home):
+    hold_key(_private_key_home, "format4")
+
+
+def check_contents4(vault):
+    """Every version of the format-4 fixture, as make_format4.py saved it."""
+    torch = pytest.importorskip("torch", reason="the fixture holds torch tensors")
+    assert {"files:1", "net:1", "net:2", "obj:1", "xgb:1"} <= {v.ref for v in vault.versions()}
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 32, generator=generator).to(torch.bfloat16)
+    first, second = vault.load("net:1"), vault.load("net@production")
+    assert torch.equal(first["linear.weight"], weight) and first["steps"].item() == 12
+    assert torch.equal(second["linear.bias"], torch.full((64,), 0.25))
+    assert vault.get("net:1").metadata == {"acc": 0.5}
+    assert vault.get("net:1").tags == {"stage": "base"}
+    assert vault.load("obj", trust=True)["set"] == {1, 2, 3}
+    files = vault.load("files")
+    assert files["config.json"] == b'{"dim": 32}' and "model.safetensors" in files
+    assert vault.load("files", keys="embed")["embed"].shape == (100, 32)
+    pytest.importorskip("xgboost", reason="the fixture holds an xgboost model")
+    assert vault.load("xgb").predict(np.zeros((2, 4))).shape == (2,)
+    assert vault.verify() == []
+
+
+def tables(path):
+    with sqlite3.connect(path) as db:
+        found = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    return found
+
+
+def test_a_format_4_vault_is_read_as_it_is(vault4):
+    with modelvault.open(vault4, readonly=True) as vault:
+        check_contents4(vault)
+        assert [v.ref for v in vault.versions()] == ["files:1", "net:1", "net:2", "obj:1",
+                                                    "xgb:1"]
+        assert all(v.parent is None and v.source == {} for v in vault.versions())
+        assert vault.lineage("net:2") == []
+    with modelvault.open(vault4) as vault:  # writable, but only read
+        check_contents4(vault)
+    assert user_version(vault4) == 4 and "lineage" not in tables(vault4)
+
+
+def test_the_first_write_upgrades_format_4_to_5(vault4, tmp_path):
+    with modelvault.open(vault4) as vault:
+        with pytest.raises(modelvault.NotFoundError):
+            vault.tag("net:3", x="y")  # deleted: the write rolls back, upgrade and all
+        assert user_version(vault4) == 4 and "lineage" not in tables(vault4)
+        mv = vault.save("net", {"w": np.ones(3)}, parent="net:2")
+        assert mv.ref == "net:4" and user_version(vault4) == 5
+        assert [v.ref for v in vault.lineage(mv)] == ["net:2"]
+        check_contents4(vault)
+    assert {"lineage", "packages", "packages_by_name"} <= tables(vault4)
+    # An upgraded file's schema is a new one's: a fresh vault's schema, object for object.
+    fresh = tmp_path / "fresh.vault"
+    modelvault.open(fresh).close()
+    with sqlite3.connect(vault4) as a, sqlite3.connect(fresh) as b:
+        schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+        # Every environment's packages became rows.
+        rows = a.execute("SELECT p.name FROM packages p JOIN versions v ON "
+                         "v.environment_id = p.environment_id JOIN models m ON "
+                         "m.id = v.model_id WHERE m.name = 'xgb'").fetchall()
+    a.close()
+    b.close()
+    assert {"numpy", "scikit-learn", "xgboost-cpu"} <= {r[0] for r in rows}
+
+
+def test_the_upgrade_re_signs_its_own_machines_versions(vault4, as_its_saver4):
+    with modelvault.open(vault4) as vault:
+        legacy = vault.get("obj").key_id
+        assert vault.get("obj").signature == "trusted"  # by the legacy secret, before
+        vault.tag("obj:1", checked="yes")  # a write: upgraded
+        assert user_version(vault4) == 5
+        after = vault.get("obj")
+        assert after.signature == "trusted" and after.signer == "this machine"
+        assert after.key_id != legacy and vault.load("obj")["set"] == {1, 2, 3}
+    with sqlite3.connect(vault4) as db:
+        signatures = [r[0] for r in db.execute("SELECT signature FROM versions")]
+    db.close()
+    assert all(s.startswith("ed25519:") for s in signatures)
+
+
+def test_on_another_machine_hmac_signatures_stay_and_still_need_trust(vault4, tmp_path,
+                                                                       monkeypatch):
+    with modelvault.open(vault4) as vault:
+        vault.save("mine", {"s": {1}})  # upgrades; this machine holds no legacy secret
+        with pytest.raises(modelvault.UntrustedError):
+            vault.load("obj")
+        assert vault.get("obj").signature == "untrusted"
+        assert vault.load("mine") == {"s": {1}}
+    with sqlite3.connect(vault4) as db:
+        kept = db.execute("SELECT signature FROM versions v JOIN models m ON "
+                          "m.id = v.model_id WHERE m.name = 'obj'").fetchone()[0]
+    db.close()
+    assert not kept.startswith("ed25519:")  # the HMAC, as it was
+    # The machine that holds the secret still checks it, after the upgrade elsewhere.
+    home = tmp_path / "saver-home"
+    home.mkdir()
+    hold_key(home, "format4")
+    monkeypatch.setenv("MODELVAULT_HOME", str(home))
+    with modelvault.open(vault4, readonly=True) as vault:
+        assert vault.get("obj").signature == "trusted"
+        assert vault.load("obj")["set"] == {1, 2, 3}
+
+
+def test_merge_and_export_take_a_format_4_vault_in(vault4, tmp_path):
+    copy = tmp_path / "copy.vault"
+    with modelvault.open(vault4) as vault:
+        vault.export(copy)
+    assert user_version(copy) == FORMAT_VERSION and user_version(vault4) == 4
+    with modelvault.open(copy) as vault:
+        check_contents4(vault)
+    merged = tmp_path / "merged.vault"
+    with modelvault.open(merged) as vault:
+        vault.save("new", {"w": np.zeros(2)})
+        report = vault.merge(vault4)
+        assert len(report.added) == 5
+        check_contents4(vault)
+        new = vault.get("new")
+    with modelvault.open(vault4) as vault:
+        vault.merge(merged)  # a format-5 vault merged into a format-4 one upgrades it
+        assert vault.get("new").source == new.source and new.source  # lineage came along
+    assert user_version(vault4) == FORMAT_VERSION

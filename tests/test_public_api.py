@@ -46,15 +46,17 @@ VAULT_METHODS = {
                "-> 'list[Path]'",
     "gc": "(self) -> 'int'",
     "get": f"(self, ref: '{REF}') -> 'ModelVersion'",
+    "lineage": f"(self, ref: '{REF}') -> 'list[ModelVersion]'",
     "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None, "
             "keys: 'str | Sequence[str] | None' = None, lazy: 'bool' = False) -> 'Any'",
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
     "models": "(self) -> 'list[ModelInfo]'",
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
-            "'str | ModelVersion | bool | None' = None) -> 'ModelVersion'",
+            "'str | ModelVersion | bool | None' = None, source: 'bool' = True) "
+            "-> 'ModelVersion'",
     "save_files": f"(self, name: 'str', path: '{PATHLIKE} | Sequence[{PATHLIKE}]', *, "
-                  f"{LABELS}, parent: 'str | ModelVersion | bool | None' = None) "
-                  "-> 'ModelVersion'",
+                  f"{LABELS}, parent: 'str | ModelVersion | bool | None' = None, "
+                  "source: 'bool' = True) -> 'ModelVersion'",
     "stats": "(self) -> 'VaultStats'",
     "tag": f"(self, ref: '{REF}', tags: 'Mapping[str, Any] | None' = None, /, **more: 'Any') "
            "-> 'ModelVersion'",
@@ -77,7 +79,8 @@ RECORDS = {
                     "changed_share"],
 }
 RECORD_PROPERTIES = {
-    "ModelVersion": {"ref", "metadata", "environment", "signature"},
+    "ModelVersion": {"ref", "metadata", "environment", "signature", "signer", "key_id",
+                     "parent", "source"},
     "VaultStats": {"dedup_ratio", "compression_ratio", "total_ratio"},
     "Diff": {"changed"},
 }
@@ -96,7 +99,9 @@ COMMANDS = {
     "export": ["vault", "dest", "refs"],
     "gc": ["vault"],
     "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],
-    "key export": ["-o/--output"],
+    "key export": ["-o/--output", "--name"],
+    "keys": ["--json"],
+    "lineage": ["vault", "ref", "--json"],
     "log": ["vault", "name", "--json"],
     "ls": ["vault", "--json"],
     "merge": ["vault", "other"],
@@ -106,7 +111,8 @@ COMMANDS = {
     "show": ["vault", "ref", "--json"],
     "stats": ["vault", "--json"],
     "tag": ["vault", "ref", "tags"],
-    "trust": ["keyfile"],
+    "trust": ["keyfile", "--name"],
+    "untrust": ["name"],
     "unalias": ["vault", "name", "alias"],
     "verify": ["vault", "--json"],
 }

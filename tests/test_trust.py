@@ -10,7 +10,7 @@ import pytest
 
 import modelvault
 from modelvault import IntegrityError, UntrustedError
-from modelvault._trust import key_id, own_key, pickle_imports
+from modelvault._trust import key_id, own_private, pickle_imports
 
 
 class Marker:
@@ -29,10 +29,11 @@ def use_home(monkeypatch, path):
 
 def test_key_is_created_once_with_private_permissions(tmp_path, monkeypatch):
     use_home(monkeypatch, tmp_path / "home")
-    first = own_key()
-    assert own_key() == first
-    mode = (tmp_path / "home" / "key").stat().st_mode
+    first = own_private().private_bytes_raw()
+    assert own_private().private_bytes_raw() == first
+    mode = (tmp_path / "home" / "private.key").stat().st_mode
     assert stat.S_IMODE(mode) == 0o600
+    assert not (tmp_path / "home" / "key").exists()  # no legacy HMAC secret is made
 
 
 def test_foreign_pickle_is_not_executed_without_trust(tmp_path, monkeypatch):
