@@ -26,6 +26,7 @@ from ._errors import (
 )
 from ._diff import Changes, Diff, EntryChange
 from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
+from ._selftest import SelftestResult
 from ._vault import Vault
 from ._version import __version__ as __version__
 
@@ -46,6 +47,7 @@ __all__ = [
     "NotFoundError",
     "Problem",
     "ReadOnlyError",
+    "SelftestResult",
     "UntrustedError",
     "Vault",
     "VaultError",

@@ -88,6 +88,29 @@ class Contents(NamedTuple):
     chunks: list[list[ChunkRow]]
 
 
+def split_layout(text: str) -> tuple[Any, dict[str, Any] | None]:
+    """A version's layout as (its kind's layout, its example's descriptor or None). A
+    version saved with an example stores ``{"model": layout, "example": descriptor}``;
+    no kind's own layout has those two keys alone."""
+    layout = json.loads(text)
+    if isinstance(layout, dict) and layout.keys() == {"model", "example"}:
+        example = layout["example"]
+        if not (isinstance(example, dict) and type(example.get("first")) is int):
+            raise ValueError("its example's descriptor is malformed")
+        return layout["model"], example
+    return layout, None
+
+
+def model_contents(contents: Contents, example: dict[str, Any] | None) -> Contents:
+    """The model's own parts of a version's contents (its example's come after them)."""
+    if example is None:
+        return contents
+    first = example["first"]
+    if not 0 <= first <= len(contents.parts):
+        raise ValueError(f"its example starts at part {first} of {len(contents.parts)}")
+    return Contents(contents.parts[:first], contents.chunks[:first])
+
+
 class NewVersion(NamedTuple):
     """Everything a save writes into the catalog for one version."""
 
@@ -394,8 +417,8 @@ class Catalog:
         """
         none: list[Bases | None] = [None] * len(parts)
         try:
-            old = self.contents(parent)
-            old_layout = json.loads(parent.layout)
+            old_layout, example = split_layout(parent.layout)
+            old = model_contents(self.contents(parent), example)
             if kind in FILE_KINDS:
                 return _file_bases(old_layout if parent.kind in FILE_KINDS else {}, old,
                                    layout)

@@ -283,6 +283,33 @@ def lineage_command(vault: Path, ref: str, as_json: bool) -> None:
         click.echo(f"{'  ' * len(chain)}{chain[-1].parent} (not in this vault)")
 
 
+@cli.command("selftest")
+@vault_path
+@click.argument("refs", nargs=-1)
+@click.option("--trust", is_flag=True, help="Load pickles no trusted key signed.")
+@json_option
+def selftest_command(vault: Path, refs: tuple[str, ...], trust: bool, as_json: bool) -> None:
+    """Ask each model its saved example again, here, and compare with the saved answer
+    (REFs, or every version saved with an example). Exits 1 if any answers differently."""
+    with _open(vault) as v:
+        targets = list(refs) or [mv.ref for mv in v.versions()]
+        results = [v.selftest(ref, trust=trust) for ref in targets]
+    if not refs:  # over the whole vault, versions without an example are only counted
+        skipped = sum(r.passed is None for r in results)
+        results = [r for r in results if r.passed is not None]
+    if as_json:
+        _echo_json([asdict(r) for r in results])
+    else:
+        for r in results:
+            verdict = {True: "ok", False: "FAILED", None: "skipped"}[r.passed]
+            click.echo(f"{r.ref}  {verdict}: {r.message}")
+        if not refs:
+            click.echo(f"{len(results)} version(s) with an example"
+                       + (f"; {skipped} without one" if skipped else ""))
+    if any(r.passed is False for r in results):
+        sys.exit(1)
+
+
 @cli.command("env")
 @vault_path
 @click.argument("ref")

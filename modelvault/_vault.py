@@ -26,8 +26,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import _atomic, _copier, _diff, _environment, _frameworks, _schema, _serialize, _trust
-from ._catalog import FILE_KINDS, Catalog, Contents, NewVersion, VersionRow, part_row
+from . import (
+    _atomic,
+    _copier,
+    _diff,
+    _environment,
+    _frameworks,
+    _schema,
+    _selftest,
+    _serialize,
+    _trust,
+)
+from ._catalog import (
+    FILE_KINDS,
+    Catalog,
+    Contents,
+    NewVersion,
+    VersionRow,
+    model_contents,
+    part_row,
+    split_layout,
+)
 from ._catalog import digest as content_digest
 from ._chunks import np, zstandard
 from ._connection import Connection
@@ -130,7 +149,7 @@ class Vault:
     def save(self, name: str, obj: Any, *, metadata: Mapping[str, Any] | None = None,
              tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
              description: str = "", parent: str | ModelVersion | bool | None = None,
-             source: bool = True) -> ModelVersion:
+             source: bool = True, example: Any = None) -> ModelVersion:
         """Save ``obj`` as the next version of model ``name``.
 
         numpy arrays and scalars, torch tensors (a ``state_dict()``), and
@@ -152,9 +171,15 @@ class Vault:
         script or notebook that saved it; ``source=False`` or the environment variable
         ``MODELVAULT_NO_SOURCE=1`` leaves it out.
 
+        ``example``: an input the model takes (numpy, a pandas DataFrame, torch tensors,
+        or containers of them). It is stored with the version, with the model's answer
+        to it from the first of predict_proba, predict, transform and decision_function
+        the model has (or the model called, if it is callable), for ``selftest``.
+
         Raises ValueError for an invalid name, alias or tag, metadata that is not JSON,
-        or metadata or a description over 16 MiB; NotFoundError for a ``parent`` that
-        does not exist.
+        or metadata or a description over 16 MiB, and for an example the model cannot
+        take (before anything is written); NotFoundError for a ``parent`` that does not
+        exist.
 
         >>> mv = vault.save("demo", {"weights": np.zeros(4)}, metadata={"auc": 0.91})
         >>> mv.ref, mv.metadata
@@ -162,7 +187,8 @@ class Vault:
         """
         check_name(name)
         options = {"metadata": metadata, "tags": tags, "aliases": aliases,
-                   "description": description, "parent": parent, "source": source}
+                   "description": description, "parent": parent, "source": source,
+                   "example": None if example is None else _example_of(obj, example)}
         handler = _frameworks.find(obj)
         if handler is not None:
             with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
@@ -202,13 +228,21 @@ class Vault:
         parts = _serialize.files_parts(paths)
         return self._save(name, "files", _files_layout(parts), parts, metadata=metadata,
                           tags=tags, aliases=aliases, description=description, parent=parent,
-                          source=source)
+                          source=source, example=None)
 
     def _save(self, name: str, kind: str, layout: Any, parts: list[Part], *,
               metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
               aliases: Sequence[str], description: str,
-              parent: str | ModelVersion | bool | None, source: bool) -> ModelVersion:
+              parent: str | ModelVersion | bool | None, source: bool,
+              example: tuple[str, str, Any, list[Part]] | None) -> ModelVersion:
         """Parts -> chunks -> packs -> catalog rows, in one write transaction."""
+        model_layout, model_parts = layout, parts
+        if example is not None:  # its parts after the model's, its descriptor beside
+            method, example_kind, example_layout, example_parts = example
+            layout = {"model": layout, "example": {
+                "method": method, "kind": example_kind, "layout": example_layout,
+                "first": len(parts)}}
+            parts = [*parts, *example_parts]
         if isinstance(aliases, str):
             aliases = [aliases]
         aliases = [check_alias(a) for a in aliases]
@@ -222,11 +256,11 @@ class Vault:
         # What the pickle imports decides which package versions the environment records.
         def imports() -> list[str]:
             if kind == "pickle":
-                stream = parts[0].data
+                stream = model_parts[0].data
                 return _trust.own_pickle_imports(
                     stream.obj if isinstance(stream.obj, bytes) else bytes(stream),
-                    [p.data for p in parts[1:]])
-            return [layout["class"]] if kind == "framework" else []
+                    [p.data for p in model_parts[1:]])
+            return [model_layout["class"]] if kind == "framework" else []
 
         # What the pickle imports (a replay of its stream: ~10 ms for a 20 MB forest) and
         # the first capture in a process (it reads every installed package's metadata,
@@ -241,8 +275,9 @@ class Vault:
         with self._progress(size, f"save {name}") as advance, self._connection.write(size):
             created_at = _now()
             model_id, number = self._catalog.next_number(name, created_at)
-            stored = self._packs.put(parts, self._delta_bases(name, kind, layout, parts,
-                                                              parent), advance)
+            bases = self._delta_bases(name, kind, model_layout, model_parts, parent)
+            stored = self._packs.put(parts, bases + [None] * (len(parts) - len(bases)),
+                                     advance)
             rows = [part_row(p, i, size) for i, (p, size) in enumerate(zip(parts, stored.sizes,
                                                                            strict=True))]
             ancestor = (None if parent is None or isinstance(parent, bool)
@@ -388,6 +423,52 @@ class Vault:
         return [self._catalog.record(Ref(r.name, version=r.version)) for r in found]
 
     @_api
+    @_snapshot
+    def selftest(self, ref: str | ModelVersion, *, trust: bool = False
+                 ) -> _selftest.SelftestResult:
+        """Load the model ``ref`` names, ask it its saved example again (``save(...,
+        example=...)``) here, with the packages installed here, and compare its answer
+        with the one saved: exactly for integers, booleans and labels, within
+        ``RTOL``/``ATOL`` of ``modelvault._selftest`` for floats. The result says
+        whether it passed, how many values differ and by how much; ``passed`` is None
+        for a version saved without an example. Trust as for ``load``.
+        """
+        row = self._catalog.resolve(_as_ref(ref))
+        example = split_layout(row.layout)[1]
+        if example is None:
+            return _selftest.SelftestResult(row.where, None, None, 0, 0, None, None,
+                                            "no example was saved with it")
+        model = self.load(ref, trust=trust)
+        saved = self._example(row, example, trust)
+        method = example.get("method")
+        if not isinstance(method, str):
+            raise row.error("its example names no method")
+        try:
+            now = _selftest.answer(model, method, _selftest.decode_example(saved["input"]))
+        except Exception as exc:  # the model's own code failing is the finding
+            return _selftest.SelftestResult(
+                row.where, method, False, 0, 0, None, None,
+                f"{method} failed on the saved example: {type(exc).__name__}: {exc}")
+        return _selftest.compare(row.where, method, saved["output"], now)
+
+    def _example(self, row: VersionRow, example: dict[str, Any], trust: bool) -> Any:
+        """A version's saved example and answer: {"input": ..., "output": ...}."""
+        contents = self._catalog.contents(row)
+        self._catalog.check(row, contents)
+        first = example["first"]
+        parts = self._read(row, contents=Contents(contents.parts[first:],
+                                                  contents.chunks[first:]))
+        try:
+            if example.get("kind") == "arrays":
+                return _serialize.rebuild_native(example["layout"], parts)
+            if example.get("kind") == "pickle":
+                self._check_signature(row, trust)  # runs code, as a pickled model does
+                return _serialize.unpickle(example["layout"], parts)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise row.error(f"cannot rebuild its example: {exc}") from exc
+        raise row.error(f"its example has unknown kind {example.get('kind')!r}")
+
+    @_api
     def diff(self, a: str | ModelVersion, b: str | ModelVersion) -> _diff.Diff:
         """What differs from version ``a`` to version ``b``, of one model or two.
 
@@ -416,7 +497,7 @@ class Vault:
         entries: list[_diff.EntryChange] = []
         if kind in FILE_KINDS:
             entries += _file_changes(contents, hashes)
-        if kind == "arrays" or any(json.loads(r.layout).get("tensors") for r in rows):
+        if kind == "arrays" or any(split_layout(r.layout)[0].get("tensors") for r in rows):
             entries += self._entry_changes(records)
         return _diff.Diff(
             records[0].ref, records[1].ref, kind,
@@ -450,7 +531,7 @@ class Vault:
         """The flat names of a version's entries, and a function that reads one of them
         (only its chunks): the arrays and tensors of an arrays version, or the tensors of
         a files version's safetensors files."""
-        layout = json.loads(row.layout)
+        layout = split_layout(row.layout)[0]
         if row.kind == "arrays":
             found = _serialize.entries(layout)
 
@@ -489,7 +570,7 @@ class Vault:
             raise UntrustedError(
                 f"{row.where} is a pickle and {why}; unpickling runs code from "
                 f"{', '.join(imports) or 'Python builtins only'}. {advice}", imports=imports)
-        risky = _frameworks.needs_trust([p.name for p in self._catalog.contents(row).parts]) \
+        risky = _frameworks.needs_trust([p.name for p in self._contents(row).parts]) \
             if row.kind == "framework" and status != "trusted" else []
         if risky:
             raise UntrustedError(
@@ -541,10 +622,14 @@ class Vault:
         return targets
 
     def _contents(self, row: VersionRow) -> Contents:
-        """A version's parts and chunk lists, checked against its digest."""
+        """A version's parts and chunk lists, checked against its digest: the model's
+        (a saved example's parts are read by ``_example``)."""
         contents = self._catalog.contents(row)
         self._catalog.check(row, contents)
-        return contents
+        try:
+            return model_contents(contents, split_layout(row.layout)[1])
+        except (ValueError, TypeError) as exc:
+            raise row.error(str(exc)) from exc
 
     def _read(self, row: VersionRow, *, only: set[int] | None = None,
               contents: Contents | None = None) -> list[Any]:
@@ -928,6 +1013,23 @@ def _file_changes(contents: list[Contents], hashes: list[list[list[str]]]
     return changes
 
 
+def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
+    """The model's answer to ``example``, and both as parts to store: (method, kind,
+    layout, parts). ValueError if the model cannot take it, before anything is written."""
+    method = _selftest.method_of(model)
+    try:
+        answer = _selftest.answer(model, method, example)
+    except Exception as exc:  # whatever the model's code raises: the example does not fit
+        raise ValueError(f"the model cannot take this example: {method} raised "
+                         f"{type(exc).__name__}: {exc}") from exc
+    stored = {"input": _selftest.encode_example(example), "output": answer}
+    try:
+        kind, layout, parts = _serialize.serialize(stored)
+    except TypeError:  # object arrays (mixed values): pickled, signed with the version
+        kind, layout, parts = _serialize.pickled(stored)
+    return method, kind, layout, parts
+
+
 def _files_layout(parts: list[Part]) -> dict[str, Any]:
     """The layout of a version of files: their names and permission bits, and for each
     safetensors file its tensors' runs of chunks (what later versions' deltas match)."""
@@ -942,7 +1044,7 @@ def _file_modes(row: VersionRow, count: int) -> list[int | None]:
     """The permission bits a files version recorded for each file, or None each (saved
     before modelvault recorded them, or unreadable: the file still comes out)."""
     try:
-        modes = json.loads(row.layout).get("modes")
+        modes = split_layout(row.layout)[0].get("modes")
     except (ValueError, AttributeError):
         modes = None
     if not (isinstance(modes, list) and len(modes) == count
@@ -953,7 +1055,7 @@ def _file_modes(row: VersionRow, count: int) -> list[int | None]:
 
 def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) -> Any:
     try:
-        layout = json.loads(row.layout)
+        layout = split_layout(row.layout)[0]
         if row.kind == "arrays":
             return _serialize.rebuild_native(layout, parts, device)
         if row.kind == "pickle":

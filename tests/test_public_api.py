@@ -18,7 +18,7 @@ EXPORTS = [
     "Changes", "CorruptVaultError", "Diff", "DiskFullError", "EntryChange", "EnvironmentWarning",
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
-    "ReadOnlyError", "UntrustedError", "Vault", "VaultError", "VaultStats", "load", "open",
+    "ReadOnlyError", "SelftestResult", "UntrustedError", "Vault", "VaultError", "VaultStats", "load", "open",
     "save",
 ]
 
@@ -52,11 +52,13 @@ VAULT_METHODS = {
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
     "models": "(self) -> 'list[ModelInfo]'",
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
-            "'str | ModelVersion | bool | None' = None, source: 'bool' = True) "
-            "-> 'ModelVersion'",
+            "'str | ModelVersion | bool | None' = None, source: 'bool' = True, "
+            "example: 'Any' = None) -> 'ModelVersion'",
     "save_files": f"(self, name: 'str', path: '{PATHLIKE} | Sequence[{PATHLIKE}]', *, "
                   f"{LABELS}, parent: 'str | ModelVersion | bool | None' = None, "
                   "source: 'bool' = True) -> 'ModelVersion'",
+    "selftest": f"(self, ref: '{REF}', *, trust: 'bool' = False) "
+                "-> '_selftest.SelftestResult'",
     "stats": "(self) -> 'VaultStats'",
     "tag": f"(self, ref: '{REF}', tags: 'Mapping[str, Any] | None' = None, /, **more: 'Any') "
            "-> 'ModelVersion'",
@@ -75,6 +77,8 @@ RECORDS = {
     "Diff": ["a", "b", "kind", "metadata", "tags", "aliases", "environment", "description",
              "entries", "same_stream", "shared_bytes", "new_bytes"],
     "Changes": ["added", "removed", "changed"],
+    "SelftestResult": ["ref", "method", "passed", "compared", "mismatched", "max_abs",
+                       "max_rel", "message"],
     "EntryChange": ["name", "change", "dtype", "shape", "size", "max_abs", "rel_l2",
                     "changed_share"],
 }
@@ -96,6 +100,7 @@ COMMANDS = {
     "demo": ["vault"],
     "diff": ["vault", "a", "b", "--json"],
     "env": ["vault", "ref"],
+    "selftest": ["vault", "refs", "--trust", "--json"],
     "export": ["vault", "dest", "refs"],
     "gc": ["vault"],
     "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],

@@ -1,0 +1,210 @@
+"""Input examples saved with a model, and checking that it still answers the same.
+
+Owns which method a model is asked (``METHODS``), how an example and the model's answer
+are kept (natively where they are numpy, pandas or torch), and how a fresh answer is
+compared with the saved one. The Vault front stores and reads them as parts of the
+version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._lazy import lazy
+
+np = lazy("numpy")
+
+# The first of these the model has is what a selftest asks it; else the model itself,
+# if it is callable (a torch module, a function).
+METHODS = ("predict_proba", "predict", "transform", "decision_function")
+# Floats agree when |saved - now| <= ATOL + RTOL * |saved|: a model recomputed by the same
+# code gives the same bits; other builds of a library differ in the last few bits.
+RTOL = 1e-5
+ATOL = 1e-8
+
+
+@dataclass(frozen=True)
+class SelftestResult:
+    """What ``Vault.selftest`` found for one version.
+
+    ``passed`` is True when every value of the model's answer to its saved example
+    agrees with the saved answer (exactly for integers, booleans and labels; within
+    ``RTOL``/``ATOL`` for floats), False when any differs, None when the version has no
+    example. ``compared`` and ``mismatched`` count values; ``max_abs`` and ``max_rel``
+    are the largest absolute and relative differences among floats (None if none)."""
+
+    ref: str
+    method: str | None
+    passed: bool | None
+    compared: int
+    mismatched: int
+    max_abs: float | None
+    max_rel: float | None
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.passed is True
+
+
+def method_of(model: Any) -> str:
+    """The method a model answers examples with; ValueError if it has none."""
+    for name in METHODS:
+        if callable(getattr(model, name, None)):
+            return name
+    if callable(model):
+        return "__call__"
+    raise ValueError(f"a {type(model).__name__} has none of {', '.join(METHODS)} and is not "
+                     "callable: it cannot take an example")
+
+
+def answer(model: Any, method: str, example: Any) -> Any:
+    """The model's answer to ``example``, as plain containers of numpy arrays. Under
+    torch.no_grad() when torch is imported, so no graph is kept; the model's training
+    mode is left as it is."""
+    function = model if method == "__call__" else getattr(model, method)
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with torch.no_grad():
+            return plain(function(example))
+    return plain(function(example))
+
+
+def plain(value: Any) -> Any:
+    """``value`` with its tensors, frames and array-likes as numpy arrays, its mappings
+    (a Hugging Face ModelOutput too) as dicts and its sequences as lists."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object and value.size and all(isinstance(v, str)
+                                                        for v in value.flat):
+            return value.astype(str)  # labels: stored as numpy strings, not pickled
+        return value
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) in ("torch.bfloat16",) or "float8" in str(tensor.dtype):
+            tensor = tensor.float()
+        return tensor.resolve_conj().resolve_neg().numpy()
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, bytes)) or value is None:
+        return value
+    return np.asarray(value)
+
+
+def encode_example(example: Any) -> Any:
+    """An example as containers of arrays where it can be: a pandas DataFrame becomes its
+    columns, index and names (string columns as numpy strings), rebuilt by
+    ``decode_example``."""
+    pandas = _pandas_if_imported()
+    if pandas is not None and isinstance(example, pandas.DataFrame):
+        columns = []
+        for name in example.columns:
+            values = example[name].to_numpy()
+            strings = values.dtype == object and all(isinstance(v, str) for v in values)
+            columns.append({"name": _json_name(name), "values": values.astype(str)
+                            if strings else values, "object": bool(strings)})
+        return {"__dataframe__": {"columns": columns, "index": example.index.to_numpy()}}
+    return example
+
+
+def decode_example(example: Any) -> Any:
+    if isinstance(example, dict) and set(example) == {"__dataframe__"}:
+        import pandas
+
+        frame = example["__dataframe__"]
+        return pandas.DataFrame(
+            {c["name"]: c["values"].astype(object) if c["object"] else c["values"]
+             for c in frame["columns"]}, index=frame["index"])
+    return example
+
+
+def compare(ref: str, method: str, saved: Any, now: Any,
+            rtol: float = RTOL, atol: float = ATOL) -> SelftestResult:
+    """The model's answer ``now`` against the ``saved`` one."""
+    saved_leaves, now_leaves = _leaves(saved), _leaves(now)
+    if saved_leaves.keys() != now_leaves.keys():
+        return SelftestResult(ref, method, False, 0, 0, None, None,
+                              f"{method} answered with other parts: saved "
+                              f"{sorted(saved_leaves)}, now {sorted(now_leaves)}")
+    compared = mismatched = 0
+    max_abs = max_rel = None
+    worst = ""
+    for name, a in saved_leaves.items():
+        b = now_leaves[name]
+        where = f" at {name}" if name else ""
+        if a.shape != b.shape:
+            return SelftestResult(ref, method, False, compared, mismatched, max_abs, max_rel,
+                                  f"{method} answered with shape {b.shape}{where}, saved "
+                                  f"{a.shape}")
+        compared += a.size
+        if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+            bad, top, top_rel = _float_differences(a, b, rtol, atol)
+            if top is not None:
+                max_abs = top if max_abs is None else max(max_abs, top)
+                max_rel = top_rel if max_rel is None else max(max_rel, top_rel)
+        elif a.dtype.kind != b.dtype.kind and not (a.dtype.kind in "biu"
+                                                   and b.dtype.kind in "biu"):
+            bad = int(a.size)  # labels that became numbers, or the other way
+        else:
+            bad = int(np.count_nonzero(a != b))
+        if bad and not worst:
+            worst = f"{bad} of {a.size} values differ{where}"
+        mismatched += bad
+    if mismatched:
+        detail = f"; largest difference {max_abs:.6g}" if max_abs is not None else ""
+        return SelftestResult(ref, method, False, compared, mismatched, max_abs, max_rel,
+                              f"{method} answers differently: {worst}{detail} "
+                              f"({mismatched} of {compared} values in all)")
+    detail = f", largest difference {max_abs:.3g}" if max_abs else ""
+    return SelftestResult(ref, method, True, compared, 0, max_abs, max_rel,
+                          f"{method} answers as saved ({compared} values{detail})")
+
+
+def _float_differences(a: Any, b: Any, rtol: float, atol: float
+                       ) -> tuple[int, float | None, float | None]:
+    """(values beyond tolerance, largest absolute difference, largest relative one) of
+    the saved floats ``a`` and the fresh ``b``; NaN agrees with NaN."""
+    dtype = np.complex128 if "c" in (a.dtype.kind, b.dtype.kind) else np.float64
+    try:
+        x, y = a.astype(dtype), b.astype(dtype)
+    except (TypeError, ValueError):  # strings where numbers were
+        return int(a.size), None, None
+    bad = int(np.count_nonzero(~np.isclose(y, x, rtol=rtol, atol=atol, equal_nan=True)))
+    difference = np.abs(y - x)
+    finite = np.isfinite(difference)
+    if not finite.any():
+        return bad, None, None
+    scale = np.abs(x)[finite]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(scale > 0, difference[finite] / scale, 0.0)
+    return bad, float(difference[finite].max()), float(relative.max())
+
+
+def _leaves(value: Any, name: str = "") -> dict[str, Any]:
+    """Every array of a plain answer by its path (dict keys and positions joined with
+    '.'); a string or None is a 0-d array of it."""
+    if isinstance(value, dict):
+        found: dict[str, Any] = {}
+        for key, item in value.items():
+            found.update(_leaves(item, f"{name}.{key}" if name else str(key)))
+        return found
+    if isinstance(value, list):
+        found = {}
+        for i, item in enumerate(value):
+            found.update(_leaves(item, f"{name}.{i}" if name else str(i)))
+        return found
+    return {name: np.asarray(value, dtype=object if value is None else None)}
+
+
+def _json_name(name: Any) -> Any:
+    return name if isinstance(name, (str, int, float, bool)) or name is None else str(name)
+
+
+def _pandas_if_imported() -> Any:
+    import sys
+
+    return sys.modules.get("pandas")
