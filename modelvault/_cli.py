@@ -7,6 +7,7 @@ for people, or JSON with ``--json``. Errors print one line and exit 1.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -215,7 +216,7 @@ def diff_command(vault: Path, a: str, b: str, as_json: bool) -> None:
     with _open(vault) as v:
         d = v.diff(a, b)
     if as_json:
-        _echo_json(asdict(d))
+        _echo_json(_finite(asdict(d)))
         return
     click.echo(f"{d.a} -> {d.b} ({d.kind} versions): "
                + ("they differ" if d else "no differences"))
@@ -244,6 +245,18 @@ def diff_command(vault: Path, a: str, b: str, as_json: bool) -> None:
                                "relative L2", "changed"], rows))
     click.echo(f"bytes: {_human(d.shared_bytes)} of {d.b} shared with {d.a}, "
                f"{_human(d.new_bytes)} new")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with inf and NaN floats as the strings "inf", "-inf", "nan": JSON has
+    no numbers for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _shown(value: Any) -> str:

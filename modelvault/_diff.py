@@ -89,6 +89,42 @@ class Diff:
                     or self.description or self.changed or self.same_stream is False)
 
 
+def values(layout: Any, name: str = "") -> dict[str, Any]:
+    """The plain values (numbers, strings, booleans, None) of an arrays layout by flat
+    name, as ``entries`` names arrays: an epoch count or a label saved beside weights."""
+    if not isinstance(layout, dict):
+        return {}
+    found: dict[str, Any] = {}
+    for tag in ("dict", "odict", "list", "tuple"):
+        if tag in layout and isinstance(layout[tag], list):
+            items = (layout[tag] if tag in ("dict", "odict")
+                     else [[i, node] for i, node in enumerate(layout[tag])])
+            for key, node in items:
+                found.update(values(node, f"{name}.{key}" if name else str(key)))
+            return found
+    if "value" in layout:
+        return {name: layout["value"]}
+    if "float" in layout:
+        return {name: float(layout["float"])}
+    return {}
+
+
+def compare_values(name: str, a: Any, b: Any, missing: object) -> EntryChange:
+    """How plain value ``name`` changed (``missing`` on the side that lacks it)."""
+    def kind(v: Any) -> str | None:
+        return None if v is missing else type(v).__name__
+
+    change = ("added" if a is missing else "removed" if b is missing
+              else "same" if type(a) is type(b) and (a == b or a != a and b != b)
+              else "changed")
+    number = (a is not missing and b is not missing and isinstance(a, (int, float))
+              and isinstance(b, (int, float)) and not isinstance(a, bool)
+              and not isinstance(b, bool))
+    return EntryChange(name, change, (kind(a), kind(b)),
+                       max_abs=float(abs(b - a)) if number and change != "same" else
+                       (0.0 if number else None))
+
+
 def environment_items(environment: dict[str, Any]) -> dict[str, Any]:
     """An environment record as one flat mapping: Python, platform, modelvault and each
     package by name."""
@@ -123,6 +159,9 @@ def compare(name: str, a: Any, b: Any) -> EntryChange:
         return EntryChange(change="same", changed_share=0.0, **base)
     bits_x, bits_y = _items(x), _items(y)
     numeric = x.dtype.kind in "biufc" or _is_ml_dtype(x)
+    # 64-bit integers beyond 2**53 lose their last digits as floats: exact as Python ints.
+    exact = x.dtype.kind in "iu" and x.dtype.itemsize == 8 and any(
+        int(v.max()) > 2 ** 53 or int(v.min()) < -2 ** 53 for v in (x, y))
     changed = 0
     max_abs = 0.0
     squares = norm = 0.0
@@ -133,14 +172,23 @@ def compare(name: str, a: Any, b: Any) -> EntryChange:
         else:
             changed += int(np.count_nonzero(
                 (bits_x[start:stop] != bits_y[start:stop]).any(axis=1)))
-        if numeric:
-            first = x.reshape(-1)[start:stop].astype(np.complex128 if x.dtype.kind == "c"
-                                                     else np.float64)
-            delta = np.abs(y.reshape(-1)[start:stop].astype(first.dtype) - first)
-            with np.errstate(invalid="ignore"):
-                max_abs = max(max_abs, float(np.nanmax(delta)) if delta.size else 0.0)
-            squares += float(np.nansum(np.square(delta)))
-            norm += float(np.nansum(np.square(np.abs(first))))
+        if not numeric:
+            continue
+        wide = (object if exact else np.complex128 if x.dtype.kind == "c" else np.float64)
+        first = x.reshape(-1)[start:stop].astype(wide)
+        second = y.reshape(-1)[start:stop].astype(wide)
+        if exact:
+            delta = np.array([float(abs(v)) for v in second - first], dtype=np.float64)
+            first = np.array([float(v) for v in first], dtype=np.float64)
+        else:
+            with np.errstate(all="ignore"):
+                delta = np.abs(second - first)
+        with np.errstate(all="ignore"):  # NaN where NaN was is no change; huge values
+            known = ~np.isnan(delta)      # may square to inf, and say so
+            max_abs = max(max_abs, float(np.max(delta, initial=0.0, where=known)))
+            squares += float(np.sum(np.square(delta), where=known))
+            size = np.abs(first)
+            norm += float(np.sum(np.square(size), where=~np.isnan(size)))
     share = changed / x.size
     result = EntryChange(change="changed" if changed else "same", changed_share=share, **base)
     if not numeric:
@@ -173,6 +221,8 @@ def _array(value: Any) -> np.ndarray:
         tensor = value.detach().cpu()
         if tensor.dtype in (torch.bfloat16,) or str(tensor.dtype).startswith("torch.float8"):
             tensor = tensor.float()
+        elif tensor.dtype == torch.complex32:  # numpy has no complex half
+            tensor = tensor.to(torch.complex64)
         return np.ascontiguousarray(tensor.resolve_conj().resolve_neg().numpy())
     return np.ascontiguousarray(value)
 

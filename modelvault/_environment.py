@@ -115,11 +115,16 @@ def source() -> dict[str, Any]:
 
 def _script() -> str | None:
     main = sys.modules.get("__main__")
-    # VS Code names the notebook in the kernel's namespace; Jupyter in an environment variable.
-    notebook = getattr(main, "__vsc_ipynb_file__", None) or os.environ.get("JPY_SESSION_NAME")
+    # VS Code names the notebook in the kernel's namespace. Jupyter names it in an
+    # environment variable, which a script the notebook starts inherits: a script's
+    # own file comes first.
+    notebook = getattr(main, "__vsc_ipynb_file__", None)
     if notebook:
         return str(notebook)
-    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else None)
+    path = getattr(main, "__file__", None)
+    if path is None and os.environ.get("JPY_SESSION_NAME"):
+        return os.environ["JPY_SESSION_NAME"]
+    path = path or (sys.argv[0] if sys.argv else None)
     if not path or path in ("-c", "-m") or path.startswith("<"):  # python -c, <stdin>
         return None
     return os.path.abspath(path)
@@ -129,9 +134,14 @@ def _git() -> dict[str, Any]:
     """The commit, branch and dirty flag (tracked files changed) of the current
     directory's repository, from one `git status`; {} outside one or without git."""
     try:
+        # No optional locks: the user's own git commands must never find index.lock
+        # taken by us. No fsmonitor: a repository's config must not run a program here.
+        # It runs while the save holds the vault's write lock: a short timeout.
         done = subprocess.run(
-            ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+            ["git", "--no-optional-locks", "-c", "core.fsmonitor=false", "status",
+             "--porcelain=v2", "--branch", "--untracked-files=no"],
+            capture_output=True, text=True, errors="replace", timeout=5,
+            stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return {}
     if done.returncode != 0:
@@ -147,3 +157,10 @@ def _git() -> dict[str, Any]:
             dirty = True
     return {"git_commit": None if commit == "(initial)" else commit,
             "git_branch": None if branch == "(detached)" else branch, "git_dirty": dirty}
+
+
+def source_wanted(option: bool) -> bool:
+    """Whether to record a version's source: ``option``, unless MODELVAULT_NO_SOURCE
+    is set to a true value (1, true, yes)."""
+    flag = os.environ.get("MODELVAULT_NO_SOURCE", "").strip().lower()
+    return option and flag not in ("1", "true", "yes", "on")

@@ -315,17 +315,19 @@ def _format_3_to_4(db: sqlite3.Connection) -> None:
 
 
 def _format_4_to_5(db: sqlite3.Connection) -> None:
-    """Format 5 adds the lineage and packages tables, fills packages from every
-    environment, and signs with this machine's key pair the versions its old HMAC key
-    signed (the others keep their HMAC signatures: see docs/format.md)."""
+    """Format 5 adds the lineage and packages tables and fills packages from every
+    environment. Versions keep their signatures (see docs/format.md)."""
     for statement in TABLES_5.split(";"):
         if statement.strip():
             db.execute(statement)
-    for env_id, text in db.execute("SELECT id, json FROM environments").fetchall():
-        add_packages(db, env_id, text)
-    from . import _trust
-
-    _trust.resign_legacy(db)
+    # Read as bytes: one damaged text must not make the vault unwritable (a write may
+    # be the delete of the damaged version).
+    for env_id, raw in db.execute(
+            "SELECT id, CAST(json AS BLOB) FROM environments").fetchall():
+        try:
+            add_packages(db, env_id, bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, TypeError):
+            continue
 
 
 def add_packages(db: sqlite3.Connection, env_id: int, text: object) -> None:

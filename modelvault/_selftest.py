@@ -85,6 +85,10 @@ def plain(value: Any) -> Any:
         tensor = value.detach().cpu()
         if str(tensor.dtype) in ("torch.bfloat16",) or "float8" in str(tensor.dtype):
             tensor = tensor.float()
+        elif str(tensor.dtype) == "torch.complex32":  # numpy has no complex half
+            import torch
+
+            tensor = tensor.to(torch.complex64)
         return tensor.resolve_conj().resolve_neg().numpy()
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}

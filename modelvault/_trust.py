@@ -7,9 +7,10 @@ it) and never leaves the machine. Teams share public keys: ``modelvault key expo
 prints this machine's, ``modelvault trust KEYFILE --name NAME`` accepts a teammate's.
 
 Versions saved before format 5 carry HMAC signatures made with a per-machine secret
-(``key``). Those stay checkable where that secret is (the machine itself, or a machine
-that was given it with ``trust``); the upgrade to format 5 re-signs with the key pair
-the versions the upgrading machine's own secret signed.
+(``key``). They stay as they are, checkable where that secret is (the machine itself,
+or one it was given to with ``trust``). They are never re-signed with a key pair: that
+secret was shared like a password, so whoever held it could have made them, and a
+key-pair signature would vouch for them to everyone who trusts the new public key.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from . import _atomic
 from ._errors import VaultError
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 KEY_PREFIX = "modelvault-key-v1:"  # a legacy HMAC secret
@@ -40,6 +39,7 @@ PRIVATE_PREFIX = "modelvault-private-v2:"
 PUBLIC_PREFIX = "modelvault-public-v2:"
 SIGNATURE_PREFIX = "ed25519:"
 OWN = "this machine"  # the name this machine's own key goes by
+OWN_LEGACY = "this machine (legacy secret)"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
@@ -173,9 +173,45 @@ class TrustedKey(NamedTuple):
     secret: bytes  # the public key, or the legacy HMAC secret
 
 
+_cache: tuple[Any, dict[str, TrustedKey]] | None = None
+
+
 def trusted() -> dict[str, TrustedKey]:
     """Every key this machine accepts signatures of, by key id: its own key pair and
-    legacy secret, the public keys trusted by name, and legacy secrets trusted."""
+    legacy secret, the public keys trusted by name, and legacy secrets trusted.
+
+    Read again only when one of its files changed: listing 10,000 versions asks for
+    each one's signature, and reading and parsing the key files each time cost twice
+    the checking."""
+    global _cache
+    stamp = _stamp()
+    if _cache is not None and _cache[0] == stamp:
+        return _cache[1]
+    keys = _read_trusted()
+    _cache = (stamp, keys)
+    return keys
+
+
+def _stamp() -> Any:
+    """What identifies the key files' state: each one's path, size and change time."""
+    paths = [home() / "private.key", home() / "key", home() / "trusted"]
+    folder = home() / "trusted"
+    try:
+        paths += sorted(folder.iterdir())
+    except OSError:
+        pass
+    stamp = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            stamp.append((str(path), None))
+        else:
+            stamp.append((str(path), info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(stamp)
+
+
+def _read_trusted() -> dict[str, TrustedKey]:
     keys: dict[str, TrustedKey] = {}
     folder = home() / "trusted"
     if folder.is_dir():
@@ -198,7 +234,7 @@ def trusted() -> dict[str, TrustedKey]:
         keys[public_key_id(public)] = TrustedKey(OWN, public_key_id(public), "ed25519", public)
     secret = existing_key()
     if secret is not None:
-        keys[key_id(secret)] = TrustedKey(OWN, key_id(secret), "hmac", secret)
+        keys[key_id(secret)] = TrustedKey(OWN_LEGACY, key_id(secret), "hmac", secret)
     return keys
 
 
@@ -224,7 +260,8 @@ def trust_file(path: str | os.PathLike[str], name: str | None = None) -> Trusted
     for known in trusted().values():
         if known.key_id == kid:
             raise VaultError(f"key {kid} is trusted already, as {known.name!r}")
-        if known.name == chosen:
+        # Case-insensitive file systems (macOS, Windows) would make Alice.pub alice.pub.
+        if known.name.casefold() == chosen.casefold():
             raise VaultError(f"a key named {chosen!r} is trusted already ({known.key_id}); "
                              "pass another --name, or `modelvault untrust` it first")
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,13 +361,20 @@ class Manifest(NamedTuple):
         return canonical_json(fields)
 
 
-def lineage_text(parent: str | None, source: str | None) -> str | None:
-    """A version's lineage as the JSON text its signature covers; None if it has no
-    lineage row (saved before format 5). A damaged ``source`` makes damaged JSON, and so a
-    failing signature."""
+def lineage_text(parent: object, source: object) -> str | None:
+    """A version's lineage as the JSON text its signature covers, from the columns of
+    its lineage row; None if it has none (saved before format 5). Columns that are not
+    what writers put there (a parent that is not text, a source that is not a JSON
+    object) give text that is not JSON, so the signature fails."""
     if source is None:
         return None
-    return '{"parent": %s, "source": %s}' % (json.dumps(parent), source)
+    try:
+        parsed = json.loads(source)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        parsed = None
+    if not isinstance(parsed, dict) or not (parent is None or isinstance(parent, str)):
+        return "<damaged lineage>"
+    return json.dumps({"parent": parent, "source": parsed}, sort_keys=True)
 
 
 def sign(private: Ed25519PrivateKey, manifest: Manifest) -> tuple[str, str]:
@@ -379,32 +423,6 @@ def signer(kid: object, keys: dict[str, TrustedKey] | None = None) -> str | None
     keys = trusted() if keys is None else keys
     key = keys.get(kid) if isinstance(kid, str) else None
     return None if key is None else key.name
-
-
-def resign_legacy(db: sqlite3.Connection) -> int:
-    """Sign with this machine's key pair each version whose signature this machine's
-    legacy HMAC secret makes and checks; returns how many (inside the caller's write)."""
-    secret = existing_key()
-    if secret is None:
-        return 0
-    private = None
-    count = 0
-    for row in db.execute(
-            "SELECT v.id, v.uuid, m.name, v.kind, v.digest, v.created_at, v.description, "
-            "v.metadata, e.json, v.signature FROM versions v JOIN models m ON "
-            "m.id = v.model_id LEFT JOIN environments e ON e.id = v.environment_id "
-            "WHERE v.key_id = ?", (key_id(secret),)).fetchall():
-        manifest = Manifest(*row[1:9])
-        try:
-            ok = hmac.compare_digest(hmac_sign(secret, manifest), str(row[9]))
-        except (TypeError, ValueError):
-            ok = False
-        if ok:
-            private = private or own_private()
-            db.execute("UPDATE versions SET key_id = ?, signature = ? WHERE id = ?",
-                       (*sign(private, manifest), row[0]))
-            count += 1
-    return count
 
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",

@@ -268,8 +268,8 @@ class Vault:
         environment = _Background(
             lambda: json.dumps(_environment.capture(imports()), sort_keys=True))
         origin = _Background(lambda: json.dumps(
-            _environment.source() if source and not os.environ.get("MODELVAULT_NO_SOURCE")
-            else {}, sort_keys=True))
+            _environment.source() if _environment.source_wanted(source) else {},
+            sort_keys=True))
         key = _trust.own_private()
         size = sum(p.size for p in parts)
         with self._progress(size, f"save {name}") as advance, self._connection.write(size):
@@ -282,6 +282,9 @@ class Vault:
                                                                            strict=True))]
             ancestor = (None if parent is None or isinstance(parent, bool)
                         else self._catalog.resolve(_as_ref(parent)).uuid)
+            if isinstance(parent, ModelVersion) and ancestor != parent.id:
+                raise NotFoundError(f"{parent.ref} (id {parent.id}) is not in this vault: "
+                                    "a version of the same name and number is another one")
             where_from = origin.result()
             manifest = _trust.Manifest(
                 str(uuid.uuid4()), name, kind, content_digest(kind, layout, rows, stored.hashes),
@@ -498,7 +501,9 @@ class Vault:
         if kind in FILE_KINDS:
             entries += _file_changes(contents, hashes)
         if kind == "arrays" or any(split_layout(r.layout)[0].get("tensors") for r in rows):
-            entries += self._entry_changes(records)
+            entries += self._entry_changes(rows)
+        if kind == "arrays":
+            entries += _value_changes(rows)
         return _diff.Diff(
             records[0].ref, records[1].ref, kind,
             _diff.Changes.between(*(r.metadata for r in records)),
@@ -512,13 +517,15 @@ class Vault:
             if kind == "pickle" else None,
             shared, sum(sizes.values()) - shared)
 
-    def _entry_changes(self, records: list[ModelVersion]) -> list[_diff.EntryChange]:
-        """Each array or tensor of two versions compared, one entry in memory at a time."""
+    def _entry_changes(self, rows: list[VersionRow]) -> list[_diff.EntryChange]:
+        """Each array or tensor of two versions compared, one entry in memory at a time.
+        Nothing is unpickled, so no trust is needed; a signature that fails still refuses."""
         maps = []
-        for record in records:
+        for row in rows:
+            if _trust.signature_status(row.manifest, row.key_id, row.signature) == "invalid":
+                raise row.error("its signature does not match: the version was changed "
+                                "after it was saved")
             try:
-                row = self._catalog.resolve(_as_ref(record))
-                self._check_signature(row, trust=False)
                 maps.append(self._load(row, device=None, keys=None, lazy=True))
             except ValueError:  # a files version without safetensors files
                 maps.append({})
@@ -997,6 +1004,18 @@ def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
             raise TypeError(f"tag {key!r}: values are strings (or numbers, stored as text)")
         items.append((key, None if value is None else str(value)))
     return items
+
+
+def _value_changes(rows: list[VersionRow]) -> list[_diff.EntryChange]:
+    """The plain values of two arrays versions (an epoch count beside the weights)."""
+    try:
+        found = [_diff.values(split_layout(r.layout)[0]) for r in rows]
+    except (ValueError, TypeError) as exc:
+        raise rows[0].error(f"cannot read its layout: {exc}") from exc
+    missing = object()
+    return [_diff.compare_values(name, found[0].get(name, missing),
+                                 found[1].get(name, missing), missing)
+            for name in dict.fromkeys([*found[0], *found[1]])]
 
 
 def _file_changes(contents: list[Contents], hashes: list[list[list[str]]]

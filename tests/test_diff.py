@@ -192,3 +192,34 @@ def test_cli_text_and_json(vault, vault_path):
     assert w["max_abs"] == 3.0 and w["shape"] == [[4], [4]]
     same = run_cli("diff", vault_path, "m:1", "m:1")
     assert same.returncode == 0 and "no differences" in same.stdout
+
+
+def test_plain_values_big_integers_and_non_finite_numbers(vault, vault_path):
+    big = np.array([2 ** 62, 5], dtype=np.int64)
+    vault.save("m", {"w": np.array([1.0, np.inf, np.nan]), "epoch": 6, "note": "a",
+                     "ids": big, "lr": 0.1})
+    vault.save("m", {"w": np.array([1.0, 2.0, np.nan]), "epoch": 7, "note": "a",
+                     "ids": big + np.array([1, 0]), "extra": None})
+    entries = by_name(vault.diff("m:1", "m:2"))
+    assert entries["epoch"].change == "changed" and entries["epoch"].max_abs == 1.0
+    assert entries["epoch"].dtype == ("int", "int")
+    assert entries["note"].change == "same"
+    assert entries["lr"].change == "removed" and entries["extra"].change == "added"
+    assert entries["ids"].max_abs == 1.0 and entries["ids"].changed_share == 0.5
+    assert entries["w"].max_abs == float("inf")  # inf -> 2.0; NaN where NaN was: no change
+    assert entries["w"].changed_share == pytest.approx(1 / 3)
+    vault.close()
+    as_json = run_cli("diff", vault_path, "m:1", "m:2", "--json")
+    w = next(e for e in json.loads(as_json.stdout)["entries"] if e["name"] == "w")
+    assert w["max_abs"] == "inf"  # valid JSON: no Infinity
+
+
+def test_complex_half_tensors(vault):
+    torch = pytest.importorskip("torch", reason="tensor versions need torch")
+    a = torch.zeros(3, dtype=torch.complex32)
+    b = a.clone()
+    b[1] = 1
+    vault.save("c", {"z": a})
+    vault.save("c", {"z": b})
+    z = by_name(vault.diff("c:1", "c:2"))["z"]
+    assert z.dtype == ("complex32", "complex32") and z.max_abs == pytest.approx(1.0)

@@ -139,3 +139,27 @@ def test_a_tampered_version_fails_its_key_pair_signature(tmp_path, monkeypatch):
         with pytest.raises(UntrustedError):
             vault.load("obj")
         assert {p.model for p in vault.verify()} == {"obj", "arr"}
+
+
+def test_a_forged_parent_cannot_hide_in_the_source_column(tmp_path, monkeypatch):
+    import sqlite3
+
+    as_machine(monkeypatch, tmp_path, "alice")
+    path = tmp_path / "v.vault"
+    with modelvault.open(path) as vault:
+        real = vault.save("base", {"w": np.zeros(2)})
+        other = vault.save("other", {"w": np.ones(2)})
+        vault.save("tuned", {"s": {1}}, parent=real)
+    with sqlite3.connect(path) as db:  # a second "parent" key, smuggled into source
+        db.execute("UPDATE lineage SET parent = ?, source = ? WHERE parent = ?",
+                   (other.id, '{}, "parent": "%s"' % real.id, real.id))
+        db.execute("INSERT INTO lineage (version_id, parent, source) VALUES "
+                   "((SELECT id FROM versions WHERE uuid = ?), X'00ff', '{}') "
+                   "ON CONFLICT (version_id) DO UPDATE SET parent = X'00ff'", (other.id,))
+    db.close()
+    with modelvault.open(path) as vault:
+        assert vault.get("tuned").signature == "invalid"
+        assert vault.get("other").signature == "invalid"  # a blob parent: not an error
+        with pytest.raises(UntrustedError):
+            vault.load("tuned")
+        assert {p.model for p in vault.verify()} == {"tuned", "other"}
