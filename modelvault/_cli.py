@@ -323,6 +323,29 @@ def selftest_command(vault: Path, refs: tuple[str, ...], trust: bool, as_json: b
         sys.exit(1)
 
 
+@cli.command("browse")
+@vault_path
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=int)
+def browse_command(vault: Path, host: str, port: int) -> None:
+    """Browse VAULT in Datasette, read-only (needs `pip install 'modelvault[browse]'`):
+    every table and view, foreign keys labelled, and queries for versions by package
+    version, storage per model, and versions not signed by a key trusted here."""
+    try:
+        from . import _browse
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise click.ClickException(str(exc)) from exc
+    with _open(vault):  # a vault this modelvault reads, or one clear error
+        pass
+    try:
+        import datasette  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException("modelvault browse needs Datasette: pip install "
+                                   "'modelvault[browse]'") from exc
+    click.echo(f"browsing {vault} read-only at http://{host}:{port}/ (Ctrl-C to stop)")
+    _browse.serve(vault, host, port)
+
+
 @cli.command("env")
 @vault_path
 @click.argument("ref")

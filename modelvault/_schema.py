@@ -115,8 +115,10 @@ CREATE TABLE tags (
 );
 """
 
-# Format 5's tables: a version's lineage, and package versions as rows. A migration
-# runs this very text, so an upgraded file's schema is a new one's, word for word.
+# Format 5's tables: a version's lineage, and package versions as rows; and a view of
+# each pack's sizes (SQLite reads a blob's length from its row header, not its pages,
+# so a browser sorting packs by size reads no pack bytes). A migration runs this very
+# text, so an upgraded file's schema is a new one's, word for word.
 TABLES_5 = """
 CREATE TABLE lineage (
     version_id INTEGER PRIMARY KEY REFERENCES versions(id) ON DELETE CASCADE,
@@ -130,6 +132,8 @@ CREATE TABLE packages (
     PRIMARY KEY (environment_id, name)
 ) WITHOUT ROWID;
 CREATE INDEX packages_by_name ON packages(name, version);
+CREATE VIEW pack_sizes AS
+SELECT id, codec, size, length(data) AS stored FROM packs;
 """
 
 # Views exist for people browsing the file in a SQLite browser; the library never reads them.

@@ -100,6 +100,7 @@ COMMANDS = {
     "demo": ["vault"],
     "diff": ["vault", "a", "b", "--json"],
     "env": ["vault", "ref"],
+    "browse": ["vault", "--host", "--port"],
     "selftest": ["vault", "refs", "--trust", "--json"],
     "export": ["vault", "dest", "refs"],
     "gc": ["vault"],

@@ -1,0 +1,117 @@
+"""Browsing a vault in Datasette (``modelvault browse``): read-only, with foreign keys
+labelled, canned queries, and pack bytes never read on a table page.
+
+Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported only here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from . import _trust
+
+# Views allowed to read packs.data: they ask only its length, which SQLite takes from
+# the row's header without reading the blob's pages.
+_SIZE_VIEWS = ("model_versions", "pack_sizes")
+
+QUERIES = {
+    "versions_by_package": {
+        "title": "Versions saved with a package version",
+        "description": "package: a distribution name (scikit-learn); version: a prefix "
+                       "(1.5 matches 1.5.2)",
+        "sql": "SELECT m.name AS model, v.version, p.name AS package, p.version AS "
+               "package_version, v.created_at FROM versions v JOIN models m ON "
+               "m.id = v.model_id JOIN packages p ON p.environment_id = v.environment_id "
+               "WHERE p.name = :package AND (p.version = :version OR p.version LIKE "
+               ":version || '.%') ORDER BY m.name, v.version",
+    },
+    "storage_per_model": {
+        "title": "Storage per model",
+        "description": "raw: every version's size as if stored alone; added: the chunk "
+                       "bytes each version's save added to the vault",
+        "sql": "SELECT m.name AS model, count(*) AS versions, sum(v.size) AS raw_bytes, "
+               "sum(v.added_bytes) AS added_bytes FROM versions v JOIN models m ON "
+               "m.id = v.model_id GROUP BY m.id ORDER BY added_bytes DESC",
+    },
+}
+
+
+def queries(trusted_ids: list[str]) -> dict[str, Any]:
+    """The canned queries; which versions are signed by a trusted key depends on the
+    keys this machine trusts now."""
+    marks = ", ".join(f"'{kid}'" for kid in trusted_ids if kid.isalnum()) or "NULL"
+    return {**QUERIES, "not_signed_by_a_trusted_key": {
+        "title": "Versions not signed by a key this machine trusts",
+        "description": "unsigned, or signed by a key not trusted here (`modelvault keys` "
+                       "lists the trusted ones); pickles among them load only with trust",
+        "sql": "SELECT m.name AS model, v.version, v.kind, v.key_id, v.created_at FROM "
+               "versions v JOIN models m ON m.id = v.model_id WHERE v.key_id IS NULL OR "
+               f"v.key_id NOT IN ({marks}) ORDER BY m.name, v.version",
+    }}
+
+
+def metadata(path: Path) -> dict[str, Any]:
+    labels = {"models": "name", "versions": "uuid"}
+    descriptions = {
+        "packs": "Chunk bytes, compressed. The data column is not read here (it shows "
+                 "empty): pack_sizes lists each pack's stored size.",
+        "chunks": "One row per distinct chunk: its BLAKE3 hash, raw size, codec, delta "
+                  "base, and where its bytes are in its pack.",
+        "versions": "One row per saved version; model_versions is the readable view.",
+    }
+    tables = {name: {"label_column": column} for name, column in labels.items()}
+    for name, text in descriptions.items():
+        tables.setdefault(name, {})["description"] = text
+    return {"title": f"modelvault: {path.name}",
+            "description": "A modelvault file, read-only. docs/format.md explains every "
+                           "table and column.",
+            "databases": {database_name(path): {
+                "tables": tables,
+                "queries": queries(sorted(_trust.trusted())),
+            }}}
+
+
+def database_name(path: Path) -> str:
+    return path.stem  # as Datasette names a database file
+
+
+def authorizer(action: int, table: str | None, column: str | None, db: str | None,
+               source: str | None) -> int:
+    """Pack bytes read as NULL, unless a size view reads their length."""
+    if (action == sqlite3.SQLITE_READ and table == "packs" and column == "data"
+            and source not in _SIZE_VIEWS):
+        return sqlite3.SQLITE_IGNORE
+    return sqlite3.SQLITE_OK
+
+
+class _Plugin:
+    """The Datasette plugin that guards every connection to a vault it opens."""
+
+    paths: set[str] = set()
+
+    @staticmethod
+    def prepare_connection(conn: sqlite3.Connection, database: str) -> None:
+        conn.execute("PRAGMA trusted_schema = OFF")
+        conn.set_authorizer(authorizer)
+
+
+def datasette(path: str | Path) -> Any:
+    """A Datasette instance serving the vault at ``path`` read-only."""
+    from datasette import hookimpl
+    from datasette.app import Datasette
+    from datasette.plugins import pm
+
+    if pm.get_plugin("modelvault-browse") is None:
+        _Plugin.prepare_connection = hookimpl(_Plugin.prepare_connection)  # type: ignore[method-assign]
+        pm.register(_Plugin, name="modelvault-browse")
+    path = Path(path)
+    return Datasette([str(path)], metadata=metadata(path),
+                     settings={"sql_time_limit_ms": 3000})
+
+
+def serve(path: str | Path, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(datasette(path).app(), host=host, port=port, log_level="warning")
