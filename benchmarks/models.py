@@ -30,6 +30,8 @@ class Sizes:
     forest_features: int = 40
     forest_versions: int = 10  # W3: warm-started versions, 5 more trees each
     bert: BertShape = BertShape()
+    # W8's second model: all-MiniLM-L6-v2's shape (90 MB as fp32).
+    minilm: BertShape = BertShape(hidden=384, intermediate=1536, layers=6)
     small_models: int = 100  # W4: models x versions of a tiny model
     small_versions: int = 100
 
@@ -37,6 +39,7 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(forest_trees=20, forest_samples=2000, forest_features=20,
               bert=BertShape(vocab=4000, hidden=256, intermediate=1024, layers=2, positions=128),
+              minilm=BertShape(vocab=2000, hidden=128, intermediate=512, layers=2, positions=64),
               small_models=10, small_versions=10)
 
 

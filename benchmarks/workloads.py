@@ -1,4 +1,4 @@
-"""The five workloads. Each takes the run's ``Context`` and returns a ``Section`` of figures.
+"""The workloads W1-W5 and W8. Each takes the run's ``Context`` and returns a ``Section`` of figures.
 
 Targets are checked as ratios of figures measured in the same run (or as sizes, which are
 exact); README.md in this folder explains each one.
@@ -620,10 +620,73 @@ def w5_memory(ctx: Context) -> Section:
     return section
 
 
+# -- W8 ----------------------------------------------------------------------------------------
+
+_FRESH_LOAD = {
+    "safetensors": "from safetensors.numpy import load_file\nweights = load_file({path!r})",
+    "modelvault": "import modelvault\nwith modelvault.open({path!r}, readonly=True) as v:\n"
+                  "    weights = v.load('bert')",
+}
+
+
+def w8_fresh(ctx: Context) -> Section:
+    """Loads as a script makes them: in a new process (its imports, the load, a sum over
+    every tensor), and warm in a loop; BERT-base and a MiniLM-sized model, fp32."""
+    s = ctx.sizes
+    section = Section("W8", "fp32 loads in a fresh process and warm: BERT-base "
+                            f"({models.bert_nbytes(s.bert) / MB:.0f} MB) and MiniLM-sized "
+                            f"({models.bert_nbytes(s.minilm) / MB:.0f} MB), against "
+                            "safetensors.numpy.load_file")
+    if not ctx.peer(section, "safetensors", "W8"):
+        return section
+    env = child_env()
+
+    def python(code: str) -> Callable[[], None]:
+        def run() -> None:
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"a fresh load exited {done.returncode}: {error}")
+        return run
+
+    for label, shape in (("BERT-base", s.bert), ("MiniLM", s.minilm)):
+        weights = models.bert_fp32(shape)
+        raw = models.nbytes(weights)
+        work = ctx.workdir(f"w8-{label}")
+        tensors, vault = work / "weights.safetensors", work / "weights.vault"
+        peers.safetensors_save(weights, tensors)
+        fresh_save(vault, "bert", weights)
+        del weights
+        total = "\nsum(float(a.sum()) for a in weights.values())"
+        ops = {"pass": Op(python("pass"))}
+        for tool, code in _FRESH_LOAD.items():
+            path = tensors if tool == "safetensors" else vault
+            ops[f"{tool} fresh"] = Op(python(code.format(path=str(path)) + total))
+        ops["safetensors warm"] = Op(lambda: peers.safetensors_load(tensors))
+        ops["modelvault warm"] = Op(lambda: vault_load(vault, "bert"))
+        print(f"  W8: {label}: {len(ops)} operations, {PROCESS_RUNS} runs each", flush=True)
+        t = {name: median(runs) for name, runs in measure(ops, PROCESS_RUNS).items()}
+        for tool in _FRESH_LOAD:
+            section.add(f"{label}: {tool} in a fresh process, minus python -c pass",
+                        t[f"{tool} fresh"] - t["pass"], "s")
+            section.add(f"{label}: {tool} warm", t[f"{tool} warm"], "s")
+        for how in ("fresh", "warm"):
+            base = t["pass"] if how == "fresh" else 0.0
+            section.add(f"{label}: modelvault / safetensors {how}, throughput",
+                        ratio(t[f"safetensors {how}"] - base, t[f"modelvault {how}"] - base),
+                        "x", target=Target(">=", 0.8))
+        section.add(f"{label}: fp32 weights", raw, "B")
+    section.note(f"processes: medians of {PROCESS_RUNS} wall times after one warm-up; a "
+                 "fresh process imports its library, loads, and sums every tensor")
+    return section
+
+
 WORKLOADS: dict[str, Callable[[Context], Section]] = {
     "W1": w1_forest,
     "W2": w2_weights,
     "W3": w3_series,
     "W4": w4_many,
     "W5": w5_memory,
+    "W8": w8_fresh,
 }
