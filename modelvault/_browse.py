@@ -89,7 +89,6 @@ def authorizer(action: int, table: str | None, column: str | None, db: str | Non
 class _Plugin:
     """The Datasette plugin that guards every connection to a vault it opens."""
 
-    paths: set[str] = set()
 
     @staticmethod
     def prepare_connection(conn: sqlite3.Connection, database: str) -> None:

@@ -255,30 +255,26 @@ class Catalog:
                     "LEFT JOIN lineage l ON l.version_id = v.id")
         return (lambda text: text.format(lineage="NULL, NULL")), ""
 
-    def ancestors(self, row: VersionRow) -> tuple[list[VersionRow], str | None]:
-        """The versions ``row`` came from, nearest first, by their lineage; and the id of
-        the first parent this vault lacks (deleted, or left behind by an export), if any."""
-        found: list[VersionRow] = []
-        seen = {row.uuid}
-        while row.parent is not None:
-            hit = self._connection.db.execute(
-                "SELECT id FROM versions WHERE uuid = ?", (row.parent,)).fetchone()
-            if hit is None:
-                return found, row.parent
-            row = self.resolve_id(hit[0])
-            if row.uuid in seen:  # a cycle: only a damaged or hand-edited file has one
-                break
-            seen.add(row.uuid)
-            found.append(row)
-        return found, None
-
-    def resolve_id(self, version_id: int) -> VersionRow:
-        """The version with row id ``version_id``."""
-        columns, join = self._lineage()
-        return VersionRow._make(self._connection.db.execute(
-            f"SELECT {columns(_VERSION_COLUMNS)} FROM versions v JOIN models m ON "
-            "m.id = v.model_id LEFT JOIN environments e ON e.id = v.environment_id "
-            f"{join} WHERE v.id = ?", (version_id,)).fetchone())
+    def ancestors(self, version_id: int) -> list[ModelVersion]:
+        """The records of the versions version ``version_id`` came from, nearest first,
+        by their lineage rows (docs/format.md gives this walk as SQL). The chain stops at
+        a parent this vault lacks; a cycle, which only a hand-edited file has, is
+        followed once."""
+        if self._connection.format < 5:  # older vaults, read as they are, have no lineage
+            return []
+        chain = dict.fromkeys(self._connection.db.execute(
+            "WITH RECURSIVE chain(id, depth) AS (SELECT ?, 0 UNION ALL "
+            "SELECT p.id, chain.depth + 1 FROM chain JOIN lineage l ON "
+            "l.version_id = chain.id JOIN versions p ON p.uuid = l.parent "
+            "WHERE chain.depth < 1000) SELECT v.id, v.uuid FROM chain JOIN versions v "
+            "ON v.id = chain.id WHERE chain.depth > 0 AND v.id != ? ORDER BY chain.depth",
+            (version_id, version_id)).fetchall())
+        if not chain:
+            return []
+        ids = [i for i, _ in chain]
+        found = {r.id: r for r in self.records(
+            f"WHERE v.id IN ({','.join('?' * len(ids))})", ids)}
+        return [found[uuid] for _, uuid in chain]
 
     # -- records -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _torch
 from ._lazy import lazy
 
 np = lazy("numpy")
@@ -135,7 +136,7 @@ def environment_items(environment: dict[str, Any]) -> dict[str, Any]:
 
 def described(value: Any) -> tuple[str, tuple[int, ...]]:
     """(dtype name, shape) of an array or tensor."""
-    if _is_torch(value):
+    if _torch.is_tensor(value):
         return str(value.dtype).removeprefix("torch."), tuple(value.shape)
     return str(value.dtype), tuple(value.shape)
 
@@ -198,16 +199,12 @@ def compare(name: str, a: Any, b: Any) -> EntryChange:
                           (0.0 if not squares else None)})
 
 
-def _is_torch(value: Any) -> bool:
-    return type(value).__module__.startswith("torch")
-
-
 def _is_ml_dtype(array: Any) -> bool:  # bfloat16 and the float8s of ml_dtypes
     return array.dtype.type.__module__.startswith("ml_dtypes")
 
 
 def _nbytes(value: Any) -> int:
-    if _is_torch(value):
+    if _torch.is_tensor(value):
         return int(value.numel() * value.element_size())
     return int(value.nbytes)
 
@@ -215,16 +212,7 @@ def _nbytes(value: Any) -> int:
 def _array(value: Any) -> np.ndarray:
     """A C-contiguous numpy array of the value's elements (torch's bfloat16 and other
     dtypes numpy lacks widened to float32: the comparison is of values)."""
-    if _is_torch(value):
-        import torch
-
-        tensor = value.detach().cpu()
-        if tensor.dtype in (torch.bfloat16,) or str(tensor.dtype).startswith("torch.float8"):
-            tensor = tensor.float()
-        elif tensor.dtype == torch.complex32:  # numpy has no complex half
-            tensor = tensor.to(torch.complex64)
-        return np.ascontiguousarray(tensor.resolve_conj().resolve_neg().numpy())
-    return np.ascontiguousarray(value)
+    return np.ascontiguousarray(_torch.values(value) if _torch.is_tensor(value) else value)
 
 
 def _items(array: np.ndarray) -> np.ndarray:

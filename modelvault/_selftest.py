@@ -8,10 +8,12 @@ version.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import _torch
 from ._lazy import lazy
 
 np = lazy("numpy")
@@ -64,8 +66,6 @@ def answer(model: Any, method: str, example: Any) -> Any:
     torch.no_grad() when torch is imported, so no graph is kept; the model's training
     mode is left as it is."""
     function = model if method == "__call__" else getattr(model, method)
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None:
         with torch.no_grad():
@@ -81,15 +81,8 @@ def plain(value: Any) -> Any:
                                                         for v in value.flat):
             return value.astype(str)  # labels: stored as numpy strings, not pickled
         return value
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        tensor = value.detach().cpu()
-        if str(tensor.dtype) in ("torch.bfloat16",) or "float8" in str(tensor.dtype):
-            tensor = tensor.float()
-        elif str(tensor.dtype) == "torch.complex32":  # numpy has no complex half
-            import torch
-
-            tensor = tensor.to(torch.complex64)
-        return tensor.resolve_conj().resolve_neg().numpy()
+    if _torch.is_tensor(value):
+        return _torch.values(value)
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -103,7 +96,7 @@ def encode_example(example: Any) -> Any:
     """An example as containers of arrays where it can be: a pandas DataFrame becomes its
     columns, index and names (string columns as numpy strings), rebuilt by
     ``decode_example``."""
-    pandas = _pandas_if_imported()
+    pandas = sys.modules.get("pandas")  # an example can be a DataFrame only if it is
     if pandas is not None and isinstance(example, pandas.DataFrame):
         columns = []
         for name in example.columns:
@@ -206,9 +199,3 @@ def _leaves(value: Any, name: str = "") -> dict[str, Any]:
 
 def _json_name(name: Any) -> Any:
     return name if isinstance(name, (str, int, float, bool)) or name is None else str(name)
-
-
-def _pandas_if_imported() -> Any:
-    import sys
-
-    return sys.modules.get("pandas")

@@ -33,6 +33,19 @@ def is_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def values(tensor: Any) -> np.ndarray:
+    """A tensor's values as a numpy array on the CPU, for comparing them: the dtypes
+    numpy lacks widened (bfloat16 and the float8s to float32, complex32 to complex64)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16 or str(tensor.dtype).startswith("torch.float8"):
+        tensor = tensor.float()
+    elif tensor.dtype == torch.complex32:
+        tensor = tensor.to(torch.complex64)
+    return tensor.resolve_conj().resolve_neg().numpy()
+
+
 def storable(tensor: Any) -> bool:
     """Whether a tensor is stored as an array part: a plain or Parameter tensor with
     strided memory and data (not sparse, quantized, nested, meta or a subclass)."""

@@ -130,8 +130,13 @@ def default_name() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "user"
-    name = re.sub(r"[^A-Za-z0-9._@+-]", "-", f"{user}@{socket.gethostname()}")[:64]
-    return name if _NAME.fullmatch(name) else "teammate"
+    return _as_name(f"{user}@{socket.gethostname()}", "teammate")
+
+
+def _as_name(text: str, otherwise: str) -> str:
+    """``text`` made a valid key name (other characters as '-'), or ``otherwise``."""
+    name = re.sub(r"[^A-Za-z0-9._@+-]", "-", text)[:64]
+    return name if _NAME.fullmatch(name) else otherwise
 
 
 def parse_public(text: str, where: object) -> tuple[bytes, str | None]:
@@ -256,7 +261,7 @@ def trust_file(path: str | os.PathLike[str], name: str | None = None) -> Trusted
         public, suggested = parse_public(text, path)
         suffix, kid, kind, secret_bytes = ".pub", public_key_id(public), "ed25519", public
         body = format_public(public, suggested or path.stem)
-    chosen = check_name(name or suggested or re.sub(r"[^A-Za-z0-9._@+-]", "-", path.stem))
+    chosen = check_name(name or suggested or _as_name(path.stem, "key"))
     for known in trusted().values():
         if known.key_id == kid:
             raise VaultError(f"key {kid} is trusted already, as {known.name!r}")

@@ -422,8 +422,7 @@ class Vault:
         """The versions ``ref`` came from, nearest first: its parent (``save(...,
         parent=...)``), that version's parent, and so on. The chain stops early at a
         parent this vault lacks; the last version's ``parent`` then names its id."""
-        found, _ = self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)))
-        return [self._catalog.record(Ref(r.name, version=r.version)) for r in found]
+        return self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)).id)
 
     @_api
     @_snapshot
@@ -456,16 +455,16 @@ class Vault:
 
     def _example(self, row: VersionRow, example: dict[str, Any], trust: bool) -> Any:
         """A version's saved example and answer: {"input": ..., "output": ...}."""
-        contents = self._catalog.contents(row)
-        self._catalog.check(row, contents)
-        first = example["first"]
-        parts = self._read(row, contents=Contents(contents.parts[first:],
-                                                  contents.chunks[first:]))
+        parts = self._read(row, contents=self._contents(row, example=True))
         try:
             if example.get("kind") == "arrays":
                 return _serialize.rebuild_native(example["layout"], parts)
             if example.get("kind") == "pickle":
-                self._check_signature(row, trust)  # runs code, as a pickled model does
+                # It runs code as a pickled model does, whatever the model's own kind.
+                status = _trust.signature_status(row.manifest, row.key_id, row.signature)
+                if not trust and status != "trusted":
+                    _refuse_pickle(row, "has a pickled example",
+                                   parts[example["layout"]["pickle"]][1], status)
                 return _serialize.unpickle(example["layout"], parts)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise row.error(f"cannot rebuild its example: {exc}") from exc
@@ -490,7 +489,7 @@ class Vault:
             if rows[0].kind != rows[1].kind:
                 raise ValueError(f"cannot diff {rows[0].where}, a {rows[0].kind} version, "
                                  f"with {rows[1].where}, a {rows[1].kind} version")
-            records = [self._catalog.record(Ref(r.name, version=r.version)) for r in rows]
+            records = [self._catalog.records("WHERE v.id = ?", (r.id,))[0] for r in rows]
             contents = [self._contents(r) for r in rows]
         hashes = [[[c.hash for c in chunks] for chunks in found.chunks] for found in contents]
         sizes = {c.hash: c.size for chunks in contents[1].chunks for c in chunks}
@@ -567,22 +566,15 @@ class Vault:
         if trust:
             return
         status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-        why = ("its signature does not match: it was changed after it was saved"
-               if status == "invalid" else "no key this machine trusts signed it")
-        advice = ("If you trust where this vault came from, load with trust=True (CLI: "
-                  "--trust), or trust the saver's key with `modelvault trust KEYFILE`.")
         if row.kind == "pickle" and status != "trusted":
-            stream = self._read(row, only={0})[0][1]
-            imports = _trust.pickle_imports(stream.tobytes())
-            raise UntrustedError(
-                f"{row.where} is a pickle and {why}; unpickling runs code from "
-                f"{', '.join(imports) or 'Python builtins only'}. {advice}", imports=imports)
+            _refuse_pickle(row, "is a pickle", self._read(row, only={0})[0][1], status)
         risky = _frameworks.needs_trust([p.name for p in self._contents(row).parts]) \
             if row.kind == "framework" and status != "trusted" else []
         if risky:
             raise UntrustedError(
                 f"{row.where} holds files its framework may run code from when it loads "
-                f"them ({', '.join(risky)}) and {why}. {advice}", imports=risky)
+                f"them ({', '.join(risky)}) and {_untrusted_why(status)}. {_TRUST_ADVICE}",
+                imports=risky)
         if status == "invalid":
             raise row.error("its signature does not match: the version was changed after "
                             "it was saved (load with trust=True to read it anyway)")
@@ -628,15 +620,19 @@ class Vault:
                         os.unlink(partial)
         return targets
 
-    def _contents(self, row: VersionRow) -> Contents:
-        """A version's parts and chunk lists, checked against its digest: the model's
-        (a saved example's parts are read by ``_example``)."""
+    def _contents(self, row: VersionRow, *, example: bool = False) -> Contents:
+        """A version's parts and chunk lists, checked against its digest: the model's, or
+        if ``example``, those of the example saved with it (the parts after them)."""
         contents = self._catalog.contents(row)
         self._catalog.check(row, contents)
         try:
-            return model_contents(contents, split_layout(row.layout)[1])
+            model = model_contents(contents, split_layout(row.layout)[1])
         except (ValueError, TypeError) as exc:
             raise row.error(str(exc)) from exc
+        if not example:
+            return model
+        first = len(model.parts)
+        return Contents(contents.parts[first:], contents.chunks[first:])
 
     def _read(self, row: VersionRow, *, only: set[int] | None = None,
               contents: Contents | None = None) -> list[Any]:
@@ -1030,6 +1026,24 @@ def _file_changes(contents: list[Contents], hashes: list[list[list[str]]]
                   else "same" if a[1] == b[1] else "changed")
         changes.append(_diff.EntryChange(path, change, size=(a and a[0], b and b[0])))
     return changes
+
+
+_TRUST_ADVICE = ("If you trust where this vault came from, load with trust=True (CLI: "
+                 "--trust), or trust the saver's key with `modelvault trust KEYFILE`.")
+
+
+def _untrusted_why(status: str) -> str:
+    return ("its signature does not match: it was changed after it was saved"
+            if status == "invalid" else "no key this machine trusts signed it")
+
+
+def _refuse_pickle(row: VersionRow, what: str, stream: Any, status: str) -> None:
+    """UntrustedError for a pickle of ``row`` no trusted key signed, naming what it would
+    import (read from its opcodes, never run)."""
+    imports = _trust.pickle_imports(bytes(stream))
+    raise UntrustedError(
+        f"{row.where} {what} and {_untrusted_why(status)}; unpickling runs code from "
+        f"{', '.join(imports) or 'Python builtins only'}. {_TRUST_ADVICE}", imports=imports)
 
 
 def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:

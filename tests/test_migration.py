@@ -109,27 +109,6 @@ def test_another_machine_still_needs_trust_for_its_pickles(old_vault):
             vault.load("obj")
 
 
-def test_merge_and_export_take_a_format_3_vault_in(old_vault, tmp_path):
-    copy = tmp_path / "copy.vault"
-    with modelvault.open(old_vault) as vault:
-        vault.export(copy)
-    assert user_version(copy) == FORMAT_VERSION and user_version(old_vault) == 3
-    with modelvault.open(copy) as vault:
-        check_contents(vault)
-    merged = tmp_path / "merged.vault"
-    with modelvault.open(merged) as vault:
-        report = vault.merge(old_vault)
-        assert len(report.added) == 4
-        check_contents(vault)
-    # And the other way: a newer vault merged into a format-3 one upgrades it.
-    with modelvault.open(merged) as vault:
-        vault.save("new", {"w": np.zeros(2)})
-    with modelvault.open(old_vault) as vault:
-        vault.merge(merged)
-        assert vault.load("new")["w"].tolist() == [0.0, 0.0]
-    assert user_version(old_vault) == FORMAT_VERSION
-
-
 # -- format 4 -> 5: lineage and packages tables, key pairs -----------------------------------
 # tests/fixtures/format4.vault was written by the code at b973859, the last that wrote
 # format 4 (tests/fixtures/make_format4.py), and signed with the HMAC secret in format4.key.
@@ -254,26 +233,6 @@ def test_on_another_machine_hmac_signatures_stay_and_still_need_trust(vault4, tm
         assert vault.load("obj")["set"] == {1, 2, 3}
 
 
-def test_merge_and_export_take_a_format_4_vault_in(vault4, tmp_path):
-    copy = tmp_path / "copy.vault"
-    with modelvault.open(vault4) as vault:
-        vault.export(copy)
-    assert user_version(copy) == FORMAT_VERSION and user_version(vault4) == 4
-    with modelvault.open(copy) as vault:
-        check_contents4(vault)
-    merged = tmp_path / "merged.vault"
-    with modelvault.open(merged) as vault:
-        vault.save("new", {"w": np.zeros(2)})
-        report = vault.merge(vault4)
-        assert len(report.added) == 5
-        check_contents4(vault)
-        new = vault.get("new")
-    with modelvault.open(vault4) as vault:
-        vault.merge(merged)  # a format-5 vault merged into a format-4 one upgrades it
-        assert vault.get("new").source == new.source and new.source  # lineage came along
-    assert user_version(vault4) == FORMAT_VERSION
-
-
 def test_a_damaged_environment_text_does_not_block_the_upgrading_write(vault4):
     with sqlite3.connect(vault4) as db:
         db.execute("UPDATE environments SET json = CAST(X'7bff7d' AS TEXT) WHERE id = "
@@ -283,3 +242,27 @@ def test_a_damaged_environment_text_does_not_block_the_upgrading_write(vault4):
     with modelvault.open(vault4) as vault:
         vault.tag("net:1", checked="yes")  # the write that upgrades reads every environment
     assert user_version(vault4) == 5
+
+
+@pytest.mark.parametrize("name, old_format, check, count", [
+    ("format3", 3, check_contents, 4), ("format4", 4, check_contents4, 5)])
+def test_merge_and_export_take_an_older_vault_in(tmp_path, name, old_format, check, count):
+    old = fixture_copy(tmp_path, name)
+    copy = tmp_path / "copy.vault"
+    with modelvault.open(old) as vault:
+        vault.export(copy)
+    assert user_version(copy) == FORMAT_VERSION and user_version(old) == old_format
+    with modelvault.open(copy) as vault:
+        check(vault)
+    merged = tmp_path / "merged.vault"
+    with modelvault.open(merged) as vault:
+        report = vault.merge(old)
+        assert len(report.added) == count
+        check(vault)
+        new = vault.save("new", {"w": np.zeros(2)})
+    # And the other way: a newer vault merged into an older one upgrades it.
+    with modelvault.open(old) as vault:
+        vault.merge(merged)
+        assert vault.load("new")["w"].tolist() == [0.0, 0.0]
+        assert vault.get("new").source == new.source and new.source  # lineage came along
+    assert user_version(old) == FORMAT_VERSION

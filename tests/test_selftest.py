@@ -157,3 +157,30 @@ def test_the_example_travels_with_the_version(vault, tmp_path, switchy):
         assert other.selftest("summer:2").passed is True
     d = vault.diff("summer:1", "summer:2")
     assert d.same_stream is True  # the model is the same; only the example differs
+
+
+def test_a_pickled_example_needs_trust_whatever_the_models_kind(vault_path, tmp_path,
+                                                                monkeypatch):
+    xgboost = pytest.importorskip("xgboost", reason="a framework model: no pickle of its own")
+    from modelvault import _serialize
+
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    model = xgboost.XGBClassifier(n_estimators=2).fit(X, (X[:, 0] > 0).astype(int))
+    real = _serialize.serialize
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "theirs"))
+    with monkeypatch.context() as patch:
+        # Examples numpy cannot hold (object arrays) are pickled: make this one so.
+        def no_native_example(obj):
+            if isinstance(obj, dict) and set(obj) == {"input", "output"}:
+                raise TypeError("object arrays")
+            return real(obj)
+
+        patch.setattr(_serialize, "serialize", no_native_example)
+        with modelvault.open(vault_path) as vault:
+            assert vault.save("xgb", model, example=X[:5]).kind == "framework"
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "mine"))
+    with modelvault.open(vault_path) as vault:
+        assert vault.load("xgb").predict(X[:2]).shape == (2,)  # the model needs no trust
+        with pytest.raises(modelvault.UntrustedError, match="has a pickled example"):
+            vault.selftest("xgb")
+        assert vault.selftest("xgb", trust=True).passed is True
