@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _schema
+from . import _pins, _schema
 from ._errors import VaultError
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class Connection:
 
     def __init__(self, path: Path, *, readonly: bool, create: bool, timeout: float) -> None:
         self.path = path
+        self.lock_file = _pins.lock_path(path)  # lazy readers' pins
         self.readonly = readonly
         self.timeout = timeout
         # One connection serves every thread: a save interleaved with another thread's
@@ -79,18 +80,20 @@ class Connection:
     # -- transactions ------------------------------------------------------------------
 
     @contextmanager
-    def write(self, incoming: int = 0) -> Iterator[sqlite3.Connection]:
+    def write(self, incoming: int = 0, *, exclusive: bool = False
+              ) -> Iterator[sqlite3.Connection]:
         """A write transaction; BEGIN IMMEDIATE takes the lock up front, so it never deadlocks.
 
         The first write of a connection upgrades a vault of an older format, in the
         same transaction: a vault is never left half upgraded, nor written in the new
         format under the old one's number. ``incoming``: the most bytes the write may
-        add (see make_room).
+        add (see make_room). ``exclusive``: keep readers out from the start (gc, which
+        must see every lazy reader's pins: see _pins).
         """
         nested = self.db.in_transaction
         if incoming and not nested:
             self.make_room(incoming)
-        with self._transaction("BEGIN IMMEDIATE") as db:
+        with self._transaction("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE") as db:
             if not self._upgraded:
                 _schema.upgrade(db)
             yield db

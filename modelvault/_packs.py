@@ -11,10 +11,11 @@ and the bytes-level codecs (``_chunks``).
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from . import _chunks
+from . import _chunks, _pins
 from ._chunks import np
 from ._connection import Connection
 from ._errors import IntegrityError
@@ -51,11 +52,14 @@ class ChunkRow(NamedTuple):
 
 
 CHUNK_COLUMNS = ", ".join(f"c.{column}" for column in ChunkRow._fields)
-# Chunks some version uses, and the delta bases of those, transitively (UNION stops at
-# cycles).
-LIVE_CHUNKS = """WITH RECURSIVE live(id) AS (
-    SELECT chunk_id FROM part_chunks
-    UNION SELECT c.base_id FROM chunks c JOIN live ON c.id = live.id WHERE c.base_id NOT NULL)"""
+
+
+def live_chunks(also: str = "") -> str:
+    """A WITH clause naming ``live``: the chunks some version uses (and those the SELECT
+    ``also`` gives), and the delta bases of those, transitively (UNION stops at cycles)."""
+    return ("WITH RECURSIVE live(id) AS (SELECT chunk_id FROM part_chunks "
+            f"{'UNION ' + also if also else ''} UNION SELECT c.base_id FROM chunks c "
+            "JOIN live ON c.id = live.id WHERE c.base_id NOT NULL)")
 
 
 class Job(NamedTuple):
@@ -356,7 +360,7 @@ class PackStore:
         live_clause = ("c.id IN live" if live else "")
         condition = " AND ".join(filter(None, [live_clause, where]))
         cursor = self._connection.db.execute(
-            f"{LIVE_CHUNKS if live else ''} SELECT {CHUNK_COLUMNS} FROM chunks c "
+            f"{live_chunks() if live else ''} SELECT {CHUNK_COLUMNS} FROM chunks c "
             f"{'WHERE ' + condition if condition else ''} ORDER BY c.pack_id, c.start",
             params)
         return map(ChunkRow._make, cursor)
@@ -378,7 +382,11 @@ class PackStore:
         """Drop chunks no version uses (nor any chunk as its delta base), and repack
         (inside a write transaction)."""
         db = self._connection.db
-        db.execute(f"{LIVE_CHUNKS} DELETE FROM chunks WHERE id NOT IN live")
+        unused = [r[0] for r in db.execute(
+            f"{live_chunks()} SELECT id FROM chunks WHERE id NOT IN live")]
+        pinned = _pins.held(self._connection.lock_file, unused)  # by lazy mappings
+        db.execute(f"{live_chunks('SELECT value FROM json_each(?)')} "
+                   "DELETE FROM chunks WHERE id NOT IN live", (json.dumps(sorted(pinned)),))
         db.execute("DELETE FROM packs WHERE NOT EXISTS "
                    "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)")
         self.repack()

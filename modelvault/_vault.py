@@ -20,6 +20,7 @@ import tempfile
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ from . import (
     _diff,
     _environment,
     _frameworks,
+    _pins,
     _schema,
     _selftest,
     _serialize,
@@ -128,11 +130,15 @@ class Vault:
                                       timeout=timeout)
         self._catalog = Catalog(self._connection)
         self._packs = PackStore(self._connection)
+        self._lazy_pins: list[weakref.finalize] = []  # lazy mappings' pins, released on close
 
     def close(self) -> None:
         """Close the file. The vault is again exactly one file on disk."""
         with self._connection.lock:
             self._connection.close()
+            for release in self._lazy_pins:  # its lazy mappings read nothing more
+                release()
+            self._lazy_pins.clear()
 
     def __enter__(self) -> Vault:
         return self
@@ -412,7 +418,13 @@ class Vault:
                 raise row.error(f"cannot rebuild {name}: {exc}") from exc
 
         if lazy:
-            return _LazyVersion(row, names, checked, self._connection.lock)
+            # Pinned inside this read: see _pins for why gc in any process then keeps them.
+            pin = _pins.Pin(self._connection.lock_file,
+                            (c.id for chunks in contents.chunks for c in chunks))
+            mapping = _LazyVersion(row, names, checked, self._connection.lock)
+            self._lazy_pins = [f for f in self._lazy_pins if f.alive]
+            self._lazy_pins.append(weakref.finalize(mapping, pin.release))
+            return mapping
         return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
 
@@ -836,9 +848,11 @@ class Vault:
         """Drop chunks no version uses and give their space back; returns the bytes the
         file shrank by (``stats()`` before and after tells the chunks dropped).
 
-        A chunk that another chunk is a delta of stays while that chunk does.
+        A chunk that another chunk is a delta of stays while that chunk does, and so
+        does every chunk a lazy mapping (``load(..., lazy=True)``) open in any process
+        may still read.
         """
-        with self._connection.write():
+        with self._connection.write(exclusive=True):
             before = self._connection.file_bytes()
             self._catalog.drop_unused_environments()
             self._packs.sweep()

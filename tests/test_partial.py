@@ -7,6 +7,7 @@ raise IntegrityError. Never on time.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 
 import numpy as np
@@ -106,13 +107,11 @@ def _in_another_process(path, home, action):
 
     os.environ["MODELVAULT_HOME"] = home
     with modelvault.open(path) as vault:
-        if action == "delete":
-            vault.delete("net:1")
-        elif action == "repack":
+        if action == "repack":
             vault.delete("other:1")  # shares its packs with net:1
-            vault.gc()
-        else:  # collect what nothing uses any more
-            vault.gc()
+        elif action == "delete":
+            vault.delete("net:1")
+        vault.gc()
 
 
 def _run(path, action):
@@ -125,7 +124,14 @@ def _run(path, action):
     assert process.exitcode == 0
 
 
-def test_a_lazy_mapping_survives_another_process_deleting_and_repacking(vault_path):
+def chunk_count(path):
+    with sqlite3.connect(path) as db:
+        count = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    db.close()
+    return count
+
+
+def test_a_lazy_mapping_keeps_its_chunks_from_another_processs_delete_and_gc(vault_path):
     # other:1 is eight 1 MiB chunks that compress well, so they share one pack; net:1's
     # "shared" entry is the same bytes as the first of them, so it is that chunk. Once
     # other:1 is gone, gc repacks the pack's one live chunk elsewhere.
@@ -138,19 +144,82 @@ def test_a_lazy_mapping_survives_another_process_deleting_and_repacking(vault_pa
             packs = {r[0] for r in db.execute("SELECT pack_id FROM chunks WHERE size = ?",
                                               (1 << 20,))}
         assert len(packs) == 1
+        net_chunks = chunk_count(vault_path) - 7
         lazy = vault.load("net", lazy=True)
+        lock = f"{vault_path}-lock"
+        assert os.path.exists(lock)
         _run(vault_path, "repack")  # gc moved the shared chunk into a new pack
         with sqlite3.connect(vault_path) as db:
             assert db.execute("SELECT count(*) FROM packs WHERE id = ?",
                               (packs.pop(),)).fetchone()[0] == 0
         np.testing.assert_array_equal(lazy["shared"], obj["shared"])
+        _run(vault_path, "delete")  # deleted and collected, but for what lazy may read
+        assert chunk_count(vault_path) == net_chunks
+        assert vault.models() == []
         np.testing.assert_array_equal(lazy["embeddings"], obj["embeddings"])
-        _run(vault_path, "delete")  # deleted, not yet collected: its chunks are there
-        np.testing.assert_array_equal(lazy["encoder.layer.0.weight"],
-                                      obj["encoder"]["layer"][0]["weight"])
+        for i in range(3):
+            np.testing.assert_array_equal(lazy[f"encoder.layer.{i}.weight"],
+                                          obj["encoder"]["layer"][i]["weight"])
+        del lazy  # its pins go with it
+        assert not os.path.exists(lock)  # one file again
         _run(vault_path, "collect")
-        with pytest.raises(modelvault.NotFoundError, match="deleted, and its chunks collected"):
-            lazy["encoder.layer.1.weight"]
+        assert chunk_count(vault_path) == 0
+
+
+def _hold_a_lazy_mapping(path, home, ready):
+    import os
+    import time
+
+    os.environ["MODELVAULT_HOME"] = home
+    vault = modelvault.open(path)
+    lazy = vault.load("net", lazy=True)
+    ready.set()
+    time.sleep(120)
+    print(lazy)
+
+
+def test_the_pins_of_a_killed_reader_go_with_it(vault_path):
+    import signal
+
+    with modelvault.open(vault_path) as vault:
+        vault.save("net", model())
+        count = chunk_count(vault_path)
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        reader = context.Process(target=_hold_a_lazy_mapping,
+                                 args=(str(vault_path), os.environ["MODELVAULT_HOME"], ready))
+        reader.start()
+        try:
+            assert ready.wait(60)
+            vault.delete("net")
+            vault.gc()
+            assert chunk_count(vault_path) == count  # the reader may still read them
+        finally:
+            os.kill(reader.pid, signal.SIGKILL)
+            reader.join(60)
+        vault.gc()
+        assert chunk_count(vault_path) == 0
+
+
+def test_lazy_mappings_of_this_process_keep_their_chunks_from_its_gc(vault_path):
+    obj = model()
+    with modelvault.open(vault_path) as vault, modelvault.open(vault_path) as other:
+        vault.save("net", obj)
+        count = chunk_count(vault_path)
+        first, second = vault.load("net", lazy=True), other.load("net", lazy=True)
+        vault.delete("net")
+        vault.gc()
+        other.gc()
+        assert chunk_count(vault_path) == count
+        other.close()  # releases second's pins; first still holds the same chunks
+        vault.gc()
+        assert chunk_count(vault_path) == count
+        np.testing.assert_array_equal(first["embeddings"], obj["embeddings"])
+        del first
+        vault.gc()
+        assert chunk_count(vault_path) == 0
+        with pytest.raises(modelvault.VaultError, match="closed"):
+            second["embeddings"]
 
 
 def test_keys_and_lazy_read_tensors_and_keep_views_shared(vault):
@@ -167,3 +236,37 @@ def test_keys_are_for_arrays_versions(vault):
     vault.save("obj", {"s": {1, 2}})
     with pytest.raises(ValueError, match="arrays versions"):
         vault.load("obj", keys="s")
+
+
+def _replace_and_collect(path, home, rounds):
+    import os
+
+    os.environ["MODELVAULT_HOME"] = home
+    rng = np.random.default_rng(1)
+    with modelvault.open(path) as vault:
+        for _ in range(rounds):
+            vault.save("net", {f"w{i}": rng.normal(size=40000) for i in range(6)})
+            for mv in vault.versions("net")[:-1]:
+                vault.delete(mv)
+            vault.gc()
+
+
+@pytest.mark.sweep
+def test_lazy_mappings_race_a_process_that_replaces_and_collects_versions(vault_path, full):
+    # Every mapping is made of the latest version, then read while the other process
+    # deletes it and collects. Without pins most reads failed (NotFoundError) in this race.
+    with modelvault.open(vault_path) as vault:
+        vault.save("net", {"w0": np.ones(3)})
+        writer = multiprocessing.get_context("spawn").Process(
+            target=_replace_and_collect,
+            args=(str(vault_path), os.environ["MODELVAULT_HOME"], 300 if full else 40))
+        writer.start()
+        read = 0
+        while writer.is_alive() or not read:
+            lazy = vault.load("net", lazy=True)
+            for name in lazy:
+                assert lazy[name].shape in ((3,), (40000,))
+            read += 1
+            del lazy
+        writer.join(60)
+        assert writer.exitcode == 0
