@@ -93,11 +93,13 @@ class Pin:
         self._held = False
         with _guard:
             entry = _files[self._path]
+            freed = []
             for chunk in self._ids:
                 entry.counts[chunk] -= 1
                 if not entry.counts[chunk]:
                     del entry.counts[chunk]
-                    fcntl.lockf(entry.fd, fcntl.LOCK_UN, 1, 1 + chunk)
+                    freed.append(chunk)
+            _lock(entry.fd, fcntl.LOCK_UN, freed)
             if not entry.counts:
                 _close(self._path, entry)
 
@@ -113,8 +115,7 @@ def _pin(path: str, ids: list[int]) -> bool:
                     fd, writable = os.open(path, os.O_RDONLY), False
                 except OSError:
                     return False  # then no process can write the vault to gc it either
-            for chunk in ids:
-                fcntl.lockf(fd, fcntl.LOCK_SH, 1, 1 + chunk)
+            _lock(fd, fcntl.LOCK_SH, ids)
             try:
                 same = os.path.samestat(os.stat(path), os.fstat(fd))
             except FileNotFoundError:
@@ -125,11 +126,19 @@ def _pin(path: str, ids: list[int]) -> bool:
         entry = _files[path] = _LockFile(fd, writable)
         entry.counts.update(ids)
         return True
-    for chunk in ids:
-        if not entry.counts[chunk]:
-            fcntl.lockf(entry.fd, fcntl.LOCK_SH, 1, 1 + chunk)
-        entry.counts[chunk] += 1
+    _lock(entry.fd, fcntl.LOCK_SH, [chunk for chunk in ids if not entry.counts[chunk]])
+    entry.counts.update(ids)
     return True
+
+
+def _lock(fd: int, how: int, ids: list[int]) -> None:
+    """Lock (or unlock) the bytes of the sorted ``ids``, one call per run of adjacent
+    ids: a version's chunks mostly have adjacent ids."""
+    first = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            fcntl.lockf(fd, how, i - first, 1 + ids[first])
+            first = i
 
 
 def _close(path: str, entry: _LockFile) -> None:
