@@ -21,11 +21,22 @@ from ._errors import (
     NotAVaultError,
     NotFoundError,
     ReadOnlyError,
+    RemoteError,
     UntrustedError,
     VaultError,
 )
 from ._diff import Changes, Diff, EntryChange
-from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
+from ._records import (
+    MergeReport,
+    ModelInfo,
+    ModelVersion,
+    Problem,
+    PushReport,
+    RemoteGcReport,
+    RemoteVersion,
+    VaultStats,
+)
+from ._remote import Remote
 from ._selftest import SelftestResult
 from ._vault import Vault
 from ._version import __version__ as __version__
@@ -46,12 +57,18 @@ __all__ = [
     "NotAVaultError",
     "NotFoundError",
     "Problem",
+    "PushReport",
     "ReadOnlyError",
+    "Remote",
+    "RemoteError",
+    "RemoteGcReport",
+    "RemoteVersion",
     "SelftestResult",
     "UntrustedError",
     "Vault",
     "VaultError",
     "VaultStats",
+    "clone",
     "load",
     "open",
     "save",
@@ -76,3 +93,15 @@ def load(path: str | os.PathLike[str], ref: str, *, trust: bool = False,
     # Not readonly: if a write was interrupted, only a writable open rolls its journal back.
     with Vault(path, create=False) as vault:
         return vault.load(ref, trust=trust, device=device)
+
+
+def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None, *,
+          endpoint_url: str | None = None) -> Vault:
+    """A new vault at ``path`` holding every version of the remote at ``url`` (or those
+    ``refs`` name there), opened; see ``Vault.pull``. The file appears only once complete."""
+    from pathlib import Path
+
+    from . import _remote
+
+    _remote.clone(url, Path(path), refs, endpoint_url=endpoint_url)
+    return Vault(path, create=False)

@@ -74,6 +74,11 @@ class LockTimeout(VaultError, TimeoutError):
     """Another process held the vault's write lock longer than the timeout."""
 
 
+class RemoteError(VaultError):
+    """A remote cannot be used as asked: it ignores create-only writes, a push or gc
+    holds it, or it is not a modelvault remote (or of a newer remote format)."""
+
+
 class ReadOnlyError(VaultError):
     """A write was attempted on a vault that can only be read."""
 

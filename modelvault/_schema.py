@@ -28,7 +28,7 @@ from ._errors import (
 
 # PRAGMA application_id: the bytes "MVLT", so `file` and SQLite tools can tell a vault apart.
 APPLICATION_ID = 0x4D564C54
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # The oldest format this modelvault reads (and upgrades on the first write). Formats 1
 # and 2 were development snapshots of 0.1.0, never released.
 OLDEST_FORMAT = 3
@@ -160,6 +160,15 @@ SELECT m.name, count(v.id) AS versions, max(v.version) AS latest, max(v.created_
 FROM models m JOIN versions v ON v.model_id = m.id
 GROUP BY m.id
 ORDER BY m.name;
+"""
+
+# Format 6's table: the remotes a vault remembers by name (URLs only: credentials come
+# from the environment, never the file, which is emailed and synced).
+TABLES_6 = """
+CREATE TABLE remotes (
+    name TEXT PRIMARY KEY,
+    url  TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 # Page sizes. Every table and index takes at least one page, so a vault starts with
@@ -347,8 +356,15 @@ def add_packages(db: sqlite3.Connection, env_id: int, text: object) -> None:
                                             if isinstance(version, str)])
 
 
+def _format_5_to_6(db: sqlite3.Connection) -> None:
+    """Format 6 adds the remotes table, empty."""
+    for statement in TABLES_6.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 # From each format, the step to the next one, run inside the upgrading write.
-MIGRATIONS = {3: _format_3_to_4, 4: _format_4_to_5}
+MIGRATIONS = {3: _format_3_to_4, 4: _format_4_to_5, 5: _format_5_to_6}
 
 
 def upgrade(db: sqlite3.Connection) -> None:
@@ -384,7 +400,8 @@ def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tupl
 
 def ddl(version: int) -> str:
     """The schema of a vault of format ``version`` (3 and up), as SQL."""
-    return TABLES + (TABLES_5 if version >= 5 else "") + VIEWS
+    return (TABLES + (TABLES_5 if version >= 5 else "") + (TABLES_6 if version >= 6 else "")
+            + VIEWS)
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,6 +34,7 @@ from . import (
     _environment,
     _frameworks,
     _pins,
+    _remote,
     _schema,
     _selftest,
     _serialize,
@@ -61,7 +62,14 @@ from ._errors import (
     VaultError,
 )
 from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
-from ._records import MergeReport, ModelInfo, ModelVersion, Problem, VaultStats
+from ._records import (
+    MergeReport,
+    ModelInfo,
+    ModelVersion,
+    Problem,
+    PushReport,
+    VaultStats,
+)
 from ._refs import Ref, check_alias, check_name, parse_ref
 from ._serialize import Part
 
@@ -828,6 +836,75 @@ class Vault:
         # (or that needs a writable open to roll back an interrupted write).
         Vault(source, readonly=True, create=False).close()
         return self._copy_from(source, None, check=True, action="merge")
+
+    @_api
+    def push(self, url: str, refs: Sequence[str | ModelVersion] | None = None, *,
+             endpoint_url: str | None = None, single_writer: bool = False) -> PushReport:
+        """Send every version, or those ``refs`` name, to the remote at ``url``
+        (``s3://bucket/prefix``, ``gs://``, ``az://``, ``file://``, ``memory://``, or
+        the name of one ``add_remote`` stored), uploading only the chunks it lacks; a
+        version already there is not sent again.
+
+        Versions keep their numbers there unless the remote gave a number out already;
+        then they take the next one (``PushReport.added`` says). Aliases and tags of the
+        versions pushed go along. S3 credentials, region and endpoint come from the
+        usual AWS environment variables and files; ``endpoint_url`` names another
+        S3-compatible server. A remote that ignores create-only writes is refused unless
+        ``single_writer`` (only this process ever writes to it).
+        """
+        return _remote.push(self, _remote.Remote(self._remote_url(url),
+                                                 endpoint_url=endpoint_url,
+                                                 single_writer=single_writer),
+                            None if refs is None else [_as_ref(r) for r in refs])
+
+    @_api
+    def pull(self, url: str, refs: Sequence[str] | None = None, *,
+             endpoint_url: str | None = None) -> MergeReport:
+        """Bring in every version of the remote at ``url``, or those ``refs`` name
+        there, that this vault lacks, downloading only the chunks it lacks.
+
+        As ``merge``: every chunk's hash and every version's digest and signature are
+        checked before it is added (IntegrityError naming the remote object at fault,
+        and nothing of that version added); numbers that clash here are renumbered;
+        aliases and tags come along unless they differ here. A pickle from the remote
+        still loads only with trust. Versions are added one by one, so a pull that was
+        interrupted, run again, fetches only what had not arrived.
+        """
+        return _remote.pull(self, _remote.Remote(self._remote_url(url),
+                                                 endpoint_url=endpoint_url), refs)
+
+    @_api
+    @_snapshot
+    def remotes(self) -> dict[str, str]:
+        """The remotes this vault remembers: URL by name (``add_remote``)."""
+        if self._connection.format < 6:
+            return {}
+        return dict(self._connection.db.execute("SELECT name, url FROM remotes ORDER BY name"))
+
+    @_api
+    def add_remote(self, name: str, url: str) -> None:
+        """Remember ``url`` as ``name``, so that ``push(name)`` and ``pull(name)`` reach it.
+        Only the URL is stored: credentials stay in the environment, out of the file."""
+        _remote.check_remote(name, url)
+        with self._connection.write() as db:
+            db.execute("INSERT OR REPLACE INTO remotes (name, url) VALUES (?, ?)", (name, url))
+
+    @_api
+    def remove_remote(self, name: str) -> None:
+        """Forget the remote ``name`` (nothing on the remote changes)."""
+        with self._connection.write() as db:
+            if not db.execute("DELETE FROM remotes WHERE name = ?", (name,)).rowcount:
+                raise NotFoundError(f"no remote named {name!r} in {self.path.name}")
+
+    def _remote_url(self, url: str) -> str:
+        """``url`` itself, or the URL of the remote this vault remembers as ``url``."""
+        if "://" in url:
+            return url
+        found = self.remotes().get(url)
+        if found is None:
+            raise NotFoundError(f"{url!r} is neither a URL (s3://, gs://, az://, file://) nor "
+                                f"a remote {self.path.name} remembers (add_remote)")
+        return found
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
                    action: str) -> MergeReport:

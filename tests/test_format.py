@@ -416,11 +416,11 @@ def test_file_settings_and_one_file_at_rest(tmp_path):
     header = path.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert header[68:72] == b"MVLT"
-    assert header[60:64] == (5).to_bytes(4, "big")
+    assert header[60:64] == (6).to_bytes(4, "big")
     assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
     with opened(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 6
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # small: see test_pages
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
@@ -442,7 +442,7 @@ def test_schema_in_the_file_is_the_documented_ddl(tmp_path):
         ("table", "models"), ("table", "versions"), ("table", "parts"), ("table", "chunks"),
         ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
         ("table", "packs"), ("table", "environments"), ("table", "lineage"),
-        ("table", "packages"), ("index", "packages_by_name"),
+        ("table", "packages"), ("index", "packages_by_name"), ("table", "remotes"),
         ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
         ("view", "model_versions"), ("view", "model_summary"), ("view", "pack_sizes")}
     for obj in objects:
@@ -529,7 +529,9 @@ def test_the_documents_blake3_vector_and_format_version_are_right():
     text = " ".join(DOC.read_text(encoding="utf-8").split())
     vector = re.search(r"BLAKE3 hash of the 3 bytes `abc` is `([0-9a-f]{64})`", text)
     assert vector and blake3.blake3(b"abc").hexdigest() == vector.group(1)
-    assert (f"`user_version` is a version the reader knows ({OLDEST_FORMAT}, "
-            f"{FORMAT_VERSION - 1} or {FORMAT_VERSION})") in text
-    assert (f"`PRAGMA user_version` is `{FORMAT_VERSION}` (or `{FORMAT_VERSION - 1}` or "
-            f"`{OLDEST_FORMAT}`") in text
+    known = list(range(OLDEST_FORMAT, FORMAT_VERSION + 1))
+    assert (f"`user_version` is a version the reader knows "
+            f"({', '.join(map(str, known[:-1]))} or {known[-1]})") in text
+    older = [f"`{v}`" for v in reversed(known[:-1])]
+    assert (f"`PRAGMA user_version` is `{FORMAT_VERSION}` (or {', '.join(older[:-1])} or "
+            f"{older[-1]}") in text

@@ -162,13 +162,13 @@ def test_a_format_4_vault_is_read_as_it_is(vault4):
     assert user_version(vault4) == 4 and "lineage" not in tables(vault4)
 
 
-def test_the_first_write_upgrades_format_4_to_5(vault4, tmp_path):
+def test_the_first_write_upgrades_format_4_to_the_current_format(vault4, tmp_path):
     with modelvault.open(vault4) as vault:
         with pytest.raises(modelvault.NotFoundError):
             vault.tag("net:3", x="y")  # deleted: the write rolls back, upgrade and all
         assert user_version(vault4) == 4 and "lineage" not in tables(vault4)
         mv = vault.save("net", {"w": np.ones(3)}, parent="net:2")
-        assert mv.ref == "net:4" and user_version(vault4) == 5
+        assert mv.ref == "net:4" and user_version(vault4) == FORMAT_VERSION
         assert [v.ref for v in vault.lineage(mv)] == ["net:2"]
         check_contents4(vault)
     assert {"lineage", "packages", "packages_by_name"} <= tables(vault4)
@@ -195,7 +195,7 @@ def test_the_upgrade_keeps_signatures_and_its_own_machine_still_checks_them(vaul
     with modelvault.open(vault4) as vault:
         assert vault.get("obj").signature == "trusted"  # by the legacy secret
         vault.tag("obj:1", checked="yes")  # a write: upgraded
-        assert user_version(vault4) == 5
+        assert user_version(vault4) == FORMAT_VERSION
         after = vault.get("obj")
         assert after.signature == "trusted" and after.signer == "this machine (legacy secret)"
         assert vault.load("obj")["set"] == {1, 2, 3}
@@ -241,11 +241,68 @@ def test_a_damaged_environment_text_does_not_block_the_upgrading_write(vault4):
     db.close()
     with modelvault.open(vault4) as vault:
         vault.tag("net:1", checked="yes")  # the write that upgrades reads every environment
-    assert user_version(vault4) == 5
+    assert user_version(vault4) == FORMAT_VERSION
+
+
+# -- format 5 -> 6: the remotes table ---------------------------------------------------------
+# tests/fixtures/format5.vault was written by the code at 7c0513a, the last that wrote
+# format 5 (tests/fixtures/make_format5.py), and signed with the private key in format5.key.
+
+def check_contents5(vault):
+    """Every version of the format-5 fixture, as make_format5.py saved it."""
+    torch = pytest.importorskip("torch", reason="the fixture holds torch tensors")
+    assert {"clf:1", "files:1", "net:1", "net:2", "obj:1"} <= {v.ref for v in vault.versions()}
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 32, generator=generator).to(torch.bfloat16)
+    first, second = vault.load("net:1"), vault.load("net@production")
+    assert torch.equal(first["linear.weight"], weight) and first["steps"].item() == 12
+    assert torch.equal(second["linear.bias"], torch.full((64,), 0.25))
+    assert [v.ref for v in vault.lineage("net:2")] == ["net:1"]
+    assert vault.get("net:1").tags == {"stage": "base"}
+    assert vault.load("obj", trust=True)["set"] == {1, 2, 3}
+    assert vault.load("files")["config.json"] == b'{"dim": 32}'
+    assert vault.selftest("clf", trust=True).passed
+    assert vault.verify() == []
+
+
+def test_a_format_5_vault_is_read_as_it_is_and_upgraded_by_its_first_write(tmp_path):
+    path = fixture_copy(tmp_path, "format5")
+    with modelvault.open(path, readonly=True) as vault:
+        check_contents5(vault)
+        assert vault.remotes() == {}
+    assert user_version(path) == 5 and "remotes" not in tables(path)
+    with sqlite3.connect(path) as db:
+        before = db.execute("SELECT uuid, digest, key_id, signature FROM versions").fetchall()
+    db.close()
+    with modelvault.open(path) as vault:
+        vault.add_remote("origin", "s3://bucket/models")
+        assert user_version(path) == 6 and vault.remotes() == {"origin": "s3://bucket/models"}
+        check_contents5(vault)
+    fresh = tmp_path / "fresh.vault"
+    modelvault.open(fresh).close()
+    with sqlite3.connect(path) as a, sqlite3.connect(fresh) as b:
+        schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+        assert sorted(a.execute("SELECT uuid, digest, key_id, signature FROM versions")
+                      .fetchall()) == sorted(before)
+    a.close()
+    b.close()
+
+
+def test_its_signer_still_trusts_the_format_5_fixture_after_the_upgrade(tmp_path,
+                                                                       _private_key_home):
+    (_private_key_home / "private.key").write_text((FIXTURES / "format5.key").read_text())
+    path = fixture_copy(tmp_path, "format5")
+    with modelvault.open(path) as vault:
+        vault.tag("net:1", checked="yes")
+        assert user_version(path) == 6
+        assert vault.get("obj").signature == "trusted"
+        assert vault.load("obj")["set"] == {1, 2, 3}
 
 
 @pytest.mark.parametrize("name, old_format, check, count", [
-    ("format3", 3, check_contents, 4), ("format4", 4, check_contents4, 5)])
+    ("format3", 3, check_contents, 4), ("format4", 4, check_contents4, 5),
+    ("format5", 5, check_contents5, 5)])
 def test_merge_and_export_take_an_older_vault_in(tmp_path, name, old_format, check, count):
     old = fixture_copy(tmp_path, name)
     copy = tmp_path / "copy.vault"

@@ -18,8 +18,9 @@ EXPORTS = [
     "Changes", "CorruptVaultError", "Diff", "DiskFullError", "EntryChange", "EnvironmentWarning",
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
-    "ReadOnlyError", "SelftestResult", "UntrustedError", "Vault", "VaultError", "VaultStats", "load", "open",
-    "save",
+    "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
+    "SelftestResult", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
+    "open", "save",
 ]
 
 PATHLIKE = "str | os.PathLike[str]"
@@ -32,10 +33,13 @@ FUNCTIONS = {
     "save": f"(path: '{PATHLIKE}', name: 'str', obj: 'Any', **options: 'Any') -> 'ModelVersion'",
     "load": f"(path: '{PATHLIKE}', ref: 'str', *, trust: 'bool' = False, device: 'Any' = None) "
             "-> 'Any'",
+    "clone": f"(url: 'str', path: '{PATHLIKE}', refs: 'list[str] | None' = None, *, "
+             "endpoint_url: 'str | None' = None) -> 'Vault'",
 }
 VAULT_METHODS = {
     "__init__": f"(self, path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = "
                 "True, timeout: 'float' = 60.0, progress: 'bool | None' = None) -> 'None'",
+    "add_remote": "(self, name: 'str', url: 'str') -> 'None'",
     "alias": f"(self, ref: '{REF}', alias: 'str') -> 'ModelVersion'",
     "close": "(self) -> 'None'",
     "delete": f"(self, ref: '{REF}') -> 'int'",
@@ -51,6 +55,12 @@ VAULT_METHODS = {
             "keys: 'str | Sequence[str] | None' = None, lazy: 'bool' = False) -> 'Any'",
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
     "models": "(self) -> 'list[ModelInfo]'",
+    "pull": "(self, url: 'str', refs: 'Sequence[str] | None' = None, *, endpoint_url: "
+            "'str | None' = None) -> 'MergeReport'",
+    "push": "(self, url: 'str', refs: 'Sequence[str | ModelVersion] | None' = None, *, "
+            "endpoint_url: 'str | None' = None, single_writer: 'bool' = False) -> 'PushReport'",
+    "remotes": "(self) -> 'dict[str, str]'",
+    "remove_remote": "(self, name: 'str') -> 'None'",
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
             "'str | ModelVersion | bool | None' = None, source: 'bool' = True, "
             "example: 'Any' = None) -> 'ModelVersion'",
@@ -74,6 +84,9 @@ RECORDS = {
                    "file_bytes"],
     "Problem": ["message", "model", "version", "chunk"],
     "MergeReport": ["added", "renumbered", "conflicts"],
+    "PushReport": ["added", "chunks", "uploaded_bytes"],
+    "RemoteVersion": ["name", "version", "id", "created_at", "kind", "size", "aliases", "tags"],
+    "RemoteGcReport": ["objects", "bytes"],
     "Diff": ["a", "b", "kind", "metadata", "tags", "aliases", "environment", "description",
              "entries", "same_stream", "shared_bytes", "new_bytes"],
     "Changes": ["added", "removed", "changed"],
@@ -87,6 +100,7 @@ RECORD_PROPERTIES = {
                      "parent", "source"},
     "VaultStats": {"dedup_ratio", "compression_ratio", "total_ratio"},
     "Diff": {"changed"},
+    "RemoteVersion": {"ref"},
 }
 ERRORS = {
     "VaultError": ("Exception",), "NotFoundError": ("VaultError", "KeyError"),
@@ -94,9 +108,11 @@ ERRORS = {
     "CorruptVaultError": ("VaultError",), "IntegrityError": ("VaultError",),
     "UntrustedError": ("VaultError",), "LockTimeout": ("VaultError", "TimeoutError"),
     "ReadOnlyError": ("VaultError",), "DiskFullError": ("VaultError", "OSError"),
+    "RemoteError": ("VaultError",),
 }
 COMMANDS = {
     "alias": ["vault", "ref", "alias"],
+    "clone": ["url", "vault", "refs", "--endpoint-url"],
     "demo": ["vault"],
     "diff": ["vault", "a", "b", "--json"],
     "env": ["vault", "ref"],
@@ -113,6 +129,14 @@ COMMANDS = {
     "merge": ["vault", "other"],
     "put": ["vault", "name", "paths", "--meta", "--tag", "--alias", "-m/--description",
             "--json"],
+    "pull": ["vault", "url", "refs", "--endpoint-url"],
+    "push": ["vault", "url", "refs", "--endpoint-url", "--single-writer"],
+    "remote add": ["vault", "name", "url"],
+    "remote gc": ["url", "--endpoint-url", "--grace"],
+    "remote ls": ["url", "--endpoint-url", "--json"],
+    "remote remove": ["vault", "name"],
+    "remote rm": ["url", "ref", "--endpoint-url"],
+    "remotes": ["vault", "--json"],
     "rm": ["vault", "ref", "-y/--yes"],
     "show": ["vault", "ref", "--json"],
     "stats": ["vault", "--json"],

@@ -1,0 +1,909 @@
+"""Remotes: versions pushed to and pulled from object storage, only the missing chunks.
+
+A remote is a folder of objects in a store obstore reaches (``s3://``, ``gs://``,
+``az://``, ``file://``, ``memory://``). Nothing there is ever overwritten: chunks travel
+in content-named pack objects with an index each, versions as manifests named by their
+id, and every change (version added, alias moved, tag set, version deleted) as the next
+entry of a log, created only if absent. Two pushers racing for one entry: one wins, the
+other reads it and takes the next. No lock server, no server of our own.
+
+docs/remote.md is the layout and protocol. This module owns the store, the log and
+its replay, push, pull and remote gc; a pull goes through the copier (a bundle vault
+merged in), so numbers, labels and checks are merge's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _chunks, _pins
+from ._errors import IntegrityError, NotFoundError, RemoteError
+from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
+from ._refs import Ref, parse_ref
+
+if TYPE_CHECKING:
+    from ._vault import Vault
+
+FORMAT = 1  # of the remote's layout: docs/remote.md
+DESCRIPTOR = "modelvault-remote.json"
+PACK_OBJECT = 64 * 1024 * 1024  # a pack object's bytes, about
+CHECKPOINT_EVERY = 100  # log entries between checkpoints of the replayed state
+LOCK_LIFE = 3600.0  # seconds a push or gc lock counts, unless its holder lets go first
+GRACE = 3600.0  # remote gc never deletes an object younger than this
+
+_VERSION_FIELDS = ("uuid", "created_at", "kind", "layout", "size", "added_bytes", "digest",
+                   "description", "metadata", "key_id", "signature")
+_PART_FIELDS = ("part", "kind", "name", "dtype", "shape", "fortran_order", "itemsize",
+                "size")
+_CHUNK_FIELDS = ("hash", "size", "codec", "itemsize", "base", "blob", "start", "length")
+
+
+_SCHEMES = ("s3://", "gs://", "az://", "abfs://", "file://", "memory://", "http://",
+            "https://")
+
+
+def check_remote(name: str, url: str) -> None:
+    """ValueError unless ``name`` can name a remote and ``url`` is a store URL."""
+    if not (isinstance(name, str) and 0 < len(name) <= 64
+            and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)):
+        raise ValueError(f"remote name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    if not (isinstance(url, str) and url.startswith(_SCHEMES)):
+        raise ValueError(f"remote URL {url!r}: expected one of {', '.join(_SCHEMES)}")
+    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError("a remote URL must not hold credentials: they come from the "
+                         "environment, never the vault file")
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+_MEMORY: dict[str, Any] = {}  # memory:// stores by URL: shared within a process (tests)
+
+
+class Store:
+    """One folder of an object store, through obstore: keys are relative to it."""
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None) -> None:
+        try:
+            import obstore
+            from obstore.store import from_url
+        except ImportError:
+            raise ImportError("remotes need obstore: pip install 'modelvault[remote]'"
+                              ) from None
+
+        self.url = url.rstrip("/")
+        self._obstore = obstore
+        options: dict[str, Any] = {}
+        client: dict[str, Any] = {}
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL")
+        if self.url.startswith("s3://") and endpoint:
+            options["endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                client["allow_http"] = True
+        if self.url.startswith("memory://"):  # one store per name, in this process
+            from obstore.store import MemoryStore
+
+            self._store = _MEMORY.setdefault(self.url, MemoryStore())
+        elif self.url.startswith("file://"):
+            path = Path(self.url[len("file://"):])
+            path.mkdir(parents=True, exist_ok=True)
+            from obstore.store import LocalStore
+
+            self._store = LocalStore(path)
+        else:
+            try:
+                self._store = from_url(self.url, client_options=client or None, **options)
+            except Exception as exc:  # obstore's errors for a URL it cannot use
+                raise ValueError(f"{url}: not a store URL obstore can open ({exc})") from exc
+
+    def get(self, key: str) -> bytes | None:
+        """An object's bytes; None if there is none."""
+        from obstore.exceptions import NotFoundError as Missing
+
+        try:
+            return bytes(self._obstore.get(self._store, key).bytes())
+        except (Missing, FileNotFoundError):
+            return None
+
+    def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes]:
+        """The byte ranges [start, end) of an object; FileNotFoundError if it is missing."""
+        from obstore.exceptions import NotFoundError as Missing
+
+        try:
+            got = self._obstore.get_ranges(self._store, key, starts=[s for s, _ in spans],
+                                           ends=[e for _, e in spans])
+        except Missing as exc:
+            raise FileNotFoundError(f"{self.url}/{key}") from exc
+        return [bytes(b) for b in got]
+
+    def put(self, key: str, data: bytes, *, create: bool = False) -> bool:
+        """Write an object; with ``create``, only if absent (False if it was there)."""
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            self._obstore.put(self._store, key, data, mode="create" if create else "overwrite")
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
+    def list(self, prefix: str, after: str | None = None) -> list[dict[str, Any]]:
+        """Objects under ``prefix`` (keys after ``after``, if given), by key."""
+        found: list[dict[str, Any]] = []
+        for batch in self._obstore.list(self._store, prefix=prefix, offset=after):
+            found.extend(batch)
+        found.sort(key=lambda meta: meta["path"])
+        return found
+
+    def delete(self, key: str) -> None:
+        from obstore.exceptions import NotFoundError as Missing
+
+        try:
+            self._obstore.delete(self._store, key)
+        except (Missing, FileNotFoundError):
+            pass  # gone already
+
+
+# -- the log and what it says ----------------------------------------------------------
+
+
+@dataclass
+class State:
+    """The remote as its log tells it, up to entry ``seq``."""
+
+    seq: int = 0
+    last: dict[str, int] = field(default_factory=dict)  # model: last number given out
+    versions: dict[str, dict[str, Any]] = field(default_factory=dict)  # uuid: entry
+    aliases: dict[str, dict[str, str]] = field(default_factory=dict)  # model: alias: uuid
+
+    def apply(self, events: Iterable[dict[str, Any]]) -> None:
+        """Replay one entry's events. An event naming what is not there does nothing,
+        so every reader replays a log to the same state."""
+        for event in events:
+            op = event.get("op")
+            uuid = event.get("uuid")
+            if op == "add" and uuid not in self.versions:
+                model = event["model"]
+                number = event["number"]
+                if not isinstance(number, int) or number <= self.last.get(model, 0):
+                    number = self.last.get(model, 0) + 1  # a claim already taken
+                self.last[model] = number
+                self.versions[uuid] = {"model": model, "number": number, "tags": {},
+                                       **{k: event.get(k) for k in ("created_at", "kind",
+                                                                   "size")}}
+            elif op == "alias" and (uuid is None or uuid in self.versions):
+                aliases = self.aliases.setdefault(event["model"], {})
+                if uuid is None:
+                    aliases.pop(event["alias"], None)
+                elif self.versions[uuid]["model"] == event["model"]:
+                    aliases[event["alias"]] = uuid
+            elif op == "tag" and uuid in self.versions:
+                tags = self.versions[uuid]["tags"]
+                if event.get("value") is None:
+                    tags.pop(event["key"], None)
+                else:
+                    tags[event["key"]] = event["value"]
+            elif op == "delete" and uuid in self.versions:
+                model = self.versions.pop(uuid)["model"]
+                for alias, target in list(self.aliases.get(model, {}).items()):
+                    if target == uuid:
+                        del self.aliases[model][alias]
+
+    def resolve(self, text: str) -> str:
+        """The uuid of the version ``text`` (name, name:N, name@alias) names."""
+        ref = parse_ref(text)
+        mine = {u: v for u, v in self.versions.items() if v["model"] == ref.name}
+        if not mine:
+            raise NotFoundError(f"no model {ref.name!r} on the remote")
+        if ref.alias is not None:
+            if ref.alias not in self.aliases.get(ref.name, {}):
+                raise NotFoundError(f"no alias {ref.name}@{ref.alias} on the remote")
+            return self.aliases[ref.name][ref.alias]
+        if ref.version is None:
+            return max(mine, key=lambda u: mine[u]["number"])
+        for uuid, entry in mine.items():
+            if entry["number"] == ref.version:
+                return uuid
+        raise NotFoundError(f"no version {ref.name}:{ref.version} on the remote")
+
+    def record(self, uuid: str) -> RemoteVersion:
+        entry = self.versions[uuid]
+        aliases = tuple(sorted(a for a, u in self.aliases.get(entry["model"], {}).items()
+                               if u == uuid))
+        return RemoteVersion(entry["model"], entry["number"], uuid, entry["created_at"],
+                             entry["kind"], entry["size"], aliases, dict(entry["tags"]))
+
+    def dump(self) -> dict[str, Any]:
+        return {"seq": self.seq, "last": self.last, "versions": self.versions,
+                "aliases": self.aliases}
+
+
+def _log_key(seq: int) -> str:
+    return f"log/{seq:012d}.json"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class Remote:
+    """A modelvault remote at ``url``."""
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None,
+                 single_writer: bool = False) -> None:
+        self.url = url
+        self.store = Store(url, endpoint_url=endpoint_url)
+        self.single_writer = single_writer
+        self._state = State()
+        self._index: dict[str, dict[str, Any]] = {}  # chunk hash: where it is
+        self._indexed: set[str] = set()  # pack objects read into _index
+        self._probed = False
+
+    # -- reading ----------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.store.get(DESCRIPTOR) is not None
+
+    def _check_descriptor(self, *, create: bool) -> None:
+        data = self.store.get(DESCRIPTOR)
+        if data is None:
+            if not create:
+                raise NotFoundError(f"{self.url}: no modelvault remote here (push to it first)")
+            self.store.put(DESCRIPTOR, _dumps({"format": "modelvault-remote",
+                                               "version": FORMAT, "hash": "blake3"}),
+                           create=True)
+            data = self.store.get(DESCRIPTOR)
+        try:
+            found = json.loads(data or b"")
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or found.get("format") != "modelvault-remote":
+            raise RemoteError(f"{self.url}: {DESCRIPTOR} is not a modelvault remote's")
+        if found.get("version") != FORMAT:
+            raise RemoteError(f"{self.url}: remote format {found.get('version')}; this "
+                              f"modelvault reads format {FORMAT}: upgrade modelvault")
+
+    def state(self) -> State:
+        """Replay the log from the last checkpoint (or the state read before)."""
+        state = self._state
+        if state.seq == 0:
+            points = self.store.list("checkpoints/")
+            if points:
+                data = self.store.get(points[-1]["path"])
+                try:
+                    saved = json.loads(data or b"")
+                    state = State(saved["seq"], saved["last"], saved["versions"],
+                                  saved["aliases"])
+                except (ValueError, KeyError, TypeError):
+                    state = State()  # a damaged checkpoint: the log alone decides
+        for meta in self.store.list("log/", after=_log_key(state.seq)):
+            seq = int(meta["path"].rsplit("/", 1)[1].split(".")[0])
+            if seq != state.seq + 1:
+                break  # a gap: entries are created in order, so it is one being made
+            entry = json.loads(self.store.get(meta["path"]) or b"{}")
+            state.apply(entry.get("events", []))
+            state.seq = seq
+        self._state = state
+        return state
+
+    def versions(self) -> list[RemoteVersion]:
+        """Every version on the remote, by model and number (no weights read)."""
+        self._check_descriptor(create=False)
+        state = self.state()
+        return sorted((state.record(u) for u in state.versions),
+                      key=lambda r: (r.name, r.version))
+
+    def index(self) -> dict[str, dict[str, Any]]:
+        """Every chunk on the remote by hash: its pack object, blob and place."""
+        for meta in self.store.list("packs/"):
+            key = meta["path"]
+            if not key.endswith(".idx") or key in self._indexed:
+                continue
+            try:
+                idx = json.loads(self.store.get(key) or b"")
+                pack = idx["pack"]
+                blobs = idx["blobs"]
+                for row in idx["chunks"]:
+                    entry = dict(zip(_CHUNK_FIELDS, row, strict=True))
+                    entry["pack"] = pack
+                    entry["span"] = blobs[entry["blob"]]
+                    self._index.setdefault(entry["hash"], entry)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IntegrityError(f"{self.url}/{key}: unreadable pack index ({exc})"
+                                     ) from exc
+            self._indexed.add(key)
+        return self._index
+
+    def manifest(self, uuid: str) -> dict[str, Any]:
+        key = f"versions/{uuid}.json"
+        data = self.store.get(key)
+        if data is None:
+            raise IntegrityError(f"{self.url}/{key} is missing: the log names it")
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise IntegrityError(f"{self.url}/{key}: unreadable ({exc})") from exc
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """Refuse an endpoint that ignores create-only writes (rclone's serve s3 does):
+        two pushers there would overwrite each other's log entries."""
+        if self._probed or self.single_writer:
+            return
+        key = f"probe/{secrets.token_hex(8)}"
+        first = self.store.put(key, b"1", create=True)
+        second = self.store.put(key, b"2", create=True)
+        self.store.delete(key)
+        if not (first and not second):
+            raise RemoteError(
+                f"{self.url}: this endpoint ignores conditional writes (If-None-Match), so "
+                "two writers could overwrite each other's log entries; if only one process "
+                "ever writes to it, pass single_writer=True (--single-writer)")
+        self._probed = True
+
+    def commit(self, make: Callable[[State], list[dict[str, Any]]]) -> tuple[State, int]:
+        """Append the events ``make`` gives for the current state as the next log entry,
+        reading and trying again when another writer took that entry first. Returns the
+        state after it and the entry's number (0 if ``make`` gave no events)."""
+        while True:
+            state = self.state()
+            events = make(state)
+            if not events:
+                return state, 0
+            entry = {"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
+                     f"{socket.gethostname()}", "events": events}
+            seq = state.seq + 1
+            if self.store.put(_log_key(seq), _dumps(entry), create=True):
+                state.apply(events)
+                state.seq = seq
+                if seq % CHECKPOINT_EVERY == 0:
+                    self.store.put(f"checkpoints/{seq:012d}.json", _dumps(state.dump()),
+                                   create=True)
+                return state, seq
+
+    def _lock(self, kind: str) -> str:
+        """Create a lock object (``push-...`` or ``gc``); RemoteError if the other kind
+        holds the remote. Both sides create theirs, then look for the other's, so at
+        least one of two racing sees the other."""
+        key = f"locks/{kind}-{secrets.token_hex(8)}.json" if kind == "push" else "locks/gc.json"
+        body = _dumps({"expires": time.time() + LOCK_LIFE, "by": socket.gethostname()})
+        if not self.store.put(key, body, create=True):
+            if not self._expired(key):
+                raise RemoteError(f"{self.url}: a remote gc is running (locks/gc.json); "
+                                  "try again when it is done")
+            self.store.delete(key)
+            if not self.store.put(key, body, create=True):
+                raise RemoteError(f"{self.url}: a remote gc is running; try again later")
+        other = "locks/gc.json" if kind == "push" else "locks/push-"
+        held = [m["path"] for m in self.store.list("locks/")
+                if m["path"].startswith(other) and not self._expired(m["path"])]
+        if held:
+            self.store.delete(key)
+            what = "a remote gc is running" if kind == "push" else "a push is in progress"
+            raise RemoteError(f"{self.url}: {what} ({held[0]}); try again when it is done")
+        return key
+
+    def _expired(self, key: str) -> bool:
+        data = self.store.get(key)
+        try:
+            return data is None or json.loads(data)["expires"] < time.time()
+        except (ValueError, KeyError, TypeError):
+            return True
+
+    # -- gc ----------------------------------------------------------------------------
+
+    def delete(self, ref: str) -> RemoteVersion:
+        """Delete a version on the remote (its bytes go at the next remote gc)."""
+        self._check_descriptor(create=False)
+        self._probe()
+        found: list[RemoteVersion] = []
+
+        def make(state: State) -> list[dict[str, Any]]:
+            uuid = state.resolve(ref)
+            found[:] = [state.record(uuid)]
+            return [{"op": "delete", "uuid": uuid}]
+
+        self.commit(make)
+        return found[0]
+
+    def gc(self, grace: float = GRACE) -> RemoteGcReport:
+        """Delete pack objects no version on the remote uses, and manifests of deleted
+        versions, that are older than ``grace`` seconds; a push in flight stops it."""
+        self._check_descriptor(create=False)
+        self._probe()
+        lock = self._lock("gc")
+        try:
+            state = self.state()
+            index = self.index()
+            live: set[str] = set()
+            for uuid in state.versions:
+                for hashes in self.manifest(uuid)["chunks"]:
+                    live.update(hashes)
+            todo = list(live)
+            while todo:  # and their delta bases
+                base = index.get(todo.pop(), {}).get("base")
+                if base and base not in live:
+                    live.add(base)
+                    todo.append(base)
+            used = {index[h]["pack"] for h in live if h in index}
+            cutoff = time.time() - grace
+            removed = freed = 0
+            for meta in self.store.list("packs/") + self.store.list("versions/"):
+                key = meta["path"]
+                if meta["last_modified"].timestamp() > cutoff:
+                    continue
+                name = key.rsplit("/", 1)[1].split(".")[0]
+                dead = (name not in state.versions if key.startswith("versions/")
+                        else name not in used)
+                if dead:
+                    self.store.delete(key)
+                    removed += 1
+                    freed += meta["size"]
+                    self._indexed.discard(key)
+            self._index = {h: e for h, e in self._index.items() if e["pack"] in used}
+            return RemoteGcReport(removed, freed)
+        finally:
+            self.store.delete(lock)
+
+
+# -- push ---------------------------------------------------------------------------------
+
+
+def _manifest(db: Any, row: Any, hashes: list[list[str]], lineage: bool) -> dict[str, Any]:
+    """A version's rows, as the remote keeps them (docs/remote.md)."""
+    columns = ", ".join(f"v.{f}" for f in _VERSION_FIELDS)
+    values = db.execute(f"SELECT {columns}, e.json FROM versions v LEFT JOIN environments e "
+                        "ON e.id = v.environment_id WHERE v.id = ?", (row.id,)).fetchone()
+    parts = [dict(zip(_PART_FIELDS, r, strict=True)) for r in db.execute(
+        f"SELECT {', '.join(_PART_FIELDS)} FROM parts WHERE version_id = ? ORDER BY part",
+        (row.id,))]
+    found = db.execute("SELECT parent, source FROM lineage WHERE version_id = ?",
+                       (row.id,)).fetchone() if lineage else None
+    return {"format": FORMAT, "model": row.name,
+            "version": dict(zip(_VERSION_FIELDS, values[:-1], strict=True)),
+            "environment": values[-1], "parts": parts, "chunks": hashes,
+            "lineage": None if found is None else {"parent": found[0], "source": found[1]}}
+
+
+def push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushReport:
+    remote._check_descriptor(create=True)
+    remote._probe()
+    lock = remote._lock("push")
+    try:
+        return _push(vault, remote, refs)
+    finally:
+        remote.store.delete(lock)
+
+
+def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushReport:
+    connection, catalog = vault._connection, vault._catalog
+    state = remote.state()
+    with connection.lock, connection.read() as db:
+        rows = ([catalog.resolve(r) for r in refs] if refs is not None
+                else catalog.rows())
+        rows = list({r.id: r for r in rows}.values())
+        new = [r for r in rows if r.uuid not in state.versions]
+        lineage = connection.format >= 5
+        manifests, chunk_ids = {}, set()
+        for row in new:
+            contents = catalog.contents(row)
+            catalog.check(row, contents)
+            manifests[row.uuid] = _manifest(db, row, [[c.hash for c in chunks]
+                                                      for chunks in contents.chunks], lineage)
+            chunk_ids.update(c.id for chunks in contents.chunks for c in chunks)
+        # The chunks and their delta bases, by id, pinned so that no gc here takes them
+        # while they upload (after this read, which may end before the upload does).
+        closure = _with_bases(db, chunk_ids)
+        pin = _pins.Pin(connection.lock_file, closure)
+        labels = {r.uuid: (r.name, r) for r in rows}
+        aliases = {(name, a): uuid for uuid, (name, _) in labels.items()
+                   for (a,) in db.execute(
+                       "SELECT a.alias FROM aliases a JOIN versions v ON v.id = a.version_id "
+                       "WHERE v.uuid = ?", (uuid,))}
+        tags = {uuid: dict(db.execute("SELECT t.key, t.value FROM tags t JOIN versions v "
+                                      "ON v.id = t.version_id WHERE v.uuid = ?", (uuid,)))
+                for uuid in labels}
+    try:
+        index = remote.index()
+        sent = _upload(vault, remote, closure, index)
+    finally:
+        pin.release()
+    for uuid, manifest in manifests.items():
+        remote.store.put(f"versions/{uuid}.json", _dumps(manifest), create=True)
+
+    def make(state: State) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        last = dict(state.last)
+        for row in sorted(new, key=lambda r: (r.name, r.version)):
+            if row.uuid in state.versions:
+                continue  # another pusher brought it meanwhile
+            # Its number here, unless the remote gave it out: then the next one there.
+            number = row.version if row.version > last.get(row.name, 0) else (
+                last.get(row.name, 0) + 1)
+            last[row.name] = number
+            manifest = manifests[row.uuid]["version"]
+            events.append({"op": "add", "model": row.name, "uuid": row.uuid,
+                           "number": number, "created_at": manifest["created_at"],
+                           "kind": manifest["kind"], "size": manifest["size"]})
+        known = {e["uuid"] for e in events} | set(state.versions)
+        for (name, alias), uuid in sorted(aliases.items()):
+            if uuid in known and state.aliases.get(name, {}).get(alias) != uuid:
+                events.append({"op": "alias", "model": name, "alias": alias, "uuid": uuid})
+        for uuid, mine in sorted(tags.items()):
+            theirs = state.versions.get(uuid, {}).get("tags", {})
+            for key, value in sorted(mine.items()):
+                if uuid in known and theirs.get(key) != value:
+                    events.append({"op": "tag", "uuid": uuid, "key": key, "value": value})
+        return events
+
+    state, _ = remote.commit(make)
+    added = tuple(state.record(r.uuid) for r in new if r.uuid in state.versions)
+    return PushReport(added, sent.chunks, sent.bytes)
+
+
+def _with_bases(db: Any, ids: set[int]) -> set[int]:
+    found = set(ids)
+    todo = list(ids)
+    while todo:
+        some, todo = todo[:500], todo[500:]
+        for (base,) in db.execute(f"SELECT base_id FROM chunks WHERE id IN "
+                                  f"({','.join('?' * len(some))}) AND base_id IS NOT NULL",
+                                  some):
+            if base not in found:
+                found.add(base)
+                todo.append(base)
+    return found
+
+
+@dataclass
+class _Sent:
+    chunks: int = 0
+    bytes: int = 0
+
+
+def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any]) -> _Sent:
+    """Upload, in pack objects, the chunks among ``ids`` the remote lacks."""
+    connection = vault._connection
+    sent = _Sent()
+    with connection.lock, connection.read() as db:
+        rows = []
+        for first in range(0, len(ids), 500):
+            some = sorted(ids)[first:first + 500]
+            rows += db.execute(
+                "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, c.pack_id, "
+                "c.start, c.length FROM chunks c LEFT JOIN chunks b ON b.id = c.base_id "
+                f"WHERE c.id IN ({','.join('?' * len(some))})", some).fetchall()
+    missing = sorted((r for r in rows if r[1] not in index), key=lambda r: (r[6], r[7]))
+    if not missing:
+        return sent
+    total = sum(r[8] for r in missing)
+    with vault._progress(total, f"push to {remote.url}") as advance:
+        writer = _PackWriter(remote, sent, advance)
+        for pack_id, group in _by_pack(missing):
+            with connection.lock, connection.read() as db:
+                found = db.execute("SELECT codec, size, data FROM packs WHERE id = ?",
+                                   (pack_id,)).fetchone()
+                whole = db.execute("SELECT count(*) FROM chunks WHERE pack_id = ?",
+                                   (pack_id,)).fetchone()[0] == len(group)
+            if found is None:
+                raise IntegrityError(f"{vault.path}: pack {pack_id} is missing; run verify()")
+            codec, size, data = found
+            if whole:  # every chunk of it goes: the pack as it is
+                writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
+                continue
+            content = _chunks.pack_content(codec, size, data)
+            if isinstance(content, str):
+                raise IntegrityError(f"{vault.path}: pack {pack_id}: {content}")
+            pieces = [content[r[7]:r[7] + r[8]] for r in group]
+            if codec == "raw":
+                writer.add("raw", sum(map(len, pieces)), b"".join(pieces),
+                           _placed(group, pieces))
+            else:  # a solid pack's chunks, compressed together again
+                new_codec, packed = _chunks.solid(pieces)
+                writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
+        writer.flush()
+    return sent
+
+
+def _placed(group: list[Any], pieces: list[bytes]) -> list[tuple[Any, int]]:
+    starts, at = [], 0
+    for piece in pieces:
+        starts.append(at)
+        at += len(piece)
+    return list(zip(group, starts, strict=True))
+
+
+def _by_pack(rows: list[Any]) -> Iterator[tuple[int, list[Any]]]:
+    group: list[Any] = []
+    for row in rows:
+        if group and group[-1][6] != row[6]:
+            yield group[0][6], group
+            group = []
+        group.append(row)
+    if group:
+        yield group[0][6], group
+
+
+class _PackWriter:
+    """Blobs (vault packs) gathered into pack objects of about PACK_OBJECT bytes, each
+    uploaded with its index once full."""
+
+    def __init__(self, remote: Remote, sent: _Sent, advance: Callable[[int], Any]) -> None:
+        self._remote = remote
+        self._sent = sent
+        self._advance = advance
+        self._blobs: list[bytes] = []
+        self._spans: list[list[Any]] = []
+        self._chunks: list[list[Any]] = []
+        self._bytes = 0
+
+    def add(self, codec: str, size: int, data: bytes, placed: list[tuple[Any, int]]) -> None:
+        blob = len(self._blobs)
+        self._spans.append([self._bytes, self._bytes + len(data), codec, size])
+        self._blobs.append(data)
+        self._bytes += len(data)
+        for row, start in placed:
+            self._chunks.append([row[1], row[2], row[3], row[4], row[5], blob, start, row[8]])
+        self._advance(sum(row[8] for row, _ in placed))
+        if self._bytes >= PACK_OBJECT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._blobs:
+            return
+        data = b"".join(self._blobs)
+        # Named by its bytes and what its index says of them: equal bytes can hold other
+        # chunks (the same XOR delta between two other pairs of versions).
+        described = _dumps({"blobs": self._spans, "chunks": self._chunks})
+        name = _chunks.chunk_hash(data + described)
+        store = self._remote.store
+        # Data first, then its index: an index never names bytes that are not there.
+        store.put(f"packs/{name}.pack", data)
+        store.put(f"packs/{name}.idx", _dumps({"pack": name, "blobs": self._spans,
+                                                "chunks": self._chunks}))
+        self._sent.chunks += len(self._chunks)
+        self._sent.bytes += len(data)
+        self._blobs, self._spans, self._chunks, self._bytes = [], [], [], 0
+
+
+# -- pull ---------------------------------------------------------------------------------
+
+
+def pull(vault: Vault, remote: Remote, refs: Sequence[str] | None) -> MergeReport:
+    remote._check_descriptor(create=False)
+    state = remote.state()
+    wanted = ([state.resolve(r) for r in refs] if refs is not None
+              else list(state.versions))
+    with vault._connection.lock, vault._connection.read() as db:
+        here = {u for (u,) in db.execute("SELECT uuid FROM versions")}
+    todo = sorted({u for u in wanted if u not in here},
+                  key=lambda u: (state.versions[u]["model"], state.versions[u]["number"]))
+    added: list[Any] = []
+    renumbered: list[Any] = []
+    conflicts: list[str] = []
+    for uuid in todo:  # one at a time: an interrupted pull keeps what it merged
+        report = _pull_one(vault, remote, state, uuid)
+        added += report.added
+        renumbered += report.renumbered
+        conflicts += report.conflicts
+    # Labels of versions already here: aliases and tags the remote has and we lack.
+    for uuid in wanted:
+        if uuid in here:
+            conflicts += _labels(vault, state, uuid)
+    return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts))
+
+
+def _labels(vault: Vault, state: State, uuid: str) -> list[str]:
+    from ._refs import Ref
+
+    entry = state.versions[uuid]
+    record = state.record(uuid)
+    conflicts = []
+    mine = next(v for v in vault.versions(entry["model"]) if v.id == uuid)
+    for alias in record.aliases:
+        try:
+            current = vault._catalog.resolve(Ref(entry["model"], alias=alias)).uuid
+        except NotFoundError:
+            current = None
+        if current is None:
+            vault.alias(mine, alias)
+        elif current != uuid:
+            conflicts.append(f"{entry['model']}@{alias}: another version here than on "
+                             "the remote (kept this one)")
+    new = {k: v for k, v in record.tags.items() if k not in mine.tags}
+    if new:
+        vault.tag(mine, **new)
+    conflicts += [f"{mine.name}:{mine.version} tag {k}: {mine.tags[k]!r} here, {v!r} on "
+                  "the remote" for k, v in record.tags.items()
+                  if k in mine.tags and mine.tags[k] != v]
+    return conflicts
+
+
+def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeReport:
+    from ._vault import Vault as _Vault
+
+    manifest = remote.manifest(uuid)
+    key = f"{remote.url}/versions/{uuid}.json"
+    try:
+        version = manifest["version"]
+        if version["uuid"] != uuid or manifest["model"] != state.versions[uuid]["model"]:
+            raise ValueError("it names another version")
+        hashes = manifest["chunks"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"{key}: not this version's manifest ({exc}); nothing was "
+                             "pulled") from exc
+    index = remote.index()
+    connection = vault._connection
+    wanted = {h for part in hashes for h in part}
+    todo = list(wanted)
+    while todo:  # delta bases, from the remote's index
+        base = index.get(todo.pop(), {}).get("base")
+        if base and base not in wanted:
+            wanted.add(base)
+            todo.append(base)
+    with connection.lock, connection.read() as db:
+        here = _present(db, wanted)
+        pin = _pins.Pin(connection.lock_file, [i for i, _ in here.values()])  # till merged
+    try:
+        missing = sorted(wanted - set(here))
+        lost = [h for h in missing if h not in index]
+        if lost:
+            raise IntegrityError(f"{remote.url}: chunk {lost[0]} of {key} is in no pack on "
+                                 "the remote; nothing was pulled", chunk=lost[0])
+        bundle = Path(f"{vault.path}.pull-{secrets.token_hex(4)}")
+        try:
+            with _Vault(bundle, progress=False) as into:
+                _fill(into, remote, state, uuid, manifest, missing, here, index, vault)
+            try:
+                return vault._copy_from(bundle, None, check=True, action="pull")
+            except IntegrityError as exc:
+                where = index.get(exc.chunk or "", {}).get("pack")
+                if where is None:
+                    raise
+                raise IntegrityError(f"{remote.url}/packs/{where}.pack: {exc}",
+                                     chunk=exc.chunk) from exc
+        finally:
+            for leftover in (bundle, Path(f"{bundle}-journal"), Path(f"{bundle}-lock")):
+                if leftover.exists():
+                    leftover.unlink()
+    finally:
+        pin.release()
+
+
+def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:
+    """The chunks among ``hashes`` this vault has: (id, size) by hash."""
+    found: dict[str, tuple[int, int]] = {}
+    ordered = sorted(hashes)
+    for first in range(0, len(ordered), 500):
+        some = ordered[first:first + 500]
+        found.update((h, (i, n)) for h, i, n in db.execute(
+            f"SELECT hash, id, size FROM chunks WHERE hash IN ({','.join('?' * len(some))})",
+            some))
+    return found
+
+
+def _fill(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],
+          missing: list[str], here: dict[str, tuple[int, int]], index: dict[str, Any],
+          vault: Vault) -> None:
+    """Write the version ``uuid`` into the empty vault ``into``: its rows from the
+    manifest, the chunks ``missing`` here from the remote's packs, and a row with no
+    bytes for each chunk ``here`` has (the copier takes those from ``here``)."""
+    entry = state.versions[uuid]
+    version = manifest["version"]
+    by_object: dict[str, set[int]] = {}
+    for h in missing:
+        by_object.setdefault(index[h]["pack"], set()).add(index[h]["blob"])
+    total = sum(index[h]["size"] for h in missing)
+    with into._connection.write() as db, vault._progress(
+            total, f"pull {entry['model']}:{entry['number']}") as advance:
+        ids: dict[str, int] = {}
+        empty = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')"
+                           ).lastrowid
+        rows: list[tuple[Any, ...]] = []
+        for name, blobs in sorted(by_object.items()):
+            key = f"packs/{name}.pack"
+            chosen = sorted(blobs)
+            spans = [index[next(h for h in missing if index[h]["pack"] == name
+                                and index[h]["blob"] == b)]["span"] for b in chosen]
+            try:
+                datas = remote.store.ranges(key, [(s[0], s[1]) for s in spans])
+            except FileNotFoundError as exc:
+                raise IntegrityError(f"{remote.url}/{key} is missing: its index names "
+                                     "chunks of this version; nothing was pulled") from exc
+            packs = {}
+            for blob, span, data in zip(chosen, spans, datas, strict=True):
+                packs[blob] = db.execute("INSERT INTO packs (codec, size, data) VALUES "
+                                         "(?, ?, ?)", (span[2], span[3], data)).lastrowid
+            for h in missing:
+                e = index[h]
+                if e["pack"] == name:
+                    rows.append((h, e["size"], e["codec"], e["itemsize"], e["base"],
+                                 packs[e["blob"]], e["start"], e["length"]))
+                    advance(e["size"])
+        for h, (_, size) in sorted(here.items()):  # no bytes: merge takes ours
+            ids[h] = db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
+                                "pack_id, start, length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, "
+                                "0)", (h, size, empty)).lastrowid
+        for h, size, codec, itemsize, _, pack, start, length in rows:
+            ids[h] = db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
+                                "pack_id, start, length) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                                (h, size, codec, itemsize, pack, start, length)).lastrowid
+        for h, *_rest in rows:
+            base = index[h]["base"]
+            if base:
+                db.execute("UPDATE chunks SET base_id = ? WHERE id = ?", (ids[base], ids[h]))
+        model_id = db.execute("INSERT INTO models (name, created_at, last_version) VALUES "
+                              "(?, ?, ?)", (entry["model"], version["created_at"],
+                                            state.last[entry["model"]])).lastrowid
+        env = manifest.get("environment")
+        env_id = into._catalog.environment_id(env) if env is not None else None
+        columns = ", ".join(_VERSION_FIELDS)
+        version_id = db.execute(
+            f"INSERT INTO versions ({columns}, model_id, version, environment_id) VALUES "
+            f"({','.join('?' * len(_VERSION_FIELDS))}, ?, ?, ?)",
+            [*(version[f] for f in _VERSION_FIELDS), model_id, entry["number"], env_id]
+        ).lastrowid
+        if manifest.get("lineage") is not None:
+            db.execute("INSERT INTO lineage (version_id, parent, source) VALUES (?, ?, ?)",
+                       (version_id, manifest["lineage"]["parent"],
+                        manifest["lineage"]["source"]))
+        db.executemany(f"INSERT INTO parts (version_id, {', '.join(_PART_FIELDS)}) VALUES "
+                       f"(?, {','.join('?' * len(_PART_FIELDS))})",
+                       [(version_id, *(p[f] for f in _PART_FIELDS)) for p in manifest["parts"]])
+        db.executemany("INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES "
+                       "(?, ?, ?, ?)", [(version_id, i, seq, ids[h])
+                                        for i, part in enumerate(manifest["chunks"])
+                                        for seq, h in enumerate(part)])
+        db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
+                       [(version_id, k, v) for k, v in entry["tags"].items()])
+        db.executemany("INSERT INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
+                       [(model_id, a, version_id)
+                        for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
+        # The version as the manifest gives it must be the one signed and digested.
+        row = into._catalog.resolve(Ref(entry["model"], version=entry["number"]))
+        try:
+            into._catalog.check(row, into._catalog.contents(row))
+            from . import _trust
+
+            if _trust.signature_status(row.manifest, row.key_id, row.signature,
+                                       _trust.trusted()) == "invalid":
+                raise row.error("signature does not match: the manifest was changed after "
+                                "the version was signed")
+        except IntegrityError as exc:
+            raise IntegrityError(f"{remote.url}/versions/{uuid}.json: {exc}; nothing was "
+                                 "pulled") from exc
+
+
+def clone(url: str, path: Path, refs: Sequence[str] | None, **options: Any) -> Path:
+    """A new vault at ``path`` holding the remote's versions (or ``refs``)."""
+    from . import _atomic
+    from ._vault import Vault
+
+    if path.exists():
+        raise FileExistsError(f"{path} exists; clone makes a new vault")
+    remote = Remote(url, **options)
+    partial = _atomic.scratch_path(path, ".partial")
+    try:
+        with Vault(partial) as vault:
+            pull(vault, remote, refs)
+        _atomic.fsync(partial)
+        os.replace(partial, path)
+    finally:
+        for leftover in (partial, Path(f"{partial}-journal")):
+            if leftover.exists():
+                leftover.unlink()
+    return path

