@@ -126,8 +126,9 @@ class Store:
             raise FileNotFoundError(f"{self.url}/{key}") from exc
         return [bytes(b) for b in got]
 
-    def put(self, key: str, data: bytes, *, create: bool = False) -> bool:
-        """Write an object; with ``create``, only if absent (False if it was there)."""
+    def put(self, key: str, data: bytes | list[bytes], *, create: bool = False) -> bool:
+        """Write an object (``data``: its bytes, or its pieces in order); with ``create``,
+        only if absent (False if it was there)."""
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         try:
@@ -593,30 +594,39 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any]) 
     total = sum(r[8] for r in missing)
     with vault._progress(total, f"push to {remote.url}") as advance:
         writer = _PackWriter(remote, sent, advance)
-        for pack_id, group in _by_pack(missing):
-            with connection.lock, connection.read() as db:
-                found = db.execute("SELECT codec, size, data FROM packs WHERE id = ?",
-                                   (pack_id,)).fetchone()
-                whole = db.execute("SELECT count(*) FROM chunks WHERE pack_id = ?",
-                                   (pack_id,)).fetchone()[0] == len(group)
-            if found is None:
-                raise IntegrityError(f"{vault.path}: pack {pack_id} is missing; run verify()")
-            codec, size, data = found
-            if whole:  # every chunk of it goes: the pack as it is
-                writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
-                continue
-            content = _chunks.pack_content(codec, size, data)
-            if isinstance(content, str):
-                raise IntegrityError(f"{vault.path}: pack {pack_id}: {content}")
-            pieces = [content[r[7]:r[7] + r[8]] for r in group]
-            if codec == "raw":
-                writer.add("raw", sum(map(len, pieces)), b"".join(pieces),
-                           _placed(group, pieces))
-            else:  # a solid pack's chunks, compressed together again
-                new_codec, packed = _chunks.solid(pieces)
-                writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
-        writer.flush()
+        try:
+            _gather(vault, writer, missing)
+            writer.flush()
+        finally:
+            writer.shutdown()
     return sent
+
+
+def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
+    """Hand ``writer`` the chunk rows ``missing``, pack by pack of this vault."""
+    connection = vault._connection
+    for pack_id, group in _by_pack(missing):
+        with connection.lock, connection.read() as db:
+            found = db.execute("SELECT codec, size, data FROM packs WHERE id = ?",
+                               (pack_id,)).fetchone()
+            whole = db.execute("SELECT count(*) FROM chunks WHERE pack_id = ?",
+                               (pack_id,)).fetchone()[0] == len(group)
+        if found is None:
+            raise IntegrityError(f"{vault.path}: pack {pack_id} is missing; run verify()")
+        codec, size, data = found
+        if whole:  # every chunk of it goes: the pack as it is
+            writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
+            continue
+        content = _chunks.pack_content(codec, size, data)
+        if isinstance(content, str):
+            raise IntegrityError(f"{vault.path}: pack {pack_id}: {content}")
+        pieces = [content[r[7]:r[7] + r[8]] for r in group]
+        if codec == "raw":
+            writer.add("raw", sum(map(len, pieces)), b"".join(pieces),
+                       _placed(group, pieces))
+        else:  # a solid pack's chunks, compressed together again
+            new_codec, packed = _chunks.solid(pieces)
+            writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
 
 
 def _placed(group: list[Any], pieces: list[bytes]) -> list[tuple[Any, int]]:
@@ -640,9 +650,12 @@ def _by_pack(rows: list[Any]) -> Iterator[tuple[int, list[Any]]]:
 
 class _PackWriter:
     """Blobs (vault packs) gathered into pack objects of about PACK_OBJECT bytes, each
-    uploaded with its index once full."""
+    uploaded with its index once full, on a thread of its own: the next object is read
+    from the vault while the last one uploads (obstore lets go of the GIL)."""
 
     def __init__(self, remote: Remote, sent: _Sent, advance: Callable[[int], Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self._remote = remote
         self._sent = sent
         self._advance = advance
@@ -650,6 +663,8 @@ class _PackWriter:
         self._spans: list[list[Any]] = []
         self._chunks: list[list[Any]] = []
         self._bytes = 0
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="modelvault-push")
+        self._uploading: Any = None
 
     def add(self, codec: str, size: int, data: bytes, placed: list[tuple[Any, int]]) -> None:
         blob = len(self._blobs)
@@ -660,24 +675,44 @@ class _PackWriter:
             self._chunks.append([row[1], row[2], row[3], row[4], row[5], blob, start, row[8]])
         self._advance(sum(row[8] for row, _ in placed))
         if self._bytes >= PACK_OBJECT:
-            self.flush()
+            self._send()
 
-    def flush(self) -> None:
+    def _send(self) -> None:
         if not self._blobs:
             return
-        data = b"".join(self._blobs)
+        data = self._blobs  # uploaded piece by piece, never joined into one copy
         # Named by its bytes and what its index says of them: equal bytes can hold other
         # chunks (the same XOR delta between two other pairs of versions).
         described = _dumps({"blobs": self._spans, "chunks": self._chunks})
-        name = _chunks.chunk_hash(data + described)
-        store = self._remote.store
-        # Data first, then its index: an index never names bytes that are not there.
-        store.put(f"packs/{name}.pack", data)
-        store.put(f"packs/{name}.idx", _dumps({"pack": name, "blobs": self._spans,
-                                                "chunks": self._chunks}))
+        hasher = _chunks.blake3.blake3()
+        for blob in data:
+            hasher.update(blob)
+        hasher.update(described)
+        name = hasher.hexdigest()
+        index = _dumps({"pack": name, "blobs": self._spans, "chunks": self._chunks})
+        self._wait()
+        self._uploading = self._uploader.submit(self._upload, name, data, index)
         self._sent.chunks += len(self._chunks)
-        self._sent.bytes += len(data)
+        self._sent.bytes += self._bytes
         self._blobs, self._spans, self._chunks, self._bytes = [], [], [], 0
+
+    def _upload(self, name: str, data: list[bytes], index: bytes) -> None:
+        # Data first, then its index: an index never names bytes that are not there.
+        self._remote.store.put(f"packs/{name}.pack", data)
+        self._remote.store.put(f"packs/{name}.idx", index)
+
+    def _wait(self) -> None:
+        if self._uploading is not None:
+            uploading, self._uploading = self._uploading, None
+            uploading.result()
+
+    def flush(self) -> None:
+        """Send what is gathered and wait for every upload (raising what one raised)."""
+        self._send()
+        self._wait()
+
+    def shutdown(self) -> None:
+        self._uploader.shutdown(wait=True)
 
 
 # -- pull ---------------------------------------------------------------------------------
@@ -767,6 +802,9 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
         bundle = Path(f"{vault.path}.pull-{secrets.token_hex(4)}")
         try:
             with _Vault(bundle, progress=False) as into:
+                # Scratch, read once by the merge below: no journal, no fsync.
+                into._connection.db.execute("PRAGMA journal_mode = OFF")
+                into._connection.db.execute("PRAGMA synchronous = OFF")
                 _fill(into, remote, state, uuid, manifest, missing, here, index, vault)
             try:
                 return vault._copy_from(bundle, None, check=True, action="pull")
