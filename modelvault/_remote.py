@@ -165,6 +165,7 @@ class State:
     last: dict[str, int] = field(default_factory=dict)  # model: last number given out
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)  # uuid: entry
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)  # model: alias: uuid
+    deleted: set[str] = field(default_factory=set)  # uuids deleted there
 
     def apply(self, events: Iterable[dict[str, Any]]) -> None:
         """Replay one entry's events. An event naming what is not there does nothing,
@@ -178,6 +179,7 @@ class State:
                 if not isinstance(number, int) or number <= self.last.get(model, 0):
                     number = self.last.get(model, 0) + 1  # a claim already taken
                 self.last[model] = number
+                self.deleted.discard(uuid)
                 self.versions[uuid] = {"model": model, "number": number, "tags": {},
                                        **{k: event.get(k) for k in ("created_at", "kind",
                                                                    "size")}}
@@ -194,6 +196,7 @@ class State:
                 else:
                     tags[event["key"]] = event["value"]
             elif op == "delete" and uuid in self.versions:
+                self.deleted.add(uuid)
                 model = self.versions.pop(uuid)["model"]
                 for alias, target in list(self.aliases.get(model, {}).items()):
                     if target == uuid:
@@ -225,7 +228,41 @@ class State:
 
     def dump(self) -> dict[str, Any]:
         return {"seq": self.seq, "last": self.last, "versions": self.versions,
-                "aliases": self.aliases}
+                "aliases": self.aliases, "deleted": sorted(self.deleted)}
+
+
+def _cache_dir(url: str) -> Path | None:
+    """Where this machine keeps the pack indexes of the remote at ``url`` (None for
+    memory:// remotes, which live no longer than the process)."""
+    if url.startswith("memory://"):
+        return None
+    if os.environ.get("MODELVAULT_HOME"):
+        base = Path(os.environ["MODELVAULT_HOME"]) / "cache"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelvault"
+    import hashlib
+
+    return base / "remotes" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _read_cached(cache: Path | None, name: str) -> bytes | None:
+    try:
+        return None if cache is None else (cache / name).read_bytes()
+    except OSError:
+        return None
+
+
+def _write_cached(cache: Path | None, name: str, data: bytes) -> None:
+    """Keep ``data`` as ``name`` in the cache; a cache that cannot be written is skipped."""
+    if cache is None or not data:
+        return
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / f".{name}.{secrets.token_hex(4)}"
+        partial.write_bytes(data)
+        os.replace(partial, cache / name)
+    except OSError:
+        pass
 
 
 def _log_key(seq: int) -> str:
@@ -287,7 +324,7 @@ class Remote:
                 try:
                     saved = json.loads(data or b"")
                     state = State(saved["seq"], saved["last"], saved["versions"],
-                                  saved["aliases"])
+                                  saved["aliases"], set(saved["deleted"]))
                 except (ValueError, KeyError, TypeError):
                     state = State()  # a damaged checkpoint: the log alone decides
         for meta in self.store.list("log/", after=_log_key(state.seq)):
@@ -308,13 +345,24 @@ class Remote:
                       key=lambda r: (r.name, r.version))
 
     def index(self) -> dict[str, dict[str, Any]]:
-        """Every chunk on the remote by hash: its pack object, blob and place."""
-        for meta in self.store.list("packs/"):
-            key = meta["path"]
-            if not key.endswith(".idx") or key in self._indexed:
+        """Every chunk on the remote by hash: its pack object, blob and place.
+
+        Pack indexes never change once written (their names are their content's hash),
+        so they are kept in a cache folder on this machine: a push or pull lists the
+        pack objects and fetches only the indexes it has not seen.
+        """
+        cache = _cache_dir(self.url)
+        listed = [m["path"] for m in self.store.list("packs/") if m["path"].endswith(".idx")]
+        for key in listed:
+            if key in self._indexed:
                 continue
+            name = key.rsplit("/", 1)[1]
+            data = _read_cached(cache, name)
+            if data is None:
+                data = self.store.get(key) or b""
+                _write_cached(cache, name, data)
             try:
-                idx = json.loads(self.store.get(key) or b"")
+                idx = json.loads(data)
                 pack = idx["pack"]
                 blobs = idx["blobs"]
                 for row in idx["chunks"]:
@@ -322,10 +370,15 @@ class Remote:
                     entry["pack"] = pack
                     entry["span"] = blobs[entry["blob"]]
                     self._index.setdefault(entry["hash"], entry)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise IntegrityError(f"{self.url}/{key}: unreadable pack index ({exc})"
                                      ) from exc
             self._indexed.add(key)
+        if cache is not None and cache.is_dir():  # indexes a remote gc deleted
+            names = {key.rsplit("/", 1)[1] for key in listed}
+            for stale in os.listdir(cache):
+                if stale.endswith(".idx") and stale not in names:
+                    (cache / stale).unlink(missing_ok=True)
         return self._index
 
     def manifest(self, uuid: str) -> dict[str, Any]:
@@ -497,7 +550,9 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushRepor
         rows = ([catalog.resolve(r) for r in refs] if refs is not None
                 else catalog.rows())
         rows = list({r.id: r for r in rows}.values())
-        new = [r for r in rows if r.uuid not in state.versions]
+        # A version deleted on the remote goes back only if named: someone removed it.
+        new = [r for r in rows if r.uuid not in state.versions
+               and (refs is not None or r.uuid not in state.deleted)]
         lineage = connection.format >= 5
         manifests, chunk_ids = {}, set()
         for row in new:
