@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ._diff import Changes, Diff, EntryChange
 from ._errors import (
     CorruptVaultError,
     DiskFullError,
@@ -25,7 +26,6 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
-from ._diff import Changes, Diff, EntryChange
 from ._records import (
     MergeReport,
     ModelInfo,

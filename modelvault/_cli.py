@@ -551,6 +551,10 @@ def merge_command(vault: Path, other: Path) -> None:
 
 endpoint_option = click.option(
     "--endpoint-url", help="An S3-compatible server other than AWS (also AWS_ENDPOINT_URL).")
+single_writer_option = click.option(
+    "--single-writer", is_flag=True,
+    help="Use a store that ignores create-only writes: only if no other process ever "
+         "writes to it.")
 
 
 @cli.command("push")
@@ -558,9 +562,7 @@ endpoint_option = click.option(
 @click.argument("url")
 @click.argument("refs", nargs=-1)
 @endpoint_option
-@click.option("--single-writer", is_flag=True,
-              help="Use a store that ignores create-only writes: only if no other process "
-                   "ever writes to it.")
+@single_writer_option
 def push_command(vault: Path, url: str, refs: tuple[str, ...], endpoint_url: str | None,
                  single_writer: bool) -> None:
     """Send VAULT's versions (or REFS) to the remote URL, only the chunks it lacks.
@@ -668,11 +670,13 @@ def remote_ls_command(url: str, endpoint_url: str | None, as_json: bool) -> None
 @click.argument("url")
 @click.argument("ref")
 @endpoint_option
-def remote_rm_command(url: str, ref: str, endpoint_url: str | None) -> None:
+@single_writer_option
+def remote_rm_command(url: str, ref: str, endpoint_url: str | None, single_writer: bool
+                      ) -> None:
     """Delete the version REF on the remote URL (its bytes go at the next remote gc)."""
     from ._remote import Remote
 
-    gone = Remote(url, endpoint_url=endpoint_url).delete(ref)
+    gone = Remote(url, endpoint_url=endpoint_url, single_writer=single_writer).delete(ref)
     click.echo(f"deleted {gone.ref} on the remote")
 
 
@@ -681,11 +685,14 @@ def remote_rm_command(url: str, ref: str, endpoint_url: str | None) -> None:
 @endpoint_option
 @click.option("--grace", type=float, default=3600.0, show_default=True,
               help="Seconds: objects younger than this are never deleted.")
-def remote_gc_command(url: str, endpoint_url: str | None, grace: float) -> None:
+@single_writer_option
+def remote_gc_command(url: str, endpoint_url: str | None, grace: float,
+                      single_writer: bool) -> None:
     """Delete what no version on the remote URL uses any more (a push in flight stops it)."""
     from ._remote import Remote
 
-    click.echo(str(Remote(url, endpoint_url=endpoint_url).gc(grace)))
+    click.echo(str(Remote(url, endpoint_url=endpoint_url, single_writer=single_writer)
+                   .gc(grace)))
 
 
 @cli.command("gc")

@@ -59,8 +59,14 @@ _files: dict[str, _LockFile] = {}  # by the lock file's real path
 
 def _reset_after_fork() -> None:
     # A child inherits the descriptors but none of the locks: its pins start empty.
+    # Closing its copies drops no lock of the parent's (record locks are per process).
     global _guard
     _guard = threading.Lock()
+    for entry in _files.values():
+        try:
+            os.close(entry.fd)
+        except OSError:
+            pass
     _files.clear()
 
 
@@ -82,13 +88,14 @@ class Pin:
         self._path = path
         self._ids = sorted(set(ids))
         self._held = False
+        self._pid = os.getpid()  # a forked child inherits the object, not the locks
         if fcntl is None or not self._ids:
             return
         with _guard:
             self._held = _pin(self._path, self._ids)
 
     def release(self) -> None:
-        if not self._held:
+        if not self._held or os.getpid() != self._pid:
             return
         self._held = False
         with _guard:
@@ -114,7 +121,9 @@ def _pin(path: str, ids: list[int]) -> bool:
                 try:
                     fd, writable = os.open(path, os.O_RDONLY), False
                 except OSError:
-                    return False  # then no process can write the vault to gc it either
+                    # Nothing to lock in: a gc by a user who may write here would not
+                    # see this reader (docs/format.md says so).
+                    return False
             _lock(fd, fcntl.LOCK_SH, ids)
             try:
                 same = os.path.samestat(os.stat(path), os.fstat(fd))

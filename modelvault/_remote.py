@@ -20,6 +20,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,6 +83,7 @@ class Store:
 
         self.url = url.rstrip("/")
         self._obstore = obstore
+        self._folder: Path | None = None  # file:// only
         options: dict[str, Any] = {}
         client: dict[str, Any] = {}
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
@@ -95,35 +97,66 @@ class Store:
 
             self._store = _MEMORY.setdefault(self.url, MemoryStore())
         elif self.url.startswith("file://"):
-            path = Path(self.url[len("file://"):])
-            path.mkdir(parents=True, exist_ok=True)
-            from obstore.store import LocalStore
-
-            self._store = LocalStore(path)
+            # Made on the first write (a read of a mistyped path creates nothing).
+            self._folder = Path(self.url[len("file://"):])
+            self._store = None
         else:
             try:
                 self._store = from_url(self.url, client_options=client or None, **options)
             except Exception as exc:  # obstore's errors for a URL it cannot use
                 raise ValueError(f"{url}: not a store URL obstore can open ({exc})") from exc
 
+    def _reach(self, *, write: bool = False) -> Any:
+        """The obstore store; None for a file:// folder that does not exist (yet)."""
+        if self._store is None and self._folder is not None:
+            folder = self._folder
+            if not folder.is_dir():
+                if not write:
+                    return None
+                folder.mkdir(parents=True, exist_ok=True)
+            from obstore.store import LocalStore
+
+            self._store = LocalStore(folder)
+        return self._store
+
+    @contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """obstore's errors as ours, naming the object: a remote that refuses us (auth,
+        permissions, network) is a RemoteError, never a raw obstore exception."""
+        from obstore.exceptions import BaseError
+
+        try:
+            yield
+        except BaseError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RemoteError(f"{self.url}/{key}: {first}") from exc
+
     def get(self, key: str) -> bytes | None:
         """An object's bytes; None if there is none."""
         from obstore.exceptions import NotFoundError as Missing
 
-        try:
-            return bytes(self._obstore.get(self._store, key).bytes())
-        except (Missing, FileNotFoundError):
+        store = self._reach()
+        if store is None:
             return None
+        with self._errors(key):
+            try:
+                return bytes(self._obstore.get(store, key).bytes())
+            except (Missing, FileNotFoundError):
+                return None
 
     def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes]:
         """The byte ranges [start, end) of an object; FileNotFoundError if it is missing."""
         from obstore.exceptions import NotFoundError as Missing
 
-        try:
-            got = self._obstore.get_ranges(self._store, key, starts=[s for s, _ in spans],
-                                           ends=[e for _, e in spans])
-        except Missing as exc:
-            raise FileNotFoundError(f"{self.url}/{key}") from exc
+        store = self._reach()
+        if store is None:
+            raise FileNotFoundError(f"{self.url}/{key}")
+        with self._errors(key):
+            try:
+                got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],
+                                               ends=[e for _, e in spans])
+            except Missing as exc:
+                raise FileNotFoundError(f"{self.url}/{key}") from exc
         return [bytes(b) for b in got]
 
     def put(self, key: str, data: bytes | list[bytes], *, create: bool = False) -> bool:
@@ -131,27 +164,37 @@ class Store:
         only if absent (False if it was there)."""
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
-        try:
-            self._obstore.put(self._store, key, data, mode="create" if create else "overwrite")
-        except (AlreadyExistsError, PreconditionError):
-            return False
+        store = self._reach(write=True)
+        with self._errors(key):
+            try:
+                self._obstore.put(store, key, data, mode="create" if create else "overwrite")
+            except (AlreadyExistsError, PreconditionError):
+                return False
         return True
 
     def list(self, prefix: str, after: str | None = None) -> list[dict[str, Any]]:
         """Objects under ``prefix`` (keys after ``after``, if given), by key."""
+        store = self._reach()
+        if store is None:
+            return []
         found: list[dict[str, Any]] = []
-        for batch in self._obstore.list(self._store, prefix=prefix, offset=after):
-            found.extend(batch)
+        with self._errors(prefix):
+            for batch in self._obstore.list(store, prefix=prefix, offset=after):
+                found.extend(batch)
         found.sort(key=lambda meta: meta["path"])
         return found
 
     def delete(self, key: str) -> None:
         from obstore.exceptions import NotFoundError as Missing
 
-        try:
-            self._obstore.delete(self._store, key)
-        except (Missing, FileNotFoundError):
-            pass  # gone already
+        store = self._reach()
+        if store is None:
+            return
+        with self._errors(key):
+            try:
+                self._obstore.delete(store, key)
+            except (Missing, FileNotFoundError):
+                pass  # gone already
 
 
 # -- the log and what it says ----------------------------------------------------------
@@ -199,7 +242,7 @@ class State:
                 tags = self.versions[uuid]["tags"]
                 if event.get("value") is None:
                     tags.pop(event["key"], None)
-                else:
+                elif isinstance(event["value"], str):
                     tags[event["key"]] = event["value"]
             elif op == "delete" and uuid in self.versions:
                 self.deleted.add(uuid)
@@ -293,7 +336,9 @@ class Remote:
         self.single_writer = single_writer
         self._state = State()
         self._index: dict[str, dict[str, Any]] = {}  # chunk hash: where it is
-        self._indexed: set[str] = set()  # pack objects read into _index
+        self._indexed: set[str] = set()  # pack indexes read into _index
+        self.packs_of: dict[str, set[str]] = {}  # pack object name: its chunk hashes
+        self.orphans: list[str] = []  # pack indexes whose .pack is missing
         self._probed = False
 
     # -- reading ----------------------------------------------------------------------
@@ -365,15 +410,20 @@ class Remote:
                       key=lambda r: (r.name, r.version))
 
     def index(self) -> dict[str, dict[str, Any]]:
-        """Every chunk on the remote by hash: its pack object, blob and place.
+        """Every chunk on the remote by hash: a pack object holding it, its blob and place.
 
-        Pack indexes never change once written (their names are their content's hash),
-        so they are kept in a cache folder on this machine: a push or pull lists the
-        pack objects and fetches only the indexes it has not seen.
+        Only pack objects whose ``.pack`` and ``.idx`` are both listed count (a push
+        writes the pack first; a gc deletes the index first). Pack indexes never change
+        once written (their names are their content's hash), so they are kept in a
+        cache folder on this machine: a push or pull lists the pack objects and fetches
+        only the indexes it has not seen. ``self.packs_of`` gives every pack object's
+        chunk hashes.
         """
         cache = _cache_dir(self.url)
-        listed = [m["path"] for m in self.store.list("packs/") if m["path"].endswith(".idx")]
-        for key in listed:
+        listed = {m["path"] for m in self.store.list("packs/")}
+        pairs = sorted(k for k in listed if k.endswith(".idx") and f"{k[:-4]}.pack" in listed)
+        self.orphans = sorted(k for k in listed if k.endswith(".idx") and k not in pairs)
+        for key in pairs:
             if key in self._indexed:
                 continue
             name = key.rsplit("/", 1)[1]
@@ -385,21 +435,36 @@ class Remote:
                 idx = json.loads(data)
                 pack = idx["pack"]
                 blobs = idx["blobs"]
+                hashes = set()
                 for row in idx["chunks"]:
                     entry = dict(zip(_CHUNK_FIELDS, row, strict=True))
                     entry["pack"] = pack
                     entry["span"] = blobs[entry["blob"]]
                     self._index.setdefault(entry["hash"], entry)
+                    hashes.add(entry["hash"])
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise IntegrityError(f"{self.url}/{key}: unreadable pack index ({exc})"
                                      ) from exc
+            self.packs_of[pack] = hashes
             self._indexed.add(key)
+        if not self._indexed <= set(pairs):  # a gc deleted some: rebuild (from the cache)
+            self._index, self._indexed, self.packs_of = {}, set(), {}
+            return self.index()
         if cache is not None and cache.is_dir():  # indexes a remote gc deleted
-            names = {key.rsplit("/", 1)[1] for key in listed}
+            names = {key.rsplit("/", 1)[1] for key in pairs}
             for stale in os.listdir(cache):
                 if stale.endswith(".idx") and stale not in names:
                     (cache / stale).unlink(missing_ok=True)
         return self._index
+
+    def lost(self, chunk: str) -> str:
+        """Why ``chunk`` is in no pack object: the one whose index names it but whose
+        ``.pack`` is missing, if there is one."""
+        for key in self.orphans:
+            data = self.store.get(key) or b""
+            if chunk.encode() in data:
+                return f"{self.url}/{key[:-4]}.pack is missing (its index names chunk {chunk})"
+        return f"{self.url}: chunk {chunk} is in no pack object"
 
     def manifest(self, uuid: str) -> dict[str, Any]:
         key = f"versions/{uuid}.json"
@@ -450,26 +515,26 @@ class Remote:
                 return state, seq
 
     def _lock(self, kind: str) -> str:
-        """Create a lock object (``push-...`` or ``gc``); RemoteError if the other kind
-        holds the remote. Both sides create theirs, then look for the other's, so at
-        least one of two racing sees the other."""
-        key = f"locks/{kind}-{secrets.token_hex(8)}.json" if kind == "push" else "locks/gc.json"
-        body = _dumps({"expires": time.time() + LOCK_LIFE, "by": socket.gethostname()})
-        if not self.store.put(key, body, create=True):
-            if not self._expired(key):
-                raise RemoteError(f"{self.url}: a remote gc is running (locks/gc.json); "
-                                  "try again when it is done")
-            self.store.delete(key)
-            if not self.store.put(key, body, create=True):
-                raise RemoteError(f"{self.url}: a remote gc is running; try again later")
-        other = "locks/gc.json" if kind == "push" else "locks/push-"
+        """Create a lock object ``locks/<kind>-<random>.json`` (kind "push" or "gc");
+        RemoteError if a lock that keeps this one out is held: a gc keeps pushes and
+        other gcs out, a push keeps gcs out. Each side creates its own, then looks for
+        the others', so of two starting together at least one sees the other."""
+        key = f"locks/{kind}-{secrets.token_hex(8)}.json"
+        self.renew(key)
+        others = ("locks/gc-",) if kind == "push" else ("locks/gc-", "locks/push-")
         held = [m["path"] for m in self.store.list("locks/")
-                if m["path"].startswith(other) and not self._expired(m["path"])]
+                if m["path"] != key and m["path"].startswith(others)
+                and not self._expired(m["path"])]
         if held:
             self.store.delete(key)
-            what = "a remote gc is running" if kind == "push" else "a push is in progress"
+            what = "a remote gc is running" if "/gc-" in held[0] else "a push is in progress"
             raise RemoteError(f"{self.url}: {what} ({held[0]}); try again when it is done")
         return key
+
+    def renew(self, key: str) -> None:
+        """Write (or push back the expiry of) the lock ``key``, held by this process."""
+        self.store.put(key, _dumps({"expires": time.time() + LOCK_LIFE,
+                                    "by": socket.gethostname()}))
 
     def _expired(self, key: str) -> bool:
         data = self.store.get(key)
@@ -509,27 +574,34 @@ class Remote:
                     live.update(hashes)
             todo = list(live)
             while todo:  # and their delta bases
-                base = index.get(todo.pop(), {}).get("base")
+                base = (index.get(todo.pop()) or {}).get("base")
                 if base and base not in live:
                     live.add(base)
                     todo.append(base)
-            used = {index[h]["pack"] for h in live if h in index}
+            used = {pack for pack, hashes in self.packs_of.items() if hashes & live}
             cutoff = time.time() - grace
-            removed = freed = 0
-            for meta in self.store.list("packs/") + self.store.list("versions/"):
-                key = meta["path"]
-                if meta["last_modified"].timestamp() > cutoff:
+            listed = {m["path"]: m for m in self.store.list("packs/")}
+            doomed: list[str] = []
+            for key in sorted(listed):  # a pack object with its index, judged as a pair
+                name, kind = key.rsplit("/", 1)[1].rsplit(".", 1)
+                if kind != "pack" or name in used:
                     continue
-                name = key.rsplit("/", 1)[1].split(".")[0]
-                dead = (name not in state.versions if key.startswith("versions/")
-                        else name not in used)
-                if dead:
-                    self.store.delete(key)
-                    removed += 1
-                    freed += meta["size"]
-                    self._indexed.discard(key)
-            self._index = {h: e for h, e in self._index.items() if e["pack"] in used}
-            return RemoteGcReport(removed, freed)
+                pair = [m for m in (listed.get(key), listed.get(f"packs/{name}.idx")) if m]
+                if max(m["last_modified"].timestamp() for m in pair) <= cutoff:
+                    doomed += [f"packs/{name}.idx", key]  # the index first: never a
+                    # listed index without its pack
+            doomed += [key for key in listed if key.endswith(".idx")
+                       and f"{key[:-4]}.pack" not in listed
+                       and listed[key]["last_modified"].timestamp() <= cutoff]
+            doomed += [m["path"] for m in self.store.list("versions/")
+                       if m["path"].rsplit("/", 1)[1][:-5] not in state.versions
+                       and m["last_modified"].timestamp() <= cutoff]
+            sizes = {m["path"]: m["size"] for m in self.store.list("versions/")}
+            sizes.update({k: m["size"] for k, m in listed.items()})
+            for key in doomed:
+                self.store.delete(key)
+            return RemoteGcReport(len([k for k in doomed if k in sizes]),
+                                  sum(sizes.get(k, 0) for k in doomed))
         finally:
             self.store.delete(lock)
 
@@ -558,12 +630,13 @@ def push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushReport
     remote._probe()
     lock = remote._lock("push")
     try:
-        return _push(vault, remote, refs)
+        return _push(vault, remote, refs, lambda: remote.renew(lock))
     finally:
         remote.store.delete(lock)
 
 
-def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushReport:
+def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
+          renew: Callable[[], None]) -> PushReport:
     connection, catalog = vault._connection, vault._catalog
     state = remote.state()
     with connection.lock, connection.read() as db:
@@ -581,25 +654,39 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushRepor
             manifests[row.uuid] = _manifest(db, row, [[c.hash for c in chunks]
                                                       for chunks in contents.chunks], lineage)
             chunk_ids.update(c.id for chunks in contents.chunks for c in chunks)
-        # The chunks and their delta bases, by id, pinned so that no gc here takes them
-        # while they upload (after this read, which may end before the upload does).
-        closure = _with_bases(db, chunk_ids)
-        pin = _pins.Pin(connection.lock_file, closure)
-        labels = {r.uuid: (r.name, r) for r in rows}
-        aliases = {(name, a): uuid for uuid, (name, _) in labels.items()
+        # Labels go along for the versions sent, and for those named: a vault that is
+        # behind must not move back the remote's aliases of versions it did not push.
+        labels = {r.uuid: r.name for r in (rows if refs is not None else new)}
+        aliases = {(name, a): uuid for uuid, name in labels.items()
                    for (a,) in db.execute(
                        "SELECT a.alias FROM aliases a JOIN versions v ON v.id = a.version_id "
                        "WHERE v.uuid = ?", (uuid,))}
         tags = {uuid: dict(db.execute("SELECT t.key, t.value FROM tags t JOIN versions v "
                                       "ON v.id = t.version_id WHERE v.uuid = ?", (uuid,)))
                 for uuid in labels}
+        # The chunks and their delta bases, by id, pinned so that no gc here takes them
+        # while they upload (after this read, which may end before the upload does).
+        closure = _with_bases(db, chunk_ids)
+        pin = _pins.Pin(connection.lock_file, closure)
+    sent = _Sent()
     try:
-        index = remote.index()
-        sent = _upload(vault, remote, closure, index)
+        # Until a fresh listing of the remote shows every chunk: one more pass finds
+        # what a remote gc took meanwhile (it can, if this push's lock expired).
+        for _ in range(3):
+            renew()
+            more = _upload(vault, remote, closure, remote.index(), renew)
+            sent.chunks += more.chunks
+            sent.bytes += more.bytes
+            if not more.chunks:
+                break
+        else:
+            raise RemoteError(f"{remote.url}: chunks kept disappearing while this push ran "
+                              "(a remote gc?); nothing was added: push again")
     finally:
         pin.release()
     for uuid, manifest in manifests.items():
         remote.store.put(f"versions/{uuid}.json", _dumps(manifest), create=True)
+    renew()
 
     def make(state: State) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -651,8 +738,10 @@ class _Sent:
     bytes: int = 0
 
 
-def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any]) -> _Sent:
-    """Upload, in pack objects, the chunks among ``ids`` the remote lacks."""
+def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any],
+            renew: Callable[[], None]) -> _Sent:
+    """Upload, in pack objects, the chunks among ``ids`` the remote lacks; ``renew``
+    after each (the push's lock)."""
     connection = vault._connection
     sent = _Sent()
     with connection.lock, connection.read() as db:
@@ -668,7 +757,7 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any]) 
         return sent
     total = sum(r[8] for r in missing)
     with vault._progress(total, f"push to {remote.url}") as advance:
-        writer = _PackWriter(remote, sent, advance)
+        writer = _PackWriter(remote, sent, advance, renew)
         try:
             _gather(vault, writer, missing)
             writer.flush()
@@ -678,30 +767,45 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any]) 
 
 
 def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
-    """Hand ``writer`` the chunk rows ``missing``, pack by pack of this vault."""
+    """Hand ``writer`` the chunk rows ``missing``, pack by pack of this vault. Each
+    group's rows are read again with their pack, in one read: a gc here may have moved
+    the chunks (they are pinned, so they are somewhere) since they were listed."""
     connection = vault._connection
-    for pack_id, group in _by_pack(missing):
+    for _, listed in _by_pack(missing):
+        ids = [r[0] for r in listed]
         with connection.lock, connection.read() as db:
-            found = db.execute("SELECT codec, size, data FROM packs WHERE id = ?",
-                               (pack_id,)).fetchone()
-            whole = db.execute("SELECT count(*) FROM chunks WHERE pack_id = ?",
-                               (pack_id,)).fetchone()[0] == len(group)
-        if found is None:
-            raise IntegrityError(f"{vault.path}: pack {pack_id} is missing; run verify()")
-        codec, size, data = found
-        if whole:  # every chunk of it goes: the pack as it is
-            writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
-            continue
-        content = _chunks.pack_content(codec, size, data)
-        if isinstance(content, str):
-            raise IntegrityError(f"{vault.path}: pack {pack_id}: {content}")
-        pieces = [content[r[7]:r[7] + r[8]] for r in group]
-        if codec == "raw":
-            writer.add("raw", sum(map(len, pieces)), b"".join(pieces),
-                       _placed(group, pieces))
-        else:  # a solid pack's chunks, compressed together again
-            new_codec, packed = _chunks.solid(pieces)
-            writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
+            rows = sorted(db.execute(
+                "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, c.pack_id, "
+                "c.start, c.length FROM chunks c LEFT JOIN chunks b ON b.id = c.base_id "
+                f"WHERE c.id IN ({','.join('?' * len(ids))})", ids).fetchall(),
+                key=lambda r: (r[6], r[7]))
+            if len(rows) != len(ids):
+                raise IntegrityError(f"{vault.path}: {len(ids) - len(rows)} chunk(s) to push "
+                                     "are missing; run verify()")
+            packs = []
+            for pack_id, group in _by_pack(rows):
+                found = db.execute("SELECT codec, size, data FROM packs WHERE id = ?",
+                                   (pack_id,)).fetchone()
+                if found is None:
+                    raise IntegrityError(f"{vault.path}: pack {pack_id} is missing; run "
+                                         "verify()")
+                whole = db.execute("SELECT count(*) FROM chunks WHERE pack_id = ?",
+                                   (pack_id,)).fetchone()[0] == len(group)
+                packs.append((pack_id, group, found, whole))
+        for pack_id, group, (codec, size, data), whole in packs:
+            if whole:  # every chunk of it goes: the pack as it is
+                writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
+                continue
+            content = _chunks.pack_content(codec, size, data)
+            if isinstance(content, str):
+                raise IntegrityError(f"{vault.path}: pack {pack_id}: {content}")
+            pieces = [content[r[7]:r[7] + r[8]] for r in group]
+            if codec == "raw":
+                writer.add("raw", sum(map(len, pieces)), b"".join(pieces),
+                           _placed(group, pieces))
+            else:  # a solid pack's chunks, compressed together again
+                new_codec, packed = _chunks.solid(pieces)
+                writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
 
 
 def _placed(group: list[Any], pieces: list[bytes]) -> list[tuple[Any, int]]:
@@ -728,9 +832,11 @@ class _PackWriter:
     uploaded with its index once full, on a thread of its own: the next object is read
     from the vault while the last one uploads (obstore lets go of the GIL)."""
 
-    def __init__(self, remote: Remote, sent: _Sent, advance: Callable[[int], Any]) -> None:
+    def __init__(self, remote: Remote, sent: _Sent, advance: Callable[[int], Any],
+                 renew: Callable[[], None]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        self._renew = renew
         self._remote = remote
         self._sent = sent
         self._advance = advance
@@ -775,6 +881,7 @@ class _PackWriter:
         # Data first, then its index: an index never names bytes that are not there.
         self._remote.store.put(f"packs/{name}.pack", data)
         self._remote.store.put(f"packs/{name}.idx", index)
+        self._renew()
 
     def _wait(self) -> None:
         if self._uploading is not None:
@@ -849,8 +956,8 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
     manifest = remote.manifest(uuid)
     key = f"{remote.url}/versions/{uuid}.json"
     try:
-        version = manifest["version"]
-        if version["uuid"] != uuid or manifest["model"] != state.versions[uuid]["model"]:
+        _check_manifest(manifest, state.versions[uuid])
+        if manifest["version"]["uuid"] != uuid:
             raise ValueError("it names another version")
         hashes = manifest["chunks"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -859,21 +966,24 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
     index = remote.index()
     connection = vault._connection
     wanted = {h for part in hashes for h in part}
-    todo = list(wanted)
-    while todo:  # delta bases, from the remote's index
-        base = index.get(todo.pop(), {}).get("base")
-        if base and base not in wanted:
-            wanted.add(base)
-            todo.append(base)
     with connection.lock, connection.read() as db:
         here = _present(db, wanted)
+        # The delta bases of the chunks to fetch (from the remote's index), but for those
+        # this vault has: a chunk here needs nothing from the remote.
+        todo = [h for h in wanted if h not in here]
+        while todo:
+            bases = {b for b in ((index.get(h) or {}).get("base") for h in todo)
+                     if isinstance(b, str) and b not in wanted}
+            wanted |= bases
+            here.update(_present(db, bases))
+            todo = [b for b in bases if b not in here]
         pin = _pins.Pin(connection.lock_file, [i for i, _ in here.values()])  # till merged
     try:
         missing = sorted(wanted - set(here))
         lost = [h for h in missing if h not in index]
         if lost:
-            raise IntegrityError(f"{remote.url}: chunk {lost[0]} of {key} is in no pack on "
-                                 "the remote; nothing was pulled", chunk=lost[0])
+            raise IntegrityError(f"{remote.lost(lost[0])}: {key} needs it; nothing was "
+                                 "pulled", chunk=lost[0])
         from . import _atomic
 
         # A scratch file (a killed pull's is deleted by the next one on this host).
@@ -898,6 +1008,32 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
                     leftover.unlink()
     finally:
         pin.release()
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (
+        isinstance(value, int) and not isinstance(value, bool))
+
+
+def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
+    """ValueError unless ``manifest`` has the shape docs/remote.md gives, for the log's
+    ``entry``: every value a row's column could hold, before any reaches SQLite."""
+    if not isinstance(manifest, dict) or manifest.get("model") != entry["model"]:
+        raise ValueError("it names another model")
+    version, parts, chunks = manifest["version"], manifest["parts"], manifest["chunks"]
+    if not (isinstance(version, dict) and all(_scalar(version.get(f)) for f in _VERSION_FIELDS)
+            and isinstance(parts, list) and isinstance(chunks, list)
+            and len(parts) == len(chunks)
+            and all(isinstance(p, dict) and all(_scalar(p.get(f)) for f in _PART_FIELDS)
+                    for p in parts)
+            and all(isinstance(c, list) and all(isinstance(h, str) for h in c) for c in chunks)
+            and _scalar(manifest.get("environment"))
+            and (manifest.get("lineage") is None or (
+                isinstance(manifest["lineage"], dict)
+                and all(_scalar(manifest["lineage"].get(f)) for f in ("parent", "source"))))
+            and all(isinstance(k, str) and isinstance(v, str)
+                    for k, v in entry["tags"].items())):
+        raise ValueError("a field of the wrong type")
 
 
 def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:

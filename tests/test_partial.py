@@ -270,3 +270,24 @@ def test_lazy_mappings_race_a_process_that_replaces_and_collects_versions(vault_
             del lazy
         writer.join(60)
         assert writer.exitcode == 0
+
+
+def test_a_forked_child_neither_drops_nor_keeps_its_parents_pins(vault_path):
+    with modelvault.open(vault_path) as vault:
+        vault.save("net", model())
+        count = chunk_count(vault_path)
+        lazy = vault.load("net", lazy=True)
+        pid = os.fork()
+        if pid == 0:  # the child: its own mapping, then close (the parent's pins are not its)
+            try:
+                mine = vault.load("net", lazy=True)
+                assert mine["embeddings"].shape == (500, 64)
+                vault.close()
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        assert os.waitpid(pid, 0)[1] == 0
+        vault.delete("net")
+        vault.gc()
+        assert chunk_count(vault_path) == count  # the parent's pins held through it all
+        np.testing.assert_array_equal(lazy["embeddings"], model()["embeddings"])

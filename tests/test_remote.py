@@ -430,3 +430,81 @@ def test_a_remote_gc_racing_pushes_deletes_nothing_a_version_uses(tmp_path, url,
         assert b.verify() == []
         steps = [int(b.load(v)["step"]) for v in b.versions("busy")]
     assert steps == sorted(steps) and steps[-1] == rounds - 1 and len(steps) < rounds
+
+
+def test_a_push_whose_lock_expired_uploads_again_what_a_gc_took(tmp_path, url, monkeypatch):
+    old = weights(8)
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("old", old)
+        a.push(url)
+    modelvault.Remote(url).delete("old")  # its chunks: on the remote, used by nothing
+    monkeypatch.setattr(_remote, "LOCK_LIFE", -1.0)  # as if the push outlived its lock
+    real, renewals, ran = _remote.Remote.renew, [], []
+
+    def renew(self, key):
+        real(self, key)
+        if "push-" in key:
+            renewals.append(key)
+            if len(renewals) == 3:  # after the push's first pack object: a gc slips in
+                ran.append(modelvault.Remote(url).gc(grace=0))
+
+    monkeypatch.setattr(_remote.Remote, "renew", renew)
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("new", {**old, "extra": weights(10)["layer0"]})  # reuses old's chunks
+        a.push(url, [mv])
+    assert ran and ran[0].objects >= 2  # old's pack object went
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.verify() == []
+        np.testing.assert_array_equal(b.load("new")["layer1"], old["layer1"])
+
+
+def test_gc_judges_a_pack_by_the_younger_of_it_and_its_index(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(9))
+        a.push(url)
+    modelvault.Remote(url).delete("m")
+    (pack,) = (tmp_path / "remote" / "packs").glob("*.pack")
+    os.utime(pack, (time.time() - 7200, time.time() - 7200))  # an old pack, a young index
+    modelvault.Remote(url).gc(grace=600)
+    assert pack.exists() and pack.with_suffix(".idx").exists()
+    with modelvault.open(tmp_path / "b.vault") as b:  # the same bytes, pushed again
+        b.save("m", weights(9))
+        b.push(url)
+    with modelvault.clone(url, tmp_path / "c.vault") as c:
+        assert c.verify() == []
+
+
+def test_a_vault_that_is_behind_does_not_move_remote_aliases_back(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", {"w": np.zeros(3)}, aliases=["prod"])
+        a.push(url)
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        b.save("net", {"w": np.ones(3)})
+        b.alias("net:2", "prod")
+        b.tag("net:1", stage="retired")
+        b.push(url)
+        b.push(url, ["net:1"])  # named: its tags go along
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("other", {"w": np.arange(3)})
+        a.push(url)  # a still has prod on net:1, and no tag
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["net:2"].aliases == ("prod",) and listed["net:1"].tags == {"stage": "retired"}
+
+
+def test_a_manifest_with_values_of_the_wrong_type_is_refused_by_name(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("m", {"w": np.zeros(3)})
+        a.push(url)
+    path = tmp_path / "remote" / "versions" / f"{mv.id}.json"
+    manifest = json.loads(path.read_text())
+    manifest["version"]["metadata"] = {"acc": 1}  # an object where the row holds text
+    path.write_text(json.dumps(manifest))
+    with modelvault.open(tmp_path / "b.vault") as b:
+        with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
+            b.pull(url)
+
+
+def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
+    with pytest.raises(modelvault.NotFoundError, match="no modelvault remote"):
+        modelvault.Remote(f"file://{tmp_path / 'typo'}").versions()
+    assert not (tmp_path / "typo").exists()
