@@ -36,7 +36,6 @@ from ._records import (
     RemoteVersion,
     VaultStats,
 )
-from ._remote import Remote
 from ._selftest import SelftestResult
 from ._vault import Vault
 from ._version import __version__ as __version__
@@ -105,3 +104,13 @@ def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None,
 
     _remote.clone(url, Path(path), refs, endpoint_url=endpoint_url)
     return Vault(path, create=False)
+
+
+def __getattr__(name: str) -> Any:
+    # Remote is imported when first asked for: `import modelvault` stays quick for the
+    # scripts and apps that only load.
+    if name == "Remote":
+        from ._remote import Remote
+
+        return Remote
+    raise AttributeError(f"module 'modelvault' has no attribute {name!r}")

@@ -34,7 +34,6 @@ from . import (
     _environment,
     _frameworks,
     _pins,
-    _remote,
     _schema,
     _selftest,
     _serialize,
@@ -852,6 +851,8 @@ class Vault:
         S3-compatible server. A remote that ignores create-only writes is refused unless
         ``single_writer`` (only this process ever writes to it).
         """
+        from . import _remote  # obstore and the network stack only for remotes
+
         return _remote.push(self, _remote.Remote(self._remote_url(url),
                                                  endpoint_url=endpoint_url,
                                                  single_writer=single_writer),
@@ -870,6 +871,8 @@ class Vault:
         still loads only with trust. Versions are added one by one, so a pull that was
         interrupted, run again, fetches only what had not arrived.
         """
+        from . import _remote
+
         return _remote.pull(self, _remote.Remote(self._remote_url(url),
                                                  endpoint_url=endpoint_url), refs)
 
@@ -885,6 +888,8 @@ class Vault:
     def add_remote(self, name: str, url: str) -> None:
         """Remember ``url`` as ``name``, so that ``push(name)`` and ``pull(name)`` reach it.
         Only the URL is stored: credentials stay in the environment, out of the file."""
+        from . import _remote
+
         _remote.check_remote(name, url)
         with self._connection.write() as db:
             db.execute("INSERT OR REPLACE INTO remotes (name, url) VALUES (?, ?)", (name, url))
