@@ -92,6 +92,9 @@ class Store:
             options["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True
+        if self.url.startswith(("az://", "abfs://")) and os.environ.get(
+                "AZURE_STORAGE_USE_EMULATOR", "").lower() in ("1", "true"):
+            client["allow_http"] = True  # Azurite, at AZURITE_BLOB_STORAGE_URL
         if self.url.startswith("memory://"):  # one store per name, in this process
             from obstore.store import MemoryStore
 

