@@ -269,6 +269,27 @@ class VaultMachine(RuleBasedStateMachine):
         assert self.vault.merge(side_path).added == ()  # again: nothing left to bring
         os.unlink(side_path)
 
+    @rule()
+    def push_and_clone(self):
+        # Everything pushed so far is on the remote (versions deleted here since stay
+        # there), byte for byte; a clone holds each of this vault's versions whole.
+        if not hasattr(self, "remote"):
+            self.remote, self.pushed = f"memory://{self.folder.name}", {}
+        self.vault.push(self.remote)
+        here = {v.id: v.digest for v in self.vault.versions()}
+        self.pushed.update(here)
+        on_remote = {v.id for v in modelvault.Remote(self.remote).versions()}
+        assert on_remote == set(self.pushed)
+        clone_path = self.folder / "clone.vault"
+        with modelvault.clone(self.remote, clone_path) as clone:
+            assert {v.id: v.digest for v in clone.versions()} == self.pushed
+            assert clone.verify() == []
+            if here:
+                some = self.vault.versions()[-1]
+                mine = next(v for v in clone.versions() if v.id == some.id)
+                assert_same(clone.load(mine), self.vault.load(some))
+        os.unlink(clone_path)
+
     # -- invariants ----------------------------------------------------------------
 
     @invariant()
