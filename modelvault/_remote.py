@@ -14,6 +14,7 @@ merged in), so numbers, labels and checks are merge's.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -912,6 +913,14 @@ def pull(vault: Vault, remote: Remote, refs: Sequence[str] | None) -> MergeRepor
         here = {u for (u,) in db.execute("SELECT uuid FROM versions")}
     todo = sorted({u for u in wanted if u not in here},
                   key=lambda u: (state.versions[u]["model"], state.versions[u]["number"]))
+    # Bundles an interrupted pull left, for versions no longer wanted, after a day.
+    for old in vault.path.parent.glob(f".{glob.escape(vault.path.name)}.pull-*"):
+        if old.name.split(".pull-", 1)[1].split("-journal")[0] not in todo:
+            try:
+                if old.stat().st_mtime < time.time() - 86400:
+                    old.unlink()
+            except OSError:
+                pass
     added: list[Any] = []
     renumbered: list[Any] = []
     conflicts: list[str] = []
@@ -987,30 +996,44 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
         if lost:
             raise IntegrityError(f"{remote.lost(lost[0])}: {key} needs it; nothing was "
                                  "pulled", chunk=lost[0])
-        from . import _atomic
-
-        # A scratch file (a killed pull's is deleted by the next one on this host).
-        bundle = _atomic.scratch_path(vault.path, ".pull")
+        # The version is gathered in a vault of its own beside this one, committed pack
+        # object by pack object: a pull that was interrupted, run again, fetches only
+        # what this file lacks. It goes once the version is merged, or found bad.
+        bundle = _bundle_path(vault.path, uuid)
+        entry = state.versions[uuid]
         try:
             with _Vault(bundle, progress=False) as into:
-                # Scratch, read once by the merge below: no journal, no fsync.
-                into._connection.db.execute("PRAGMA journal_mode = OFF")
+                # Scratch: its journal keeps it whole through a kill; an OS crash may
+                # cost it, never the vault.
                 into._connection.db.execute("PRAGMA synchronous = OFF")
-                _fill(into, remote, state, uuid, manifest, missing, here, index, vault)
+                with vault._progress(sum(index[h]["size"] for h in missing),
+                                     f"pull {entry['model']}:{entry['number']}") as advance:
+                    _fetch(into, remote, missing, index, advance)
+                _rows(into, remote, state, uuid, manifest, here, index)
             try:
-                return vault._copy_from(bundle, None, check=True, action="pull")
+                report = vault._copy_from(bundle, None, check=True, action="pull")
             except IntegrityError as exc:
-                where = index.get(exc.chunk or "", {}).get("pack")
+                where = (index.get(exc.chunk or "") or {}).get("pack")
                 if where is None:
                     raise
                 raise IntegrityError(f"{remote.url}/packs/{where}.pack: {exc}",
                                      chunk=exc.chunk) from exc
-        finally:
-            for leftover in (bundle, Path(f"{bundle}-journal"), Path(f"{bundle}-lock")):
-                if leftover.exists():
-                    leftover.unlink()
+        except IntegrityError:
+            _remove(bundle)  # what it holds is bad: the next pull starts afresh
+            raise
+        _remove(bundle)
+        return report
     finally:
         pin.release()
+
+
+def _bundle_path(vault: Path, uuid: str) -> Path:
+    return vault.with_name(f".{vault.name}.pull-{uuid}")
+
+
+def _remove(bundle: Path) -> None:
+    for leftover in (bundle, Path(f"{bundle}-journal"), Path(f"{bundle}-lock")):
+        leftover.unlink(missing_ok=True)
 
 
 def _scalar(value: Any) -> bool:
@@ -1051,83 +1074,99 @@ def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _fill(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],
-          missing: list[str], here: dict[str, tuple[int, int]], index: dict[str, Any],
-          vault: Vault) -> None:
-    """Write the version ``uuid`` into the empty vault ``into``: its rows from the
-    manifest, the chunks ``missing`` here from the remote's packs, and a row with no
-    bytes for each chunk ``here`` has (the copier takes those from ``here``)."""
+def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any],
+           advance: Callable[[int], Any]) -> None:
+    """Fetch into ``into`` the chunks ``missing`` that it lacks, from the blobs that hold
+    them: one ranged get and one commit per pack object."""
+    with into._connection.read() as db:
+        have = set(_present(db, set(missing)))
+    advance(sum(index[h]["size"] for h in have))
+    by_object: dict[str, dict[int, list[str]]] = {}
+    for h in missing:
+        if h not in have:
+            e = index[h]
+            by_object.setdefault(e["pack"], {}).setdefault(e["blob"], []).append(h)
+    for name, blobs in sorted(by_object.items()):
+        key = f"packs/{name}.pack"
+        chosen = sorted(blobs)
+        spans = [index[blobs[b][0]]["span"] for b in chosen]
+        try:
+            datas = remote.store.ranges(key, [(span[0], span[1]) for span in spans])
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"{remote.url}/{key} is missing: its index names chunks "
+                                 "of this version; nothing was pulled") from exc
+        with into._connection.write() as db:
+            for blob, span, data in zip(chosen, spans, datas, strict=True):
+                if len(data) != span[1] - span[0] or not all(
+                        _scalar(v) for v in span[2:4]):
+                    raise IntegrityError(f"{remote.url}/{key}: blob {blob} is not what its "
+                                         "index says; nothing was pulled")
+                pack = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
+                                  (span[2], span[3], data)).lastrowid
+                for h in blobs[blob]:
+                    e = index[h]
+                    db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
+                               "pack_id, start, length) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                               (h, e["size"], e["codec"], e["itemsize"], pack, e["start"],
+                                e["length"]))
+                    advance(e["size"])
+
+
+def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],
+          here: dict[str, tuple[int, int]], index: dict[str, Any]) -> None:
+    """Write the version ``uuid``'s rows into ``into`` (which holds the chunks fetched):
+    from the manifest, with a row with no bytes for each chunk this vault has (the copier
+    takes those from this vault), then check its digest and signature."""
     entry = state.versions[uuid]
     version = manifest["version"]
-    by_object: dict[str, set[int]] = {}
-    for h in missing:
-        by_object.setdefault(index[h]["pack"], set()).add(index[h]["blob"])
-    total = sum(index[h]["size"] for h in missing)
-    with into._connection.write() as db, vault._progress(
-            total, f"pull {entry['model']}:{entry['number']}") as advance:
-        ids: dict[str, int] = {}
-        empty = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')"
-                           ).lastrowid
-        rows: list[tuple[Any, ...]] = []
-        for name, blobs in sorted(by_object.items()):
-            key = f"packs/{name}.pack"
-            chosen = sorted(blobs)
-            spans = [index[next(h for h in missing if index[h]["pack"] == name
-                                and index[h]["blob"] == b)]["span"] for b in chosen]
-            try:
-                datas = remote.store.ranges(key, [(s[0], s[1]) for s in spans])
-            except FileNotFoundError as exc:
-                raise IntegrityError(f"{remote.url}/{key} is missing: its index names "
-                                     "chunks of this version; nothing was pulled") from exc
-            packs = {}
-            for blob, span, data in zip(chosen, spans, datas, strict=True):
-                packs[blob] = db.execute("INSERT INTO packs (codec, size, data) VALUES "
-                                         "(?, ?, ?)", (span[2], span[3], data)).lastrowid
-            for h in missing:
-                e = index[h]
-                if e["pack"] == name:
-                    rows.append((h, e["size"], e["codec"], e["itemsize"], e["base"],
-                                 packs[e["blob"]], e["start"], e["length"]))
-                    advance(e["size"])
-        for h, (_, size) in sorted(here.items()):  # no bytes: merge takes ours
-            ids[h] = db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
-                                "pack_id, start, length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, "
-                                "0)", (h, size, empty)).lastrowid
-        for h, size, codec, itemsize, _, pack, start, length in rows:
-            ids[h] = db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
-                                "pack_id, start, length) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
-                                (h, size, codec, itemsize, pack, start, length)).lastrowid
-        for h, *_rest in rows:
-            base = index[h]["base"]
-            if base:
-                db.execute("UPDATE chunks SET base_id = ? WHERE id = ?", (ids[base], ids[h]))
-        model_id = db.execute("INSERT INTO models (name, created_at, last_version) VALUES "
-                              "(?, ?, ?)", (entry["model"], version["created_at"],
-                                            state.last[entry["model"]])).lastrowid
-        env = manifest.get("environment")
-        env_id = into._catalog.environment_id(env) if env is not None else None
-        columns = ", ".join(_VERSION_FIELDS)
-        version_id = db.execute(
-            f"INSERT INTO versions ({columns}, model_id, version, environment_id) VALUES "
-            f"({','.join('?' * len(_VERSION_FIELDS))}, ?, ?, ?)",
-            [*(version[f] for f in _VERSION_FIELDS), model_id, entry["number"], env_id]
-        ).lastrowid
-        if manifest.get("lineage") is not None:
-            db.execute("INSERT INTO lineage (version_id, parent, source) VALUES (?, ?, ?)",
-                       (version_id, manifest["lineage"]["parent"],
-                        manifest["lineage"]["source"]))
-        db.executemany(f"INSERT INTO parts (version_id, {', '.join(_PART_FIELDS)}) VALUES "
-                       f"(?, {','.join('?' * len(_PART_FIELDS))})",
-                       [(version_id, *(p[f] for f in _PART_FIELDS)) for p in manifest["parts"]])
-        db.executemany("INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES "
-                       "(?, ?, ?, ?)", [(version_id, i, seq, ids[h])
-                                        for i, part in enumerate(manifest["chunks"])
-                                        for seq, h in enumerate(part)])
-        db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
-                       [(version_id, k, v) for k, v in entry["tags"].items()])
-        db.executemany("INSERT INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
-                       [(model_id, a, version_id)
-                        for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
+    with into._connection.write() as db:
+        if db.execute("SELECT 1 FROM versions WHERE uuid = ?", (uuid,)).fetchone() is None:
+            empty = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')"
+                               ).lastrowid
+            ids = dict(db.execute("SELECT hash, id FROM chunks"))
+            for h, (_, size) in sorted(here.items()):  # no bytes: merge takes ours
+                if h not in ids:
+                    ids[h] = db.execute(
+                        "INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
+                        "start, length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, 0)",
+                        (h, size, empty)).lastrowid
+            for h, chunk_id in ids.items():
+                base = (index.get(h) or {}).get("base") if h not in here else None
+                if base and base not in ids:
+                    raise IntegrityError(f"{remote.url}: chunk {h}'s delta base {base} is "
+                                         "in no pack object; nothing was pulled", chunk=h)
+                if base:
+                    db.execute("UPDATE chunks SET base_id = ? WHERE id = ?",
+                               (ids[base], chunk_id))
+            model_id = db.execute(
+                "INSERT INTO models (name, created_at, last_version) VALUES (?, ?, ?)",
+                (entry["model"], version["created_at"], state.last[entry["model"]])).lastrowid
+            env = manifest.get("environment")
+            env_id = into._catalog.environment_id(env) if env is not None else None
+            columns = ", ".join(_VERSION_FIELDS)
+            version_id = db.execute(
+                f"INSERT INTO versions ({columns}, model_id, version, environment_id) VALUES "
+                f"({','.join('?' * len(_VERSION_FIELDS))}, ?, ?, ?)",
+                [*(version[f] for f in _VERSION_FIELDS), model_id, entry["number"], env_id]
+            ).lastrowid
+            if manifest.get("lineage") is not None:
+                db.execute("INSERT INTO lineage (version_id, parent, source) VALUES (?, ?, ?)",
+                           (version_id, manifest["lineage"]["parent"],
+                            manifest["lineage"]["source"]))
+            db.executemany(
+                f"INSERT INTO parts (version_id, {', '.join(_PART_FIELDS)}) VALUES "
+                f"(?, {','.join('?' * len(_PART_FIELDS))})",
+                [(version_id, *(p[f] for f in _PART_FIELDS)) for p in manifest["parts"]])
+            db.executemany("INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES "
+                           "(?, ?, ?, ?)", [(version_id, i, seq, ids[h])
+                                            for i, part in enumerate(manifest["chunks"])
+                                            for seq, h in enumerate(part)])
+            db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
+                           [(version_id, k, v) for k, v in entry["tags"].items()])
+            db.executemany(
+                "INSERT INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
+                [(model_id, a, version_id)
+                 for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
         # The version as the manifest gives it must be the one signed and digested.
         row = into._catalog.resolve(Ref(entry["model"], version=entry["number"]))
         try:

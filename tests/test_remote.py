@@ -509,3 +509,34 @@ def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
     with pytest.raises(modelvault.NotFoundError, match="no modelvault remote"):
         modelvault.Remote(f"file://{tmp_path / 'typo'}").versions()
     assert not (tmp_path / "typo").exists()
+
+
+def test_an_interrupted_pull_fetches_only_what_had_not_arrived(tmp_path, url, monkeypatch,
+                                                                fetched):
+    monkeypatch.setattr(_remote, "PACK_OBJECT", 1 << 20)  # several pack objects
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", weights(11, rows=8))
+        a.push(url)
+    objects = len(list((tmp_path / "remote" / "packs").glob("*.pack")))
+    assert objects >= 4
+    real = _remote.Store.ranges
+
+    def cut(self, key, spans):  # the connection drops during the third pack object
+        if len(fetched["objects"]) == 2:
+            raise ConnectionError("network gone")
+        return real(self, key, spans)
+
+    monkeypatch.setattr(_remote.Store, "ranges", cut)
+    with modelvault.open(tmp_path / "b.vault") as b:
+        with pytest.raises(ConnectionError):
+            b.pull(url)
+        assert b.models() == []
+        first = fetched["bytes"]
+        monkeypatch.setattr(_remote.Store, "ranges", real)  # back (still counting)
+        assert [v.ref for v in b.pull(url).added] == ["net:1"]
+        assert b.verify() == []
+        total = sum(p.stat().st_size for p in (tmp_path / "remote" / "packs").glob("*.pack"))
+        assert fetched["bytes"] - first <= total - first + 1024  # not the first two again
+        assert len(fetched["objects"]) == objects  # 2 before the cut, the rest after
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+

@@ -118,6 +118,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _stop(server):
+    """Stop a server we started: politely, then not (weed mini sometimes ignores TERM)."""
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(10)
+
+
 def _wait_for(port, process):
     for _ in range(300):
         try:
@@ -173,8 +183,7 @@ def seaweedfs(tmp_path_factory):
 
         yield endpoint, bucket
     finally:
-        server.terminate()
-        server.wait(20)
+        _stop(server)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -223,8 +232,7 @@ def test_rclone_serve_s3_ignores_create_only_writes_and_is_refused(tmp_path, mon
             report = a.push("s3://bucket/models", endpoint_url=endpoint, single_writer=True)
             assert [v.ref for v in report.added] == ["m:1"]
     finally:
-        server.terminate()
-        server.wait(10)
+        _stop(server)
 
 
 AZURITE_ACCOUNT = "devstoreaccount1"  # Azurite's documented development account and key
@@ -276,5 +284,4 @@ def test_push_pull_and_racing_pushers_on_azurite(tmp_path, monkeypatch):
         (tmp_path / "racing").mkdir()
         push_from_four_processes(tmp_path / "racing", "az://racing/models")
     finally:
-        server.terminate()
-        server.wait(20)
+        _stop(server)
