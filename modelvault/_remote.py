@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _chunks, _pins
-from ._errors import IntegrityError, NotFoundError, RemoteError
+from ._errors import IntegrityError, LockTimeout, NotFoundError, RemoteError, VaultError
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
 from ._refs import Ref, parse_ref
 
@@ -343,6 +343,7 @@ class Remote:
         self._indexed: set[str] = set()  # pack indexes read into _index
         self.packs_of: dict[str, set[str]] = {}  # pack object name: its chunk hashes
         self.orphans: list[str] = []  # pack indexes whose .pack is missing
+        self.bases_of: dict[str, set[str]] = {}  # chunk hash: its delta bases, every copy
         self._probed = False
 
     # -- reading ----------------------------------------------------------------------
@@ -433,7 +434,9 @@ class Remote:
             name = key.rsplit("/", 1)[1]
             data = _read_cached(cache, name)
             if data is None:
-                data = self.store.get(key) or b""
+                data = self.store.get(key)
+                if data is None:
+                    continue  # a remote gc deleted it after the listing: not there
                 _write_cached(cache, name, data)
             try:
                 idx = json.loads(data)
@@ -446,13 +449,15 @@ class Remote:
                     entry["span"] = blobs[entry["blob"]]
                     self._index.setdefault(entry["hash"], entry)
                     hashes.add(entry["hash"])
+                    if entry["base"]:
+                        self.bases_of.setdefault(entry["hash"], set()).add(entry["base"])
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise IntegrityError(f"{self.url}/{key}: unreadable pack index ({exc})"
                                      ) from exc
             self.packs_of[pack] = hashes
             self._indexed.add(key)
         if not self._indexed <= set(pairs):  # a gc deleted some: rebuild (from the cache)
-            self._index, self._indexed, self.packs_of = {}, set(), {}
+            self._index, self._indexed, self.packs_of, self.bases_of = {}, set(), {}, {}
             return self.index()
         if cache is not None and cache.is_dir():  # indexes a remote gc deleted
             names = {key.rsplit("/", 1)[1] for key in pairs}
@@ -525,15 +530,22 @@ class Remote:
         the others', so of two starting together at least one sees the other."""
         key = f"locks/{kind}-{secrets.token_hex(8)}.json"
         self.renew(key)
-        others = ("locks/gc-",) if kind == "push" else ("locks/gc-", "locks/push-")
+        try:
+            self._others(key, ("locks/gc-",) if kind == "push" else ("locks/gc-",
+                                                                      "locks/push-"))
+        except RemoteError:
+            self.store.delete(key)
+            raise
+        return key
+
+    def _others(self, mine: str, kinds: tuple[str, ...]) -> None:
+        """RemoteError if an unexpired lock of ``kinds`` other than ``mine`` is held."""
         held = [m["path"] for m in self.store.list("locks/")
-                if m["path"] != key and m["path"].startswith(others)
+                if m["path"] != mine and m["path"].startswith(kinds)
                 and not self._expired(m["path"])]
         if held:
-            self.store.delete(key)
             what = "a remote gc is running" if "/gc-" in held[0] else "a push is in progress"
             raise RemoteError(f"{self.url}: {what} ({held[0]}); try again when it is done")
-        return key
 
     def renew(self, key: str) -> None:
         """Write (or push back the expiry of) the lock ``key``, held by this process."""
@@ -571,17 +583,17 @@ class Remote:
         lock = self._lock("gc")
         try:
             state = self.state()
-            index = self.index()
+            self.index()
             live: set[str] = set()
             for uuid in state.versions:
                 for hashes in self.manifest(uuid)["chunks"]:
                     live.update(hashes)
             todo = list(live)
-            while todo:  # and their delta bases
-                base = (index.get(todo.pop()) or {}).get("base")
-                if base and base not in live:
-                    live.add(base)
-                    todo.append(base)
+            while todo:  # and their delta bases, those of every copy of a chunk
+                for base in self.bases_of.get(todo.pop(), ()):
+                    if base not in live:
+                        live.add(base)
+                        todo.append(base)
             used = {pack for pack, hashes in self.packs_of.items() if hashes & live}
             cutoff = time.time() - grace
             listed = {m["path"]: m for m in self.store.list("packs/")}
@@ -602,6 +614,9 @@ class Remote:
                        and m["last_modified"].timestamp() <= cutoff]
             sizes = {m["path"]: m["size"] for m in self.store.list("versions/")}
             sizes.update({k: m["size"] for k, m in listed.items()})
+            # Last look before deleting: a push whose lock had expired may be back.
+            self.renew(lock)
+            self._others(lock, ("locks/push-", "locks/gc-"))
             for key in doomed:
                 self.store.delete(key)
             return RemoteGcReport(len([k for k in doomed if k in sizes]),
@@ -633,8 +648,15 @@ def push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None) -> PushReport
     remote._check_descriptor(create=True)
     remote._probe()
     lock = remote._lock("push")
+
+    def renew() -> None:
+        # Pushed an hour on; and a gc that started meanwhile (this lock had expired)
+        # stops this push before it can rely on chunks that gc may delete.
+        remote.renew(lock)
+        remote._others(lock, ("locks/gc-",))
+
     try:
-        return _push(vault, remote, refs, lambda: remote.renew(lock))
+        return _push(vault, remote, refs, renew)
     finally:
         remote.store.delete(lock)
 
@@ -1001,11 +1023,19 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
         # what this file lacks. It goes once the version is merged, or found bad.
         bundle = _bundle_path(vault.path, uuid)
         entry = state.versions[uuid]
+        if bundle.exists():  # an earlier pull's: go on from it if it is a whole vault
+            try:
+                _Vault(bundle, create=False, progress=False).close()
+            except (LockTimeout, RemoteError):
+                raise
+            except VaultError:
+                _remove(bundle)
         try:
             with _Vault(bundle, progress=False) as into:
                 # Scratch: its journal keeps it whole through a kill; an OS crash may
                 # cost it, never the vault.
                 into._connection.db.execute("PRAGMA synchronous = OFF")
+                _keep_fetched_only(into)  # rows of an earlier run: made again from now
                 with vault._progress(sum(index[h]["size"] for h in missing),
                                      f"pull {entry['model']}:{entry['number']}") as advance:
                     _fetch(into, remote, missing, index, advance)
@@ -1018,8 +1048,10 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
                     raise
                 raise IntegrityError(f"{remote.url}/packs/{where}.pack: {exc}",
                                      chunk=exc.chunk) from exc
-        except IntegrityError:
-            _remove(bundle)  # what it holds is bad: the next pull starts afresh
+        except (LockTimeout, RemoteError):
+            raise  # the file is fine: the next pull goes on from it
+        except VaultError:
+            _remove(bundle)  # bad or unreadable: the next pull starts that version afresh
             raise
         _remove(bundle)
         return report
@@ -1074,6 +1106,19 @@ def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _keep_fetched_only(into: Vault) -> None:
+    """Of a bundle an earlier pull left, keep the chunks it fetched and drop the rest:
+    the version's rows and labels, and the rows with no bytes for chunks the vault had
+    then (it may have dropped some since), are written again from this pull's view."""
+    with into._connection.write() as db:
+        for table in ("part_chunks", "parts", "lineage", "tags", "aliases", "versions",
+                      "packages", "environments", "models"):
+            db.execute(f"DELETE FROM {table}")
+        db.execute("UPDATE chunks SET base_id = NULL")
+        db.execute("DELETE FROM chunks WHERE pack_id IN (SELECT id FROM packs WHERE size = 0)")
+        db.execute("DELETE FROM packs WHERE size = 0")
+
+
 def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any],
            advance: Callable[[int], Any]) -> None:
     """Fetch into ``into`` the chunks ``missing`` that it lacks, from the blobs that hold
@@ -1120,53 +1165,52 @@ def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[s
     entry = state.versions[uuid]
     version = manifest["version"]
     with into._connection.write() as db:
-        if db.execute("SELECT 1 FROM versions WHERE uuid = ?", (uuid,)).fetchone() is None:
-            empty = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')"
-                               ).lastrowid
-            ids = dict(db.execute("SELECT hash, id FROM chunks"))
-            for h, (_, size) in sorted(here.items()):  # no bytes: merge takes ours
-                if h not in ids:
-                    ids[h] = db.execute(
-                        "INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
-                        "start, length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, 0)",
-                        (h, size, empty)).lastrowid
-            for h, chunk_id in ids.items():
-                base = (index.get(h) or {}).get("base") if h not in here else None
-                if base and base not in ids:
-                    raise IntegrityError(f"{remote.url}: chunk {h}'s delta base {base} is "
-                                         "in no pack object; nothing was pulled", chunk=h)
-                if base:
-                    db.execute("UPDATE chunks SET base_id = ? WHERE id = ?",
-                               (ids[base], chunk_id))
-            model_id = db.execute(
-                "INSERT INTO models (name, created_at, last_version) VALUES (?, ?, ?)",
-                (entry["model"], version["created_at"], state.last[entry["model"]])).lastrowid
-            env = manifest.get("environment")
-            env_id = into._catalog.environment_id(env) if env is not None else None
-            columns = ", ".join(_VERSION_FIELDS)
-            version_id = db.execute(
-                f"INSERT INTO versions ({columns}, model_id, version, environment_id) VALUES "
-                f"({','.join('?' * len(_VERSION_FIELDS))}, ?, ?, ?)",
-                [*(version[f] for f in _VERSION_FIELDS), model_id, entry["number"], env_id]
-            ).lastrowid
-            if manifest.get("lineage") is not None:
-                db.execute("INSERT INTO lineage (version_id, parent, source) VALUES (?, ?, ?)",
-                           (version_id, manifest["lineage"]["parent"],
-                            manifest["lineage"]["source"]))
-            db.executemany(
-                f"INSERT INTO parts (version_id, {', '.join(_PART_FIELDS)}) VALUES "
-                f"(?, {','.join('?' * len(_PART_FIELDS))})",
-                [(version_id, *(p[f] for f in _PART_FIELDS)) for p in manifest["parts"]])
-            db.executemany("INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES "
-                           "(?, ?, ?, ?)", [(version_id, i, seq, ids[h])
-                                            for i, part in enumerate(manifest["chunks"])
-                                            for seq, h in enumerate(part)])
-            db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
-                           [(version_id, k, v) for k, v in entry["tags"].items()])
-            db.executemany(
-                "INSERT INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
-                [(model_id, a, version_id)
-                 for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
+        empty = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')"
+                           ).lastrowid
+        ids = dict(db.execute("SELECT hash, id FROM chunks"))
+        for h, (_, size) in sorted(here.items()):  # no bytes: merge takes ours
+            if h not in ids:
+                ids[h] = db.execute(
+                    "INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
+                    "start, length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, 0)",
+                    (h, size, empty)).lastrowid
+        for h, chunk_id in ids.items():
+            base = (index.get(h) or {}).get("base") if h not in here else None
+            if base and base not in ids:
+                raise IntegrityError(f"{remote.url}: chunk {h}'s delta base {base} is "
+                                     "in no pack object; nothing was pulled", chunk=h)
+            if base:
+                db.execute("UPDATE chunks SET base_id = ? WHERE id = ?",
+                           (ids[base], chunk_id))
+        model_id = db.execute(
+            "INSERT INTO models (name, created_at, last_version) VALUES (?, ?, ?)",
+            (entry["model"], version["created_at"], state.last[entry["model"]])).lastrowid
+        env = manifest.get("environment")
+        env_id = into._catalog.environment_id(env) if env is not None else None
+        columns = ", ".join(_VERSION_FIELDS)
+        version_id = db.execute(
+            f"INSERT INTO versions ({columns}, model_id, version, environment_id) VALUES "
+            f"({','.join('?' * len(_VERSION_FIELDS))}, ?, ?, ?)",
+            [*(version[f] for f in _VERSION_FIELDS), model_id, entry["number"], env_id]
+        ).lastrowid
+        if manifest.get("lineage") is not None:
+            db.execute("INSERT INTO lineage (version_id, parent, source) VALUES (?, ?, ?)",
+                       (version_id, manifest["lineage"]["parent"],
+                        manifest["lineage"]["source"]))
+        db.executemany(
+            f"INSERT INTO parts (version_id, {', '.join(_PART_FIELDS)}) VALUES "
+            f"(?, {','.join('?' * len(_PART_FIELDS))})",
+            [(version_id, *(p[f] for f in _PART_FIELDS)) for p in manifest["parts"]])
+        db.executemany("INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES "
+                       "(?, ?, ?, ?)", [(version_id, i, seq, ids[h])
+                                        for i, part in enumerate(manifest["chunks"])
+                                        for seq, h in enumerate(part)])
+        db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
+                       [(version_id, k, v) for k, v in entry["tags"].items()])
+        db.executemany(
+            "INSERT INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
+            [(model_id, a, version_id)
+             for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
         # The version as the manifest gives it must be the one signed and digested.
         row = into._catalog.resolve(Ref(entry["model"], version=entry["number"]))
         try:

@@ -540,3 +540,38 @@ def test_an_interrupted_pull_fetches_only_what_had_not_arrived(tmp_path, url, mo
         assert len(fetched["objects"]) == objects  # 2 before the cut, the rest after
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
+
+
+def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(tmp_path,
+                                                                               url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("net", {"w": np.arange(1000.0)}, aliases=["prod"])
+        a.push(url)
+    bundle = _remote._bundle_path(tmp_path / "b.vault", mv.id)
+    with modelvault.open(tmp_path / "b.vault") as b:
+        bundle.write_bytes(b"not a vault at all")  # as an OS crash might leave it
+        assert [v.ref for v in b.pull(url).added] == ["net:1"]
+        assert not bundle.exists() and b.get("net@prod").id == mv.id
+    # A bundle whose merge failed keeps its fetched chunks, not its labels of the time.
+    with modelvault.open(tmp_path / "a.vault") as a:
+        other = a.save("net", {"w": np.zeros(10)})
+        a.push(url)
+    with modelvault.open(tmp_path / "b.vault") as b:
+        real = modelvault.Vault._copy_from
+
+        def fail(self, *args, **kwargs):
+            raise OSError("disk gone")
+
+        modelvault.Vault._copy_from = fail
+        try:
+            with pytest.raises(OSError):
+                b.pull(url)
+        finally:
+            modelvault.Vault._copy_from = real
+        assert _remote._bundle_path(b.path, other.id).exists()
+        with modelvault.open(tmp_path / "a.vault") as a:
+            a.tag(other, stage="live")
+            a.push(url, [other])
+        assert [v.ref for v in b.pull(url).added] == ["net:2"]
+        assert b.get("net:2").tags == {"stage": "live"}  # as the remote says now
+        assert not _remote._bundle_path(b.path, other.id).exists()
