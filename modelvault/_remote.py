@@ -1022,41 +1022,66 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
         # object by pack object: a pull that was interrupted, run again, fetches only
         # what this file lacks. It goes once the version is merged, or found bad.
         bundle = _bundle_path(vault.path, uuid)
-        entry = state.versions[uuid]
-        if bundle.exists():  # an earlier pull's: go on from it if it is a whole vault
-            try:
-                _Vault(bundle, create=False, progress=False).close()
-            except (LockTimeout, RemoteError):
-                raise
-            except VaultError:
-                _remove(bundle)
-        try:
-            with _Vault(bundle, progress=False) as into:
-                # Scratch: its journal keeps it whole through a kill; an OS crash may
-                # cost it, never the vault.
-                into._connection.db.execute("PRAGMA synchronous = OFF")
-                _keep_fetched_only(into)  # rows of an earlier run: made again from now
-                with vault._progress(sum(index[h]["size"] for h in missing),
-                                     f"pull {entry['model']}:{entry['number']}") as advance:
-                    _fetch(into, remote, missing, index, advance)
-                _rows(into, remote, state, uuid, manifest, here, index)
-            try:
-                report = vault._copy_from(bundle, None, check=True, action="pull")
-            except IntegrityError as exc:
-                where = (index.get(exc.chunk or "") or {}).get("pack")
-                if where is None:
+        with _only_puller(bundle):  # two pulls of one version into one vault take turns
+            with connection.lock, connection.read() as db:
+                if db.execute("SELECT 1 FROM versions WHERE uuid = ?", (uuid,)).fetchone():
+                    return MergeReport((), (), ())  # the other one brought it
+            entry = state.versions[uuid]
+            if bundle.exists():  # an earlier pull's: go on from it if it is a whole vault
+                try:
+                    _Vault(bundle, create=False, progress=False).close()
+                except (LockTimeout, RemoteError):
                     raise
-                raise IntegrityError(f"{remote.url}/packs/{where}.pack: {exc}",
-                                     chunk=exc.chunk) from exc
-        except (LockTimeout, RemoteError):
-            raise  # the file is fine: the next pull goes on from it
-        except VaultError:
-            _remove(bundle)  # bad or unreadable: the next pull starts that version afresh
-            raise
-        _remove(bundle)
-        return report
+                except VaultError:
+                    _remove(bundle)
+            try:
+                with _Vault(bundle, progress=False) as into:
+                    # Scratch: its journal keeps it whole through a kill; an OS crash may
+                    # cost it, never the vault.
+                    into._connection.db.execute("PRAGMA synchronous = OFF")
+                    _keep_fetched_only(into)  # rows of an earlier run: made again from now
+                    with vault._progress(sum(index[h]["size"] for h in missing),
+                                         f"pull {entry['model']}:{entry['number']}") as advance:
+                        _fetch(into, remote, missing, index, advance)
+                    _rows(into, remote, state, uuid, manifest, here, index)
+                try:
+                    report = vault._copy_from(bundle, None, check=True, action="pull")
+                except IntegrityError as exc:
+                    where = (index.get(exc.chunk or "") or {}).get("pack")
+                    if where is None:
+                        raise
+                    raise IntegrityError(f"{remote.url}/packs/{where}.pack: {exc}",
+                                         chunk=exc.chunk) from exc
+            except (LockTimeout, RemoteError):
+                raise  # the file is fine: the next pull goes on from it
+            except VaultError:
+                _remove(bundle)  # bad or unreadable: the next pull starts that version afresh
+                raise
+            _remove(bundle)
+            return report
     finally:
         pin.release()
+
+
+@contextmanager
+def _only_puller(bundle: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``BUNDLE-lock`` (flock; none where there is no fcntl).
+    The lock file is removed with the bundle; a puller that waited on a removed one
+    finds the version merged and does nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(f"{bundle}-lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if not bundle.exists():  # done with: a puller waiting on it finds its version in
+            path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _bundle_path(vault: Path, uuid: str) -> Path:
@@ -1064,7 +1089,7 @@ def _bundle_path(vault: Path, uuid: str) -> Path:
 
 
 def _remove(bundle: Path) -> None:
-    for leftover in (bundle, Path(f"{bundle}-journal"), Path(f"{bundle}-lock")):
+    for leftover in (bundle, Path(f"{bundle}-journal")):
         leftover.unlink(missing_ok=True)
 
 

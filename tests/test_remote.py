@@ -575,3 +575,30 @@ def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(t
         assert [v.ref for v in b.pull(url).added] == ["net:2"]
         assert b.get("net:2").tags == {"stage": "live"}  # as the remote says now
         assert not _remote._bundle_path(b.path, other.id).exists()
+
+
+def test_two_pulls_of_one_version_into_one_vault_take_turns(tmp_path, url):
+    import threading
+
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", weights(12, rows=8))
+        a.push(url)
+    modelvault.open(tmp_path / "b.vault").close()
+    results, errors = [], []
+
+    def pull():
+        try:
+            with modelvault.open(tmp_path / "b.vault") as b:
+                results.append([v.ref for v in b.pull(url).added])
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pull) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and sorted(results) == [[], [], ["net:1"]]
+    with modelvault.open(tmp_path / "b.vault") as b:
+        assert b.verify() == [] and len(b.versions()) == 1
+    assert [p.name for p in tmp_path.iterdir() if ".pull-" in p.name] == []
