@@ -1156,30 +1156,45 @@ def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any
         if h not in have:
             e = index[h]
             by_object.setdefault(e["pack"], {}).setdefault(e["blob"], []).append(h)
-    for name, blobs in sorted(by_object.items()):
+    objects = sorted(by_object.items())
+
+    def get(name: str, blobs: dict[int, list[str]]) -> list[bytes]:
         key = f"packs/{name}.pack"
-        chosen = sorted(blobs)
-        spans = [index[blobs[b][0]]["span"] for b in chosen]
         try:
-            datas = remote.store.ranges(key, [(span[0], span[1]) for span in spans])
+            return remote.store.ranges(key, [(index[blobs[b][0]]["span"][0],
+                                              index[blobs[b][0]]["span"][1])
+                                             for b in sorted(blobs)])
         except FileNotFoundError as exc:
             raise IntegrityError(f"{remote.url}/{key} is missing: its index names chunks "
                                  "of this version; nothing was pulled") from exc
-        with into._connection.write() as db:
-            for blob, span, data in zip(chosen, spans, datas, strict=True):
-                if len(data) != span[1] - span[0] or not all(
-                        _scalar(v) for v in span[2:4]):
-                    raise IntegrityError(f"{remote.url}/{key}: blob {blob} is not what its "
-                                         "index says; nothing was pulled")
-                pack = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
-                                  (span[2], span[3], data)).lastrowid
-                for h in blobs[blob]:
-                    e = index[h]
-                    db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
-                               "pack_id, start, length) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
-                               (h, e["size"], e["codec"], e["itemsize"], pack, e["start"],
-                                e["length"]))
-                    advance(e["size"])
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The next pack object is fetched while this one is written (obstore lets go of
+    # the GIL): at most two in memory.
+    with ThreadPoolExecutor(1, thread_name_prefix="modelvault-pull") as fetcher:
+        coming = fetcher.submit(get, *objects[0]) if objects else None
+        for i, (name, blobs) in enumerate(objects):
+            datas = coming.result()
+            coming = fetcher.submit(get, *objects[i + 1]) if i + 1 < len(objects) else None
+            key = f"packs/{name}.pack"
+            chosen = sorted(blobs)
+            spans = [index[blobs[b][0]]["span"] for b in chosen]
+            with into._connection.write() as db:
+                for blob, span, data in zip(chosen, spans, datas, strict=True):
+                    if len(data) != span[1] - span[0] or not all(
+                            _scalar(v) for v in span[2:4]):
+                        raise IntegrityError(f"{remote.url}/{key}: blob {blob} is not what "
+                                             "its index says; nothing was pulled")
+                    pack = db.execute("INSERT INTO packs (codec, size, data) VALUES "
+                                      "(?, ?, ?)", (span[2], span[3], data)).lastrowid
+                    for h in blobs[blob]:
+                        e = index[h]
+                        db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, "
+                                   "pack_id, start, length) VALUES (?, ?, ?, ?, NULL, ?, ?, "
+                                   "?)", (h, e["size"], e["codec"], e["itemsize"], pack,
+                                          e["start"], e["length"]))
+                        advance(e["size"])
 
 
 def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],
