@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _chunks, _pins
+from . import _chunks, _pins, _trust
 from ._errors import IntegrityError, LockTimeout, NotFoundError, RemoteError, VaultError
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
 from ._refs import Ref, parse_ref
@@ -326,10 +325,6 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
 class Remote:
     """A modelvault remote at ``url``."""
 
@@ -347,9 +342,6 @@ class Remote:
         self._probed = False
 
     # -- reading ----------------------------------------------------------------------
-
-    def exists(self) -> bool:
-        return self.store.get(DESCRIPTOR) is not None
 
     def _check_descriptor(self, *, create: bool) -> None:
         data = self.store.get(DESCRIPTOR)
@@ -512,6 +504,8 @@ class Remote:
             events = make(state)
             if not events:
                 return state, 0
+            from ._vault import _now  # the timestamps versions have
+
             entry = {"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
                      f"{socket.gethostname()}", "events": events}
             seq = state.seq + 1
@@ -771,13 +765,7 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any],
     connection = vault._connection
     sent = _Sent()
     with connection.lock, connection.read() as db:
-        rows = []
-        for first in range(0, len(ids), 500):
-            some = sorted(ids)[first:first + 500]
-            rows += db.execute(
-                "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, c.pack_id, "
-                "c.start, c.length FROM chunks c LEFT JOIN chunks b ON b.id = c.base_id "
-                f"WHERE c.id IN ({','.join('?' * len(some))})", some).fetchall()
+        rows = _push_rows(db, ids)
     missing = sorted((r for r in rows if r[1] not in index), key=lambda r: (r[6], r[7]))
     if not missing:
         return sent
@@ -792,6 +780,19 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any],
     return sent
 
 
+def _push_rows(db: Any, ids: Iterable[int]) -> list[tuple[Any, ...]]:
+    """Rows of the chunks ``ids`` as a push needs them: id, hash, size, codec, itemsize,
+    its delta base's hash, pack_id, start, length."""
+    ordered, rows = sorted(ids), []
+    for first in range(0, len(ordered), 500):
+        some = ordered[first:first + 500]
+        rows += db.execute(
+            "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, c.pack_id, "
+            "c.start, c.length FROM chunks c LEFT JOIN chunks b ON b.id = c.base_id "
+            f"WHERE c.id IN ({','.join('?' * len(some))})", some).fetchall()
+    return rows
+
+
 def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
     """Hand ``writer`` the chunk rows ``missing``, pack by pack of this vault. Each
     group's rows are read again with their pack, in one read: a gc here may have moved
@@ -800,11 +801,7 @@ def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
     for _, listed in _by_pack(missing):
         ids = [r[0] for r in listed]
         with connection.lock, connection.read() as db:
-            rows = sorted(db.execute(
-                "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, c.pack_id, "
-                "c.start, c.length FROM chunks c LEFT JOIN chunks b ON b.id = c.base_id "
-                f"WHERE c.id IN ({','.join('?' * len(ids))})", ids).fetchall(),
-                key=lambda r: (r[6], r[7]))
+            rows = sorted(_push_rows(db, ids), key=lambda r: (r[6], r[7]))
             if len(rows) != len(ids):
                 raise IntegrityError(f"{vault.path}: {len(ids) - len(rows)} chunk(s) to push "
                                      "are missing; run verify()")
@@ -959,12 +956,11 @@ def pull(vault: Vault, remote: Remote, refs: Sequence[str] | None) -> MergeRepor
 
 
 def _labels(vault: Vault, state: State, uuid: str) -> list[str]:
-    from ._refs import Ref
-
     entry = state.versions[uuid]
     record = state.record(uuid)
     conflicts = []
-    mine = next(v for v in vault.versions(entry["model"]) if v.id == uuid)
+    with vault._connection.read():
+        (mine,) = vault._catalog.records("WHERE v.uuid = ?", (uuid,))
     for alias in record.aliases:
         try:
             current = vault._catalog.resolve(Ref(entry["model"], alias=alias)).uuid
@@ -1255,8 +1251,6 @@ def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[s
         row = into._catalog.resolve(Ref(entry["model"], version=entry["number"]))
         try:
             into._catalog.check(row, into._catalog.contents(row))
-            from . import _trust
-
             if _trust.signature_status(row.manifest, row.key_id, row.signature,
                                        _trust.trusted()) == "invalid":
                 raise row.error("signature does not match: the manifest was changed after "

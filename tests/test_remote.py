@@ -123,6 +123,15 @@ def test_aliases_and_tags_move_with_a_push(tmp_path, url):
     assert listed["m:2"].tags == {"stage": "live"}
     with modelvault.clone(url, tmp_path / "b.vault") as b:
         assert b.get("m@prod").version == 2
+        with modelvault.open(tmp_path / "a.vault") as a:  # labels change on the remote
+            a.alias("m:1", "stable")
+            a.tag("m:1", owner="ann")
+            a.alias("m:1", "prod")
+            a.push(url, ["m:1"])
+        report = b.pull(url)  # versions b has: labels it lacks come, ones it has stay
+        assert report.added == () and b.get("m@stable").version == 1
+        assert b.get("m:1").tags == {"owner": "ann"} and b.get("m@prod").version == 2
+        assert [c for c in report.conflicts if "m@prod" in c]
 
 
 def test_remote_rm_and_gc_drop_only_what_no_version_uses(tmp_path, url):
@@ -385,15 +394,21 @@ def _keep_pushing(path, url, home, rounds, retry_on_gc):
                     time.sleep(0.01)  # a remote gc holds it: try again
 
 
-def test_pulls_while_another_process_pushes_see_only_whole_versions(tmp_path, url, full):
-    rounds = 60 if full else 15
+def _start_pushing(tmp_path, url, rounds, retry_on_gc):
+    """A remote holding busy:1 (step -1), and a process pushing ``rounds`` more."""
     with modelvault.open(tmp_path / "seed.vault") as seed:
         seed.save("busy", {"w": np.zeros((4, 65536), np.float32), "step": np.int64(-1)})
         seed.push(url)
     pusher = multiprocessing.get_context("spawn").Process(
-        target=_keep_pushing,
-        args=(str(tmp_path / "a.vault"), url, os.environ["MODELVAULT_HOME"], rounds, False))
+        target=_keep_pushing, args=(str(tmp_path / "a.vault"), url,
+                                    os.environ["MODELVAULT_HOME"], rounds, retry_on_gc))
     pusher.start()
+    return pusher
+
+
+def test_pulls_while_another_process_pushes_see_only_whole_versions(tmp_path, url, full):
+    rounds = 60 if full else 15
+    pusher = _start_pushing(tmp_path, url, rounds, False)
     pulls = 0
     with modelvault.open(tmp_path / "b.vault") as b:
         while pusher.is_alive() or not pulls:
@@ -409,13 +424,7 @@ def test_pulls_while_another_process_pushes_see_only_whole_versions(tmp_path, ur
 
 def test_a_remote_gc_racing_pushes_deletes_nothing_a_version_uses(tmp_path, url, full):
     rounds = 40 if full else 10
-    with modelvault.open(tmp_path / "seed.vault") as seed:
-        seed.save("busy", {"w": np.zeros((4, 65536), np.float32), "step": np.int64(-1)})
-        seed.push(url)
-    pusher = multiprocessing.get_context("spawn").Process(
-        target=_keep_pushing,
-        args=(str(tmp_path / "a.vault"), url, os.environ["MODELVAULT_HOME"], rounds, True))
-    pusher.start()
+    pusher = _start_pushing(tmp_path, url, rounds, True)
     remote, collected, refused = modelvault.Remote(url), 0, 0
     while pusher.is_alive():
         try:
