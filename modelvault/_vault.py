@@ -461,9 +461,15 @@ class Vault:
                                             "no example was saved with it")
         model = self.load(ref, trust=trust)
         saved = self._example(row, example, trust)
-        method = example.get("method")
-        if not isinstance(method, str):
-            raise row.error("its example names no method")
+        # The file never chooses the code to run: the method asked is the one this model
+        # answers with (as at save); a saved name that differs is a damaged or forged example.
+        try:
+            method = _selftest.method_of(model)
+        except ValueError as exc:
+            raise row.error(f"its example cannot be asked: {exc}") from exc
+        if example.get("method") != method:
+            raise row.error(f"its example names method {str(example.get('method'))[:80]!r}, "
+                            f"but the model answers with {method}")
         try:
             now = _selftest.answer(model, method, _selftest.decode_example(saved["input"]))
         except Exception as exc:  # the model's own code failing is the finding

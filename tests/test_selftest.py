@@ -184,3 +184,21 @@ def test_a_pickled_example_needs_trust_whatever_the_models_kind(vault_path, tmp_
         with pytest.raises(modelvault.UntrustedError, match="has a pickled example"):
             vault.selftest("xgb")
         assert vault.selftest("xgb", trust=True).passed is True
+
+
+def test_the_file_never_chooses_the_method_selftest_calls(vault, tmp_path, monkeypatch):
+    """Hostile case: an arrays version (an ndarray, which has ``tofile``) whose example
+    names ``tofile`` and a path. Signed and digest-checked as anyone can make it; selftest
+    must refuse it without calling anything, and write nothing."""
+    from modelvault import _selftest
+
+    target = tmp_path / "written-by-selftest.pth"
+    with monkeypatch.context() as patch:  # what a forger's writer would store
+        patch.setattr(_selftest, "method_of", lambda model: "tofile")
+        patch.setattr(_selftest, "answer", lambda model, method, example: np.zeros(1))
+        vault.save("weights", np.arange(4.0), example=np.str_(target))
+    with pytest.raises(modelvault.IntegrityError, match="example cannot be asked"):
+        vault.selftest("weights")
+    with pytest.raises(modelvault.IntegrityError):
+        vault.selftest("weights", trust=True)
+    assert not target.exists()
