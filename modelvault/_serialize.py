@@ -18,10 +18,11 @@ import json
 import math
 import os
 import pickle
+import re
 import stat
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -414,6 +415,7 @@ def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
             if name in files:
                 raise ValueError(f"two files would be stored as {name!r}")
             files[name] = file
+    safe_relative_paths(files)  # names that would overwrite each other on some system
     parts = []
     for name in sorted(files):
         found = files[name].stat()
@@ -427,13 +429,48 @@ def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
     return parts
 
 
+# A vault travels between systems, so a file name unsafe on any of them is refused on
+# all of them: drive names and streams (":"), separators Windows also splits on ("\\"),
+# characters Windows cannot store, device names (NUL.txt is the null device there) and
+# trailing dots or spaces (Windows drops them, so "a." would overwrite "a").
+_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"\\|?*]')
+_DEVICES = re.compile(r"(?i)(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)(\..*)?")
+MAX_NAME_PART = 255  # bytes of one path component: the limit of ext4, APFS and NTFS
+MAX_NAME = 4096  # bytes of a whole name (Linux's PATH_MAX)
+MAX_NAME_DEPTH = 64  # folders a name may nest
+
+
 def safe_relative_path(name: str) -> PurePosixPath:
-    """``name`` as a relative path that cannot escape the folder it is extracted to."""
+    """``name`` as a relative path that cannot escape the folder it is extracted to, on
+    any system; ValueError otherwise."""
+    if not isinstance(name, str) or not name or len(name.encode("utf-8", "replace")) > MAX_NAME:
+        raise ValueError(f"unsafe file name in vault: {str(name)[:100]!r}")
     path = PurePosixPath(name)
-    if not name or not path.parts or path.is_absolute() or ".." in path.parts \
-            or "\\" in name or "\x00" in name:
-        raise ValueError(f"unsafe file name in vault: {name!r}")
+    for part in name.split("/"):
+        if (part in ("", ".", "..") or _NAME_CHARS.search(part) or part[-1] in ". "
+                or _DEVICES.fullmatch(part) or len(part.encode("utf-8")) > MAX_NAME_PART):
+            raise ValueError(f"unsafe file name in vault: {name[:100]!r} ({part[:40]!r} is "
+                             "not a file name every system can hold)")
+    if len(path.parts) > MAX_NAME_DEPTH:
+        raise ValueError(f"unsafe file name in vault: {name[:100]!r} (over {MAX_NAME_DEPTH} "
+                         "folders deep)")
     return path
+
+
+def safe_relative_paths(names: Iterable[str]) -> list[PurePosixPath]:
+    """Each of ``names`` as ``safe_relative_path`` does, and none the same file or folder
+    as another where case is folded (macOS, Windows), nor a file where another needs a
+    folder ("a" and "a/b"): otherwise extracting one would overwrite or block another."""
+    paths = [safe_relative_path(name) for name in names]
+    files = {str(p).casefold() for p in paths}
+    if len(files) < len(paths):
+        raise ValueError("two file names in vault are the same where case does not count")
+    for path in paths:
+        for folder in list(path.parents)[:-1]:
+            if str(folder).casefold() in files:
+                raise ValueError(f"file name in vault {str(path)[:100]!r} needs a folder "
+                                 f"where another file is: {str(folder)[:100]!r}")
+    return paths
 
 
 def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],

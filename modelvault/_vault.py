@@ -620,8 +620,11 @@ class Vault:
             raise ValueError(f"{row.where} holds a Python object, not files; use load()")
         self._check_signature(row, trust)
         contents = self._contents(row)
-        targets = [Path(out_dir).joinpath(*_serialize.safe_relative_path(p.name).parts)
-                   for p in contents.parts]
+        try:  # every name checked before the first byte is written
+            targets = [Path(out_dir).joinpath(*path.parts) for path in
+                       _serialize.safe_relative_paths(p.name for p in contents.parts)]
+        except ValueError as exc:
+            raise row.error(str(exc)) from exc
         modes = _file_modes(row, len(targets))
         with self._progress(sum(p.size for p in contents.parts),
                             f"extract {row.where}") as advance:
@@ -1201,9 +1204,9 @@ def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) 
             if [p.name for p, _ in parts] != layout.get("files"):
                 raise ValueError("its files are not the ones its layout lists")
             with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
-                for part, buffer in parts:
-                    target = Path(folder).joinpath(
-                        *_serialize.safe_relative_path(part.name).parts)
+                paths = _serialize.safe_relative_paths(part.name for part, _ in parts)
+                for (_, buffer), path in zip(parts, paths, strict=True):
+                    target = Path(folder).joinpath(*path.parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(buffer)
                 try:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import blake3
 import numpy as np
+
+from modelvault._trust import canonical_json
 
 
 def same(expected, got):
@@ -47,3 +52,30 @@ def vault_connections(monkeypatch):
 
     monkeypatch.setattr(sqlite3, "connect", recording_connect)
     return opened
+
+
+def version_id(db, name, number=1):
+    """The row id of ``name:number`` in an open sqlite3 connection to a vault."""
+    return db.execute("SELECT v.id FROM versions v JOIN models m ON m.id = v.model_id "
+                      "WHERE m.name = ? AND v.version = ?", (name, number)).fetchone()[0]
+
+
+def redigest(db, version_id):
+    """Recompute a version's digest from its rows, as docs/format.md defines it (what
+    anyone who can write the file can do after editing it)."""
+    kind, layout = db.execute("SELECT kind, layout FROM versions WHERE id = ?",
+                              (version_id,)).fetchone()
+    parts = []
+    for part, pkind, name, dtype, shape, fortran, itemsize, size in db.execute(
+            "SELECT part, kind, name, dtype, shape, fortran_order, itemsize, size "
+            "FROM parts WHERE version_id = ? ORDER BY part", (version_id,)).fetchall():
+        hashes = [h for (h,) in db.execute(
+            "SELECT c.hash FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
+            "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq", (version_id, part))]
+        parts.append({"kind": pkind, "name": name, "dtype": dtype,
+                      "shape": None if shape is None else json.loads(shape),
+                      "fortran_order": fortran, "itemsize": itemsize, "size": size,
+                      "chunks": hashes})
+    digest = blake3.blake3(canonical_json(
+        {"kind": kind, "layout": json.loads(layout), "parts": parts})).hexdigest()
+    db.execute("UPDATE versions SET digest = ? WHERE id = ?", (digest, version_id))

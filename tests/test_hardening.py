@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import vault_connections
+from helpers import redigest, vault_connections, version_id
 
 import modelvault
 from modelvault import IntegrityError, LockTimeout
@@ -159,12 +159,55 @@ def test_zero_byte_items_round_trip(vault):
     assert vault.load("m").shape == (3,)
 
 
-@pytest.mark.parametrize("name", [".", "a/../b", "/etc/passwd", "a\\b", ""])
-def test_extract_refuses_unsafe_file_names(name):
+@pytest.mark.parametrize("name", [
+    ".", "a/../b", "/etc/passwd", "a\\b", "", "x/D:/Windows/Temp/evil.dll", "D:evil.txt",
+    "C:", "model.bin:stream", "NUL.txt", "x/com1", "trailing.", "trailing ", "a//b",
+    "x" * 256, "a/" * 70 + "b", "tab\there", 'q"uote', "star*"])
+def test_extract_refuses_file_names_unsafe_on_any_system(name):
     from modelvault._serialize import safe_relative_path
 
     with pytest.raises(ValueError):
         safe_relative_path(name)
+
+
+@pytest.mark.parametrize("names", [
+    ["a", "a/b"],                          # a file where a folder must be: FileExistsError
+    ["Model.bin", "model.bin"],            # one file on macOS and Windows
+    ["ok.bin", "x/D:/Windows/Temp/evil.dll"],
+    ["ok.bin", "D:evil.txt"],
+    ["ok.bin", "n" * 300],                 # OSError: name too long, after a partial write
+])
+def test_a_forged_files_version_extracts_nothing(vault, vault_path, tmp_path, names):
+    """Hostile case: a files version whose names were rewritten in the file (digest
+    recomputed, signature then invalid, so ``trust=True`` as a user might pass)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for i, _ in enumerate(names):
+        (folder / f"f{i}").write_bytes(b"bytes %d" % i)
+    vault.save_files("m", folder)
+    with sqlite3.connect(vault_path) as db:
+        vid = version_id(db, "m")
+        for i, name in enumerate(names):
+            db.execute("UPDATE parts SET name = ? WHERE version_id = ? AND name = ?",
+                       (name, vid, f"f{i}"))
+        redigest(db, vid)
+    db.close()
+    out = tmp_path / "out"
+    outside = set(tmp_path.rglob("*"))
+    with pytest.raises(modelvault.IntegrityError, match="file name"):
+        vault.extract("m", out, trust=True)
+    assert set(tmp_path.rglob("*")) == outside  # not even the out folder
+    assert vault.load("m", trust=True).keys() == set(names)  # as bytes, by name: harmless
+
+
+def test_names_one_system_would_overwrite_are_refused_at_save(vault, tmp_path):
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "w.bin").write_bytes(b"1")
+    (folder / "Sub").mkdir()
+    (folder / "Sub" / "w.bin").write_bytes(b"2")
+    with pytest.raises(ValueError, match="case does not count"):
+        vault.save_files("m", folder)
 
 
 def test_cli_meta_keeps_text_that_json_would_change(run, tmp_path):

@@ -13,7 +13,6 @@ Edits are made the way an attacker or a broken tool would: plain sqlite3 on the 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import random
 import shutil
@@ -22,14 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import blake3
 import numpy as np
 import pytest
-from helpers import one_line_error
+from helpers import one_line_error, redigest, version_id
 
 import modelvault
 from modelvault import IntegrityError, UntrustedError
-from modelvault._trust import canonical_json
 
 # The command line runs from this checkout, whatever is installed.
 _SOURCE = str(Path(modelvault.__file__).resolve().parent.parent)
@@ -41,32 +38,6 @@ def _cli(*args):
         [_SOURCE, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-m", "modelvault", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=120)
-
-
-def _version_id(db, name, number=1):
-    return db.execute("SELECT v.id FROM versions v JOIN models m ON m.id = v.model_id "
-                      "WHERE m.name = ? AND v.version = ?", (name, number)).fetchone()[0]
-
-
-def _redigest(db, version_id):
-    """Recompute a version's digest from its rows, as docs/format.md defines it (what
-    anyone who can write the file can do after editing it)."""
-    kind, layout = db.execute("SELECT kind, layout FROM versions WHERE id = ?",
-                              (version_id,)).fetchone()
-    parts = []
-    for part, pkind, name, dtype, shape, fortran, itemsize, size in db.execute(
-            "SELECT part, kind, name, dtype, shape, fortran_order, itemsize, size "
-            "FROM parts WHERE version_id = ? ORDER BY part", (version_id,)).fetchall():
-        hashes = [h for (h,) in db.execute(
-            "SELECT c.hash FROM part_chunks pc JOIN chunks c ON c.id = pc.chunk_id "
-            "WHERE pc.version_id = ? AND pc.part = ? ORDER BY pc.seq", (version_id, part))]
-        parts.append({"kind": pkind, "name": name, "dtype": dtype,
-                      "shape": None if shape is None else json.loads(shape),
-                      "fortran_order": fortran, "itemsize": itemsize, "size": size,
-                      "chunks": hashes})
-    digest = blake3.blake3(canonical_json(
-        {"kind": kind, "layout": json.loads(layout), "parts": parts})).hexdigest()
-    db.execute("UPDATE versions SET digest = ? WHERE id = ?", (digest, version_id))
 
 
 def _use_home(monkeypatch, path):
@@ -96,7 +67,7 @@ def test_every_byte_of_a_stored_chunk_flipped_is_named_by_load_and_verify(vault_
     chunk_hash, codec, pack_id, start, length = db.execute(
         "SELECT c.hash, c.codec, c.pack_id, c.start, c.length FROM chunks c "
         "JOIN part_chunks pc ON pc.chunk_id = c.id WHERE pc.version_id = ?",
-        (_version_id(db, name),)).fetchone()
+        (version_id(db, name),)).fetchone()
     pack_codec, data = db.execute("SELECT codec, data FROM packs WHERE id = ?",
                                   (pack_id,)).fetchone()
     if name == "weights":
@@ -180,7 +151,7 @@ def _template(folder):
 
 def _point_at_version_2(db, vid, name):
     """Give version 1 the parts and chunk list of version 2 (another content)."""
-    other = _version_id(db, name, 2)
+    other = version_id(db, name, 2)
     db.execute("DELETE FROM part_chunks WHERE version_id = ?", (vid,))
     db.execute("INSERT INTO part_chunks SELECT ?, part, seq, chunk_id FROM part_chunks "
                "WHERE version_id = ?", (vid, other))
@@ -249,13 +220,13 @@ def test_every_tampered_manifest_or_content_is_refused(tmp_path):
             path = tmp_path / "trial.vault"
             shutil.copy(template, path)
             with sqlite3.connect(path) as db:
-                vid = _version_id(db, name)
+                vid = version_id(db, name)
                 if group == "manifest":
                     _MANIFEST_EDITS[edit](db, vid, name)
                 elif group.startswith("content"):
                     _CONTENT_EDITS[edit](db, vid, name)
                     if group == "content, digest recomputed":
-                        _redigest(db, vid)
+                        redigest(db, vid)
                 elif group == "digest":
                     db.execute("UPDATE versions SET digest = ? WHERE id = ?", ("0" * 64, vid))
                 else:
@@ -441,14 +412,14 @@ def test_a_trusted_version_pointed_at_a_foreign_pickle_never_runs_it(tmp_path, m
     _use_home(monkeypatch, tmp_path / "bob")
     modelvault.save(path, "model", collections.UserDict(a=1))
     with sqlite3.connect(path) as db:
-        vid, evil = _version_id(db, "model"), _version_id(db, "evil")
+        vid, evil = version_id(db, "model"), version_id(db, "evil")
         db.execute("DELETE FROM part_chunks WHERE version_id = ?", (vid,))
         db.execute("INSERT INTO part_chunks SELECT ?, part, seq, chunk_id FROM part_chunks "
                    "WHERE version_id = ?", (vid, evil))
         db.execute("UPDATE parts SET size = (SELECT size FROM parts WHERE version_id = ?) "
                    "WHERE version_id = ?", (evil, vid))
         if digest == "recomputed":
-            _redigest(db, vid)
+            redigest(db, vid)
     db.close()
     with modelvault.open(path) as vault:
         # Kept, the digest no longer matches the chunks; recomputed, the signature fails.
