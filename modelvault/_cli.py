@@ -349,7 +349,9 @@ def browse_command(vault: Path, host: str, port: int) -> None:
 @cli.command("env")
 @vault_path
 @click.argument("ref")
-def env_command(vault: Path, ref: str) -> None:
+@click.option("--trust", is_flag=True,
+              help="Print it even if REF's signature fails (it was changed after saving).")
+def env_command(vault: Path, ref: str, trust: bool) -> None:
     """Print a requirements file (name==version lines) of the packages REF was saved
     with, after a comment naming its Python: `pip install -r` it to rebuild that
     environment."""
@@ -357,7 +359,14 @@ def env_command(vault: Path, ref: str) -> None:
 
     with _open(vault) as v:
         mv = v.get(ref)
-    click.echo(_environment.requirements(mv.environment), nl=False)
+    if mv.signature == "invalid" and not trust:
+        raise click.ClickException(f"{mv.ref}: its signature does not match: the version, "
+                                   "its environment too, was changed after it was saved "
+                                   "(--trust to print it anyway)")
+    try:
+        click.echo(_environment.requirements(mv.environment), nl=False)
+    except ValueError as exc:
+        raise click.ClickException(f"{mv.ref}: {exc}") from exc
 
 
 @cli.command("put")

@@ -91,14 +91,33 @@ def differences(environment: dict[str, Any]) -> list[tuple[str, str, str | None]
     return found
 
 
+# What a requirements line may hold: a PEP 508 name and a PEP 440 version, nothing else.
+# The record comes from the file, and `pip install -r` follows options (--index-url,
+# -e git+...) on any line, so one newline in a forged name would choose where pip
+# downloads code from.
+_PACKAGE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9])?")
+_RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]{0,99}")
+_WORDS = re.compile(r"[ -~]{0,200}")  # one line of printable ASCII, for the comment
+
+
 def requirements(environment: dict[str, Any]) -> str:
     """A requirements file that rebuilds a version's environment: ``name==version`` lines,
-    after a comment naming the Python it ran on."""
-    lines = [f"# saved with Python {environment.get('python', '?')} "
-             f"({environment.get('implementation', '?')}) on {environment.get('platform', '?')}"]
-    packages = environment.get("packages")
-    lines += [f"{name}=={version}" for name, version in sorted(
-        packages.items() if isinstance(packages, dict) else [])]
+    after a comment naming the Python it ran on. ValueError if a field is not a plain
+    package name, version or line of text (a forged or damaged record)."""
+    head = [str(environment.get(key, "?")) for key in ("python", "implementation", "platform")]
+    packages = environment.get("packages", {})
+    if not isinstance(packages, dict):
+        raise ValueError("its environment's packages are not a mapping")
+    for text in head:
+        if not _WORDS.fullmatch(text):
+            raise ValueError(f"its environment holds {text[:60]!r}, not one line of text")
+    for name, version in packages.items():
+        if not (_PACKAGE.fullmatch(name) and isinstance(version, str)
+                and _RELEASE.fullmatch(version)):
+            raise ValueError(f"its environment names {str(name)[:60]!r} "
+                             f"{str(version)[:60]!r}, not a package and its version")
+    lines = ["# saved with Python {} ({}) on {}".format(*head)]
+    lines += [f"{name}=={version}" for name, version in sorted(packages.items())]
     return "\n".join(lines) + "\n"
 
 

