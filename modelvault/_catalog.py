@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from . import _chunks, _schema, _serialize, _trust
+from . import _chunks, _json, _schema, _serialize, _trust
 from ._connection import Connection
 from ._errors import CorruptVaultError, IntegrityError, NotFoundError
 from ._packs import Bases, ChunkRow
@@ -92,7 +92,7 @@ def split_layout(text: str) -> tuple[Any, dict[str, Any] | None]:
     """A version's layout as (its kind's layout, its example's descriptor or None). A
     version saved with an example stores ``{"model": layout, "example": descriptor}``;
     no kind's own layout has those two keys alone."""
-    layout = json.loads(text)
+    layout = _json.loads(text)
     if isinstance(layout, dict) and layout.keys() == {"model", "example"}:
         example = layout["example"]
         if not (isinstance(example, dict) and type(example.get("first")) is int):
@@ -393,7 +393,7 @@ class Catalog:
                 raise row.error(f"part {part.part}'s chunks do not add up to its "
                                 f"{part.size} bytes")
         try:
-            found = digest(row.kind, json.loads(row.layout), contents.parts,
+            found = digest(row.kind, _json.loads(row.layout), contents.parts,
                            [[c.hash for c in chunks] for chunks in contents.chunks])
         except (ValueError, TypeError) as exc:
             raise row.error(f"unreadable parts: {exc}") from exc
@@ -578,7 +578,7 @@ def part_row(part: Part, index: int, size: int) -> PartRow:
 def digest(kind: str, layout: Any, parts: Sequence[PartRow], hashes: list[list[str]]) -> str:
     """The version's content hash: BLAKE3 over its layout, part descriptors and chunk names."""
     descriptors = [{"kind": p.kind, "name": p.name, "dtype": p.dtype,
-                    "shape": None if p.shape is None else json.loads(p.shape),
+                    "shape": None if p.shape is None else _json.loads(p.shape),
                     "fortran_order": p.fortran_order, "itemsize": p.itemsize, "size": p.size,
                     "chunks": chunks} for p, chunks in zip(parts, hashes, strict=True)]
     return _chunks.chunk_hash(_trust.canonical_json(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from . import _json
 from ._errors import IntegrityError
 
 
@@ -122,7 +122,7 @@ class ModelVersion:
 
     def _json(self, column: str) -> Any:
         try:
-            value = json.loads(getattr(self.columns, column))
+            value = _json.loads(getattr(self.columns, column))
         except (TypeError, ValueError) as exc:
             raise IntegrityError(f"{self.ref}: {column} is not valid JSON",
                                  model=self.name, version=self.version) from exc

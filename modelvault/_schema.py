@@ -10,12 +10,11 @@ upgraded by their first write, never refused.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 from pathlib import Path
 
-from . import _atomic
+from . import _atomic, _json
 from ._errors import (
     CorruptVaultError,
     DiskFullError,
@@ -346,7 +345,7 @@ def _format_4_to_5(db: sqlite3.Connection) -> None:
 def add_packages(db: sqlite3.Connection, env_id: int, text: object) -> None:
     """The packages rows of environments row ``env_id`` (whose JSON is ``text``)."""
     try:
-        packages = json.loads(text).get("packages")  # type: ignore[arg-type]
+        packages = _json.loads(text).get("packages")  # type: ignore[arg-type]
     except (TypeError, ValueError, AttributeError):
         return  # a damaged row lists no packages; verify() reports the version
     if isinstance(packages, dict):

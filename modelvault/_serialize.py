@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from . import _torch
+from . import _json, _torch
 from ._errors import VaultError
 from ._lazy import lazy
 
@@ -484,7 +484,7 @@ def array_from_part(buffer: np.ndarray, dtype: str, shape: list[int],
                              "through the ml_dtypes package: pip install ml_dtypes") from exc
         dt = np.dtype(getattr(ml_dtypes, dtype))
     else:
-        descr = _descr_from_json(json.loads(dtype)) if dtype.startswith("[") else dtype
+        descr = _descr_from_json(_json.loads(dtype)) if dtype.startswith("[") else dtype
         dt = np.lib.format.descr_to_dtype(descr)
     if dt.hasobject:
         raise ValueError("object dtype in an array part")
@@ -610,7 +610,7 @@ class Rebuilder:
     def array(self, index: int) -> np.ndarray:
         if index not in self.arrays:
             part, buffer = self.parts[index]
-            self.arrays[index] = array_from_part(buffer, part.dtype, json.loads(part.shape),
+            self.arrays[index] = array_from_part(buffer, part.dtype, _json.loads(part.shape),
                                                  bool(part.fortran_order))
         return self.arrays[index]
 
@@ -623,7 +623,7 @@ class Rebuilder:
             tensor = _torch.view(self.flats[index], node["dtype"], node["shape"],
                                  node["stride"], node["offset"])
         else:
-            tensor = _torch.tensor(self.flats[index], part.dtype, json.loads(part.shape))
+            tensor = _torch.tensor(self.flats[index], part.dtype, _json.loads(part.shape))
         if node.get("parameter"):
             return torch.nn.Parameter(tensor, requires_grad=bool(node.get("grad")))
         return tensor.requires_grad_(True) if node.get("grad") else tensor

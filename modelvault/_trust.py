@@ -28,7 +28,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import _atomic
+from . import _atomic, _json
 from ._errors import VaultError
 
 if TYPE_CHECKING:
@@ -357,12 +357,12 @@ class Manifest(NamedTuple):
     def document(self) -> bytes:
         """The bytes signed: canonical JSON of the fields, the JSON texts parsed.
         ValueError or TypeError if a text is not JSON (a damaged column)."""
-        fields = {**self._asdict(), "metadata": json.loads(self.metadata),
-                  "environment": json.loads(self.environment)}
+        fields = {**self._asdict(), "metadata": _json.loads(self.metadata),
+                  "environment": _json.loads(self.environment)}
         if self.lineage is None:
             del fields["lineage"]
         else:
-            fields["lineage"] = json.loads(self.lineage)
+            fields["lineage"] = _json.loads(self.lineage)
         return canonical_json(fields)
 
 
@@ -374,7 +374,7 @@ def lineage_text(parent: object, source: object) -> str | None:
     if source is None:
         return None
     try:
-        parsed = json.loads(source)  # type: ignore[arg-type]
+        parsed = _json.loads(source)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         parsed = None
     if not isinstance(parsed, dict) or not (parent is None or isinstance(parent, str)):

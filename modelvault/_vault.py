@@ -33,6 +33,7 @@ from . import (
     _diff,
     _environment,
     _frameworks,
+    _json,
     _pins,
     _schema,
     _selftest,
@@ -256,6 +257,7 @@ class Vault:
                 "method": method, "kind": example_kind, "layout": example_layout,
                 "first": len(parts)}}
             parts = [*parts, *example_parts]
+        _json.check_depth(layout)  # what we write, we read back (ValueError)
         if isinstance(aliases, str):
             aliases = [aliases]
         aliases = [check_alias(a) for a in aliases]
@@ -1086,7 +1088,9 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
         raise TypeError("metadata must be a mapping of str to JSON values")
     try:
         # A round trip leaves plain JSON types, so what is signed is what is stored.
-        value = json.loads(json.dumps(dict(metadata), default=_json_default, allow_nan=False))
+        value = _json.loads(json.dumps(dict(metadata), default=_json_default, allow_nan=False))
+    except RecursionError:
+        raise ValueError(f"metadata nests deeper than {_json.MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise ValueError(f"metadata is not valid JSON: {exc}") from exc
     text = json.dumps(value, sort_keys=True)
@@ -1238,7 +1242,7 @@ def _unpickle(row: VersionRow, layout: Any, parts: list[tuple[Any, np.ndarray]],
 def _environment_of(row: VersionRow) -> dict[str, Any]:
     """A version's environment record; empty if it is unreadable (a damaged file)."""
     try:
-        env = json.loads(row.environment)  # type: ignore[arg-type]
+        env = _json.loads(row.environment)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return {}
     return env if isinstance(env, dict) else {}

@@ -115,7 +115,7 @@ COMMANDS = {
     "clone": ["url", "vault", "refs", "--endpoint-url"],
     "demo": ["vault"],
     "diff": ["vault", "a", "b", "--json"],
-    "env": ["vault", "ref"],
+    "env": ["vault", "ref", "--trust"],
     "browse": ["vault", "--host", "--port"],
     "selftest": ["vault", "refs", "--trust", "--json"],
     "export": ["vault", "dest", "refs"],
