@@ -23,6 +23,7 @@ from ._errors import (
     NotFoundError,
     ReadOnlyError,
     RemoteError,
+    TooLargeError,
     UntrustedError,
     VaultError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "RemoteGcReport",
     "RemoteVersion",
     "SelftestResult",
+    "TooLargeError",
     "UntrustedError",
     "Vault",
     "VaultError",
@@ -75,9 +77,11 @@ __all__ = [
 
 
 def open(path: str | os.PathLike[str], *, readonly: bool = False,  # noqa: A001
-         create: bool = True, timeout: float = 60.0, progress: bool | None = None) -> Vault:
+         create: bool = True, timeout: float = 60.0, progress: bool | None = None,
+         require: str | None = None, max_expansion: float | None = None) -> Vault:
     """Open (or create) the vault at ``path``; use it as a context manager. See ``Vault``."""
-    return Vault(path, readonly=readonly, create=create, timeout=timeout, progress=progress)
+    return Vault(path, readonly=readonly, create=create, timeout=timeout, progress=progress,
+                 require=require, max_expansion=max_expansion)
 
 
 def save(path: str | os.PathLike[str], name: str, obj: Any, **options: Any) -> ModelVersion:

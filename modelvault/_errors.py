@@ -12,6 +12,9 @@ Every error the library raises on purpose derives from ``VaultError``; no raw
      +-- UntrustedError                           loading would run an unsigned pickle
      +-- LockTimeout          (also a TimeoutError) another process held the lock too long
      +-- ReadOnlyError                            a write on a vault opened read-only
+     +-- DiskFullError        (also an OSError)   the disk or a quota is full
+     +-- TooLargeError        (also a MemoryError) a version would expand past the cap
+     +-- RemoteError                              a remote cannot be used as asked
 
 Plainly bad arguments (an invalid name, a non-serialisable array) raise
 ``ValueError`` or ``TypeError`` as Python users expect.
@@ -88,6 +91,11 @@ class DiskFullError(VaultError, OSError):
 
     The write is rolled back as a whole; the vault holds what it held before.
     """
+
+
+class TooLargeError(VaultError, MemoryError):
+    """Reading a version would take more memory than its file can honestly account for
+    (see ``modelvault._limits``), or more than the machine has."""
 
 
 class EnvironmentWarning(UserWarning):

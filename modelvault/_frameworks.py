@@ -211,5 +211,10 @@ def _unjson(value: Any) -> Any:
     if "array" in value:
         import numpy as np
 
-        return np.array(value["array"], dtype=np.dtype(value["dtype"]))
+        # A plain scalar type only: the dtype text is the file's, and "(16000,16000)f8"
+        # would make each listed element a 2 GB block.
+        dtype = np.dtype(value["dtype"])
+        if dtype.subdtype is not None or dtype.fields is not None or dtype.hasobject:
+            raise ValueError(f"parameter array of dtype {str(value['dtype'])[:40]!r}")
+        return np.array(value["array"], dtype=dtype)
     raise ValueError(f"unknown parameter value {json.dumps(value)[:80]}")

@@ -62,6 +62,18 @@ def live_chunks(also: str = "") -> str:
             "JOIN live ON c.id = live.id WHERE c.base_id NOT NULL)")
 
 
+# Every chunk listed and its delta bases (UNION ends a cycle), each at its share of its
+# pack's stored bytes: a zstd pack of 8 MiB of zeros stores a few hundred bytes.
+_STORED_BYTES = """
+WITH RECURSIVE chain(id) AS (
+    SELECT value FROM json_each(?)
+    UNION SELECT c.base_id FROM chunks c JOIN chain ON c.id = chain.id
+          WHERE c.base_id IS NOT NULL)
+SELECT total(c.length * CAST(length(p.data) AS REAL) / max(p.size, 1))
+FROM chain JOIN chunks c ON c.id = chain.id JOIN packs p ON p.id = c.pack_id
+"""
+
+
 class Job(NamedTuple):
     """What decoding one chunk takes: its row's fields, its stored bytes (or what is
     wrong with them), and its delta base's job."""
@@ -210,6 +222,16 @@ class PackStore:
                 f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.hash IN "
                 f"({','.join('?' * len(some))})", some)))
         return found
+
+    def stored_bytes(self, rows: Iterable[ChunkRow]) -> float:
+        """The bytes the file stores for these chunks: each distinct chunk and every delta
+        base under it once, a chunk in a compressed pack at its share of the pack's
+        stored size (what ``_limits.check`` weighs a read against)."""
+        ids = sorted({r.id for r in rows})
+        if not ids:
+            return 0.0
+        (total,), = self._connection.db.execute(_STORED_BYTES, (json.dumps(ids),))
+        return total
 
     def _base_bytes(self, rows: list[ChunkRow]) -> dict[int, np.ndarray]:
         """Raw bytes of the parent chunks that may serve as delta bases, by chunk id.

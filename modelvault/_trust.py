@@ -423,6 +423,18 @@ def signature_status(manifest: Manifest, kid: object, signature: object,
     return "trusted" if ok else "invalid"
 
 
+def required(given: str | None = None) -> str | None:
+    """The signature policy in force: ``given`` by the caller, else the environment's
+    MODELVAULT_REQUIRE, else None. "trusted": every version read or pulled, arrays and
+    files too, must carry a valid signature by a key trusted here; None: only what runs
+    code (pickles, some framework files) needs one."""
+    if given is None:
+        given = os.environ.get("MODELVAULT_REQUIRE") or None
+    if given not in (None, "trusted"):
+        raise ValueError(f"require must be None or 'trusted', not {given!r}")
+    return given
+
+
 def signer(kid: object, keys: dict[str, TrustedKey] | None = None) -> str | None:
     """Who signed with key ``kid``: the trusted key's name, or None if none here."""
     keys = trusted() if keys is None else keys

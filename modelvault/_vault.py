@@ -34,6 +34,7 @@ from . import (
     _environment,
     _frameworks,
     _json,
+    _limits,
     _pins,
     _schema,
     _selftest,
@@ -58,6 +59,7 @@ from ._errors import (
     EnvironmentWarning,
     IntegrityError,
     NotFoundError,
+    TooLargeError,
     UntrustedError,
     VaultError,
 )
@@ -96,6 +98,10 @@ def _api(method: F) -> F:
             raise IntegrityError(f"{self.path}: {exc}") from exc
         except UnicodeDecodeError as exc:  # text SQLite stored is not UTF-8: a damaged file
             raise CorruptVaultError(f"{self.path}: vault file is damaged ({exc})") from exc
+        except MemoryError as exc:  # never a bare MemoryError, whatever asked for too much
+            if isinstance(exc, VaultError):
+                raise
+            raise TooLargeError(f"{self.path}: out of memory ({exc or 'no detail'})") from exc
 
     return wrapper  # type: ignore[return-value]
 
@@ -126,12 +132,21 @@ class Vault:
         create: create the file if it is missing; if False, NotAVaultError instead.
         timeout: seconds to wait for another process's write lock before LockTimeout.
         progress: show progress bars on long saves and loads; default when stderr is a terminal.
+        require: "trusted" to read (load, extract, selftest) and pull only versions a
+            trusted key signed, arrays and files too, even with ``trust=True``; default
+            MODELVAULT_REQUIRE, else None: only what runs code needs a signature.
+        max_expansion: how many times the bytes the file stores for a version it may
+            expand to when read, past 256 MiB (TooLargeError beyond; see ``_limits``);
+            default MODELVAULT_MAX_EXPANSION or 1000, ``float("inf")`` lifts the cap.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
                  create: bool = True, timeout: float = 60.0,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, require: str | None = None,
+                 max_expansion: float | None = None) -> None:
         self.path = Path(path)
+        self.require = _trust.required(require)
+        self._max_expansion = _limits.max_expansion(max_expansion)
         self.readonly = readonly
         self._progress_shown = progress
         self._connection = Connection(self.path, readonly=readonly, create=create,
@@ -589,10 +604,16 @@ class Vault:
                          "lazy=True read arrays versions and safetensors files")
 
     def _check_signature(self, row: VersionRow, trust: bool) -> None:
-        """Refuse pickles no trusted key signed, and any version whose signature fails."""
+        """Refuse pickles no trusted key signed, and any version whose signature fails;
+        under require="trusted", any version no trusted key signed, whatever ``trust``."""
+        status = _trust.signature_status(row.manifest, row.key_id, row.signature)
+        if self.require == "trusted" and status != "trusted":
+            raise UntrustedError(f"{row.where}: {_untrusted_why(status)}, and this vault "
+                                 "reads only versions a trusted key signed (require="
+                                 "'trusted'): trust the saver's key with `modelvault trust "
+                                 "KEYFILE`")
         if trust:
             return
-        status = _trust.signature_status(row.manifest, row.key_id, row.signature)
         if row.kind == "pickle" and status != "trusted":
             _refuse_pickle(row, "is a pickle", self._read(row, only={0})[0][1], status)
         risky = _frameworks.needs_trust([p.name for p in self._contents(row).parts]) \
@@ -655,6 +676,9 @@ class Vault:
         if ``example``, those of the example saved with it (the parts after them)."""
         contents = self._catalog.contents(row)
         self._catalog.check(row, contents)
+        _limits.check(row.where, sum(p.size for p in contents.parts),
+                      self._packs.stored_bytes(c for chunks in contents.chunks for c in chunks),
+                      self._max_expansion)
         try:
             model = model_contents(contents, split_layout(row.layout)[1])
         except (ValueError, TypeError) as exc:

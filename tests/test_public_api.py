@@ -19,7 +19,7 @@ EXPORTS = [
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
-    "SelftestResult", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
+    "SelftestResult", "TooLargeError", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
     "open", "save",
 ]
 
@@ -29,7 +29,8 @@ LABELS = ("metadata: 'Mapping[str, Any] | None' = None, tags: 'Mapping[str, Any]
           "None, aliases: 'Sequence[str]' = (), description: 'str' = ''")
 FUNCTIONS = {
     "open": f"(path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = True, "
-            "timeout: 'float' = 60.0, progress: 'bool | None' = None) -> 'Vault'",
+            "timeout: 'float' = 60.0, progress: 'bool | None' = None, require: 'str | None' = "
+            "None, max_expansion: 'float | None' = None) -> 'Vault'",
     "save": f"(path: '{PATHLIKE}', name: 'str', obj: 'Any', **options: 'Any') -> 'ModelVersion'",
     "load": f"(path: '{PATHLIKE}', ref: 'str', *, trust: 'bool' = False, device: 'Any' = None) "
             "-> 'Any'",
@@ -38,7 +39,8 @@ FUNCTIONS = {
 }
 VAULT_METHODS = {
     "__init__": f"(self, path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = "
-                "True, timeout: 'float' = 60.0, progress: 'bool | None' = None) -> 'None'",
+                "True, timeout: 'float' = 60.0, progress: 'bool | None' = None, require: "
+                "'str | None' = None, max_expansion: 'float | None' = None) -> 'None'",
     "add_remote": "(self, name: 'str', url: 'str') -> 'None'",
     "alias": f"(self, ref: '{REF}', alias: 'str') -> 'ModelVersion'",
     "close": "(self) -> 'None'",
@@ -108,7 +110,7 @@ ERRORS = {
     "CorruptVaultError": ("VaultError",), "IntegrityError": ("VaultError",),
     "UntrustedError": ("VaultError",), "LockTimeout": ("VaultError", "TimeoutError"),
     "ReadOnlyError": ("VaultError",), "DiskFullError": ("VaultError", "OSError"),
-    "RemoteError": ("VaultError",),
+    "RemoteError": ("VaultError",), "TooLargeError": ("VaultError", "MemoryError"),
 }
 COMMANDS = {
     "alias": ["vault", "ref", "alias"],

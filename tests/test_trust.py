@@ -178,3 +178,56 @@ def test_imports_of_our_own_pickles_match_the_opcode_reading():
     buffers = []
     stream = pickle.dumps(np.zeros(10), protocol=5, buffer_callback=buffers.append)
     assert own_pickle_imports(stream, [b.raw() for b in buffers]) == pickle_imports(stream)
+
+
+def test_a_signed_only_app_refuses_every_version_its_team_key_did_not_sign(tmp_path,
+                                                                          monkeypatch):
+    """Hostile case: the file holds the team's version and a stranger's arrays version
+    (other tensors, signed by another key, or unsigned, or with a broken signature).
+    By default arrays need no signature; an app that requires one reads only the team's."""
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    vault_path = tmp_path / "v.vault"
+    runner = CliRunner()
+    use_home(monkeypatch, tmp_path / "team")
+    modelvault.save(vault_path, "churn", {"w": np.arange(3)})
+    (tmp_path / "team.key").write_text(runner.invoke(cli, ["key", "export"]).output)
+    use_home(monkeypatch, tmp_path / "stranger")
+    modelvault.save(vault_path, "churn", {"w": -np.arange(3)})  # churn:2, their key
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"stranger")
+    with modelvault.open(vault_path) as vault:
+        vault.save_files("files", folder)
+        vault.save("unsigned", {"w": np.ones(2)})
+    with sqlite3.connect(vault_path) as db:
+        db.execute("UPDATE versions SET key_id = NULL, signature = NULL WHERE id = "
+                   "(SELECT v.id FROM versions v JOIN models m ON m.id = v.model_id "
+                   "WHERE m.name = 'unsigned')")
+    db.close()
+
+    use_home(monkeypatch, tmp_path / "app")
+    assert runner.invoke(cli, ["trust", str(tmp_path / "team.key")]).exit_code == 0
+    with modelvault.open(vault_path) as vault:
+        assert vault.load("churn:2")["w"].tolist() == [0, -1, -2]  # default: arrays load
+    with modelvault.open(vault_path, require="trusted") as vault:
+        assert vault.load("churn:1")["w"].tolist() == [0, 1, 2]
+        for ref in ("churn:2", "churn", "unsigned"):
+            for trust in (False, True):
+                with pytest.raises(UntrustedError, match="require='trusted'"):
+                    vault.load(ref, trust=trust)
+        with pytest.raises(UntrustedError):
+            vault.extract("files", tmp_path / "out")
+        with pytest.raises(UntrustedError):
+            vault.load("churn:2", keys="w")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("MODELVAULT_REQUIRE", "trusted")  # the same for the CLI and load()
+    with pytest.raises(UntrustedError):
+        modelvault.load(vault_path, "churn:2")
+    got = runner.invoke(cli, ["get", str(vault_path), "files", "-o", str(tmp_path / "out")])
+    assert got.exit_code == 1 and "require='trusted'" in got.output
+    monkeypatch.setenv("MODELVAULT_REQUIRE", "signed")
+    with pytest.raises(ValueError, match="require must be"):
+        modelvault.open(vault_path)

@@ -1,0 +1,64 @@
+"""How far a version may expand when it is read: the cap on what a file makes us allocate.
+
+A version lists its chunks, and may list one chunk many times (dedup within a model) or
+chunks that compress extremely well; both are honest (zeros, repeated layers), and both
+let a file of a few kilobytes claim gigabytes: one 1 MiB chunk listed 100,000 times is
+a 2 MB file that asks for 98 GiB. So a reader compares what a version would expand to
+with the bytes the file really stores for it (its distinct chunks and their delta bases)
+and refuses, before allocating anything, a version that expands more than
+``MAX_EXPANSION`` times past a floor every small model stays under. Real models stay far
+below it (weights compress 1.2-1.5x; a fine-tune's deltas are counted with their
+bases). The caller, never the file, may raise or lift the cap:
+``Vault(path, max_expansion=...)`` or the MODELVAULT_MAX_EXPANSION environment variable
+("inf" lifts it).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._errors import TooLargeError
+
+# Raw bytes any version may read whatever it stores: more than any LoRA adapter or small
+# model, and as much memory as a hostile file can make a reader take.
+EXPANSION_FLOOR = 256 * 1024 * 1024
+# Raw bytes per stored byte beyond the floor: zstd's best is ~30,000x (a chunk of zeros);
+# weights compress 1.2-1.5x, sparse ones tens of times.
+MAX_EXPANSION = 1000.0
+
+
+def max_expansion(given: float | None = None) -> float:
+    """The cap in force: ``given`` by the caller, else the environment's, else the default."""
+    if given is None:
+        text = os.environ.get("MODELVAULT_MAX_EXPANSION")
+        if not text:
+            return MAX_EXPANSION
+        try:
+            given = float(text)
+        except ValueError:
+            raise ValueError(f"MODELVAULT_MAX_EXPANSION={text!r} is not a number") from None
+    if not given > 0:
+        raise ValueError(f"max_expansion must be positive, not {given!r}")
+    return float(given)
+
+
+def check(where: str, raw: int, stored: int, ratio: float) -> None:
+    """TooLargeError if ``raw`` bytes read from ``stored`` bytes exceed the cap."""
+    if raw > max(EXPANSION_FLOOR, ratio * stored):
+        raise TooLargeError(
+            f"{where} would expand to {raw:,} bytes from the {stored:,} bytes the file "
+            f"stores for it, more than {ratio:g} times (the cap on what a file can make a "
+            "reader allocate): the file is hostile or damaged. If you trust it, open the "
+            "vault with max_expansion=float('inf') or set MODELVAULT_MAX_EXPANSION=inf")
+
+
+def check_view(shape: list[int], itemsize: int, storage: int) -> None:
+    """ValueError if a tensor view of ``shape`` covers more bytes than its storage holds
+    and more than the floor: a stride-0 view of 2^40 elements fits in one element of
+    storage, and anything that copies it takes terabytes."""
+    count = 1
+    for n in shape:
+        count *= n
+    if count * itemsize > max(storage, EXPANSION_FLOOR):
+        raise ValueError(f"a view of shape {shape} covers {count * itemsize:,} bytes of a "
+                         f"{storage:,}-byte storage")
