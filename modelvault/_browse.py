@@ -6,11 +6,11 @@ Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from . import _trust
 
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from
 # the row's header without reading the blob's pages.
@@ -38,18 +38,32 @@ QUERIES = {
 }
 
 
-def queries(trusted_ids: list[str]) -> dict[str, Any]:
-    """The canned queries; which versions are signed by a trusted key depends on the
-    keys this machine trusts now."""
-    marks = ", ".join(f"'{kid}'" for kid in trusted_ids if kid.isalnum()) or "NULL"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def queries(signed: list[str]) -> dict[str, Any]:
+    """The canned queries. Which versions a trusted key signed is decided here, by
+    checking each signature (``signed``: their uuids), not by SQL: a key id is only a
+    claim, and a trusted key id beside a garbage signature is not signed."""
+    marks = ", ".join(f"'{uuid}'" for uuid in signed if _UUID.fullmatch(uuid)) or "NULL"
     return {**QUERIES, "not_signed_by_a_trusted_key": {
         "title": "Versions not signed by a key this machine trusts",
-        "description": "unsigned, or signed by a key not trusted here (`modelvault keys` "
-                       "lists the trusted ones); pickles among them load only with trust",
+        "description": "unsigned, signed by a key not trusted here (`modelvault keys` lists "
+                       "the trusted ones), or with a signature that does not verify; checked "
+                       "when browse started, so versions saved since are listed too. Pickles "
+                       "among them load only with trust",
         "sql": "SELECT m.name AS model, v.version, v.kind, v.key_id, v.created_at FROM "
-               "versions v JOIN models m ON m.id = v.model_id WHERE v.key_id IS NULL OR "
-               f"v.key_id NOT IN ({marks}) ORDER BY m.name, v.version",
+               "versions v JOIN models m ON m.id = v.model_id WHERE v.uuid NOT IN "
+               f"({marks}) ORDER BY m.name, v.version",
     }}
+
+
+def _signed(path: Path) -> list[str]:
+    """The uuids of the versions whose signature a key trusted here verifies."""
+    from ._vault import Vault
+
+    with Vault(path, readonly=True) as vault:
+        return [mv.id for mv in vault.versions() if mv.signature == "trusted"]
 
 
 def metadata(path: Path) -> dict[str, Any]:
@@ -69,7 +83,7 @@ def metadata(path: Path) -> dict[str, Any]:
                            "table and column.",
             "databases": {database_name(path): {
                 "tables": tables,
-                "queries": queries(sorted(_trust.trusted())),
+                "queries": queries(_signed(path)),
             }}}
 
 

@@ -87,3 +87,15 @@ def test_the_authorizer_blanks_pack_bytes_but_not_their_length(browsed):
         assert db.execute("SELECT max(stored) FROM pack_sizes").fetchone()[0] > 100_000
     finally:
         db.close()
+
+
+def test_a_trusted_key_id_beside_a_garbage_signature_is_not_signed(browsed):
+    """Hostile case: the key id claims this machine's key; the signature is garbage."""
+    with sqlite3.connect(browsed) as db:
+        db.execute("UPDATE versions SET signature = 'ed25519:' || hex(randomblob(64)) "
+                   "WHERE version = 2")
+    db.close()
+    name = _browse.database_name(browsed)
+    (unsigned,) = (r.json() for r in get_all(browsed, [
+        f"/{name}/not_signed_by_a_trusted_key.json"]))
+    assert sorted((r[0], r[1]) for r in unsigned["rows"]) == [("churn", 2), ("foreign", 1)]
