@@ -11,7 +11,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from
 # the row's header without reading the blob's pages.
 _SIZE_VIEWS = ("model_versions", "pack_sizes")
