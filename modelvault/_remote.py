@@ -116,7 +116,12 @@ class Store:
             if not folder.is_dir():
                 if not write:
                     return None
-                folder.mkdir(parents=True, exist_ok=True)
+                # Only the remote's own folder is made: a mistyped path must not
+                # silently become a new remote.
+                if not folder.parent.is_dir():
+                    raise RemoteError(f"{self.url}: no folder {folder.parent}; a file:// "
+                                      "remote's folder is made only inside one that exists")
+                folder.mkdir(exist_ok=True)
             from obstore.store import LocalStore
 
             self._store = LocalStore(folder)

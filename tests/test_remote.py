@@ -520,6 +520,16 @@ def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
+def test_a_push_makes_a_file_remote_folder_only_inside_one_that_exists(tmp_path):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+        typo = tmp_path / "nonexistent" / "dir" / "remote"
+        with pytest.raises(modelvault.RemoteError, match="no folder .*nonexistent/dir"):
+            a.push(f"file://{typo}")
+        assert not (tmp_path / "nonexistent").exists()
+        assert [v.ref for v in a.push(f"file://{tmp_path / 'new'}").added] == ["m:1"]
+
+
 def test_an_interrupted_pull_fetches_only_what_had_not_arrived(tmp_path, url, monkeypatch,
                                                                 fetched):
     monkeypatch.setattr(_remote, "PACK_OBJECT", 1 << 20)  # several pack objects
