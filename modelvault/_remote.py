@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -52,12 +53,20 @@ _SCHEMES = ("s3://", "gs://", "az://", "abfs://", "file://", "memory://", "http:
             "https://")
 
 
+def store_url(url: object) -> str | None:
+    """``url`` with its scheme in lower case (``S3://b`` is ``s3://b``), or None if it
+    is not one of the schemes a remote can have."""
+    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    found = f"{scheme.lower()}{sep}"
+    return f"{found}{rest}" if sep and found in _SCHEMES else None
+
+
 def check_remote(name: str, url: str) -> None:
     """ValueError unless ``name`` can name a remote and ``url`` is a store URL."""
     if not (isinstance(name, str) and 0 < len(name) <= 64
             and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)):
         raise ValueError(f"remote name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    if not (isinstance(url, str) and url.startswith(_SCHEMES)):
+    if store_url(url) is None:
         raise ValueError(f"remote URL {url!r}: expected one of {', '.join(_SCHEMES)}")
     if "@" in url.split("://", 1)[1].split("/", 1)[0]:
         raise ValueError("a remote URL must not hold credentials: they come from the "
@@ -65,6 +74,44 @@ def check_remote(name: str, url: str) -> None:
 
 
 # -- the store ----------------------------------------------------------------------------
+
+
+_NO_AWS_CREDENTIALS = ("no AWS credentials found: set AWS_ACCESS_KEY_ID and "
+                       "AWS_SECRET_ACCESS_KEY (or run where an instance role gives them)")
+
+
+def _aws_credentials() -> bool:
+    """Whether the environment names AWS credentials (or says to go without)."""
+    return any(os.environ.get(k) for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    ) or os.environ.get("AWS_SKIP_SIGNATURE", "").lower() == "true"
+
+
+def _no_bucket(exc: BaseException) -> bool:
+    """Whether ``exc`` says the bucket (S3, GCS) or container (Azure) does not exist."""
+    text = str(exc)
+    return any(code in text for code in ("<Code>NoSuchBucket</Code>", "ContainerNotFound",
+                                         "The specified bucket does not exist"))
+
+
+def _absent(exc: BaseException) -> bool:
+    """Whether ``exc`` says an object is missing (and not its whole bucket)."""
+    from obstore.exceptions import NotFoundError as Missing
+
+    return isinstance(exc, (Missing, FileNotFoundError)) and not _no_bucket(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong, in one line: obstore's first line (its debug dump follows), and
+    the code and message of a server's XML error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300].rstrip(": ") if text else type(exc).__name__
+    code = re.search(r"<Code>([^<]{1,100})</Code>", text)
+    message = re.search(r"<Message>([^<]{1,300})</Message>", text)
+    if code:
+        first += f" ({code[1]}{f': {message[1]}' if message else ''})"
+    return first
 
 
 _MEMORY: dict[str, Any] = {}  # memory:// stores by URL: shared within a process (tests)
@@ -81,7 +128,10 @@ class Store:
             raise ImportError("remotes need obstore: pip install 'modelvault[remote]'"
                               ) from None
 
-        self.url = url.rstrip("/")
+        found = store_url(url)
+        if found is None:
+            raise RemoteError(f"{url}: not a remote URL; use one of {', '.join(_SCHEMES)}")
+        self.url = found.rstrip("/")
         self._obstore = obstore
         self._folder: Path | None = None  # file:// only
         options: dict[str, Any] = {}
@@ -92,6 +142,9 @@ class Store:
             options["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True
+        if self.url.startswith("s3://") and not _aws_credentials() and os.environ.get(
+                "AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            raise RemoteError(f"{self.url}: {_NO_AWS_CREDENTIALS}")
         if self.url.startswith(("az://", "abfs://")) and os.environ.get(
                 "AZURE_STORAGE_USE_EMULATOR", "").lower() in ("1", "true"):
             client["allow_http"] = True  # Azurite, at AZURITE_BLOB_STORAGE_URL
@@ -107,7 +160,8 @@ class Store:
             try:
                 self._store = from_url(self.url, client_options=client or None, **options)
             except Exception as exc:  # obstore's errors for a URL it cannot use
-                raise ValueError(f"{url}: not a store URL obstore can open ({exc})") from exc
+                raise RemoteError(f"{self.url}: not a store URL obstore can open "
+                                  f"({_first_line(exc)})") from exc
 
     def _reach(self, *, write: bool = False) -> Any:
         """The obstore store; None for a file:// folder that does not exist (yet)."""
@@ -129,42 +183,51 @@ class Store:
 
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
-        """obstore's errors as ours, naming the object: a remote that refuses us (auth,
-        permissions, network) is a RemoteError, never a raw obstore exception."""
+        """obstore's errors as ours, in one line naming the object: a remote that refuses
+        us (no bucket, no credentials, permissions, network) is a RemoteError, never a
+        raw obstore exception (some of which are built-in OSErrors) or a server's XML."""
         from obstore.exceptions import BaseError
 
         try:
             yield
-        except BaseError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RemoteError(f"{self.url}/{key}: {first}") from exc
+        except (BaseError, OSError) as exc:
+            text = str(exc)
+            bucket = self.url.split("://", 1)[1].split("/", 1)[0]
+            if _no_bucket(exc):
+                raise RemoteError(f"{self.url}: there is no bucket {bucket!r}") from exc
+            if "/latest/api/token" in text or "/latest/meta-data" in text:
+                # Credentials came from nowhere, so the client asked the EC2 instance
+                # metadata service last, and that refused (we are not on EC2).
+                raise RemoteError(f"{self.url}: {_NO_AWS_CREDENTIALS}") from exc
+            raise RemoteError(f"{self.url}/{key}: {_first_line(exc)}") from exc
 
     def get(self, key: str) -> bytes | None:
         """An object's bytes; None if there is none."""
-        from obstore.exceptions import NotFoundError as Missing
-
         store = self._reach()
         if store is None:
             return None
         with self._errors(key):
             try:
                 return bytes(self._obstore.get(store, key).bytes())
-            except (Missing, FileNotFoundError):
-                return None
+            except Exception as exc:
+                if _absent(exc):
+                    return None
+                raise
 
     def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes]:
         """The byte ranges [start, end) of an object; FileNotFoundError if it is missing."""
-        from obstore.exceptions import NotFoundError as Missing
-
         store = self._reach()
-        if store is None:
+        got = None
+        if store is not None:
+            with self._errors(key):
+                try:
+                    got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],
+                                                   ends=[e for _, e in spans])
+                except Exception as exc:
+                    if not _absent(exc):
+                        raise
+        if got is None:
             raise FileNotFoundError(f"{self.url}/{key}")
-        with self._errors(key):
-            try:
-                got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],
-                                               ends=[e for _, e in spans])
-            except Missing as exc:
-                raise FileNotFoundError(f"{self.url}/{key}") from exc
         return [bytes(b) for b in got]
 
     def put(self, key: str, data: bytes | list[bytes], *, create: bool = False) -> bool:
@@ -335,8 +398,8 @@ class Remote:
 
     def __init__(self, url: str, *, endpoint_url: str | None = None,
                  single_writer: bool = False) -> None:
-        self.url = url
         self.store = Store(url, endpoint_url=endpoint_url)
+        self.url = self.store.url
         self.single_writer = single_writer
         self._state = State()
         self._index: dict[str, dict[str, Any]] = {}  # chunk hash: where it is
