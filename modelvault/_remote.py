@@ -41,6 +41,25 @@ PACK_OBJECT = 64 * 1024 * 1024  # a pack object's bytes, about
 CHECKPOINT_EVERY = 100  # log entries between checkpoints of the replayed state
 LOCK_LIFE = 3600.0  # seconds a push or gc lock counts, unless its holder lets go first
 GRACE = 3600.0  # remote gc never deletes an object younger than this
+INDEX_ROWS = 100_000  # chunks in one pack object at most: its index stays far below its cap
+
+# What one read of a remote object may bring into memory, by kind (docs/remote.md, "Size
+# limits"): far above what writers make, far below what would exhaust a machine; a
+# 6 GiB log entry must not. The caller may raise one (MODELVAULT_REMOTE_MAX_<KIND>, in
+# bytes), never the remote.
+LIMITS = {"descriptor": 64 << 10, "lock": 64 << 10, "log": 16 << 20, "index": 64 << 20,
+          "manifest": 256 << 20, "checkpoint": 256 << 20}
+
+
+def limit(kind: str) -> int:
+    """The size cap on a remote object of ``kind`` (a key of LIMITS), in bytes."""
+    name = f"MODELVAULT_REMOTE_MAX_{kind.upper()}"
+    value = os.environ.get(name, "")
+    if not value:
+        return LIMITS[kind]
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"{name}={value!r}: a number of bytes")
+    return int(value)
 
 _VERSION_FIELDS = ("uuid", "created_at", "kind", "layout", "size", "added_bytes", "digest",
                    "description", "metadata", "key_id", "signature")
@@ -201,18 +220,32 @@ class Store:
                 raise RemoteError(f"{self.url}: {_NO_AWS_CREDENTIALS}") from exc
             raise RemoteError(f"{self.url}/{key}: {_first_line(exc)}") from exc
 
-    def get(self, key: str) -> bytes | None:
-        """An object's bytes; None if there is none."""
+    def get(self, key: str, kind: str) -> bytes | None:
+        """An object's bytes; None if there is none. IntegrityError, before it is read,
+        if it holds more than an object of ``kind`` may (``limit``)."""
         store = self._reach()
         if store is None:
             return None
+        cap = limit(kind)
         with self._errors(key):
             try:
-                return bytes(self._obstore.get(store, key).bytes())
+                found = self._obstore.get(store, key)
+                data = bytearray()
+                if found.meta["size"] <= cap:  # the size as listed; then read with a bound
+                    for piece in found.stream():
+                        data += piece
+                        if len(data) > cap:
+                            break
             except Exception as exc:
                 if _absent(exc):
                     return None
                 raise
+        if found.meta["size"] > cap or len(data) > cap:
+            raise IntegrityError(
+                f"{self.url}/{key}: {max(found.meta['size'], len(data))} bytes, more than "
+                f"the {cap} a remote's {kind} object may hold (MODELVAULT_REMOTE_MAX_"
+                f"{kind.upper()} raises that)")
+        return bytes(data)
 
     def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes]:
         """The byte ranges [start, end) of an object; FileNotFoundError if it is missing."""
@@ -412,14 +445,14 @@ class Remote:
     # -- reading ----------------------------------------------------------------------
 
     def _check_descriptor(self, *, create: bool) -> None:
-        data = self.store.get(DESCRIPTOR)
+        data = self.store.get(DESCRIPTOR, "descriptor")
         if data is None:
             if not create:
                 raise NotFoundError(f"{self.url}: no modelvault remote here (push to it first)")
             self.store.put(DESCRIPTOR, _dumps({"format": "modelvault-remote",
                                                "version": FORMAT, "hash": "blake3"}),
                            create=True)
-            data = self.store.get(DESCRIPTOR)
+            data = self.store.get(DESCRIPTOR, "descriptor")
         try:
             found = json.loads(data or b"")
         except ValueError:
@@ -436,12 +469,12 @@ class Remote:
         if state.seq == 0:
             points = self.store.list("checkpoints/")
             if points:
-                data = self.store.get(points[-1]["path"])
                 try:
+                    data = self.store.get(points[-1]["path"], "checkpoint")
                     saved = json.loads(data or b"")
                     state = State(saved["seq"], saved["last"], saved["versions"],
                                   saved["aliases"], set(saved["deleted"]))
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, IntegrityError):
                     state = State()  # a damaged checkpoint: the log alone decides
         keys = []
         for meta in self.store.list("log/", after=_log_key(state.seq)):
@@ -453,7 +486,7 @@ class Remote:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(16, len(keys) or 1)) as pool:
-            entries = list(pool.map(self.store.get, keys))
+            entries = list(pool.map(lambda key: self.store.get(key, "log"), keys))
         for key, data in zip(keys, entries, strict=True):
             try:
                 events = json.loads(data or b"")["events"]
@@ -494,7 +527,7 @@ class Remote:
             name = key.rsplit("/", 1)[1]
             data = _read_cached(cache, name)
             if data is None:
-                data = self.store.get(key)
+                data = self.store.get(key, "index")
                 if data is None:
                     continue  # a remote gc deleted it after the listing: not there
                 _write_cached(cache, name, data)
@@ -530,14 +563,17 @@ class Remote:
         """Why ``chunk`` is in no pack object: the one whose index names it but whose
         ``.pack`` is missing, if there is one."""
         for key in self.orphans:
-            data = self.store.get(key) or b""
+            try:
+                data = self.store.get(key, "index") or b""
+            except IntegrityError:
+                continue  # too big to be one of ours
             if chunk.encode() in data:
                 return f"{self.url}/{key[:-4]}.pack is missing (its index names chunk {chunk})"
         return f"{self.url}: chunk {chunk} is in no pack object"
 
     def manifest(self, uuid: str) -> dict[str, Any]:
         key = f"versions/{uuid}.json"
-        data = self.store.get(key)
+        data = self.store.get(key, "manifest")
         if data is None:
             raise IntegrityError(f"{self.url}/{key} is missing: the log names it")
         try:
@@ -574,15 +610,19 @@ class Remote:
                 return state, 0
             from ._vault import _now  # the timestamps versions have
 
-            entry = {"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
-                     f"{socket.gethostname()}", "events": events}
+            entry = _dumps({"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
+                            f"{socket.gethostname()}", "events": events})
+            if len(entry) > limit("log"):  # readers would refuse it
+                raise RemoteError(f"{self.url}: this log entry would be {len(entry)} bytes, "
+                                  f"more than the {limit('log')} readers take; push fewer "
+                                  "versions at once")
             seq = state.seq + 1
-            if self.store.put(_log_key(seq), _dumps(entry), create=True):
+            if self.store.put(_log_key(seq), entry, create=True):
                 state.apply(events)
                 state.seq = seq
-                if seq % CHECKPOINT_EVERY == 0:
-                    self.store.put(f"checkpoints/{seq:012d}.json", _dumps(state.dump()),
-                                   create=True)
+                point = _dumps(state.dump()) if seq % CHECKPOINT_EVERY == 0 else b""
+                if point and len(point) <= limit("checkpoint"):  # else readers ignore it
+                    self.store.put(f"checkpoints/{seq:012d}.json", point, create=True)
                 return state, seq
 
     def _lock(self, kind: str) -> str:
@@ -615,10 +655,10 @@ class Remote:
                                     "by": socket.gethostname()}))
 
     def _expired(self, key: str) -> bool:
-        data = self.store.get(key)
         try:
+            data = self.store.get(key, "lock")
             return data is None or json.loads(data)["expires"] < time.time()
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IntegrityError):
             return True
 
     # -- gc ----------------------------------------------------------------------------
@@ -742,6 +782,10 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
             manifests[row.uuid] = _manifest(db, row, [[c.hash for c in chunks]
                                                       for chunks in contents.chunks], lineage)
             chunk_ids.update(c.id for chunks in contents.chunks for c in chunks)
+            size = len(_dumps(manifests[row.uuid]))
+            if size > limit("manifest"):  # readers would refuse it: send nothing
+                raise RemoteError(f"{row.name}:{row.version}: its manifest would be {size} "
+                                  f"bytes, more than the {limit('manifest')} readers take")
         # Labels go along for the versions sent, and for those named: a vault that is
         # behind must not move back the remote's aliases of versions it did not push.
         labels = {r.uuid: r.name for r in (rows if refs is not None else new)}
@@ -946,7 +990,7 @@ class _PackWriter:
         for row, start in placed:
             self._chunks.append([row[1], row[2], row[3], row[4], row[5], blob, start, row[8]])
         self._advance(sum(row[8] for row, _ in placed))
-        if self._bytes >= PACK_OBJECT:
+        if self._bytes >= PACK_OBJECT or len(self._chunks) >= INDEX_ROWS:
             self._send()
 
     def _send(self) -> None:

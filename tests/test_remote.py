@@ -514,6 +514,49 @@ def test_a_manifest_with_values_of_the_wrong_type_is_refused_by_name(tmp_path, u
             b.pull(url)
 
 
+def _sparse(path, size):
+    """A file of ``size`` zero bytes that takes no room on disk (as an attacker's would)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_a_huge_remote_object_is_refused_by_size_before_it_is_read(tmp_path, url,
+                                                                   monkeypatch, run):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("m", {"w": np.zeros(3)})
+        a.push(url)
+    remote = tmp_path / "remote"
+    # Hostile: a 6 GiB log entry (it took 12.6 GB of memory, or a Rust abort under a limit).
+    _sparse(remote / "log" / "000000000002.json", 6 << 30)
+    with pytest.raises(modelvault.IntegrityError,
+                       match=r"log/000000000002.json: 6442450944 bytes, more than"):
+        modelvault.Remote(url).versions()
+    result = run("remote", "ls", url)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    (remote / "log" / "000000000002.json").unlink()
+    # A manifest past its cap: the pull names it and adds nothing.
+    manifest = remote / "versions" / f"{mv.id}.json"
+    saved = manifest.read_bytes()
+    _sparse(manifest, _remote.LIMITS["manifest"] + 1)
+    with modelvault.open(tmp_path / "b.vault") as b:
+        with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json: "):
+            b.pull(url)
+        assert b.models() == []
+        manifest.write_bytes(saved)
+        # A checkpoint past its cap is ignored (the log alone decides), a lock past its
+        # cap counts as expired: neither stops anyone.
+        _sparse(remote / "checkpoints" / "000000000001.json", 1 << 40)
+        _sparse(remote / "locks" / "gc-0.json", 1 << 40)
+        assert [v.ref for v in b.pull(url).added] == ["m:1"]
+        b.save("m", {"w": np.ones(3)})
+        assert [v.ref for v in b.push(url).added] == ["m:2"]
+    # The caps are the caller's to move, never the remote's.
+    monkeypatch.setenv("MODELVAULT_REMOTE_MAX_LOG", "10")
+    with pytest.raises(modelvault.IntegrityError, match="more than the 10 "):
+        modelvault.Remote(url).versions()
+
+
 def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
     with pytest.raises(modelvault.NotFoundError, match="no modelvault remote"):
         modelvault.Remote(f"file://{tmp_path / 'typo'}").versions()
