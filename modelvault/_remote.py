@@ -48,7 +48,7 @@ INDEX_ROWS = 100_000  # chunks in one pack object at most: its index stays far b
 # 6 GiB log entry must not. The caller may raise one (MODELVAULT_REMOTE_MAX_<KIND>, in
 # bytes), never the remote.
 LIMITS = {"descriptor": 64 << 10, "lock": 64 << 10, "log": 16 << 20, "index": 64 << 20,
-          "manifest": 256 << 20, "checkpoint": 256 << 20}
+          "manifest": 256 << 20, "checkpoint": 256 << 20, "pack": 256 << 20}
 
 
 def limit(kind: str) -> int:
@@ -418,6 +418,48 @@ def _write_cached(cache: Path | None, name: str, data: bytes) -> None:
         pass
 
 
+_HASH = re.compile(r"[0-9a-f]{64}")  # a chunk's or pack object's name: hex BLAKE3
+
+
+def _read_index(name: str, data: bytes, size: int) -> list[dict[str, Any]] | None:
+    """The chunks (a dict of _CHUNK_FIELDS, "pack" and "span" each) the index ``data``
+    of the pack object ``name``, listed with ``size`` bytes, gives; None unless it is
+    well-formed (docs/remote.md) and matches that object: its ``pack`` is ``name``, its
+    blobs lie back to back from byte 0 to ``size``, and every chunk lies in its blob."""
+    try:
+        idx = json.loads(data)
+        blobs, rows = idx["blobs"], idx["chunks"]
+        if not (idx["pack"] == name and _HASH.fullmatch(name) and size <= limit("pack")
+                and isinstance(blobs, list) and isinstance(rows, list)):
+            return None
+        at = 0
+        for blob in blobs:
+            offset, stop, codec, content = blob
+            if not (offset == at and type(stop) is int and at <= stop
+                    <= at + 2 * _chunks.MAX_PACK and isinstance(codec, str)
+                    and type(content) is int and 0 <= content <= _chunks.MAX_PACK):
+                return None
+            at = stop
+        if at != size:
+            return None
+        entries = []
+        for row in rows:
+            entry = dict(zip(_CHUNK_FIELDS, row, strict=True))
+            _chunks.check_row(entry["size"], entry["codec"], entry["itemsize"], 0,
+                              entry["start"], entry["length"])
+            blob = entry["blob"]
+            if not (isinstance(entry["hash"], str) and _HASH.fullmatch(entry["hash"])
+                    and (entry["base"] is None or (isinstance(entry["base"], str)
+                                                   and _HASH.fullmatch(entry["base"])))
+                    and type(blob) is int and 0 <= blob < len(blobs)
+                    and entry["start"] + entry["length"] <= blobs[blob][3]):
+                return None
+            entries.append({**entry, "pack": name, "span": blobs[blob]})
+        return entries
+    except (ValueError, KeyError, TypeError, IntegrityError):
+        return None
+
+
 def _log_key(seq: int) -> str:
     return f"log/{seq:012d}.json"
 
@@ -511,14 +553,17 @@ class Remote:
         """Every chunk on the remote by hash: a pack object holding it, its blob and place.
 
         Only pack objects whose ``.pack`` and ``.idx`` are both listed count (a push
-        writes the pack first; a gc deletes the index first). Pack indexes never change
+        writes the pack first; a gc deletes the index first), and of those only where
+        the index is well-formed and matches its ``.pack`` as listed (``_read_index``):
+        a push must not skip a chunk an index claims in a pack object that is not there,
+        or every pull would fail and no push would mend it. Pack indexes never change
         once written (their names are their content's hash), so they are kept in a
         cache folder on this machine: a push or pull lists the pack objects and fetches
         only the indexes it has not seen. ``self.packs_of`` gives every pack object's
         chunk hashes.
         """
         cache = _cache_dir(self.url)
-        listed = {m["path"] for m in self.store.list("packs/")}
+        listed = {m["path"]: m["size"] for m in self.store.list("packs/")}
         pairs = sorted(k for k in listed if k.endswith(".idx") and f"{k[:-4]}.pack" in listed)
         self.orphans = sorted(k for k in listed if k.endswith(".idx") and k not in pairs)
         for key in pairs:
@@ -527,27 +572,21 @@ class Remote:
             name = key.rsplit("/", 1)[1]
             data = _read_cached(cache, name)
             if data is None:
-                data = self.store.get(key, "index")
+                try:
+                    data = self.store.get(key, "index")
+                except IntegrityError:
+                    data = b""  # too large to be a writer's: it does not count
                 if data is None:
                     continue  # a remote gc deleted it after the listing: not there
                 _write_cached(cache, name, data)
-            try:
-                idx = json.loads(data)
-                pack = idx["pack"]
-                blobs = idx["blobs"]
-                hashes = set()
-                for row in idx["chunks"]:
-                    entry = dict(zip(_CHUNK_FIELDS, row, strict=True))
-                    entry["pack"] = pack
-                    entry["span"] = blobs[entry["blob"]]
-                    self._index.setdefault(entry["hash"], entry)
-                    hashes.add(entry["hash"])
-                    if entry["base"]:
-                        self.bases_of.setdefault(entry["hash"], set()).add(entry["base"])
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise IntegrityError(f"{self.url}/{key}: unreadable pack index ({exc})"
-                                     ) from exc
-            self.packs_of[pack] = hashes
+            entries = _read_index(name[:-4], data, listed[f"{key[:-4]}.pack"])
+            if entries is None:
+                continue  # as if absent: a push sends its chunks again, gc deletes it
+            for entry in entries:
+                self._index.setdefault(entry["hash"], entry)
+                if entry["base"]:
+                    self.bases_of.setdefault(entry["hash"], set()).add(entry["base"])
+            self.packs_of[name[:-4]] = {entry["hash"] for entry in entries}
             self._indexed.add(key)
         if not self._indexed <= set(pairs):  # a gc deleted some: rebuild (from the cache)
             self._index, self._indexed, self.packs_of, self.bases_of = {}, set(), {}, {}
@@ -1290,8 +1329,7 @@ def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any
             spans = [index[blobs[b][0]]["span"] for b in chosen]
             with into._connection.write() as db:
                 for blob, span, data in zip(chosen, spans, datas, strict=True):
-                    if len(data) != span[1] - span[0] or not all(
-                            _scalar(v) for v in span[2:4]):
+                    if len(data) != span[1] - span[0]:
                         raise IntegrityError(f"{remote.url}/{key}: blob {blob} is not what "
                                              "its index says; nothing was pulled")
                     pack = db.execute("INSERT INTO packs (codec, size, data) VALUES "

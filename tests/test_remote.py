@@ -225,6 +225,39 @@ def test_a_changed_manifest_is_refused_by_its_digest_or_signature(tmp_path, url)
     assert not (tmp_path / "b.vault").exists()
 
 
+def test_an_index_that_does_not_match_its_pack_object_counts_for_nothing(tmp_path, url):
+    import sqlite3
+
+    with modelvault.open(tmp_path / "scratch.vault") as scratch:
+        scratch.save("m", weights(3))
+    with sqlite3.connect(tmp_path / "scratch.vault") as db:
+        chunks = [[h, size, "raw", 1, None, 0, 0, 10]
+                  for h, size in db.execute("SELECT hash, size FROM chunks")]
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("first", {"w": np.zeros(3)})
+        a.push(url)
+    packs = tmp_path / "remote" / "packs"
+    # Hostile: indexes claiming the chunks of a model about to be pushed, in a pack
+    # object that is not there, in one shorter than its blobs, and one unreadable.
+    bogus = {"a" * 64: ({"pack": "f" * 64, "blobs": [[0, 10, "raw", 10]]}, 10),
+             "b" * 64: ({"pack": "b" * 64, "blobs": [[0, 10, "raw", 10]]}, 3),
+             "c" * 64: (None, 10)}
+    for name, (idx, size) in bogus.items():
+        (packs / f"{name}.pack").write_bytes(b"x" * size)
+        (packs / f"{name}.idx").write_text("{" if idx is None else json.dumps(
+            {**idx, "chunks": chunks}))
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(3))
+        assert a.push(url).chunks >= len(chunks)  # sent, not skipped
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        np.testing.assert_array_equal(b.load("m")["layer2"], weights(3)["layer2"])
+    modelvault.Remote(url).gc(grace=0)  # an index that does not count goes, with its pack
+    assert not any((packs / f"{name}.{kind}").exists() for name in bogus
+                   for kind in ("pack", "idx"))
+    with modelvault.clone(url, tmp_path / "c.vault") as c:
+        assert c.verify() == []
+
+
 def test_a_foreign_pickle_from_a_remote_still_needs_trust(tmp_path, url, monkeypatch):
     with modelvault.open(tmp_path / "a.vault") as a:
         a.save("p", {"a set": {1, 2}})  # a pickle
