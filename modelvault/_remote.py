@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _chunks, _pins, _trust
+from ._catalog import check_number, parse_time
 from ._errors import IntegrityError, LockTimeout, NotFoundError, RemoteError, VaultError
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
-from ._refs import Ref, parse_ref
+from ._refs import Ref, check_alias, check_name, parse_ref
 
 if TYPE_CHECKING:
     from ._vault import Vault
@@ -304,6 +305,46 @@ class Store:
 # -- the log and what it says ----------------------------------------------------------
 
 
+def _passes(check: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    """``check`` (which raises on a bad value) as a yes/no question."""
+
+    def passes(value: Any) -> bool:
+        try:
+            check(value)
+        except (ValueError, TypeError, IntegrityError):
+            return False
+        return True
+
+    return passes
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# What each field of an event may hold (docs/remote.md, "The log"): a value from the
+# remote reaches SQLite, a vault's aliases and tags, and object keys, only through these.
+_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "uuid": lambda v: isinstance(v, str) and _UUID.fullmatch(v) is not None,
+    "model": _passes(check_name),
+    "alias": _passes(check_alias),
+    "number": _passes(lambda v: check_number(v, "number")),
+    "created_at": _passes(parse_time),
+    "kind": lambda v: isinstance(v, str),
+    "size": lambda v: type(v) is int and 0 <= v < 2**63,
+    "key": lambda v: isinstance(v, str) and v != "",
+    "value": lambda v: isinstance(v, str),
+}
+_EVENTS = {"add": ("model", "uuid", "number", "created_at", "kind", "size"),
+           "alias": ("model", "alias"), "tag": ("uuid", "key"), "delete": ("uuid",)}
+
+
+def _well_formed(event: Any) -> bool:
+    """Whether ``event`` is one this format defines: an op, the fields it needs, and
+    every field it has of its type and range (null only where it means "remove")."""
+    return (isinstance(event, dict) and event.get("op") in _EVENTS
+            and all(event.get(f) is not None for f in _EVENTS[event["op"]])
+            and all(value is None or _FIELDS[f](value) for f, value in event.items()
+                    if f in _FIELDS))
+
+
 @dataclass
 class State:
     """The remote as its log tells it, up to entry ``seq``."""
@@ -314,39 +355,56 @@ class State:
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)  # model: alias: uuid
     deleted: set[str] = field(default_factory=set)  # uuids deleted there
 
+    @classmethod
+    def restore(cls, saved: Any) -> State:
+        """The state a checkpoint holds (``dump``); ValueError (or KeyError, TypeError)
+        unless it is one replaying well-formed events could give."""
+        state = cls(saved["seq"], dict(saved["last"]), dict(saved["versions"]),
+                    {m: dict(a) for m, a in saved["aliases"].items()}, set(saved["deleted"]))
+        if not (type(state.seq) is int and 0 <= state.seq < 2**62
+                and all(_FIELDS["model"](m) and _FIELDS["number"](n)
+                        for m, n in state.last.items())
+                and all(isinstance(e, dict) and _well_formed({**e, "op": "add", "uuid": u})
+                        and e["number"] <= state.last.get(e["model"], 0)
+                        and isinstance(e.get("tags"), dict)
+                        and all(_FIELDS["key"](k) and _FIELDS["value"](v)
+                                for k, v in e["tags"].items())
+                        for u, e in state.versions.items())
+                and all(_FIELDS["alias"](a) and state.versions.get(u, {}).get("model") == m
+                        for m, aliases in state.aliases.items() for a, u in aliases.items())
+                and all(_FIELDS["uuid"](u) for u in state.deleted)):
+            raise ValueError("not a state the log could give")
+        return state
+
     def apply(self, events: Iterable[dict[str, Any]]) -> None:
         """Replay one entry's events. An event naming what is not there does nothing,
         so every reader replays a log to the same state."""
         for event in events:
-            if not (isinstance(event, dict) and isinstance(event.get("uuid"), (str, type(None)))
-                    and isinstance(event.get("model", ""), str)
-                    and isinstance(event.get("alias", ""), str)
-                    and isinstance(event.get("key", ""), str)):
+            if not _well_formed(event):
                 continue  # not an event this format defines: every reader skips it alike
-            op = event.get("op")
+            op = event["op"]
             uuid = event.get("uuid")
-            if op == "add" and uuid is not None and "model" in event and uuid not in self.versions:
+            if op == "add" and uuid not in self.versions:
                 model = event["model"]
-                number = event.get("number")
-                if not isinstance(number, int) or number <= self.last.get(model, 0):
-                    number = self.last.get(model, 0) + 1  # a claim already taken
+                number = max(event["number"], self.last.get(model, 0) + 1)  # else taken
+                if not _FIELDS["number"](number):
+                    continue  # the model has given out every number
                 self.last[model] = number
                 self.deleted.discard(uuid)
                 self.versions[uuid] = {"model": model, "number": number, "tags": {},
                                        **{k: event.get(k) for k in ("created_at", "kind",
                                                                    "size")}}
-            elif op == "alias" and "model" in event and "alias" in event and (
-                    uuid is None or uuid in self.versions):
+            elif op == "alias" and (uuid is None or uuid in self.versions):
                 aliases = self.aliases.setdefault(event["model"], {})
                 if uuid is None:
                     aliases.pop(event["alias"], None)
                 elif self.versions[uuid]["model"] == event["model"]:
                     aliases[event["alias"]] = uuid
-            elif op == "tag" and uuid in self.versions and "key" in event:
+            elif op == "tag" and uuid in self.versions:
                 tags = self.versions[uuid]["tags"]
                 if event.get("value") is None:
                     tags.pop(event["key"], None)
-                elif isinstance(event["value"], str):
+                else:
                     tags[event["key"]] = event["value"]
             elif op == "delete" and uuid in self.versions:
                 self.deleted.add(uuid)
@@ -513,9 +571,7 @@ class Remote:
             if points:
                 try:
                     data = self.store.get(points[-1]["path"], "checkpoint")
-                    saved = json.loads(data or b"")
-                    state = State(saved["seq"], saved["last"], saved["versions"],
-                                  saved["aliases"], set(saved["deleted"]))
+                    state = State.restore(json.loads(data or b""))
                 except (ValueError, KeyError, TypeError, IntegrityError):
                     state = State()  # a damaged checkpoint: the log alone decides
         keys = []
@@ -1241,8 +1297,9 @@ def _remove(bundle: Path) -> None:
 
 
 def _scalar(value: Any) -> bool:
+    """Whether ``value`` fits a column as is: text, null, or an integer SQLite holds."""
     return value is None or isinstance(value, str) or (
-        isinstance(value, int) and not isinstance(value, bool))
+        type(value) is int and -2**63 <= value < 2**63)
 
 
 def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:

@@ -241,7 +241,8 @@ def test_an_index_that_does_not_match_its_pack_object_counts_for_nothing(tmp_pat
     # object that is not there, in one shorter than its blobs, and one unreadable.
     bogus = {"a" * 64: ({"pack": "f" * 64, "blobs": [[0, 10, "raw", 10]]}, 10),
              "b" * 64: ({"pack": "b" * 64, "blobs": [[0, 10, "raw", 10]]}, 3),
-             "c" * 64: (None, 10)}
+             "c" * 64: (None, 10),
+             "d" * 64: ({"pack": "../../x", "blobs": [[0, 10, "raw", 10]]}, 10)}
     for name, (idx, size) in bogus.items():
         (packs / f"{name}.pack").write_bytes(b"x" * size)
         (packs / f"{name}.idx").write_text("{" if idx is None else json.dumps(
@@ -534,17 +535,53 @@ def test_a_vault_that_is_behind_does_not_move_remote_aliases_back(tmp_path, url)
     assert listed["net:2"].aliases == ("prod",) and listed["net:1"].tags == {"stage": "retired"}
 
 
+def test_malformed_events_are_skipped_by_every_reader_and_stop_nothing(tmp_path, url, run):
+    import uuid as uuids
+
+    with modelvault.open(tmp_path / "a.vault") as a:
+        first = a.save("m", {"w": np.zeros(3)}, aliases=["prod"])
+        a.push(url)
+    add = {"op": "add", "model": "m", "uuid": str(uuids.uuid4()), "number": 2,
+           "created_at": first.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+           "kind": "arrays", "size": 24}
+    # Hostile: a number past SQLite's integers (it gave OverflowError in every pull of m
+    # from then on), a timestamp that is a number, the alias 'latest', a model name and
+    # a uuid that are paths, a size past SQLite's integers, a tag with a number.
+    events = [{**add, "number": 2**64}, {**add, "created_at": 5},
+              {"op": "alias", "model": "m", "alias": "latest", "uuid": first.id},
+              {"op": "alias", "model": "m", "alias": "7", "uuid": first.id},
+              {**add, "model": "../x"}, {**add, "uuid": "../../x"}, {**add, "size": 2**63},
+              {**add, "number": True}, {"op": "tag", "uuid": first.id, "key": "k", "value": 5},
+              {"op": "delete", "uuid": ["not", "a", "uuid"]}]
+    log = tmp_path / "remote" / "log"
+    (log / "000000000002.json").write_text(json.dumps({"events": events}))
+    # And a checkpoint saying the same: ignored, the log alone decides.
+    (tmp_path / "remote" / "checkpoints").mkdir()
+    (tmp_path / "remote" / "checkpoints" / "000000000002.json").write_text(json.dumps(
+        {"seq": 2, "last": {"m": 2**64}, "versions": {}, "aliases": {}, "deleted": []}))
+    result = run("remote", "ls", url)
+    assert result.exit_code == 0 and "m:1" in result.output and "latest" not in result.output
+    assert [(v.ref, v.aliases, v.tags) for v in modelvault.Remote(url).versions()] == [
+        ("m:1", ("prod",), {})]
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.ones(3)})
+        assert [v.ref for v in a.push(url).added] == ["m:2"]
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert [v.ref for v in b.versions()] == ["m:1", "m:2"] and b.verify() == []
+
+
 def test_a_manifest_with_values_of_the_wrong_type_is_refused_by_name(tmp_path, url):
     with modelvault.open(tmp_path / "a.vault") as a:
         mv = a.save("m", {"w": np.zeros(3)})
         a.push(url)
     path = tmp_path / "remote" / "versions" / f"{mv.id}.json"
-    manifest = json.loads(path.read_text())
-    manifest["version"]["metadata"] = {"acc": 1}  # an object where the row holds text
-    path.write_text(json.dumps(manifest))
-    with modelvault.open(tmp_path / "b.vault") as b:
-        with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
-            b.pull(url)
+    saved = json.loads(path.read_text())
+    # An object where the row holds text; a number past SQLite's integers (OverflowError).
+    for field, value in (("metadata", {"acc": 1}), ("added_bytes", 2**64)):
+        path.write_text(json.dumps({**saved, "version": {**saved["version"], field: value}}))
+        with modelvault.open(tmp_path / "b.vault") as b:
+            with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
+                b.pull(url)
 
 
 def _sparse(path, size):
