@@ -318,6 +318,7 @@ def _passes(check: Callable[[Any], Any]) -> Callable[[Any], bool]:
     return passes
 
 
+_HASH = re.compile(r"[0-9a-f]{64}")  # a chunk's or pack object's name: hex BLAKE3
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # What each field of an event may hold (docs/remote.md, "The log"): a value from the
 # remote reaches SQLite, a vault's aliases and tags, and object keys, only through these.
@@ -331,6 +332,7 @@ _FIELDS: dict[str, Callable[[Any], bool]] = {
     "size": lambda v: type(v) is int and 0 <= v < 2**63,
     "key": lambda v: isinstance(v, str) and v != "",
     "value": lambda v: isinstance(v, str),
+    "digest": lambda v: isinstance(v, str) and _HASH.fullmatch(v) is not None,
 }
 _EVENTS = {"add": ("model", "uuid", "number", "created_at", "kind", "size"),
            "alias": ("model", "alias"), "tag": ("uuid", "key"), "delete": ("uuid",)}
@@ -393,7 +395,7 @@ class State:
                 self.deleted.discard(uuid)
                 self.versions[uuid] = {"model": model, "number": number, "tags": {},
                                        **{k: event.get(k) for k in ("created_at", "kind",
-                                                                   "size")}}
+                                                                   "size", "digest")}}
             elif op == "alias" and (uuid is None or uuid in self.versions):
                 aliases = self.aliases.setdefault(event["model"], {})
                 if uuid is None:
@@ -474,9 +476,6 @@ def _write_cached(cache: Path | None, name: str, data: bytes) -> None:
         os.replace(partial, cache / name)
     except OSError:
         pass
-
-
-_HASH = re.compile(r"[0-9a-f]{64}")  # a chunk's or pack object's name: hex BLAKE3
 
 
 def _read_index(name: str, data: bytes, size: int) -> list[dict[str, Any]] | None:
@@ -874,13 +873,14 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
         for row in new:
             contents = catalog.contents(row)
             catalog.check(row, contents)
-            manifests[row.uuid] = _manifest(db, row, [[c.hash for c in chunks]
-                                                      for chunks in contents.chunks], lineage)
+            manifests[row.uuid] = _dumps(_manifest(db, row, [[c.hash for c in chunks]
+                                                             for chunks in contents.chunks],
+                                                   lineage))
             chunk_ids.update(c.id for chunks in contents.chunks for c in chunks)
-            size = len(_dumps(manifests[row.uuid]))
+            size = len(manifests[row.uuid])
             if size > limit("manifest"):  # readers would refuse it: send nothing
-                raise RemoteError(f"{row.name}:{row.version}: its manifest would be {size} "
-                                  f"bytes, more than the {limit('manifest')} readers take")
+                raise RemoteError(f"{row.where}: its manifest would be {size} bytes, more "
+                                  f"than the {limit('manifest')} readers take")
         # Labels go along for the versions sent, and for those named: a vault that is
         # behind must not move back the remote's aliases of versions it did not push.
         labels = {r.uuid: r.name for r in (rows if refs is not None else new)}
@@ -912,7 +912,14 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
     finally:
         pin.release()
     for uuid, manifest in manifests.items():
-        remote.store.put(f"versions/{uuid}.json", _dumps(manifest), create=True)
+        key = f"versions/{uuid}.json"
+        # One there already is ours only if it is the same bytes (an earlier run of this
+        # push); another's would give pullers other contents under this version's entry.
+        if not remote.store.put(key, manifest, create=True) and remote.store.get(
+                key, "manifest") != manifest:
+            raise RemoteError(f"{remote.url}/{key} exists and is not this version's "
+                              "manifest: someone else wrote it (delete it there if so); "
+                              "nothing was added")
     renew()
 
     def make(state: State) -> list[dict[str, Any]]:
@@ -925,10 +932,9 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
             number = row.version if row.version > last.get(row.name, 0) else (
                 last.get(row.name, 0) + 1)
             last[row.name] = number
-            manifest = manifests[row.uuid]["version"]
             events.append({"op": "add", "model": row.name, "uuid": row.uuid,
-                           "number": number, "created_at": manifest["created_at"],
-                           "kind": manifest["kind"], "size": manifest["size"]})
+                           "number": number, "created_at": row.created_at,
+                           "kind": row.kind, "size": row.size, "digest": row.digest})
         known = {e["uuid"] for e in events} | set(state.versions)
         for (name, alias), uuid in sorted(aliases.items()):
             if uuid in known and state.aliases.get(name, {}).get(alias) != uuid:
@@ -1304,7 +1310,9 @@ def _scalar(value: Any) -> bool:
 
 def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
     """ValueError unless ``manifest`` has the shape docs/remote.md gives, for the log's
-    ``entry``: every value a row's column could hold, before any reaches SQLite."""
+    ``entry``: every value a row's column could hold, before any reaches SQLite, and the
+    version the entry added (its digest binds the parts and chunks; entries written
+    before the digest was in them give the rest only)."""
     if not isinstance(manifest, dict) or manifest.get("model") != entry["model"]:
         raise ValueError("it names another model")
     version, parts, chunks = manifest["version"], manifest["parts"], manifest["chunks"]
@@ -1321,6 +1329,10 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
             and all(isinstance(k, str) and isinstance(v, str)
                     for k, v in entry["tags"].items())):
         raise ValueError("a field of the wrong type")
+    differ = [f for f in ("created_at", "kind", "size", "digest")
+              if entry.get(f) is not None and version.get(f) != entry[f]]
+    if differ:
+        raise ValueError(f"its {', '.join(differ)} not the log's for this version")
 
 
 def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:

@@ -259,6 +259,40 @@ def test_an_index_that_does_not_match_its_pack_object_counts_for_nothing(tmp_pat
         assert c.verify() == []
 
 
+def test_a_manifest_someone_else_wrote_first_fails_the_push_and_a_swapped_one_the_pull(
+        tmp_path, url, monkeypatch):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mine = a.save("m", {"w": np.zeros(3)}, metadata={"owner": "ann"})
+    with modelvault.open(tmp_path / "x.vault") as x:  # another writer's version, pushed
+        theirs = x.save("m", {"w": np.full(3, 666.0)})
+        x.push(url)
+    versions = tmp_path / "remote" / "versions"
+    forged = json.loads((versions / f"{theirs.id}.json").read_text())
+    forged["version"].update(uuid=mine.id, key_id=None, signature=None)
+    # Hostile: their tensors under the uuid the owner is about to push.
+    (versions / f"{mine.id}.json").write_text(json.dumps(forged))
+    with modelvault.open(tmp_path / "a.vault") as a:
+        with pytest.raises(modelvault.RemoteError, match=f"versions/{mine.id}.json exists"):
+            a.push(url)
+        assert [v.ref for v in modelvault.Remote(url).versions()] == ["m:1"]  # theirs only
+        (versions / f"{mine.id}.json").unlink()
+        # A push that stopped after its manifests (here: its log entry failed) runs again.
+        real = _remote.Remote.commit
+        monkeypatch.setattr(_remote.Remote, "commit", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            a.push(url)
+        monkeypatch.setattr(_remote.Remote, "commit", real)
+        assert [v.ref for v in a.push(url).added] == ["m:2"]
+    # Hostile: the manifest swapped after the push, unsigned, with other contents: every
+    # other field copied, and the digest its contents give.
+    forged["version"].update({k: v for k, v in json.loads(
+        (versions / f"{mine.id}.json").read_text())["version"].items()
+        if k not in ("digest", "key_id", "signature")})
+    (versions / f"{mine.id}.json").write_text(json.dumps(forged))
+    with pytest.raises(modelvault.IntegrityError, match=f"versions/{mine.id}.json.*digest"):
+        modelvault.clone(url, tmp_path / "b.vault", ["m:2"])
+
+
 def test_a_foreign_pickle_from_a_remote_still_needs_trust(tmp_path, url, monkeypatch):
     with modelvault.open(tmp_path / "a.vault") as a:
         a.save("p", {"a set": {1, 2}})  # a pickle
