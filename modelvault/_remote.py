@@ -93,6 +93,50 @@ def check_remote(name: str, url: str) -> None:
                          "environment, never the vault file")
 
 
+# -- remotes a vault file names -----------------------------------------------------------
+
+# A vault's remotes table travels inside the file: a name in it is what whoever made the
+# file chose. A name is used only if this user added it to this vault file on this
+# machine (add_remote), which this file beside the user's keys remembers.
+_CONFIRMED = "remotes.json"  # {"confirmed": [[vault path, name, url], ...]}
+
+
+def _confirmed() -> list[list[str]]:
+    """The remotes this user added on this machine: [vault path, name, url] each; none
+    from a file that is missing or damaged (so a name is refused, never wrongly used)."""
+    try:
+        rows = json.loads((_trust.home() / _CONFIRMED).read_bytes())["confirmed"]
+        return [row for row in rows if isinstance(row, list) and len(row) == 3
+                and all(isinstance(v, str) for v in row)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def confirm(vault: Path, name: str, url: str | None) -> None:
+    """Remember that this user added the remote ``name`` = ``url`` to the vault file at
+    ``vault`` on this machine (``url`` None: removed it)."""
+    where = str(Path(vault).resolve())
+    rows = [row for row in _confirmed() if row[:2] != [where, name]]
+    if url is not None:
+        rows.append([where, name, url])
+    home = _trust.home()
+    home.mkdir(parents=True, exist_ok=True)
+    partial = home / f".{_CONFIRMED}.{secrets.token_hex(4)}"
+    partial.write_bytes(_dumps({"confirmed": rows}))
+    os.replace(partial, home / _CONFIRMED)
+
+
+def named(vault: Path, name: str, url: str) -> str:
+    """``url``, the vault file's remote ``name``, if this user added it there on this
+    machine; RemoteError otherwise, saying how to confirm it."""
+    if [str(Path(vault).resolve()), name, url] in _confirmed():
+        return url
+    raise RemoteError(f"{vault.name} names {url} as its remote {name!r}, but you did not "
+                      f"add it to this file on this machine (whoever made the file chose "
+                      f"it); if it is yours, run: modelvault remote add {vault} {name} "
+                      f"{url} (or give the URL itself)")
+
+
 # -- the store ----------------------------------------------------------------------------
 
 

@@ -360,6 +360,46 @@ def test_the_cli_pushes_lists_pulls_and_clones(tmp_path, url):
     assert result.exit_code == 1
 
 
+def test_a_remote_named_in_the_vault_file_is_used_only_once_added_here(tmp_path, url,
+                                                                        monkeypatch, run):
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "a.vault"
+    with modelvault.open(path) as a:
+        a.save("m", {"w": np.zeros(3)})
+        a.add_remote("origin", url)
+        assert [v.ref for v in a.push("origin").added] == ["m:1"]
+    # Hostile: a vault file whose remotes table names someone else's URL as origin.
+    evil = f"file://{tmp_path / 'evil'}"
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE remotes SET url = ? WHERE name = 'origin'", (evil,))
+    db.close()
+    with modelvault.open(path) as a:
+        a.save("m", {"w": np.ones(3)})
+        for act in (a.push, a.pull):
+            with pytest.raises(modelvault.RemoteError, match=f"names {evil} as its remote "
+                               "'origin'.*modelvault remote add"):
+                act("origin")
+    result = run("push", path, "origin")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "evil").exists()
+    # A copy of the file elsewhere, or the file in another user's hands: not added there.
+    shutil.copy(path, tmp_path / "copy.vault")
+    with modelvault.open(tmp_path / "copy.vault") as copy:
+        with pytest.raises(modelvault.RemoteError, match="remote add"):
+            copy.push("origin")
+    # Confirmed by adding it (as the message says), it is used; removed, it is forgotten.
+    assert run("remote", "add", path, "origin", url).exit_code == 0
+    with modelvault.open(path) as a:
+        assert [v.ref for v in a.push("origin").added] == ["m:2"]
+        a.remove_remote("origin")
+        a.add_remote("origin", url)
+        monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "another-user"))
+        with pytest.raises(modelvault.RemoteError, match="remote add"):
+            a.pull("origin")
+
+
 # -- processes ---------------------------------------------------------------------------
 
 
