@@ -131,10 +131,12 @@ def named(vault: Path, name: str, url: str) -> str:
     machine; RemoteError otherwise, saying how to confirm it."""
     if [str(Path(vault).resolve()), name, url] in _confirmed():
         return url
+    import shlex
+
     raise RemoteError(f"{vault.name} names {url} as its remote {name!r}, but you did not "
                       f"add it to this file on this machine (whoever made the file chose "
-                      f"it); if it is yours, run: modelvault remote add {vault} {name} "
-                      f"{url} (or give the URL itself)")
+                      f"it); if it is yours, run: modelvault remote add "
+                      f"{shlex.join([str(vault), name, url])} (or give the URL itself)")
 
 
 # -- the store ----------------------------------------------------------------------------
@@ -256,8 +258,8 @@ class Store:
             yield
         except (BaseError, OSError) as exc:
             text = str(exc)
-            bucket = self.url.split("://", 1)[1].split("/", 1)[0]
             if _no_bucket(exc):
+                bucket = self.url.split("://", 1)[1].split("/", 1)[0]
                 raise RemoteError(f"{self.url}: there is no bucket {bucket!r}") from exc
             if "/latest/api/token" in text or "/latest/meta-data" in text:
                 # Credentials came from nowhere, so the client asked the EC2 instance
