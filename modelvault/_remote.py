@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _chunks, _pins, _trust
+from ._catalog import check_number, parse_time
 from ._errors import IntegrityError, LockTimeout, NotFoundError, RemoteError, VaultError
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
-from ._refs import Ref, parse_ref
+from ._refs import Ref, check_alias, check_name, parse_ref
 
 if TYPE_CHECKING:
     from ._vault import Vault
@@ -40,6 +42,25 @@ PACK_OBJECT = 64 * 1024 * 1024  # a pack object's bytes, about
 CHECKPOINT_EVERY = 100  # log entries between checkpoints of the replayed state
 LOCK_LIFE = 3600.0  # seconds a push or gc lock counts, unless its holder lets go first
 GRACE = 3600.0  # remote gc never deletes an object younger than this
+INDEX_ROWS = 100_000  # chunks in one pack object at most: its index stays far below its cap
+
+# What one read of a remote object may bring into memory, by kind (docs/remote.md, "Size
+# limits"): far above what writers make, far below what would exhaust a machine; a
+# 6 GiB log entry must not. The caller may raise one (MODELVAULT_REMOTE_MAX_<KIND>, in
+# bytes), never the remote.
+LIMITS = {"descriptor": 64 << 10, "lock": 64 << 10, "log": 16 << 20, "index": 64 << 20,
+          "manifest": 256 << 20, "checkpoint": 256 << 20, "pack": 256 << 20}
+
+
+def limit(kind: str) -> int:
+    """The size cap on a remote object of ``kind`` (a key of LIMITS), in bytes."""
+    name = f"MODELVAULT_REMOTE_MAX_{kind.upper()}"
+    value = os.environ.get(name, "")
+    if not value:
+        return LIMITS[kind]
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"{name}={value!r}: a number of bytes")
+    return int(value)
 
 _VERSION_FIELDS = ("uuid", "created_at", "kind", "layout", "size", "added_bytes", "digest",
                    "description", "metadata", "key_id", "signature")
@@ -52,19 +73,111 @@ _SCHEMES = ("s3://", "gs://", "az://", "abfs://", "file://", "memory://", "http:
             "https://")
 
 
+def store_url(url: object) -> str | None:
+    """``url`` with its scheme in lower case (``S3://b`` is ``s3://b``), or None if it
+    is not one of the schemes a remote can have."""
+    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    found = f"{scheme.lower()}{sep}"
+    return f"{found}{rest}" if sep and found in _SCHEMES else None
+
+
 def check_remote(name: str, url: str) -> None:
     """ValueError unless ``name`` can name a remote and ``url`` is a store URL."""
     if not (isinstance(name, str) and 0 < len(name) <= 64
             and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)):
         raise ValueError(f"remote name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    if not (isinstance(url, str) and url.startswith(_SCHEMES)):
+    if store_url(url) is None:
         raise ValueError(f"remote URL {url!r}: expected one of {', '.join(_SCHEMES)}")
     if "@" in url.split("://", 1)[1].split("/", 1)[0]:
         raise ValueError("a remote URL must not hold credentials: they come from the "
                          "environment, never the vault file")
 
 
+# -- remotes a vault file names -----------------------------------------------------------
+
+# A vault's remotes table travels inside the file: a name in it is what whoever made the
+# file chose. A name is used only if this user added it to this vault file on this
+# machine (add_remote), which this file beside the user's keys remembers.
+_CONFIRMED = "remotes.json"  # {"confirmed": [[vault path, name, url], ...]}
+
+
+def _confirmed() -> list[list[str]]:
+    """The remotes this user added on this machine: [vault path, name, url] each; none
+    from a file that is missing or damaged (so a name is refused, never wrongly used)."""
+    try:
+        rows = json.loads((_trust.home() / _CONFIRMED).read_bytes())["confirmed"]
+        return [row for row in rows if isinstance(row, list) and len(row) == 3
+                and all(isinstance(v, str) for v in row)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def confirm(vault: Path, name: str, url: str | None) -> None:
+    """Remember that this user added the remote ``name`` = ``url`` to the vault file at
+    ``vault`` on this machine (``url`` None: removed it)."""
+    where = str(Path(vault).resolve())
+    rows = [row for row in _confirmed() if row[:2] != [where, name]]
+    if url is not None:
+        rows.append([where, name, url])
+    home = _trust.home()
+    home.mkdir(parents=True, exist_ok=True)
+    partial = home / f".{_CONFIRMED}.{secrets.token_hex(4)}"
+    partial.write_bytes(_dumps({"confirmed": rows}))
+    os.replace(partial, home / _CONFIRMED)
+
+
+def named(vault: Path, name: str, url: str) -> str:
+    """``url``, the vault file's remote ``name``, if this user added it there on this
+    machine; RemoteError otherwise, saying how to confirm it."""
+    if [str(Path(vault).resolve()), name, url] in _confirmed():
+        return url
+    import shlex
+
+    raise RemoteError(f"{vault.name} names {url} as its remote {name!r}, but you did not "
+                      f"add it to this file on this machine (whoever made the file chose "
+                      f"it); if it is yours, run: modelvault remote add "
+                      f"{shlex.join([str(vault), name, url])} (or give the URL itself)")
+
+
 # -- the store ----------------------------------------------------------------------------
+
+
+_NO_AWS_CREDENTIALS = ("no AWS credentials found: set AWS_ACCESS_KEY_ID and "
+                       "AWS_SECRET_ACCESS_KEY (or run where an instance role gives them)")
+
+
+def _aws_credentials() -> bool:
+    """Whether the environment names AWS credentials (or says to go without)."""
+    return any(os.environ.get(k) for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    ) or os.environ.get("AWS_SKIP_SIGNATURE", "").lower() == "true"
+
+
+def _no_bucket(exc: BaseException) -> bool:
+    """Whether ``exc`` says the bucket (S3, GCS) or container (Azure) does not exist."""
+    text = str(exc)
+    return any(code in text for code in ("<Code>NoSuchBucket</Code>", "ContainerNotFound",
+                                         "The specified bucket does not exist"))
+
+
+def _absent(exc: BaseException) -> bool:
+    """Whether ``exc`` says an object is missing (and not its whole bucket)."""
+    from obstore.exceptions import NotFoundError as Missing
+
+    return isinstance(exc, (Missing, FileNotFoundError)) and not _no_bucket(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong, in one line: obstore's first line (its debug dump follows), and
+    the code and message of a server's XML error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300].rstrip(": ") if text else type(exc).__name__
+    code = re.search(r"<Code>([^<]{1,100})</Code>", text)
+    message = re.search(r"<Message>([^<]{1,300})</Message>", text)
+    if code:
+        first += f" ({code[1]}{f': {message[1]}' if message else ''})"
+    return first
 
 
 _MEMORY: dict[str, Any] = {}  # memory:// stores by URL: shared within a process (tests)
@@ -81,7 +194,10 @@ class Store:
             raise ImportError("remotes need obstore: pip install 'modelvault[remote]'"
                               ) from None
 
-        self.url = url.rstrip("/")
+        found = store_url(url)
+        if found is None:
+            raise RemoteError(f"{url}: not a remote URL; use one of {', '.join(_SCHEMES)}")
+        self.url = found.rstrip("/")
         self._obstore = obstore
         self._folder: Path | None = None  # file:// only
         options: dict[str, Any] = {}
@@ -92,6 +208,9 @@ class Store:
             options["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True
+        if self.url.startswith("s3://") and not _aws_credentials() and os.environ.get(
+                "AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            raise RemoteError(f"{self.url}: {_NO_AWS_CREDENTIALS}")
         if self.url.startswith(("az://", "abfs://")) and os.environ.get(
                 "AZURE_STORAGE_USE_EMULATOR", "").lower() in ("1", "true"):
             client["allow_http"] = True  # Azurite, at AZURITE_BLOB_STORAGE_URL
@@ -107,7 +226,8 @@ class Store:
             try:
                 self._store = from_url(self.url, client_options=client or None, **options)
             except Exception as exc:  # obstore's errors for a URL it cannot use
-                raise ValueError(f"{url}: not a store URL obstore can open ({exc})") from exc
+                raise RemoteError(f"{self.url}: not a store URL obstore can open "
+                                  f"({_first_line(exc)})") from exc
 
     def _reach(self, *, write: bool = False) -> Any:
         """The obstore store; None for a file:// folder that does not exist (yet)."""
@@ -116,7 +236,12 @@ class Store:
             if not folder.is_dir():
                 if not write:
                     return None
-                folder.mkdir(parents=True, exist_ok=True)
+                # Only the remote's own folder is made: a mistyped path must not
+                # silently become a new remote.
+                if not folder.parent.is_dir():
+                    raise RemoteError(f"{self.url}: no folder {folder.parent}; a file:// "
+                                      "remote's folder is made only inside one that exists")
+                folder.mkdir(exist_ok=True)
             from obstore.store import LocalStore
 
             self._store = LocalStore(folder)
@@ -124,42 +249,65 @@ class Store:
 
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
-        """obstore's errors as ours, naming the object: a remote that refuses us (auth,
-        permissions, network) is a RemoteError, never a raw obstore exception."""
+        """obstore's errors as ours, in one line naming the object: a remote that refuses
+        us (no bucket, no credentials, permissions, network) is a RemoteError, never a
+        raw obstore exception (some of which are built-in OSErrors) or a server's XML."""
         from obstore.exceptions import BaseError
 
         try:
             yield
-        except BaseError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RemoteError(f"{self.url}/{key}: {first}") from exc
+        except (BaseError, OSError) as exc:
+            text = str(exc)
+            if _no_bucket(exc):
+                bucket = self.url.split("://", 1)[1].split("/", 1)[0]
+                raise RemoteError(f"{self.url}: there is no bucket {bucket!r}") from exc
+            if "/latest/api/token" in text or "/latest/meta-data" in text:
+                # Credentials came from nowhere, so the client asked the EC2 instance
+                # metadata service last, and that refused (we are not on EC2).
+                raise RemoteError(f"{self.url}: {_NO_AWS_CREDENTIALS}") from exc
+            raise RemoteError(f"{self.url}/{key}: {_first_line(exc)}") from exc
 
-    def get(self, key: str) -> bytes | None:
-        """An object's bytes; None if there is none."""
-        from obstore.exceptions import NotFoundError as Missing
-
+    def get(self, key: str, kind: str) -> bytes | None:
+        """An object's bytes; None if there is none. IntegrityError, before it is read,
+        if it holds more than an object of ``kind`` may (``limit``)."""
         store = self._reach()
         if store is None:
             return None
+        cap = limit(kind)
         with self._errors(key):
             try:
-                return bytes(self._obstore.get(store, key).bytes())
-            except (Missing, FileNotFoundError):
-                return None
+                found = self._obstore.get(store, key)
+                data = bytearray()
+                if found.meta["size"] <= cap:  # the size as listed; then read with a bound
+                    for piece in found.stream():
+                        data += piece
+                        if len(data) > cap:
+                            break
+            except Exception as exc:
+                if _absent(exc):
+                    return None
+                raise
+        if found.meta["size"] > cap or len(data) > cap:
+            raise IntegrityError(
+                f"{self.url}/{key}: {max(found.meta['size'], len(data))} bytes, more than "
+                f"the {cap} a remote's {kind} object may hold (MODELVAULT_REMOTE_MAX_"
+                f"{kind.upper()} raises that)")
+        return bytes(data)
 
     def ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes]:
         """The byte ranges [start, end) of an object; FileNotFoundError if it is missing."""
-        from obstore.exceptions import NotFoundError as Missing
-
         store = self._reach()
-        if store is None:
+        got = None
+        if store is not None:
+            with self._errors(key):
+                try:
+                    got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],
+                                                   ends=[e for _, e in spans])
+                except Exception as exc:
+                    if not _absent(exc):
+                        raise
+        if got is None:
             raise FileNotFoundError(f"{self.url}/{key}")
-        with self._errors(key):
-            try:
-                got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],
-                                               ends=[e for _, e in spans])
-            except Missing as exc:
-                raise FileNotFoundError(f"{self.url}/{key}") from exc
         return [bytes(b) for b in got]
 
     def put(self, key: str, data: bytes | list[bytes], *, create: bool = False) -> bool:
@@ -203,6 +351,48 @@ class Store:
 # -- the log and what it says ----------------------------------------------------------
 
 
+def _passes(check: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    """``check`` (which raises on a bad value) as a yes/no question."""
+
+    def passes(value: Any) -> bool:
+        try:
+            check(value)
+        except (ValueError, TypeError, IntegrityError):
+            return False
+        return True
+
+    return passes
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")  # a chunk's or pack object's name: hex BLAKE3
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# What each field of an event may hold (docs/remote.md, "The log"): a value from the
+# remote reaches SQLite, a vault's aliases and tags, and object keys, only through these.
+_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "uuid": lambda v: isinstance(v, str) and _UUID.fullmatch(v) is not None,
+    "model": _passes(check_name),
+    "alias": _passes(check_alias),
+    "number": _passes(lambda v: check_number(v, "number")),
+    "created_at": _passes(parse_time),
+    "kind": lambda v: isinstance(v, str),
+    "size": lambda v: type(v) is int and 0 <= v < 2**63,
+    "key": lambda v: isinstance(v, str) and v != "",
+    "value": lambda v: isinstance(v, str),
+    "digest": lambda v: isinstance(v, str) and _HASH.fullmatch(v) is not None,
+}
+_EVENTS = {"add": ("model", "uuid", "number", "created_at", "kind", "size"),
+           "alias": ("model", "alias"), "tag": ("uuid", "key"), "delete": ("uuid",)}
+
+
+def _well_formed(event: Any) -> bool:
+    """Whether ``event`` is one this format defines: an op, the fields it needs, and
+    every field it has of its type and range (null only where it means "remove")."""
+    return (isinstance(event, dict) and event.get("op") in _EVENTS
+            and all(event.get(f) is not None for f in _EVENTS[event["op"]])
+            and all(value is None or _FIELDS[f](value) for f, value in event.items()
+                    if f in _FIELDS))
+
+
 @dataclass
 class State:
     """The remote as its log tells it, up to entry ``seq``."""
@@ -213,39 +403,56 @@ class State:
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)  # model: alias: uuid
     deleted: set[str] = field(default_factory=set)  # uuids deleted there
 
+    @classmethod
+    def restore(cls, saved: Any) -> State:
+        """The state a checkpoint holds (``dump``); ValueError (or KeyError, TypeError)
+        unless it is one replaying well-formed events could give."""
+        state = cls(saved["seq"], dict(saved["last"]), dict(saved["versions"]),
+                    {m: dict(a) for m, a in saved["aliases"].items()}, set(saved["deleted"]))
+        if not (type(state.seq) is int and 0 <= state.seq < 2**62
+                and all(_FIELDS["model"](m) and _FIELDS["number"](n)
+                        for m, n in state.last.items())
+                and all(isinstance(e, dict) and _well_formed({**e, "op": "add", "uuid": u})
+                        and e["number"] <= state.last.get(e["model"], 0)
+                        and isinstance(e.get("tags"), dict)
+                        and all(_FIELDS["key"](k) and _FIELDS["value"](v)
+                                for k, v in e["tags"].items())
+                        for u, e in state.versions.items())
+                and all(_FIELDS["alias"](a) and state.versions.get(u, {}).get("model") == m
+                        for m, aliases in state.aliases.items() for a, u in aliases.items())
+                and all(_FIELDS["uuid"](u) for u in state.deleted)):
+            raise ValueError("not a state the log could give")
+        return state
+
     def apply(self, events: Iterable[dict[str, Any]]) -> None:
         """Replay one entry's events. An event naming what is not there does nothing,
         so every reader replays a log to the same state."""
         for event in events:
-            if not (isinstance(event, dict) and isinstance(event.get("uuid"), (str, type(None)))
-                    and isinstance(event.get("model", ""), str)
-                    and isinstance(event.get("alias", ""), str)
-                    and isinstance(event.get("key", ""), str)):
+            if not _well_formed(event):
                 continue  # not an event this format defines: every reader skips it alike
-            op = event.get("op")
+            op = event["op"]
             uuid = event.get("uuid")
-            if op == "add" and uuid is not None and "model" in event and uuid not in self.versions:
+            if op == "add" and uuid not in self.versions:
                 model = event["model"]
-                number = event.get("number")
-                if not isinstance(number, int) or number <= self.last.get(model, 0):
-                    number = self.last.get(model, 0) + 1  # a claim already taken
+                number = max(event["number"], self.last.get(model, 0) + 1)  # else taken
+                if not _FIELDS["number"](number):
+                    continue  # the model has given out every number
                 self.last[model] = number
                 self.deleted.discard(uuid)
                 self.versions[uuid] = {"model": model, "number": number, "tags": {},
                                        **{k: event.get(k) for k in ("created_at", "kind",
-                                                                   "size")}}
-            elif op == "alias" and "model" in event and "alias" in event and (
-                    uuid is None or uuid in self.versions):
+                                                                   "size", "digest")}}
+            elif op == "alias" and (uuid is None or uuid in self.versions):
                 aliases = self.aliases.setdefault(event["model"], {})
                 if uuid is None:
                     aliases.pop(event["alias"], None)
                 elif self.versions[uuid]["model"] == event["model"]:
                     aliases[event["alias"]] = uuid
-            elif op == "tag" and uuid in self.versions and "key" in event:
+            elif op == "tag" and uuid in self.versions:
                 tags = self.versions[uuid]["tags"]
                 if event.get("value") is None:
                     tags.pop(event["key"], None)
-                elif isinstance(event["value"], str):
+                else:
                     tags[event["key"]] = event["value"]
             elif op == "delete" and uuid in self.versions:
                 self.deleted.add(uuid)
@@ -317,6 +524,45 @@ def _write_cached(cache: Path | None, name: str, data: bytes) -> None:
         pass
 
 
+def _read_index(name: str, data: bytes, size: int) -> list[dict[str, Any]] | None:
+    """The chunks (a dict of _CHUNK_FIELDS, "pack" and "span" each) the index ``data``
+    of the pack object ``name``, listed with ``size`` bytes, gives; None unless it is
+    well-formed (docs/remote.md) and matches that object: its ``pack`` is ``name``, its
+    blobs lie back to back from byte 0 to ``size``, and every chunk lies in its blob."""
+    try:
+        idx = json.loads(data)
+        blobs, rows = idx["blobs"], idx["chunks"]
+        if not (idx["pack"] == name and _HASH.fullmatch(name) and size <= limit("pack")
+                and isinstance(blobs, list) and isinstance(rows, list)):
+            return None
+        at = 0
+        for blob in blobs:
+            offset, stop, codec, content = blob
+            if not (offset == at and type(stop) is int and at <= stop
+                    <= at + 2 * _chunks.MAX_PACK and isinstance(codec, str)
+                    and type(content) is int and 0 <= content <= _chunks.MAX_PACK):
+                return None
+            at = stop
+        if at != size:
+            return None
+        entries = []
+        for row in rows:
+            entry = dict(zip(_CHUNK_FIELDS, row, strict=True))
+            _chunks.check_row(entry["size"], entry["codec"], entry["itemsize"], 0,
+                              entry["start"], entry["length"])
+            blob = entry["blob"]
+            if not (isinstance(entry["hash"], str) and _HASH.fullmatch(entry["hash"])
+                    and (entry["base"] is None or (isinstance(entry["base"], str)
+                                                   and _HASH.fullmatch(entry["base"])))
+                    and type(blob) is int and 0 <= blob < len(blobs)
+                    and entry["start"] + entry["length"] <= blobs[blob][3]):
+                return None
+            entries.append({**entry, "pack": name, "span": blobs[blob]})
+        return entries
+    except (ValueError, KeyError, TypeError, IntegrityError):
+        return None
+
+
 def _log_key(seq: int) -> str:
     return f"log/{seq:012d}.json"
 
@@ -330,8 +576,8 @@ class Remote:
 
     def __init__(self, url: str, *, endpoint_url: str | None = None,
                  single_writer: bool = False) -> None:
-        self.url = url
         self.store = Store(url, endpoint_url=endpoint_url)
+        self.url = self.store.url
         self.single_writer = single_writer
         self._state = State()
         self._index: dict[str, dict[str, Any]] = {}  # chunk hash: where it is
@@ -344,14 +590,14 @@ class Remote:
     # -- reading ----------------------------------------------------------------------
 
     def _check_descriptor(self, *, create: bool) -> None:
-        data = self.store.get(DESCRIPTOR)
+        data = self.store.get(DESCRIPTOR, "descriptor")
         if data is None:
             if not create:
                 raise NotFoundError(f"{self.url}: no modelvault remote here (push to it first)")
             self.store.put(DESCRIPTOR, _dumps({"format": "modelvault-remote",
                                                "version": FORMAT, "hash": "blake3"}),
                            create=True)
-            data = self.store.get(DESCRIPTOR)
+            data = self.store.get(DESCRIPTOR, "descriptor")
         try:
             found = json.loads(data or b"")
         except ValueError:
@@ -368,12 +614,10 @@ class Remote:
         if state.seq == 0:
             points = self.store.list("checkpoints/")
             if points:
-                data = self.store.get(points[-1]["path"])
                 try:
-                    saved = json.loads(data or b"")
-                    state = State(saved["seq"], saved["last"], saved["versions"],
-                                  saved["aliases"], set(saved["deleted"]))
-                except (ValueError, KeyError, TypeError):
+                    data = self.store.get(points[-1]["path"], "checkpoint")
+                    state = State.restore(json.loads(data or b""))
+                except (ValueError, KeyError, TypeError, IntegrityError):
                     state = State()  # a damaged checkpoint: the log alone decides
         keys = []
         for meta in self.store.list("log/", after=_log_key(state.seq)):
@@ -385,7 +629,7 @@ class Remote:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(16, len(keys) or 1)) as pool:
-            entries = list(pool.map(self.store.get, keys))
+            entries = list(pool.map(lambda key: self.store.get(key, "log"), keys))
         for key, data in zip(keys, entries, strict=True):
             try:
                 events = json.loads(data or b"")["events"]
@@ -410,14 +654,17 @@ class Remote:
         """Every chunk on the remote by hash: a pack object holding it, its blob and place.
 
         Only pack objects whose ``.pack`` and ``.idx`` are both listed count (a push
-        writes the pack first; a gc deletes the index first). Pack indexes never change
+        writes the pack first; a gc deletes the index first), and of those only where
+        the index is well-formed and matches its ``.pack`` as listed (``_read_index``):
+        a push must not skip a chunk an index claims in a pack object that is not there,
+        or every pull would fail and no push would mend it. Pack indexes never change
         once written (their names are their content's hash), so they are kept in a
         cache folder on this machine: a push or pull lists the pack objects and fetches
         only the indexes it has not seen. ``self.packs_of`` gives every pack object's
         chunk hashes.
         """
         cache = _cache_dir(self.url)
-        listed = {m["path"] for m in self.store.list("packs/")}
+        listed = {m["path"]: m["size"] for m in self.store.list("packs/")}
         pairs = sorted(k for k in listed if k.endswith(".idx") and f"{k[:-4]}.pack" in listed)
         self.orphans = sorted(k for k in listed if k.endswith(".idx") and k not in pairs)
         for key in pairs:
@@ -426,27 +673,21 @@ class Remote:
             name = key.rsplit("/", 1)[1]
             data = _read_cached(cache, name)
             if data is None:
-                data = self.store.get(key)
+                try:
+                    data = self.store.get(key, "index")
+                except IntegrityError:
+                    data = b""  # too large to be a writer's: it does not count
                 if data is None:
                     continue  # a remote gc deleted it after the listing: not there
                 _write_cached(cache, name, data)
-            try:
-                idx = json.loads(data)
-                pack = idx["pack"]
-                blobs = idx["blobs"]
-                hashes = set()
-                for row in idx["chunks"]:
-                    entry = dict(zip(_CHUNK_FIELDS, row, strict=True))
-                    entry["pack"] = pack
-                    entry["span"] = blobs[entry["blob"]]
-                    self._index.setdefault(entry["hash"], entry)
-                    hashes.add(entry["hash"])
-                    if entry["base"]:
-                        self.bases_of.setdefault(entry["hash"], set()).add(entry["base"])
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise IntegrityError(f"{self.url}/{key}: unreadable pack index ({exc})"
-                                     ) from exc
-            self.packs_of[pack] = hashes
+            entries = _read_index(name[:-4], data, listed[f"{key[:-4]}.pack"])
+            if entries is None:
+                continue  # as if absent: a push sends its chunks again, gc deletes it
+            for entry in entries:
+                self._index.setdefault(entry["hash"], entry)
+                if entry["base"]:
+                    self.bases_of.setdefault(entry["hash"], set()).add(entry["base"])
+            self.packs_of[name[:-4]] = {entry["hash"] for entry in entries}
             self._indexed.add(key)
         if not self._indexed <= set(pairs):  # a gc deleted some: rebuild (from the cache)
             self._index, self._indexed, self.packs_of, self.bases_of = {}, set(), {}, {}
@@ -462,14 +703,17 @@ class Remote:
         """Why ``chunk`` is in no pack object: the one whose index names it but whose
         ``.pack`` is missing, if there is one."""
         for key in self.orphans:
-            data = self.store.get(key) or b""
+            try:
+                data = self.store.get(key, "index") or b""
+            except IntegrityError:
+                continue  # too big to be one of ours
             if chunk.encode() in data:
                 return f"{self.url}/{key[:-4]}.pack is missing (its index names chunk {chunk})"
         return f"{self.url}: chunk {chunk} is in no pack object"
 
     def manifest(self, uuid: str) -> dict[str, Any]:
         key = f"versions/{uuid}.json"
-        data = self.store.get(key)
+        data = self.store.get(key, "manifest")
         if data is None:
             raise IntegrityError(f"{self.url}/{key} is missing: the log names it")
         try:
@@ -506,15 +750,19 @@ class Remote:
                 return state, 0
             from ._vault import _now  # the timestamps versions have
 
-            entry = {"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
-                     f"{socket.gethostname()}", "events": events}
+            entry = _dumps({"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
+                            f"{socket.gethostname()}", "events": events})
+            if len(entry) > limit("log"):  # readers would refuse it
+                raise RemoteError(f"{self.url}: this log entry would be {len(entry)} bytes, "
+                                  f"more than the {limit('log')} readers take; push fewer "
+                                  "versions at once")
             seq = state.seq + 1
-            if self.store.put(_log_key(seq), _dumps(entry), create=True):
+            if self.store.put(_log_key(seq), entry, create=True):
                 state.apply(events)
                 state.seq = seq
-                if seq % CHECKPOINT_EVERY == 0:
-                    self.store.put(f"checkpoints/{seq:012d}.json", _dumps(state.dump()),
-                                   create=True)
+                point = _dumps(state.dump()) if seq % CHECKPOINT_EVERY == 0 else b""
+                if point and len(point) <= limit("checkpoint"):  # else readers ignore it
+                    self.store.put(f"checkpoints/{seq:012d}.json", point, create=True)
                 return state, seq
 
     def _lock(self, kind: str) -> str:
@@ -547,10 +795,10 @@ class Remote:
                                     "by": socket.gethostname()}))
 
     def _expired(self, key: str) -> bool:
-        data = self.store.get(key)
         try:
+            data = self.store.get(key, "lock")
             return data is None or json.loads(data)["expires"] < time.time()
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IntegrityError):
             return True
 
     # -- gc ----------------------------------------------------------------------------
@@ -671,9 +919,14 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
         for row in new:
             contents = catalog.contents(row)
             catalog.check(row, contents)
-            manifests[row.uuid] = _manifest(db, row, [[c.hash for c in chunks]
-                                                      for chunks in contents.chunks], lineage)
+            manifests[row.uuid] = _dumps(_manifest(db, row, [[c.hash for c in chunks]
+                                                             for chunks in contents.chunks],
+                                                   lineage))
             chunk_ids.update(c.id for chunks in contents.chunks for c in chunks)
+            size = len(manifests[row.uuid])
+            if size > limit("manifest"):  # readers would refuse it: send nothing
+                raise RemoteError(f"{row.where}: its manifest would be {size} bytes, more "
+                                  f"than the {limit('manifest')} readers take")
         # Labels go along for the versions sent, and for those named: a vault that is
         # behind must not move back the remote's aliases of versions it did not push.
         labels = {r.uuid: r.name for r in (rows if refs is not None else new)}
@@ -705,7 +958,14 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
     finally:
         pin.release()
     for uuid, manifest in manifests.items():
-        remote.store.put(f"versions/{uuid}.json", _dumps(manifest), create=True)
+        key = f"versions/{uuid}.json"
+        # One there already is ours only if it is the same bytes (an earlier run of this
+        # push); another's would give pullers other contents under this version's entry.
+        if not remote.store.put(key, manifest, create=True) and remote.store.get(
+                key, "manifest") != manifest:
+            raise RemoteError(f"{remote.url}/{key} exists and is not this version's "
+                              "manifest: someone else wrote it (delete it there if so); "
+                              "nothing was added")
     renew()
 
     def make(state: State) -> list[dict[str, Any]]:
@@ -718,10 +978,9 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
             number = row.version if row.version > last.get(row.name, 0) else (
                 last.get(row.name, 0) + 1)
             last[row.name] = number
-            manifest = manifests[row.uuid]["version"]
             events.append({"op": "add", "model": row.name, "uuid": row.uuid,
-                           "number": number, "created_at": manifest["created_at"],
-                           "kind": manifest["kind"], "size": manifest["size"]})
+                           "number": number, "created_at": row.created_at,
+                           "kind": row.kind, "size": row.size, "digest": row.digest})
         known = {e["uuid"] for e in events} | set(state.versions)
         for (name, alias), uuid in sorted(aliases.items()):
             if uuid in known and state.aliases.get(name, {}).get(alias) != uuid:
@@ -878,7 +1137,7 @@ class _PackWriter:
         for row, start in placed:
             self._chunks.append([row[1], row[2], row[3], row[4], row[5], blob, start, row[8]])
         self._advance(sum(row[8] for row, _ in placed))
-        if self._bytes >= PACK_OBJECT:
+        if self._bytes >= PACK_OBJECT or len(self._chunks) >= INDEX_ROWS:
             self._send()
 
     def _send(self) -> None:
@@ -1090,13 +1349,16 @@ def _remove(bundle: Path) -> None:
 
 
 def _scalar(value: Any) -> bool:
+    """Whether ``value`` fits a column as is: text, null, or an integer SQLite holds."""
     return value is None or isinstance(value, str) or (
-        isinstance(value, int) and not isinstance(value, bool))
+        type(value) is int and -2**63 <= value < 2**63)
 
 
 def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
     """ValueError unless ``manifest`` has the shape docs/remote.md gives, for the log's
-    ``entry``: every value a row's column could hold, before any reaches SQLite."""
+    ``entry``: every value a row's column could hold, before any reaches SQLite, and the
+    version the entry added (its digest binds the parts and chunks; entries written
+    before the digest was in them give the rest only)."""
     if not isinstance(manifest, dict) or manifest.get("model") != entry["model"]:
         raise ValueError("it names another model")
     version, parts, chunks = manifest["version"], manifest["parts"], manifest["chunks"]
@@ -1113,6 +1375,10 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
             and all(isinstance(k, str) and isinstance(v, str)
                     for k, v in entry["tags"].items())):
         raise ValueError("a field of the wrong type")
+    differ = [f for f in ("created_at", "kind", "size", "digest")
+              if entry.get(f) is not None and version.get(f) != entry[f]]
+    if differ:
+        raise ValueError(f"its {', '.join(differ)} not the log's for this version")
 
 
 def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:
@@ -1178,8 +1444,7 @@ def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any
             spans = [index[blobs[b][0]]["span"] for b in chosen]
             with into._connection.write() as db:
                 for blob, span, data in zip(chosen, spans, datas, strict=True):
-                    if len(data) != span[1] - span[0] or not all(
-                            _scalar(v) for v in span[2:4]):
+                    if len(data) != span[1] - span[0]:
                         raise IntegrityError(f"{remote.url}/{key}: blob {blob} is not what "
                                              "its index says; nothing was pulled")
                     pack = db.execute("INSERT INTO packs (codec, size, data) VALUES "

@@ -922,29 +922,38 @@ class Vault:
     @_api
     def add_remote(self, name: str, url: str) -> None:
         """Remember ``url`` as ``name``, so that ``push(name)`` and ``pull(name)`` reach it.
-        Only the URL is stored: credentials stay in the environment, out of the file."""
+        Only the URL is stored: credentials stay in the environment, out of the file.
+        A name is used only where it was added to this file by this user on this
+        machine (docs/remote.md): adding it again confirms one the file came with."""
         from . import _remote
 
         _remote.check_remote(name, url)
         with self._connection.write() as db:
             db.execute("INSERT OR REPLACE INTO remotes (name, url) VALUES (?, ?)", (name, url))
+        _remote.confirm(self.path, name, url)
 
     @_api
     def remove_remote(self, name: str) -> None:
         """Forget the remote ``name`` (nothing on the remote changes)."""
+        from . import _remote
+
         with self._connection.write() as db:
             if not db.execute("DELETE FROM remotes WHERE name = ?", (name,)).rowcount:
                 raise NotFoundError(f"no remote named {name!r} in {self.path.name}")
+        _remote.confirm(self.path, name, None)
 
     def _remote_url(self, url: str) -> str:
-        """``url`` itself, or the URL of the remote this vault remembers as ``url``."""
+        """``url`` itself, or the URL of the remote this vault remembers as ``url``, if
+        this user added it here (RemoteError otherwise)."""
+        from . import _remote
+
         if "://" in url:
             return url
         found = self.remotes().get(url)
         if found is None:
             raise NotFoundError(f"{url!r} is neither a URL (s3://, gs://, az://, file://) nor "
                                 f"a remote {self.path.name} remembers (add_remote)")
-        return found
+        return _remote.named(self.path, url, found)
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
                    action: str) -> MergeReport:

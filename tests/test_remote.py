@@ -225,6 +225,74 @@ def test_a_changed_manifest_is_refused_by_its_digest_or_signature(tmp_path, url)
     assert not (tmp_path / "b.vault").exists()
 
 
+def test_an_index_that_does_not_match_its_pack_object_counts_for_nothing(tmp_path, url):
+    import sqlite3
+
+    with modelvault.open(tmp_path / "scratch.vault") as scratch:
+        scratch.save("m", weights(3))
+    with sqlite3.connect(tmp_path / "scratch.vault") as db:
+        chunks = [[h, size, "raw", 1, None, 0, 0, 10]
+                  for h, size in db.execute("SELECT hash, size FROM chunks")]
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("first", {"w": np.zeros(3)})
+        a.push(url)
+    packs = tmp_path / "remote" / "packs"
+    # Hostile: indexes claiming the chunks of a model about to be pushed, in a pack
+    # object that is not there, in one shorter than its blobs, and one unreadable.
+    bogus = {"a" * 64: ({"pack": "f" * 64, "blobs": [[0, 10, "raw", 10]]}, 10),
+             "b" * 64: ({"pack": "b" * 64, "blobs": [[0, 10, "raw", 10]]}, 3),
+             "c" * 64: (None, 10),
+             "d" * 64: ({"pack": "../../x", "blobs": [[0, 10, "raw", 10]]}, 10)}
+    for name, (idx, size) in bogus.items():
+        (packs / f"{name}.pack").write_bytes(b"x" * size)
+        (packs / f"{name}.idx").write_text("{" if idx is None else json.dumps(
+            {**idx, "chunks": chunks}))
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(3))
+        assert a.push(url).chunks >= len(chunks)  # sent, not skipped
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        np.testing.assert_array_equal(b.load("m")["layer2"], weights(3)["layer2"])
+    modelvault.Remote(url).gc(grace=0)  # an index that does not count goes, with its pack
+    assert not any((packs / f"{name}.{kind}").exists() for name in bogus
+                   for kind in ("pack", "idx"))
+    with modelvault.clone(url, tmp_path / "c.vault") as c:
+        assert c.verify() == []
+
+
+def test_a_manifest_someone_else_wrote_first_fails_the_push_and_a_swapped_one_the_pull(
+        tmp_path, url, monkeypatch):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mine = a.save("m", {"w": np.zeros(3)}, metadata={"owner": "ann"})
+    with modelvault.open(tmp_path / "x.vault") as x:  # another writer's version, pushed
+        theirs = x.save("m", {"w": np.full(3, 666.0)})
+        x.push(url)
+    versions = tmp_path / "remote" / "versions"
+    forged = json.loads((versions / f"{theirs.id}.json").read_text())
+    forged["version"].update(uuid=mine.id, key_id=None, signature=None)
+    # Hostile: their tensors under the uuid the owner is about to push.
+    (versions / f"{mine.id}.json").write_text(json.dumps(forged))
+    with modelvault.open(tmp_path / "a.vault") as a:
+        with pytest.raises(modelvault.RemoteError, match=f"versions/{mine.id}.json exists"):
+            a.push(url)
+        assert [v.ref for v in modelvault.Remote(url).versions()] == ["m:1"]  # theirs only
+        (versions / f"{mine.id}.json").unlink()
+        # A push that stopped after its manifests (here: its log entry failed) runs again.
+        real = _remote.Remote.commit
+        monkeypatch.setattr(_remote.Remote, "commit", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            a.push(url)
+        monkeypatch.setattr(_remote.Remote, "commit", real)
+        assert [v.ref for v in a.push(url).added] == ["m:2"]
+    # Hostile: the manifest swapped after the push, unsigned, with other contents: every
+    # other field copied, and the digest its contents give.
+    forged["version"].update({k: v for k, v in json.loads(
+        (versions / f"{mine.id}.json").read_text())["version"].items()
+        if k not in ("digest", "key_id", "signature")})
+    (versions / f"{mine.id}.json").write_text(json.dumps(forged))
+    with pytest.raises(modelvault.IntegrityError, match=f"versions/{mine.id}.json.*digest"):
+        modelvault.clone(url, tmp_path / "b.vault", ["m:2"])
+
+
 def test_a_foreign_pickle_from_a_remote_still_needs_trust(tmp_path, url, monkeypatch):
     with modelvault.open(tmp_path / "a.vault") as a:
         a.save("p", {"a set": {1, 2}})  # a pickle
@@ -290,6 +358,46 @@ def test_the_cli_pushes_lists_pulls_and_clones(tmp_path, url):
     assert result.exit_code == 0 and "deleted" in result.output
     result = run(cli, ["remote", "ls", str(tmp_path / "nothing-here")])
     assert result.exit_code == 1
+
+
+def test_a_remote_named_in_the_vault_file_is_used_only_once_added_here(tmp_path, url,
+                                                                        monkeypatch, run):
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "a.vault"
+    with modelvault.open(path) as a:
+        a.save("m", {"w": np.zeros(3)})
+        a.add_remote("origin", url)
+        assert [v.ref for v in a.push("origin").added] == ["m:1"]
+    # Hostile: a vault file whose remotes table names someone else's URL as origin.
+    evil = f"file://{tmp_path / 'evil'}"
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE remotes SET url = ? WHERE name = 'origin'", (evil,))
+    db.close()
+    with modelvault.open(path) as a:
+        a.save("m", {"w": np.ones(3)})
+        for act in (a.push, a.pull):
+            with pytest.raises(modelvault.RemoteError, match=f"names {evil} as its remote "
+                               "'origin'.*modelvault remote add"):
+                act("origin")
+    result = run("push", path, "origin")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "evil").exists()
+    # A copy of the file elsewhere, or the file in another user's hands: not added there.
+    shutil.copy(path, tmp_path / "copy.vault")
+    with modelvault.open(tmp_path / "copy.vault") as copy:
+        with pytest.raises(modelvault.RemoteError, match="remote add"):
+            copy.push("origin")
+    # Confirmed by adding it (as the message says), it is used; removed, it is forgotten.
+    assert run("remote", "add", path, "origin", url).exit_code == 0
+    with modelvault.open(path) as a:
+        assert [v.ref for v in a.push("origin").added] == ["m:2"]
+        a.remove_remote("origin")
+        a.add_remote("origin", url)
+        monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "another-user"))
+        with pytest.raises(modelvault.RemoteError, match="remote add"):
+            a.pull("origin")
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -501,23 +609,112 @@ def test_a_vault_that_is_behind_does_not_move_remote_aliases_back(tmp_path, url)
     assert listed["net:2"].aliases == ("prod",) and listed["net:1"].tags == {"stage": "retired"}
 
 
+def test_malformed_events_are_skipped_by_every_reader_and_stop_nothing(tmp_path, url, run):
+    import uuid as uuids
+
+    with modelvault.open(tmp_path / "a.vault") as a:
+        first = a.save("m", {"w": np.zeros(3)}, aliases=["prod"])
+        a.push(url)
+    add = {"op": "add", "model": "m", "uuid": str(uuids.uuid4()), "number": 2,
+           "created_at": first.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+           "kind": "arrays", "size": 24}
+    # Hostile: a number past SQLite's integers (it gave OverflowError in every pull of m
+    # from then on), a timestamp that is a number, the alias 'latest', a model name and
+    # a uuid that are paths, a size past SQLite's integers, a tag with a number.
+    events = [{**add, "number": 2**64}, {**add, "created_at": 5},
+              {"op": "alias", "model": "m", "alias": "latest", "uuid": first.id},
+              {"op": "alias", "model": "m", "alias": "7", "uuid": first.id},
+              {**add, "model": "../x"}, {**add, "uuid": "../../x"}, {**add, "size": 2**63},
+              {**add, "number": True}, {"op": "tag", "uuid": first.id, "key": "k", "value": 5},
+              {"op": "delete", "uuid": ["not", "a", "uuid"]}]
+    log = tmp_path / "remote" / "log"
+    (log / "000000000002.json").write_text(json.dumps({"events": events}))
+    # And a checkpoint saying the same: ignored, the log alone decides.
+    (tmp_path / "remote" / "checkpoints").mkdir()
+    (tmp_path / "remote" / "checkpoints" / "000000000002.json").write_text(json.dumps(
+        {"seq": 2, "last": {"m": 2**64}, "versions": {}, "aliases": {}, "deleted": []}))
+    result = run("remote", "ls", url)
+    assert result.exit_code == 0 and "m:1" in result.output and "latest" not in result.output
+    assert [(v.ref, v.aliases, v.tags) for v in modelvault.Remote(url).versions()] == [
+        ("m:1", ("prod",), {})]
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.ones(3)})
+        assert [v.ref for v in a.push(url).added] == ["m:2"]
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert [v.ref for v in b.versions()] == ["m:1", "m:2"] and b.verify() == []
+
+
 def test_a_manifest_with_values_of_the_wrong_type_is_refused_by_name(tmp_path, url):
     with modelvault.open(tmp_path / "a.vault") as a:
         mv = a.save("m", {"w": np.zeros(3)})
         a.push(url)
     path = tmp_path / "remote" / "versions" / f"{mv.id}.json"
-    manifest = json.loads(path.read_text())
-    manifest["version"]["metadata"] = {"acc": 1}  # an object where the row holds text
-    path.write_text(json.dumps(manifest))
+    saved = json.loads(path.read_text())
+    # An object where the row holds text; a number past SQLite's integers (OverflowError).
+    for field, value in (("metadata", {"acc": 1}), ("added_bytes", 2**64)):
+        path.write_text(json.dumps({**saved, "version": {**saved["version"], field: value}}))
+        with modelvault.open(tmp_path / "b.vault") as b:
+            with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
+                b.pull(url)
+
+
+def _sparse(path, size):
+    """A file of ``size`` zero bytes that takes no room on disk (as an attacker's would)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_a_huge_remote_object_is_refused_by_size_before_it_is_read(tmp_path, url,
+                                                                   monkeypatch, run):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("m", {"w": np.zeros(3)})
+        a.push(url)
+    remote = tmp_path / "remote"
+    # Hostile: a 6 GiB log entry (it took 12.6 GB of memory, or a Rust abort under a limit).
+    _sparse(remote / "log" / "000000000002.json", 6 << 30)
+    with pytest.raises(modelvault.IntegrityError,
+                       match=r"log/000000000002.json: 6442450944 bytes, more than"):
+        modelvault.Remote(url).versions()
+    result = run("remote", "ls", url)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    (remote / "log" / "000000000002.json").unlink()
+    # A manifest past its cap: the pull names it and adds nothing.
+    manifest = remote / "versions" / f"{mv.id}.json"
+    saved = manifest.read_bytes()
+    _sparse(manifest, _remote.LIMITS["manifest"] + 1)
     with modelvault.open(tmp_path / "b.vault") as b:
-        with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
+        with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json: "):
             b.pull(url)
+        assert b.models() == []
+        manifest.write_bytes(saved)
+        # A checkpoint past its cap is ignored (the log alone decides), a lock past its
+        # cap counts as expired: neither stops anyone.
+        _sparse(remote / "checkpoints" / "000000000001.json", 1 << 40)
+        _sparse(remote / "locks" / "gc-0.json", 1 << 40)
+        assert [v.ref for v in b.pull(url).added] == ["m:1"]
+        b.save("m", {"w": np.ones(3)})
+        assert [v.ref for v in b.push(url).added] == ["m:2"]
+    # The caps are the caller's to move, never the remote's.
+    monkeypatch.setenv("MODELVAULT_REMOTE_MAX_LOG", "10")
+    with pytest.raises(modelvault.IntegrityError, match="more than the 10 "):
+        modelvault.Remote(url).versions()
 
 
 def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
     with pytest.raises(modelvault.NotFoundError, match="no modelvault remote"):
         modelvault.Remote(f"file://{tmp_path / 'typo'}").versions()
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_push_makes_a_file_remote_folder_only_inside_one_that_exists(tmp_path):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+        typo = tmp_path / "nonexistent" / "dir" / "remote"
+        with pytest.raises(modelvault.RemoteError, match="no folder .*nonexistent/dir"):
+            a.push(f"file://{typo}")
+        assert not (tmp_path / "nonexistent").exists()
+        assert [v.ref for v in a.push(f"file://{tmp_path / 'new'}").added] == ["m:1"]
 
 
 def test_an_interrupted_pull_fetches_only_what_had_not_arrived(tmp_path, url, monkeypatch,

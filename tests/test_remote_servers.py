@@ -112,6 +112,65 @@ def test_four_processes_pushing_to_moto_lose_nothing(tmp_path, moto):
     push_from_four_processes(tmp_path, bucket(), endpoint)
 
 
+@pytest.fixture
+def refusing_metadata_service(monkeypatch):
+    """The EC2 instance metadata endpoint pointed at a server on 127.0.0.1 answering 403
+    to everything (as seen off EC2), so no test reaches 169.254.169.254."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):
+        def refuse(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_PUT = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_remote_errors_are_one_line_naming_the_bucket_and_the_cause(
+        tmp_path, moto, monkeypatch, refusing_metadata_service, run):
+    endpoint, bucket, _ = moto
+    url = bucket()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # for every s3 URL, however spelled
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", {"w": np.zeros(3)})
+    cases = {  # what the user typed: what the one line must say
+        "s3://nosuchbucket/models": "no bucket 'nosuchbucket'",
+        "s4://bucket/models": "not a remote URL; use one of s3://",
+    }
+    for typed, says in cases.items():
+        for args in (("push", tmp_path / "a.vault", typed), ("remote", "ls", typed)):
+            result = run(*args)
+            assert result.exit_code == 1 and says in result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+            assert "<Error>" not in result.output and "Debug" not in result.output
+    # A scheme in capitals is the same scheme (it reached no server before).
+    assert run("push", tmp_path / "a.vault", url.replace("s3://", "S3://")).exit_code == 0
+    assert [v.ref for v in modelvault.Remote(url).versions()] == ["m:1"]
+    for key in CREDENTIALS:
+        if key.startswith("AWS_") and "REGION" not in key:
+            monkeypatch.delenv(key)
+    # No credentials: named, whether the metadata service is off or refuses.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(modelvault.RemoteError, match=r"^s3://\S+: no AWS credentials found"):
+        modelvault.Remote(url).versions()
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
+    result = run("remote", "ls", url)
+    assert result.exit_code == 1 and "no AWS credentials found" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "403" not in result.output
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
