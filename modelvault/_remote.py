@@ -27,9 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _chunks, _pins, _trust
+from . import _chunks, _json, _pins, _trust
 from ._catalog import check_number, parse_time
-from ._errors import IntegrityError, LockTimeout, NotFoundError, RemoteError, VaultError
+from ._errors import (
+    IntegrityError,
+    LockTimeout,
+    NotFoundError,
+    RemoteError,
+    UntrustedError,
+    VaultError,
+)
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
 from ._refs import Ref, check_alias, check_name, parse_ref
 
@@ -105,7 +112,7 @@ def _confirmed() -> list[list[str]]:
     """The remotes this user added on this machine: [vault path, name, url] each; none
     from a file that is missing or damaged (so a name is refused, never wrongly used)."""
     try:
-        rows = json.loads((_trust.home() / _CONFIRMED).read_bytes())["confirmed"]
+        rows = _json.loads((_trust.home() / _CONFIRMED).read_bytes())["confirmed"]
         return [row for row in rows if isinstance(row, list) and len(row) == 3
                 and all(isinstance(v, str) for v in row)]
     except (OSError, ValueError, KeyError, TypeError):
@@ -530,7 +537,7 @@ def _read_index(name: str, data: bytes, size: int) -> list[dict[str, Any]] | Non
     well-formed (docs/remote.md) and matches that object: its ``pack`` is ``name``, its
     blobs lie back to back from byte 0 to ``size``, and every chunk lies in its blob."""
     try:
-        idx = json.loads(data)
+        idx = _json.loads(data)
         blobs, rows = idx["blobs"], idx["chunks"]
         if not (idx["pack"] == name and _HASH.fullmatch(name) and size <= limit("pack")
                 and isinstance(blobs, list) and isinstance(rows, list)):
@@ -599,7 +606,7 @@ class Remote:
                            create=True)
             data = self.store.get(DESCRIPTOR, "descriptor")
         try:
-            found = json.loads(data or b"")
+            found = _json.loads(data or b"")
         except ValueError:
             found = None
         if not isinstance(found, dict) or found.get("format") != "modelvault-remote":
@@ -616,7 +623,7 @@ class Remote:
             if points:
                 try:
                     data = self.store.get(points[-1]["path"], "checkpoint")
-                    state = State.restore(json.loads(data or b""))
+                    state = State.restore(_json.loads(data or b""))
                 except (ValueError, KeyError, TypeError, IntegrityError):
                     state = State()  # a damaged checkpoint: the log alone decides
         keys = []
@@ -632,7 +639,7 @@ class Remote:
             entries = list(pool.map(lambda key: self.store.get(key, "log"), keys))
         for key, data in zip(keys, entries, strict=True):
             try:
-                events = json.loads(data or b"")["events"]
+                events = _json.loads(data or b"")["events"]
                 if not isinstance(events, list):
                     raise TypeError("events is not a list")
             except (ValueError, KeyError, TypeError) as exc:
@@ -717,7 +724,7 @@ class Remote:
         if data is None:
             raise IntegrityError(f"{self.url}/{key} is missing: the log names it")
         try:
-            return json.loads(data)
+            return _json.loads(data)
         except ValueError as exc:
             raise IntegrityError(f"{self.url}/{key}: unreadable ({exc})") from exc
 
@@ -797,7 +804,7 @@ class Remote:
     def _expired(self, key: str) -> bool:
         try:
             data = self.store.get(key, "lock")
-            return data is None or json.loads(data)["expires"] < time.time()
+            return data is None or _json.loads(data)["expires"] < time.time()
         except (ValueError, KeyError, TypeError, IntegrityError):
             return True
 
@@ -1203,7 +1210,11 @@ def pull(vault: Vault, remote: Remote, refs: Sequence[str] | None) -> MergeRepor
     renumbered: list[Any] = []
     conflicts: list[str] = []
     for uuid in todo:  # one at a time: an interrupted pull keeps what it merged
-        report = _pull_one(vault, remote, state, uuid)
+        try:
+            report = _pull_one(vault, remote, state, uuid)
+        except UntrustedError as exc:  # require="trusted": the others still come
+            conflicts.append(f"not pulled: {exc}")
+            continue
         added += report.added
         renumbered += report.renumbered
         conflicts += report.conflicts
@@ -1252,6 +1263,13 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"{key}: not this version's manifest ({exc}); nothing was "
                              "pulled") from exc
+    if vault.require == "trusted":  # before a byte is fetched
+        status = _signature_status(manifest, state.versions[uuid])
+        if status != "trusted":
+            raise UntrustedError(f"{state.versions[uuid]['model']}:"
+                                 f"{state.versions[uuid]['number']} on the remote is {status}"
+                                 ", and this vault takes only versions a trusted key signed "
+                                 "(require='trusted')")
     index = remote.index()
     connection = vault._connection
     wanted = {h for part in hashes for h in part}
@@ -1523,6 +1541,21 @@ def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[s
         except IntegrityError as exc:
             raise IntegrityError(f"{remote.url}/versions/{uuid}.json: {exc}; nothing was "
                                  "pulled") from exc
+
+
+def _signature_status(manifest: dict[str, Any], entry: dict[str, Any]) -> str:
+    """A manifest's signature status, as the version's rows would give it once pulled."""
+    try:
+        version, lineage = manifest["version"], manifest.get("lineage")
+        signed = _trust.Manifest(
+            version["uuid"], entry["model"], version["kind"], version["digest"],
+            version["created_at"], version["description"], version["metadata"],
+            manifest.get("environment"),  # type: ignore[arg-type]
+            None if lineage is None else _trust.lineage_text(lineage["parent"],
+                                                             lineage["source"]))
+        return _trust.signature_status(signed, version["key_id"], version["signature"])
+    except (KeyError, TypeError):
+        return "invalid"
 
 
 def clone(url: str, path: Path, refs: Sequence[str] | None, **options: Any) -> Path:

@@ -305,6 +305,38 @@ def test_a_foreign_pickle_from_a_remote_still_needs_trust(tmp_path, url, monkeyp
         assert b.load("p", trust=True) == {"a set": {1, 2}}
 
 
+def test_a_signed_only_vault_pulls_only_what_a_trusted_key_signed(tmp_path, url, monkeypatch,
+                                                                    fetched):
+    """Hostile case: a stranger with write access pushes their own tensors (signed by
+    their key) beside the team's. A signed-only app pulls the team's and not a byte of
+    the stranger's; it says which it left."""
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "team"))
+    with modelvault.open(tmp_path / "team.vault") as team:
+        team.save("churn", weights(0))
+        team.push(url)
+    (tmp_path / "team.key").write_text(CliRunner().invoke(cli, ["key", "export"]).output)
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "stranger"))
+    with modelvault.clone(url, tmp_path / "stranger.vault") as stranger:
+        stranger.save("churn", weights(1))  # churn:2
+        stranger.push(url)
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "app"))
+    assert CliRunner().invoke(cli, ["trust", str(tmp_path / "team.key")]).exit_code == 0
+    fetched["bytes"] = 0
+    with modelvault.open(tmp_path / "app.vault", require="trusted") as app:
+        report = app.pull(url)
+        assert [v.ref for v in app.versions()] == ["churn:1"]
+        assert [c for c in report.conflicts if c.startswith("not pulled: churn:2")]
+        assert "untrusted" in " ".join(report.conflicts)
+    assert fetched["bytes"] < sum(a.nbytes for a in weights(0).values()) * 1.1
+    monkeypatch.setenv("MODELVAULT_REQUIRE", "trusted")  # clone follows it too
+    with modelvault.clone(url, tmp_path / "app2.vault") as app2:
+        assert [v.ref for v in app2.versions()] == ["churn:1"]
+
+
 def test_an_endpoint_that_ignores_create_only_writes_is_refused(tmp_path, url, monkeypatch):
     real = _remote.Store.put
     monkeypatch.setattr(_remote.Store, "put",
