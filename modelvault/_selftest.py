@@ -57,7 +57,7 @@ def method_of(model: Any) -> str:
             return name
     if callable(model):
         return "__call__"
-    raise ValueError(f"a {type(model).__name__} has none of {', '.join(METHODS)} and is not "
+    raise ValueError(f"the model ({type(model).__name__}) has none of {', '.join(METHODS)} and is not "
                      "callable: it cannot take an example")
 
 

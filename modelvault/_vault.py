@@ -506,8 +506,8 @@ class Vault:
         with self._connection.read():
             rows = [self._catalog.resolve(_as_ref(ref)) for ref in (a, b)]
             if rows[0].kind != rows[1].kind:
-                raise ValueError(f"cannot diff {rows[0].where}, a {rows[0].kind} version, "
-                                 f"with {rows[1].where}, a {rows[1].kind} version")
+                raise ValueError(f"cannot diff {rows[0].where}, {rows[0].what}, "
+                                 f"with {rows[1].where}, {rows[1].what}")
             records = [self._catalog.records("WHERE v.id = ?", (r.id,))[0] for r in rows]
             contents = [self._contents(r) for r in rows]
         hashes = [[[c.hash for c in chunks] for chunks in found.chunks] for found in contents]
