@@ -20,12 +20,14 @@ QUERIES = {
     "versions_by_package": {
         "title": "Versions saved with a package version",
         "description": "package: a distribution name (scikit-learn); version: a prefix "
-                       "(1.5 matches 1.5.2)",
+                       "(1.5 matches 1.5.2), or empty for every version",
+        # Datasette passes a field left empty as ''.
         "sql": "SELECT m.name AS model, v.version, p.name AS package, p.version AS "
                "package_version, v.created_at FROM versions v JOIN models m ON "
                "m.id = v.model_id JOIN packages p ON p.environment_id = v.environment_id "
-               "WHERE p.name = :package AND (p.version = :version OR p.version LIKE "
-               ":version || '.%') ORDER BY m.name, v.version",
+               "WHERE p.name = :package AND (coalesce(:version, '') = '' OR "
+               "p.version = :version OR p.version LIKE :version || '.%') "
+               "ORDER BY m.name, v.version",
     },
     "storage_per_model": {
         "title": "Storage per model",

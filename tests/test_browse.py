@@ -75,6 +75,12 @@ def test_canned_queries(browsed):
         f"/{name}/not_signed_by_a_trusted_key.json"]))
     assert sorted((r[0], r[1]) for r in by_package["rows"]) == [
         ("churn", 1), ("churn", 2), ("foreign", 1)]
+    for version in ("", "0.0"):  # no prefix: every version; another one: none
+        (found,) = get_all(browsed, [
+            f"/{name}/versions_by_package.json?package=numpy&version={version}"])
+        assert len(found.json()["rows"]) == (3 if not version else 0)
+    (form,) = get_all(browsed, [f"/{name}/versions_by_package.json?package=numpy"])
+    assert len(form.json()["rows"]) == 3  # the field not sent at all
     assert {r[0]: r[1] for r in storage["rows"]} == {"churn": 2, "foreign": 1}
     assert [(r[0], r[1]) for r in unsigned["rows"]] == [("foreign", 1)]
 
