@@ -527,6 +527,19 @@ def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     return [name for name in names if name in chosen]
 
 
+def native_imports(layout: Any, parts: Sequence[Part]) -> list[str]:
+    """The types beyond numpy's that an arrays layout's values are made of (torch's
+    tensors, ml_dtypes' element types), as ``module.name``: what its environment records."""
+    found = set()
+    for node in entries(layout).values():
+        dtype = parts[leaf_part(node)].dtype
+        if "tensor" in node:
+            found.add("torch.Tensor")
+        elif dtype in ML_DTYPES:
+            found.add(f"ml_dtypes.{dtype}")
+    return sorted(found)
+
+
 def leaf_part(node: dict[str, Any]) -> int:
     """The part a leaf node of ``entries`` reads."""
     return next(node[tag] for tag in _LEAVES if tag in node)

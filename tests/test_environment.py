@@ -20,8 +20,8 @@ def saved_under(monkeypatch, python=None, **packages):
     """Make the next saves record other versions (None: a package not installed here)."""
     real = _environment.capture
 
-    def other(imports):
-        env = real(imports)
+    def other(imports, **options):
+        env = real(imports, **options)
         recorded = {**env["packages"], **{k.replace("_", "-"): v for k, v in packages.items()}}
         return {**env, "python": python or env["python"], "packages": recorded}
 
@@ -84,6 +84,13 @@ def test_a_models_bases_packages_are_recorded(vault):
     packages = vault.save("xgb", model).environment["packages"]
     assert "scikit-learn" in packages  # XGBClassifier is a scikit-learn estimator too
     assert any(name.startswith("xgboost") for name in packages)
+
+
+def test_the_packages_of_stored_tensors_are_recorded(vault):
+    torch = pytest.importorskip("torch")
+    state = vault.save("sd", torch.nn.Linear(3, 2).state_dict()).environment["packages"]
+    assert state.keys() == {"numpy", "torch"}  # what made its tensors; nothing is pickled
+    assert vault.save("a", {"w": np.zeros(3)}).environment["packages"].keys() == {"numpy"}
 
 
 def test_env_prints_a_requirements_file(vault, vault_path, monkeypatch):
