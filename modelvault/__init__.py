@@ -23,6 +23,7 @@ from ._errors import (
     NotFoundError,
     ReadOnlyError,
     RemoteError,
+    UnpicklableError,
     UntrustedError,
     VaultError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "RemoteGcReport",
     "RemoteVersion",
     "SelftestResult",
+    "UnpicklableError",
     "UntrustedError",
     "Vault",
     "VaultError",

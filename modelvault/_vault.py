@@ -192,7 +192,8 @@ class Vault:
         Raises ValueError for an invalid name, alias or tag, metadata that is not JSON,
         or metadata or a description over 16 MiB, and for an example the model cannot
         take (before anything is written); NotFoundError for a ``parent`` that does not
-        exist.
+        exist; UnpicklableError (a TypeError) for a model holding something pickle
+        refuses (a lock, a connection), naming where in the model it is.
 
         >>> mv = vault.save("demo", {"weights": np.zeros(4)}, metadata={"auc": 0.91})
         >>> mv.ref, mv.metadata
@@ -213,7 +214,7 @@ class Vault:
                     parts = _serialize.files_parts([folder])
                     return self._save(name, "framework", {**_files_layout(parts), **record},
                                       parts, **options)
-        kind, layout, parts = _serialize.serialize(obj)
+        kind, layout, parts = _serialize.serialize(obj, f"model {name!r}")
         return self._save(name, kind, layout, parts, **options)
 
     @_api
@@ -1157,9 +1158,9 @@ def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
                          f"{type(exc).__name__}: {exc}") from exc
     stored = {"input": _selftest.encode_example(example), "output": answer}
     try:
-        kind, layout, parts = _serialize.serialize(stored)
+        kind, layout, parts = _serialize.serialize(stored, "the example")
     except TypeError:  # object arrays (mixed values): pickled, signed with the version
-        kind, layout, parts = _serialize.pickled(stored)
+        kind, layout, parts = _serialize.pickled(stored, "the example")
     return method, kind, layout, parts
 
 

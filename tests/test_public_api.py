@@ -20,7 +20,7 @@ EXPORTS = [
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
-    "SelftestResult", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
+    "SelftestResult", "UnpicklableError", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
     "open", "save",
 ]
 
@@ -109,7 +109,7 @@ ERRORS = {
     "CorruptVaultError": ("VaultError",), "IntegrityError": ("VaultError",),
     "UntrustedError": ("VaultError",), "LockTimeout": ("VaultError", "TimeoutError"),
     "ReadOnlyError": ("VaultError",), "DiskFullError": ("VaultError", "OSError"),
-    "RemoteError": ("VaultError",),
+    "RemoteError": ("VaultError",), "UnpicklableError": ("VaultError", "TypeError"),
 }
 COMMANDS = {
     "alias": ["vault", "ref", "alias"],
