@@ -20,8 +20,8 @@ EXPORTS = [
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
-    "SelftestResult", "UnpicklableError", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
-    "open", "save",
+    "SelftestResult", "UnpicklableError", "UntrustedError", "Vault", "VaultError", "VaultStats",
+    "clone", "load", "open", "save",
 ]
 
 PATHLIKE = "str | os.PathLike[str]"
