@@ -60,6 +60,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
+from ._mapping import LazyVersion
 from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
 from ._records import (
     MergeReport,
@@ -137,15 +138,15 @@ class Vault:
                                       timeout=timeout)
         self._catalog = Catalog(self._connection)
         self._packs = PackStore(self._connection)
-        self._lazy_pins: list[weakref.finalize] = []  # lazy mappings' pins, released on close
+        self._lazy: list[weakref.ref[LazyVersion]] = []  # closed with the vault
 
     def close(self) -> None:
         """Close the file. The vault is again exactly one file on disk."""
         with self._connection.lock:
             self._connection.close()
-            for release in self._lazy_pins:  # its lazy mappings read nothing more
-                release()
-            self._lazy_pins.clear()
+            for mapping in filter(None, (ref() for ref in self._lazy)):
+                mapping.close()  # its lazy mappings read nothing more
+            self._lazy.clear()
 
     def __enter__(self) -> Vault:
         return self
@@ -388,7 +389,9 @@ class Vault:
         joined with '.', as ``encoder.layer.0.*``) loads just those entries as a flat
         dict, decoding only their chunks; KeyError for a pattern that picks none.
         ``lazy=True`` returns a read-only mapping of every entry by flat name that
-        decodes each one when it is first read (while this vault is open).
+        decodes each one when it is first read, until it or this vault is closed (its
+        ``close()``, or a ``with`` block); no gc in any process removes its chunks
+        before.
 
         Of a pickled or framework version, warns (EnvironmentWarning) when a package it
         imports has another major.minor here than when it was saved, or none is
@@ -433,9 +436,10 @@ class Vault:
             # Pinned inside this read: see _pins for why gc in any process then keeps them.
             pin = _pins.Pin(self._connection.lock_file,
                             (c.id for chunks in contents.chunks for c in chunks))
-            mapping = _LazyVersion(row, names, checked, self._connection.lock)
-            self._lazy_pins = [f for f in self._lazy_pins if f.alive]
-            self._lazy_pins.append(weakref.finalize(mapping, pin.release))
+            mapping = LazyVersion(row.where, names, checked, self._connection.lock,
+                                  pin.release)
+            self._lazy = [ref for ref in self._lazy if ref() is not None]
+            self._lazy.append(weakref.ref(mapping))
             return mapping
         return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
@@ -999,39 +1003,6 @@ class Vault:
         return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
                           unique_bytes=unique, stored_bytes=stored,
                           file_bytes=self._connection.file_bytes())
-
-
-class _LazyVersion(Mapping):
-    """The entries of a version by flat name, each read and decoded when first used."""
-
-    def __init__(self, row: VersionRow, names: list[str], fetch: Callable[[str], Any],
-                 lock: Any) -> None:
-        self._row = row
-        self._entries = dict.fromkeys(names)
-        self._fetch = fetch
-        self._lock = lock  # the vault's: one thread reads an entry, the others wait for it
-        self._loaded: dict[str, Any] = {}
-
-    def __getitem__(self, name: str) -> Any:
-        with self._lock:
-            if name not in self._loaded:
-                if name not in self._entries:
-                    raise KeyError(name)
-                self._loaded[name] = self._fetch(name)
-            return self._loaded[name]
-
-    def __contains__(self, name: object) -> bool:  # without decoding it
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return (f"<lazy {self._row.where}: {len(self._entries)} entries, "
-                f"{len(self._loaded)} loaded>")
 
 
 class _Background:

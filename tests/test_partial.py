@@ -102,6 +102,26 @@ def test_a_lazy_mapping_after_close_says_so(vault):
         lazy["embeddings"]
 
 
+def test_a_lazy_mapping_closes_and_lets_go_of_its_pins(vault_path):
+    obj = model()
+    with modelvault.open(vault_path) as vault:
+        vault.save("net", obj)
+        count = chunk_count(vault_path)
+        with vault.load("net", lazy=True) as lazy:
+            np.testing.assert_array_equal(lazy["embeddings"], obj["embeddings"])
+            vault.delete("net")
+            vault.gc()
+            assert chunk_count(vault_path) == count  # pinned while it is open
+        assert lazy.closed and "closed" in repr(lazy)
+        with pytest.raises(modelvault.VaultError, match="net:1: this lazy mapping is closed"):
+            lazy["embeddings"]  # decoded before, but let go of
+        assert "embeddings" in lazy and len(lazy) == 8  # its names stay
+        vault.gc()
+        assert chunk_count(vault_path) == 0
+        lazy.close()  # again: nothing
+        assert not os.path.exists(f"{vault_path}-lock")
+
+
 def _in_another_process(path, home, action):
     import os
 
