@@ -271,11 +271,11 @@ class Vault:
         # What the pickle imports, or what the arrays or the framework's model are made
         # of, decides which package versions the environment records.
         def imports() -> list[str]:
-            if kind == "pickle":
+            if kind == "pickle":  # and cloudpickle, which pickled it
                 stream = model_parts[0].data
-                return _trust.own_pickle_imports(
+                return [*_trust.own_pickle_imports(
                     stream.obj if isinstance(stream.obj, bytes) else bytes(stream),
-                    [p.data for p in model_parts[1:]])
+                    [p.data for p in model_parts[1:]]), "cloudpickle"]
             if kind == "arrays":
                 return _serialize.native_imports(model_layout, model_parts)
             return [model_layout["class"]] if kind == "framework" else []
@@ -284,8 +284,7 @@ class Vault:
         # the first capture in a process (it reads every installed package's metadata,
         # ~0.3 s with many installed) are done beside the chunking.
         environment = _Background(
-            lambda: json.dumps(_environment.capture(imports(), pickled=kind == "pickle"),
-                               sort_keys=True))
+            lambda: json.dumps(_environment.capture(imports()), sort_keys=True))
         origin = _Background(lambda: json.dumps(
             _environment.source() if _environment.source_wanted(source) else {},
             sort_keys=True))

@@ -20,8 +20,8 @@ def saved_under(monkeypatch, python=None, **packages):
     """Make the next saves record other versions (None: a package not installed here)."""
     real = _environment.capture
 
-    def other(imports, **options):
-        env = real(imports, **options)
+    def other(imports):
+        env = real(imports)
         recorded = {**env["packages"], **{k.replace("_", "-"): v for k, v in packages.items()}}
         return {**env, "python": python or env["python"], "packages": recorded}
 
