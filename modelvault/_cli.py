@@ -394,10 +394,10 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
               help="Write a model out even if no trusted key signed it (unpickling runs its "
                    "code) or its signature fails.")
 @click.option("--keys", multiple=True, metavar="PATTERN",
-              help="Only these entries of an arrays version (names or glob patterns over "
-                   "the flat names, e.g. 'encoder.layer.0.*'); repeat for more.")
+              help="Only these arrays or tensors (names or glob patterns over the flat "
+                   "names, e.g. 'encoder.layer.0.*'); repeat for more.")
 @click.option("--format", "form", type=click.Choice(["safetensors", "npz"]),
-              help="Write an arrays version's entries as one file of this format.")
+              help="Write the version's arrays or tensors as one file of this format.")
 def get_command(vault: Path, ref: str, out_dir: Path, trust: bool, keys: tuple[str, ...],
                 form: str | None) -> None:
     """Write version REF out to a folder.
@@ -405,20 +405,19 @@ def get_command(vault: Path, ref: str, out_dir: Path, trust: bool, keys: tuple[s
     Files come back under their stored paths, and so do framework models (an xgboost
     model.ubj, a save_pretrained folder). Arrays and tensors are written as
     NAME-vN.npz (numpy arrays) or NAME-vN.safetensors (torch tensors) when they are
-    one array or a flat dict of them, or always with --keys or --format, by flat name;
-    other models as a pickle file NAME-vN.pkl (loadable with pickle.load).
+    one array or a flat dict of them; other models as a pickle file NAME-vN.pkl
+    (loadable with pickle.load). With --keys or --format, the arrays and tensors of any
+    version that has them (a state dict, a pickled torch module, safetensors files) are
+    written as one such file, by flat name, without running a pickle.
     """
     with _open(vault) as v:
         mv = v.get(ref)
-        if (keys or form) and mv.kind != "arrays":
-            raise click.UsageError(f"{mv.ref} is a {mv.kind} version: --keys and --format "
-                                   "write the entries of arrays versions")
-        if mv.kind in ("files", "framework"):
-            written = v.extract(mv, out_dir, trust=trust)
-        elif keys or form:
-            entries = v.load(mv, keys=list(keys) or ["*"])
+        if keys or form:
+            entries = v.load(mv, keys=list(keys) or ["*"], trust=trust)
             written = [_write_entries({k or "array": a for k, a in entries.items()}, mv,
                                       out_dir, form)]
+        elif mv.kind in ("files", "framework"):
+            written = v.extract(mv, out_dir, trust=trust)
         else:
             written = [_write_object(v.load(mv, trust=trust), mv, out_dir)]
     for path in written:

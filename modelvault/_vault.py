@@ -33,6 +33,7 @@ from . import (
     _diff,
     _environment,
     _frameworks,
+    _pickle_tensors,
     _pins,
     _schema,
     _selftest,
@@ -386,7 +387,10 @@ class Vault:
         Of an arrays version (arrays, tensors, a state dict), ``keys`` (a name or glob
         pattern, or a list of them, over the flat names: dict keys and list positions
         joined with '.', as ``encoder.layer.0.*``) loads just those entries as a flat
-        dict, decoding only their chunks; KeyError for a pattern that picks none.
+        dict, decoding only their chunks; KeyError for a pattern that picks none. The
+        same for the torch tensors of a pickle (an ``nn.Module`` by its ``state_dict()``
+        names, a checkpoint), read without unpickling it and so without trust, and for
+        the tensors of safetensors files; ValueError for a version without tensors.
         ``lazy=True`` returns a read-only mapping of every entry by flat name that
         decodes each one when it is first read, until it or this vault is closed (its
         ``close()``, or a ``with`` block); no gc in any process removes its chunks
@@ -400,11 +404,14 @@ class Vault:
         [1, 2, 3]
         """
         row = self._catalog.resolve(_as_ref(ref))
-        self._check_signature(row, trust)
+        # Only a whole load runs a pickle's or a framework's code: entries are read from
+        # the stored tensors by modelvault itself.
+        whole = keys is None and not lazy
+        self._check_signature(row, trust, runs_code=whole)
         # Arrays, tensors and files are rebuilt by modelvault itself, the same under any
         # versions; a pickle or a framework's model runs its packages' code.
         found = (_environment.differences(_environment_of(row))
-                 if row.kind in ("pickle", "framework") else [])
+                 if whole and row.kind in ("pickle", "framework") else [])
         if found:
             warnings.warn(EnvironmentWarning(
                 f"{row.where} was saved with " + ", ".join(
@@ -562,11 +569,13 @@ class Vault:
     def _entries(self, row: VersionRow, contents: Contents, device: Any
                  ) -> tuple[Callable[[str], Any], list[str]]:
         """The flat names of a version's entries, and a function that reads one of them
-        (only its chunks): the arrays and tensors of an arrays version, or the tensors of
-        a files version's safetensors files."""
+        (only its chunks): the arrays and tensors of an arrays version, the tensors of a
+        pickle (read from its stream, never run), or the tensors of a files or framework
+        version's safetensors files."""
         layout = split_layout(row.layout)[0]
-        if row.kind == "arrays":
-            found = _serialize.entries(layout)
+        if row.kind in ("arrays", "pickle"):
+            found = (_serialize.entries(layout) if row.kind == "arrays"
+                     else self._pickle_entries(row, contents, layout))
 
             class Parts(dict):  # a part is read when the rebuilder first asks for it
                 def __missing__(parts, index: int) -> Any:
@@ -585,18 +594,34 @@ class Vault:
                     for qualified, name, part, run in found}
             return (lambda name: self._read_tensor(row, contents, *runs[name], device)), \
                 list(runs)
-        raise ValueError(f"{row.where} is a {row.kind} version without tensors: keys= and "
-                         "lazy=True read arrays versions and safetensors files")
+        raise _no_entries(row)
 
-    def _check_signature(self, row: VersionRow, trust: bool) -> None:
-        """Refuse pickles no trusted key signed, and any version whose signature fails."""
+    def _pickle_entries(self, row: VersionRow, contents: Contents, layout: Any
+                        ) -> dict[str, dict[str, Any]]:
+        """The torch tensors of a pickle version as arrays layout nodes, by name."""
+        index = layout.get("pickle") if isinstance(layout, dict) else None
+        if not (type(index) is int and 0 <= index < len(contents.parts)):
+            raise row.error("its layout names no pickle stream")
+        try:
+            found = _pickle_tensors.entries(
+                self._read(row, only={index}, contents=contents)[index][1], layout)
+        except ValueError as exc:
+            raise row.error(f"cannot read its tensors' names: {exc}") from exc
+        if not found:
+            raise _no_entries(row)
+        return found
+
+    def _check_signature(self, row: VersionRow, trust: bool, *, runs_code: bool = True
+                         ) -> None:
+        """Refuse pickles no trusted key signed (and framework files that may run code),
+        if loading ``runs_code``, and any version whose signature fails."""
         if trust:
             return
         status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-        if row.kind == "pickle" and status != "trusted":
+        if runs_code and row.kind == "pickle" and status != "trusted":
             _refuse_pickle(row, "is a pickle", self._read(row, only={0})[0][1], status)
         risky = _frameworks.needs_trust([p.name for p in self._contents(row).parts]) \
-            if row.kind == "framework" and status != "trusted" else []
+            if runs_code and row.kind == "framework" and status != "trusted" else []
         if risky:
             raise UntrustedError(
                 f"{row.where} holds files its framework may run code from when it loads "
@@ -1115,6 +1140,13 @@ def _refuse_pickle(row: VersionRow, what: str, stream: Any, status: str) -> None
     raise UntrustedError(
         f"{row.where} {what} and {_untrusted_why(status)}; unpickling runs code from "
         f"{', '.join(imports) or 'Python builtins only'}. {_TRUST_ADVICE}", imports=imports)
+
+
+def _no_entries(row: VersionRow) -> ValueError:
+    return ValueError(
+        f"{row.where} is {row.what} without tensors: keys= and lazy=True read the arrays "
+        "and tensors of arrays versions, the torch tensors of pickles and the tensors of "
+        "safetensors files")
 
 
 def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
