@@ -24,6 +24,7 @@ from ._errors import (
     ReadOnlyError,
     RemoteError,
     TooLargeError,
+    UnpicklableError,
     UntrustedError,
     VaultError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "RemoteVersion",
     "SelftestResult",
     "TooLargeError",
+    "UnpicklableError",
     "UntrustedError",
     "Vault",
     "VaultError",

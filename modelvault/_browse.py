@@ -6,10 +6,13 @@ Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported 
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+from ._records import human_bytes
 
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from
 # the row's header without reading the blob's pages.
@@ -19,12 +22,14 @@ QUERIES = {
     "versions_by_package": {
         "title": "Versions saved with a package version",
         "description": "package: a distribution name (scikit-learn); version: a prefix "
-                       "(1.5 matches 1.5.2)",
+                       "(1.5 matches 1.5.2), or empty for every version",
+        # Datasette passes a field left empty as ''.
         "sql": "SELECT m.name AS model, v.version, p.name AS package, p.version AS "
                "package_version, v.created_at FROM versions v JOIN models m ON "
                "m.id = v.model_id JOIN packages p ON p.environment_id = v.environment_id "
-               "WHERE p.name = :package AND (p.version = :version OR p.version LIKE "
-               ":version || '.%') ORDER BY m.name, v.version",
+               "WHERE p.name = :package AND (coalesce(:version, '') = '' OR "
+               "p.version = :version OR p.version LIKE :version || '.%') "
+               "ORDER BY m.name, v.version",
     },
     "storage_per_model": {
         "title": "Storage per model",
@@ -99,14 +104,54 @@ def authorizer(action: int, table: str | None, column: str | None, db: str | Non
     return sqlite3.SQLITE_OK
 
 
-class _Plugin:
-    """The Datasette plugin that guards every connection to a vault it opens."""
+# Columns of byte counts (in tables, views and the canned queries), which HTML pages show
+# in units with the exact count on hover; JSON keeps the numbers.
+_BYTE_COLUMNS = frozenset({"size", "stored_size", "added_bytes", "raw_bytes", "stored"})
+# Columns holding a version's environment JSON: folded under a one-line summary.
+_ENVIRONMENT_COLUMNS = frozenset({("model_versions", "environment"), ("environments", "json")})
 
+
+def render_cell(value: Any, column: str, table: str | None) -> Any:
+    """How an HTML page shows a cell of a vault, or None for Datasette's own way."""
+    from markupsafe import Markup, escape
+
+    if column in _BYTE_COLUMNS and type(value) is int:
+        return Markup(f'<span title="{value:,} bytes">{human_bytes(value)}</span>')
+    if (table, column) in _ENVIRONMENT_COLUMNS and isinstance(value, str):
+        return Markup(f"<details><summary>{escape(environment_summary(value))}</summary>"
+                      f'<pre style="white-space: pre-wrap">{escape(value)}</pre></details>')
+    return None
+
+
+def environment_summary(text: str, shown: int = 3) -> str:
+    """One line for an environment's JSON: Python and the first packages."""
+    try:
+        env = json.loads(text)
+    except (ValueError, RecursionError):
+        return "unreadable environment"
+    if not isinstance(env, dict):
+        return "unreadable environment"
+    packages = env.get("packages")
+    packages = packages if isinstance(packages, dict) else {}
+    items = [f"{name} {version}" for name, version in list(packages.items())[:shown]]
+    if len(packages) > shown:
+        items.append(f"+{len(packages) - shown} more")
+    line = ", ".join([f"Python {env.get('python', '?')}", *items])
+    return line if len(line) <= 120 else line[:119] + "…"
+
+
+class _Plugin:
+    """The Datasette plugin that guards every connection to a vault it opens, and shows
+    sizes and environments readably."""
 
     @staticmethod
     def prepare_connection(conn: sqlite3.Connection, database: str) -> None:
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.set_authorizer(authorizer)
+
+    @staticmethod
+    def render_cell(value: Any, column: str, table: str | None, database: str) -> Any:
+        return render_cell(value, column, table)
 
 
 def datasette(path: str | Path) -> Any:
@@ -117,6 +162,7 @@ def datasette(path: str | Path) -> Any:
 
     if pm.get_plugin("modelvault-browse") is None:
         _Plugin.prepare_connection = hookimpl(_Plugin.prepare_connection)  # type: ignore[method-assign]
+        _Plugin.render_cell = hookimpl(_Plugin.render_cell)  # type: ignore[method-assign]
         pm.register(_Plugin, name="modelvault-browse")
     path = Path(path)
     return Datasette([str(path)], metadata=metadata(path),

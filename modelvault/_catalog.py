@@ -56,6 +56,11 @@ class VersionRow(NamedTuple):
         return f"{self.name}:{self.version}"
 
     @property
+    def what(self) -> str:
+        """``an arrays version``, ``a pickle version``: its kind, for messages."""
+        return f"{'an' if self.kind[:1] in 'aeiou' else 'a'} {self.kind} version"
+
+    @property
     def manifest(self) -> _trust.Manifest:
         return _trust.Manifest(self.uuid, self.name, self.kind, self.digest, self.created_at,
                                self.description, self.metadata, self.environment,  # type: ignore[arg-type]

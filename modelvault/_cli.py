@@ -17,7 +17,7 @@ import click
 
 from . import _trust
 from ._errors import VaultError
-from ._records import ModelVersion
+from ._records import ModelVersion, human_bytes
 from ._vault import Vault
 from ._version import __version__
 
@@ -34,14 +34,6 @@ class _Group(click.Group):
             raise click.ClickException(str(exc) or type(exc).__name__) from exc
         except Exception as exc:  # e.g. a model's own code failing while it unpickles
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _human(n: float) -> str:
-    units = ["B", "KB", "MB", "GB"]
-    while abs(n) >= 1000 and len(units) > 1:
-        n /= 1000
-        units.pop(0)
-    return f"{n:.0f} B" if units[0] == "B" else f"{n:.1f} {units[0]}"
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -139,8 +131,8 @@ def log_command(vault: Path, name: str, as_json: bool) -> None:
         return
     click.echo(_table(
         ["version", "created (UTC)", "size", "added", "aliases", "tags", "description"],
-        [[mv.version, f"{mv.created_at:%Y-%m-%d %H:%M:%S}", _human(mv.size),
-          _human(mv.added_bytes), ", ".join(mv.aliases),
+        [[mv.version, f"{mv.created_at:%Y-%m-%d %H:%M:%S}", human_bytes(mv.size),
+          human_bytes(mv.added_bytes), ", ".join(mv.aliases),
           " ".join(f"{k}={val}" for k, val in mv.tags.items()), mv.description]
          for mv in versions]))
 
@@ -161,8 +153,8 @@ def show_command(vault: Path, ref: str, as_json: bool) -> None:
         return
     lines = [
         ("ref", mv.ref), ("id", mv.id), ("kind", mv.kind),
-        ("created", mv.created_at.isoformat()), ("size", _human(mv.size)),
-        ("added", _human(mv.added_bytes)), ("digest", mv.digest),
+        ("created", mv.created_at.isoformat()), ("size", human_bytes(mv.size)),
+        ("added", human_bytes(mv.added_bytes)), ("digest", mv.digest),
         ("aliases", ", ".join(mv.aliases)), ("description", mv.description),
         ("signature", _signature_line(mv)),
     ]
@@ -243,8 +235,8 @@ def diff_command(vault: Path, a: str, b: str, as_json: bool) -> None:
         if rows:
             click.echo(_table(["", "name", "dtype", "shape", "size", "max |change|",
                                "relative L2", "changed"], rows))
-    click.echo(f"bytes: {_human(d.shared_bytes)} of {d.b} shared with {d.a}, "
-               f"{_human(d.new_bytes)} new")
+    click.echo(f"bytes: {human_bytes(d.shared_bytes)} of {d.b} shared with {d.a}, "
+               f"{human_bytes(d.new_bytes)} new")
 
 
 def _finite(value: Any) -> Any:
@@ -271,7 +263,7 @@ def _entry_cells(e: Any) -> list[str]:
         return shown[0] if len(set(shown)) == 1 else " -> ".join(shown)
 
     return [pair(e.dtype), pair(e.shape, lambda s: "x".join(map(str, s)) or "scalar"),
-            pair(e.size, _human),
+            pair(e.size, human_bytes),
             "" if e.max_abs is None else f"{e.max_abs:.4g}",
             "" if e.rel_l2 is None else f"{e.rel_l2:.3g}",
             "" if e.changed_share is None else f"{e.changed_share:.1%}"]
@@ -391,7 +383,7 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
     if as_json:
         _echo_json(_version_json(mv))
     else:
-        click.echo(f"saved {mv.ref}: {_human(mv.size)}, added {_human(mv.added_bytes)}")
+        click.echo(f"saved {mv.ref}: {human_bytes(mv.size)}, added {human_bytes(mv.added_bytes)}")
 
 
 @cli.command("get")
@@ -403,10 +395,10 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
               help="Write a model out even if no trusted key signed it (unpickling runs its "
                    "code) or its signature fails.")
 @click.option("--keys", multiple=True, metavar="PATTERN",
-              help="Only these entries of an arrays version (names or glob patterns over "
-                   "the flat names, e.g. 'encoder.layer.0.*'); repeat for more.")
+              help="Only these arrays or tensors (names or glob patterns over the flat "
+                   "names, e.g. 'encoder.layer.0.*'); repeat for more.")
 @click.option("--format", "form", type=click.Choice(["safetensors", "npz"]),
-              help="Write an arrays version's entries as one file of this format.")
+              help="Write the version's arrays or tensors as one file of this format.")
 def get_command(vault: Path, ref: str, out_dir: Path, trust: bool, keys: tuple[str, ...],
                 form: str | None) -> None:
     """Write version REF out to a folder.
@@ -414,20 +406,19 @@ def get_command(vault: Path, ref: str, out_dir: Path, trust: bool, keys: tuple[s
     Files come back under their stored paths, and so do framework models (an xgboost
     model.ubj, a save_pretrained folder). Arrays and tensors are written as
     NAME-vN.npz (numpy arrays) or NAME-vN.safetensors (torch tensors) when they are
-    one array or a flat dict of them, or always with --keys or --format, by flat name;
-    other models as a pickle file NAME-vN.pkl (loadable with pickle.load).
+    one array or a flat dict of them; other models as a pickle file NAME-vN.pkl
+    (loadable with pickle.load). With --keys or --format, the arrays and tensors of any
+    version that has them (a state dict, a pickled torch module, safetensors files) are
+    written as one such file, by flat name, without running a pickle.
     """
     with _open(vault) as v:
         mv = v.get(ref)
-        if (keys or form) and mv.kind != "arrays":
-            raise click.UsageError(f"{mv.ref} is a {mv.kind} version: --keys and --format "
-                                   "write the entries of arrays versions")
-        if mv.kind in ("files", "framework"):
-            written = v.extract(mv, out_dir, trust=trust)
-        elif keys or form:
-            entries = v.load(mv, keys=list(keys) or ["*"])
+        if keys or form:
+            entries = v.load(mv, keys=list(keys) or ["*"], trust=trust)
             written = [_write_entries({k or "array": a for k, a in entries.items()}, mv,
                                       out_dir, form)]
+        elif mv.kind in ("files", "framework"):
+            written = v.extract(mv, out_dir, trust=trust)
         else:
             written = [_write_object(v.load(mv, trust=trust), mv, out_dir)]
     for path in written:
@@ -540,7 +531,7 @@ def export_command(vault: Path, dest: Path, refs: tuple[str, ...]) -> None:
     with Vault(dest, readonly=True) as copy:
         count = len(copy.versions())
     click.echo(f"exported {count} version{'s' if count != 1 else ''} to {dest} "
-               f"({_human(dest.stat().st_size)})")
+               f"({human_bytes(dest.stat().st_size)})")
 
 
 @cli.command("merge")
@@ -615,7 +606,7 @@ def clone_command(url: str, vault: Path, refs: tuple[str, ...], endpoint_url: st
     with clone(url, vault, list(refs) or None, endpoint_url=endpoint_url) as v:
         count = len(v.versions())
     click.echo(f"cloned {count} version{'s' if count != 1 else ''} into {vault} "
-               f"({_human(vault.stat().st_size)})")
+               f"({human_bytes(vault.stat().st_size)})")
 
 
 @cli.group("remote")
@@ -670,7 +661,7 @@ def remote_ls_command(url: str, endpoint_url: str | None, as_json: bool) -> None
         _echo_json([asdict(v) for v in found])
         return
     click.echo(_table(["version", "kind", "size", "created", "aliases", "tags"],
-                      [[v.ref, v.kind, _human(v.size), v.created_at[:19],
+                      [[v.ref, v.kind, human_bytes(v.size), v.created_at[:19],
                         ",".join(v.aliases), ",".join(f"{k}={t}" for k, t in v.tags.items())]
                        for v in found]))
 
@@ -714,8 +705,8 @@ def gc_command(vault: Path) -> None:
         after = v.stats()
     dropped = before.chunks - after.chunks
     line = (f"dropped {dropped} unused chunk{'' if dropped == 1 else 's'} "
-            f"({_human(before.unique_bytes - after.unique_bytes)} of model bytes); the file "
-            f"shrank by {_human(shrank)} to {_human(after.file_bytes)}")
+            f"({human_bytes(before.unique_bytes - after.unique_bytes)} of model bytes); the file "
+            f"shrank by {human_bytes(shrank)} to {human_bytes(after.file_bytes)}")
     if dropped and not shrank:
         line += (" (the packs those chunks were in are still at least half in use: their "
                  "space is reused by later saves, and handed back once they are not)")
@@ -752,16 +743,16 @@ def stats_command(vault: Path, as_json: bool) -> None:
                     "compression_ratio": s.compression_ratio, "total_ratio": s.total_ratio})
         return
     click.echo(f"models:       {s.models}\nversions:     {s.versions}\nchunks:       {s.chunks}")
-    click.echo(f"raw:          {_human(s.raw_bytes)}  (every version stored whole)")
-    click.echo(f"deduplicated: {_human(s.unique_bytes)}  ({s.dedup_ratio:.2f}x)")
-    click.echo(f"compressed:   {_human(s.stored_bytes)}  ({s.compression_ratio:.2f}x)")
+    click.echo(f"raw:          {human_bytes(s.raw_bytes)}  (every version stored whole)")
+    click.echo(f"deduplicated: {human_bytes(s.unique_bytes)}  ({s.dedup_ratio:.2f}x)")
+    click.echo(f"compressed:   {human_bytes(s.stored_bytes)}  ({s.compression_ratio:.2f}x)")
     if not s.raw_bytes:
         versus = "no model bytes in it"
     elif s.file_bytes <= s.raw_bytes:
         versus = f"{s.raw_bytes / s.file_bytes:.2f}x smaller than raw"
     else:
         versus = f"{s.file_bytes / s.raw_bytes:.2f}x larger than raw"
-    click.echo(f"file:         {_human(s.file_bytes)}  ({versus})")
+    click.echo(f"file:         {human_bytes(s.file_bytes)}  ({versus})")
 
 
 @cli.group("key")

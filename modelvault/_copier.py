@@ -83,6 +83,7 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
                    "WHERE id = ?", [(m.last_version, m.id) for m in models.values()])
     offsets = _chunks(db, store, nothing, check=check)
     _versions(db, offsets, nothing)
+    _added_bytes(db, offsets)
     conflicts += _labels(db, source, models, offsets.versions)
     added = catalog.records("WHERE v.id > ? ORDER BY m.name, v.version", (offsets.versions,))
     for table in ("wanted", "incoming", "needed"):
@@ -225,6 +226,26 @@ def _versions(db: sqlite3.Connection, offsets: Offsets, nothing: str) -> None:
     if copied != listed:
         raise IntegrityError(f"{listed - copied} chunk(s) that versions of the vault "
                              f"copied from list are missing from it; {nothing}")
+
+
+def _added_bytes(db: sqlite3.Connection, offsets: Offsets) -> None:
+    """Set each copied version's added_bytes to what it added here, as a save's says what
+    it added there: the stored bytes of the chunks copied in for it (and their delta
+    bases) that no version copied before it brought. A chunk of a solid pack counts for
+    its share of the pack's compressed bytes, in proportion to its raw length."""
+    added = dict(db.execute(
+        "WITH RECURSIVE needs(version_id, chunk_id) AS ("
+        "SELECT version_id, chunk_id FROM main.part_chunks WHERE version_id > :versions "
+        "AND chunk_id > :chunks UNION SELECT n.version_id, c.base_id FROM needs n "
+        "JOIN main.chunks c ON c.id = n.chunk_id WHERE c.base_id > :chunks), "
+        "first(chunk_id, version_id) AS (SELECT chunk_id, min(version_id) FROM needs "
+        "GROUP BY chunk_id) "
+        "SELECT f.version_id, CAST(round(sum(c.length * 1.0 * length(p.data) / "
+        "max(p.size, 1))) AS INTEGER) FROM first f JOIN main.chunks c ON c.id = f.chunk_id "
+        "JOIN main.packs p ON p.id = c.pack_id GROUP BY f.version_id", offsets._asdict()))
+    db.executemany("UPDATE main.versions SET added_bytes = ? WHERE id = ?",
+                   [(added.get(vid, 0), vid) for (vid,) in db.execute(
+                       "SELECT id FROM main.versions WHERE id > ?", (offsets.versions,))])
 
 
 def _labels(db: sqlite3.Connection, source: Path, models: dict[int, Model], shift: int

@@ -45,14 +45,14 @@ def _modules(imports: list[str]) -> set[str]:
 
 
 def capture(imports: list[str]) -> dict[str, Any]:
-    """Environment record for a version whose pickle imports ``imports`` (module.name)."""
+    """Environment record for a version made of ``imports`` (module.name, or a module):
+    the globals its pickle imports, the types of its arrays, or its framework's model
+    class."""
     packages = {"numpy": _version("numpy")}
     modules = _modules(imports)
     for module in sorted(modules - {"builtins", "copyreg", "__main__", "_codecs", "collections"}):
         for dist in _distributions().get(module, []):
             packages[dist] = _version(dist)
-    if imports:
-        packages["cloudpickle"] = _version("cloudpickle")
     return {
         "python": platform.python_version(),
         "implementation": sys.implementation.name,

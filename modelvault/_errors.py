@@ -15,6 +15,7 @@ Every error the library raises on purpose derives from ``VaultError``; no raw
      +-- DiskFullError        (also an OSError)   the disk or a quota is full
      +-- TooLargeError        (also a MemoryError) a version would expand past the cap
      +-- RemoteError                              a remote cannot be used as asked
+     +-- UnpicklableError     (also a TypeError)  save() cannot pickle the model
 
 Plainly bad arguments (an invalid name, a non-serialisable array) raise
 ``ValueError`` or ``TypeError`` as Python users expect.
@@ -84,6 +85,19 @@ class RemoteError(VaultError):
 
 class ReadOnlyError(VaultError):
     """A write was attempted on a vault that can only be read."""
+
+
+class UnpicklableError(VaultError, TypeError):
+    """``save`` cannot pickle the model: something in it is of a type pickle refuses
+    (a lock, an open file, a connection).
+
+    ``path`` is where that object sits in the model, as ``.client._lock`` or
+    ``['cache'][0]``, when a short search of its attributes and items found it; else None.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class DiskFullError(VaultError, OSError):

@@ -151,13 +151,13 @@ def _class(handler: Handler, path: Any) -> type:
     try:
         module: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise VaultError(f"this version is a {handler.name} model ({path}): install "
+        raise VaultError(f"this version holds a model of {handler.name} ({path}): install "
                          f"{handler.package} to load it (pip install {handler.package})"
                          ) from exc
     for name in qualname.split("."):
         module = getattr(module, name)
     if not (isinstance(module, type) and _loadable(handler, module)):
-        raise ValueError(f"{path} is not a {handler.name} model class")
+        raise ValueError(f"{path} is not a model class of {handler.name}")
     return module
 
 

@@ -57,8 +57,8 @@ def method_of(model: Any) -> str:
             return name
     if callable(model):
         return "__call__"
-    raise ValueError(f"a {type(model).__name__} has none of {', '.join(METHODS)} and is not "
-                     "callable: it cannot take an example")
+    raise ValueError(f"the model ({type(model).__name__}) has none of {', '.join(METHODS)} "
+                     "and is not callable: it cannot take an example")
 
 
 def answer(model: Any, method: str, example: Any) -> Any:

@@ -14,6 +14,7 @@ Three kinds of version:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,13 +23,13 @@ import re
 import stat
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from . import _json, _torch
-from ._errors import VaultError
+from ._errors import UnpicklableError, VaultError
 from ._lazy import lazy
 
 np = lazy("numpy")
@@ -188,19 +189,20 @@ class Part:
             self.size = len(self.data)
 
 
-def serialize(obj: Any) -> tuple[str, Any, list[Part]]:
-    """Split ``obj`` into (kind, layout, parts); layout is JSON that rebuilds it."""
+def serialize(obj: Any, what: str = "the object") -> tuple[str, Any, list[Part]]:
+    """Split ``obj`` into (kind, layout, parts); layout is JSON that rebuilds it.
+    UnpicklableError, naming it ``what``, if it must be pickled and cannot be."""
     parts: list[Part] = []
     if _is_native(obj):
         layout = _native_layout(obj, parts, _shared_storages(obj))
         return "arrays", layout, parts
-    return "pickle", _pickle(obj, parts), parts
+    return "pickle", _pickle(obj, parts, what), parts
 
 
-def pickled(obj: Any) -> tuple[str, Any, list[Part]]:
+def pickled(obj: Any, what: str = "the object") -> tuple[str, Any, list[Part]]:
     """``serialize``'s answer for a pickle, whatever ``obj`` is (an object array too)."""
     parts: list[Part] = []
-    return "pickle", _pickle(obj, parts), parts
+    return "pickle", _pickle(obj, parts, what), parts
 
 
 def _is_native(obj: Any) -> bool:
@@ -341,7 +343,7 @@ def _array_part(array: np.ndarray) -> Part:
     )
 
 
-def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
+def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
     buffers: list[Part] = []
 
     def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
@@ -372,7 +374,10 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
         import cloudpickle  # imported here: it costs ~40 ms and most saves never need it
 
         buffers.clear()
-        stream, storages = dumps(cloudpickle)
+        try:
+            stream, storages = dumps(cloudpickle)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise _unpicklable(obj, what, exc) from exc
     parts.append(Part(kind="pickle", data=memoryview(stream)))
     parts.extend(buffers)
     layout: dict[str, Any] = {"pickle": 0, "buffers": list(range(1, len(parts)))}
@@ -383,6 +388,84 @@ def _pickle(obj: Any, parts: list[Part]) -> dict[str, Any]:
                               itemsize=itemsize if len(data) % itemsize == 0 else 1))
         layout["storages"] = list(range(1 + len(buffers), len(parts)))
     return layout
+
+
+# How far the search for what pickle refuses goes: this many levels of attributes and
+# items, the first this many of each tried alone (their tensors and large arrays left
+# out), so that a failed save costs a few more pickles of the model at most.
+_SEARCH_DEPTH = 4
+_SEARCH_WIDTH = 200
+
+
+def _unpicklable(obj: Any, what: str, exc: Exception) -> UnpicklableError:
+    """The error for ``obj`` that pickle refused with ``exc``, naming where in it the
+    object pickle refuses is, if a short search finds it."""
+    path, culprit, deepest = "", obj, False
+    for level in range(_SEARCH_DEPTH + 1):
+        found = next(((label, member) for label, member in
+                      itertools.islice(_members(culprit), _SEARCH_WIDTH)
+                      if not _pickles(member)), None)
+        if found is None:  # nothing in it is refused alone: it is what pickle refuses
+            deepest = True
+            break
+        if level == _SEARCH_DEPTH:
+            break
+        path, culprit = path + found[0], found[1]
+    advice = ("Leave it out of what is pickled (a __getstate__ that drops it and a "
+              "__setstate__ that makes it again), or save what the model needs to come "
+              "back instead (its state_dict(), its arrays).")
+    if not path:
+        return UnpicklableError(f"{what} ({type(obj).__qualname__}) cannot be pickled: "
+                                f"{exc}. {advice}")
+    kind = type(culprit).__qualname__
+    if type(culprit).__module__ != "builtins":
+        kind = f"{type(culprit).__module__}.{kind}"
+    return UnpicklableError(
+        f"{what} ({type(obj).__qualname__}) cannot be pickled: {path} "
+        + (f"is a {kind}, which pickle refuses" if deepest
+           else f"(a {kind}) holds something pickle refuses")
+        + f" ({exc}). {advice}", path=path)
+
+
+def _members(obj: Any) -> Iterator[tuple[str, Any]]:
+    """The items of a container, or the attributes an object pickles (its
+    ``__getstate__``), labelled as a path: ``['key']``, ``[0]``, ``.name``."""
+    if isinstance(obj, dict):
+        yield from ((f"[{key!r}]", value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        yield from ((f"[{i}]", value) for i, value in enumerate(obj))
+    elif not isinstance(obj, type):
+        try:
+            state = obj.__getstate__() if hasattr(obj, "__getstate__") else vars(obj)
+        except Exception:  # the object's own code: no attributes to offer then
+            return
+        for found in state if isinstance(state, tuple) else (state,):  # (dict, slots)
+            if isinstance(found, dict):
+                yield from ((f".{key}", value) for key, value in found.items())
+
+
+class _Discard:
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _pickles(obj: Any) -> bool:
+    """Whether cloudpickle takes ``obj``; its tensor storages and large buffers are
+    left out of the trial, which only pickle's refusals matter to."""
+    import cloudpickle
+
+    torch = sys.modules.get("torch")
+    storages = () if torch is None else (torch.storage.TypedStorage, torch.UntypedStorage)
+
+    class Trial(cloudpickle.Pickler):
+        def persistent_id(self, found: Any) -> Any:
+            return 0 if storages and isinstance(found, storages) else None
+
+    try:
+        Trial(_Discard(), protocol=PICKLE_PROTOCOL, buffer_callback=lambda b: False).dump(obj)
+    except Exception:
+        return False
+    return True
 
 
 def files_parts(paths: Sequence[str | os.PathLike[str]]) -> list[Part]:
@@ -562,6 +645,19 @@ def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
                            f"{shown or 'none'})")
         chosen |= picked
     return [name for name in names if name in chosen]
+
+
+def native_imports(layout: Any, parts: Sequence[Part]) -> list[str]:
+    """The types beyond numpy's that an arrays layout's values are made of (torch's
+    tensors, ml_dtypes' element types), as ``module.name``: what its environment records."""
+    found = set()
+    for node in entries(layout).values():
+        dtype = parts[leaf_part(node)].dtype
+        if "tensor" in node:
+            found.add("torch.Tensor")
+        elif dtype in ML_DTYPES:
+            found.add(f"ml_dtypes.{dtype}")
+    return sorted(found)
 
 
 def leaf_part(node: dict[str, Any]) -> int:

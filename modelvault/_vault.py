@@ -35,6 +35,7 @@ from . import (
     _frameworks,
     _json,
     _limits,
+    _pickle_tensors,
     _pins,
     _schema,
     _selftest,
@@ -63,6 +64,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
+from ._mapping import LazyVersion
 from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
 from ._records import (
     MergeReport,
@@ -153,15 +155,15 @@ class Vault:
                                       timeout=timeout)
         self._catalog = Catalog(self._connection)
         self._packs = PackStore(self._connection)
-        self._lazy_pins: list[weakref.finalize] = []  # lazy mappings' pins, released on close
+        self._lazy: list[weakref.ref[LazyVersion]] = []  # closed with the vault
 
     def close(self) -> None:
         """Close the file. The vault is again exactly one file on disk."""
         with self._connection.lock:
             self._connection.close()
-            for release in self._lazy_pins:  # its lazy mappings read nothing more
-                release()
-            self._lazy_pins.clear()
+            for mapping in filter(None, (ref() for ref in self._lazy)):
+                mapping.close()  # its lazy mappings read nothing more
+            self._lazy.clear()
 
     def __enter__(self) -> Vault:
         return self
@@ -208,7 +210,8 @@ class Vault:
         Raises ValueError for an invalid name, alias or tag, metadata that is not JSON,
         or metadata or a description over 16 MiB, and for an example the model cannot
         take (before anything is written); NotFoundError for a ``parent`` that does not
-        exist.
+        exist; UnpicklableError (a TypeError) for a model holding something pickle
+        refuses (a lock, a connection), naming where in the model it is.
 
         >>> mv = vault.save("demo", {"weights": np.zeros(4)}, metadata={"auc": 0.91})
         >>> mv.ref, mv.metadata
@@ -229,7 +232,7 @@ class Vault:
                     parts = _serialize.files_parts([folder])
                     return self._save(name, "framework", {**_files_layout(parts), **record},
                                       parts, **options)
-        kind, layout, parts = _serialize.serialize(obj)
+        kind, layout, parts = _serialize.serialize(obj, f"model {name!r}")
         return self._save(name, kind, layout, parts, **options)
 
     @_api
@@ -283,13 +286,16 @@ class Vault:
             raise ValueError(f"description is {len(description):,} characters; the limit is "
                              f"{MAX_TEXT:,}")
         metadata_json = _metadata_json(metadata)
-        # What the pickle imports decides which package versions the environment records.
+        # What the pickle imports, or what the arrays or the framework's model are made
+        # of, decides which package versions the environment records.
         def imports() -> list[str]:
-            if kind == "pickle":
+            if kind == "pickle":  # and cloudpickle, which pickled it
                 stream = model_parts[0].data
-                return _trust.own_pickle_imports(
+                return [*_trust.own_pickle_imports(
                     stream.obj if isinstance(stream.obj, bytes) else bytes(stream),
-                    [p.data for p in model_parts[1:]])
+                    [p.data for p in model_parts[1:]]), "cloudpickle"]
+            if kind == "arrays":
+                return _serialize.native_imports(model_layout, model_parts)
             return [model_layout["class"]] if kind == "framework" else []
 
         # What the pickle imports (a replay of its stream: ~10 ms for a 20 MB forest) and
@@ -398,9 +404,14 @@ class Vault:
         Of an arrays version (arrays, tensors, a state dict), ``keys`` (a name or glob
         pattern, or a list of them, over the flat names: dict keys and list positions
         joined with '.', as ``encoder.layer.0.*``) loads just those entries as a flat
-        dict, decoding only their chunks; KeyError for a pattern that picks none.
+        dict, decoding only their chunks; KeyError for a pattern that picks none. The
+        same for the torch tensors of a pickle (an ``nn.Module`` by its ``state_dict()``
+        names, a checkpoint), read without unpickling it and so without trust, and for
+        the tensors of safetensors files; ValueError for a version without tensors.
         ``lazy=True`` returns a read-only mapping of every entry by flat name that
-        decodes each one when it is first read (while this vault is open).
+        decodes each one when it is first read, until it or this vault is closed (its
+        ``close()``, or a ``with`` block); no gc in any process removes its chunks
+        before.
 
         Of a pickled or framework version, warns (EnvironmentWarning) when a package it
         imports has another major.minor here than when it was saved, or none is
@@ -410,11 +421,14 @@ class Vault:
         [1, 2, 3]
         """
         row = self._catalog.resolve(_as_ref(ref))
-        self._check_signature(row, trust)
+        # Only a whole load runs a pickle's or a framework's code: entries are read from
+        # the stored tensors by modelvault itself.
+        whole = keys is None and not lazy
+        self._check_signature(row, trust, runs_code=whole)
         # Arrays, tensors and files are rebuilt by modelvault itself, the same under any
         # versions; a pickle or a framework's model runs its packages' code.
         found = (_environment.differences(_environment_of(row))
-                 if row.kind in ("pickle", "framework") else [])
+                 if whole and row.kind in ("pickle", "framework") else [])
         if found:
             warnings.warn(EnvironmentWarning(
                 f"{row.where} was saved with " + ", ".join(
@@ -445,9 +459,10 @@ class Vault:
             # Pinned inside this read: see _pins for why gc in any process then keeps them.
             pin = _pins.Pin(self._connection.lock_file,
                             (c.id for chunks in contents.chunks for c in chunks))
-            mapping = _LazyVersion(row, names, checked, self._connection.lock)
-            self._lazy_pins = [f for f in self._lazy_pins if f.alive]
-            self._lazy_pins.append(weakref.finalize(mapping, pin.release))
+            mapping = LazyVersion(row.where, names, checked, self._connection.lock,
+                                  pin.release)
+            self._lazy = [ref for ref in self._lazy if ref() is not None]
+            self._lazy.append(weakref.ref(mapping))
             return mapping
         return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
@@ -529,8 +544,8 @@ class Vault:
         with self._connection.read():
             rows = [self._catalog.resolve(_as_ref(ref)) for ref in (a, b)]
             if rows[0].kind != rows[1].kind:
-                raise ValueError(f"cannot diff {rows[0].where}, a {rows[0].kind} version, "
-                                 f"with {rows[1].where}, a {rows[1].kind} version")
+                raise ValueError(f"cannot diff {rows[0].where}, {rows[0].what}, "
+                                 f"with {rows[1].where}, {rows[1].what}")
             records = [self._catalog.records("WHERE v.id = ?", (r.id,))[0] for r in rows]
             contents = [self._contents(r) for r in rows]
         hashes = [[[c.hash for c in chunks] for chunks in found.chunks] for found in contents]
@@ -577,11 +592,13 @@ class Vault:
     def _entries(self, row: VersionRow, contents: Contents, device: Any
                  ) -> tuple[Callable[[str], Any], list[str]]:
         """The flat names of a version's entries, and a function that reads one of them
-        (only its chunks): the arrays and tensors of an arrays version, or the tensors of
-        a files version's safetensors files."""
+        (only its chunks): the arrays and tensors of an arrays version, the tensors of a
+        pickle (read from its stream, never run), or the tensors of a files or framework
+        version's safetensors files."""
         layout = split_layout(row.layout)[0]
-        if row.kind == "arrays":
-            found = _serialize.entries(layout)
+        if row.kind in ("arrays", "pickle"):
+            found = (_serialize.entries(layout) if row.kind == "arrays"
+                     else self._pickle_entries(row, contents, layout))
 
             class Parts(dict):  # a part is read when the rebuilder first asks for it
                 def __missing__(parts, index: int) -> Any:
@@ -600,12 +617,28 @@ class Vault:
                     for qualified, name, part, run in found}
             return (lambda name: self._read_tensor(row, contents, *runs[name], device)), \
                 list(runs)
-        raise ValueError(f"{row.where} is a {row.kind} version without tensors: keys= and "
-                         "lazy=True read arrays versions and safetensors files")
+        raise _no_entries(row)
 
-    def _check_signature(self, row: VersionRow, trust: bool) -> None:
-        """Refuse pickles no trusted key signed, and any version whose signature fails;
-        under require="trusted", any version no trusted key signed, whatever ``trust``."""
+    def _pickle_entries(self, row: VersionRow, contents: Contents, layout: Any
+                        ) -> dict[str, dict[str, Any]]:
+        """The torch tensors of a pickle version as arrays layout nodes, by name."""
+        index = layout.get("pickle") if isinstance(layout, dict) else None
+        if not (type(index) is int and 0 <= index < len(contents.parts)):
+            raise row.error("its layout names no pickle stream")
+        try:
+            found = _pickle_tensors.entries(
+                self._read(row, only={index}, contents=contents)[index][1], layout)
+        except ValueError as exc:
+            raise row.error(f"cannot read its tensors' names: {exc}") from exc
+        if not found:
+            raise _no_entries(row)
+        return found
+
+    def _check_signature(self, row: VersionRow, trust: bool, *, runs_code: bool = True
+                         ) -> None:
+        """Refuse pickles no trusted key signed (and framework files that may run code),
+        if loading ``runs_code``, and any version whose signature fails; under
+        require="trusted", any version no trusted key signed, whatever ``trust``."""
         status = _trust.signature_status(row.manifest, row.key_id, row.signature)
         if self.require == "trusted" and status != "trusted":
             raise UntrustedError(f"{row.where}: {_untrusted_why(status)}, and this vault "
@@ -614,10 +647,10 @@ class Vault:
                                  "KEYFILE`")
         if trust:
             return
-        if row.kind == "pickle" and status != "trusted":
+        if runs_code and row.kind == "pickle" and status != "trusted":
             _refuse_pickle(row, "is a pickle", self._read(row, only={0})[0][1], status)
         risky = _frameworks.needs_trust([p.name for p in self._contents(row).parts]) \
-            if row.kind == "framework" and status != "trusted" else []
+            if runs_code and row.kind == "framework" and status != "trusted" else []
         if risky:
             raise UntrustedError(
                 f"{row.where} holds files its framework may run code from when it loads "
@@ -1040,39 +1073,6 @@ class Vault:
                           file_bytes=self._connection.file_bytes())
 
 
-class _LazyVersion(Mapping):
-    """The entries of a version by flat name, each read and decoded when first used."""
-
-    def __init__(self, row: VersionRow, names: list[str], fetch: Callable[[str], Any],
-                 lock: Any) -> None:
-        self._row = row
-        self._entries = dict.fromkeys(names)
-        self._fetch = fetch
-        self._lock = lock  # the vault's: one thread reads an entry, the others wait for it
-        self._loaded: dict[str, Any] = {}
-
-    def __getitem__(self, name: str) -> Any:
-        with self._lock:
-            if name not in self._loaded:
-                if name not in self._entries:
-                    raise KeyError(name)
-                self._loaded[name] = self._fetch(name)
-            return self._loaded[name]
-
-    def __contains__(self, name: object) -> bool:  # without decoding it
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return (f"<lazy {self._row.where}: {len(self._entries)} entries, "
-                f"{len(self._loaded)} loaded>")
-
-
 class _Background:
     """``function()`` run on a thread of its own; ``result()`` waits for it and returns
     its value, or raises what it raised."""
@@ -1188,6 +1188,13 @@ def _refuse_pickle(row: VersionRow, what: str, stream: Any, status: str) -> None
         f"{', '.join(imports) or 'Python builtins only'}. {_TRUST_ADVICE}", imports=imports)
 
 
+def _no_entries(row: VersionRow) -> ValueError:
+    return ValueError(
+        f"{row.where} is {row.what} without tensors: keys= and lazy=True read the arrays "
+        "and tensors of arrays versions, the torch tensors of pickles and the tensors of "
+        "safetensors files")
+
+
 def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
     """The model's answer to ``example``, and both as parts to store: (method, kind,
     layout, parts). ValueError if the model cannot take it, before anything is written."""
@@ -1199,9 +1206,9 @@ def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
                          f"{type(exc).__name__}: {exc}") from exc
     stored = {"input": _selftest.encode_example(example), "output": answer}
     try:
-        kind, layout, parts = _serialize.serialize(stored)
+        kind, layout, parts = _serialize.serialize(stored, "the example")
     except TypeError:  # object arrays (mixed values): pickled, signed with the version
-        kind, layout, parts = _serialize.pickled(stored)
+        kind, layout, parts = _serialize.pickled(stored, "the example")
     return method, kind, layout, parts
 
 

@@ -75,8 +75,38 @@ def test_canned_queries(browsed):
         f"/{name}/not_signed_by_a_trusted_key.json"]))
     assert sorted((r[0], r[1]) for r in by_package["rows"]) == [
         ("churn", 1), ("churn", 2), ("foreign", 1)]
+    for version in ("", "0.0"):  # no prefix: every version; another one: none
+        (found,) = get_all(browsed, [
+            f"/{name}/versions_by_package.json?package=numpy&version={version}"])
+        assert len(found.json()["rows"]) == (3 if not version else 0)
+    (form,) = get_all(browsed, [f"/{name}/versions_by_package.json?package=numpy"])
+    assert len(form.json()["rows"]) == 3  # the field not sent at all
     assert {r[0]: r[1] for r in storage["rows"]} == {"churn": 2, "foreign": 1}
     assert [(r[0], r[1]) for r in unsigned["rows"]] == [("foreign", 1)]
+
+
+def test_sizes_show_in_units_and_environments_fold_to_one_line(browsed):
+    import html
+    import re
+
+    name = _browse.database_name(browsed)
+    page, canned, rows = get_all(browsed, [f"/{name}/model_versions",
+                                           f"/{name}/storage_per_model",
+                                           f"/{name}/model_versions.json?_shape=objects"])
+    text = html.unescape(page.text)
+    # The whole JSON is folded under a summary: Python and the packages.
+    summaries = re.findall(r"<details><summary>([^<]*)</summary>", text)
+    assert len(summaries) == 3
+    assert all(re.fullmatch(r"Python [\d.]+, (cloudpickle \S+, )?numpy \S+", s)
+               for s in summaries), summaries
+    assert '<td class="col-environment type-str">{' not in text
+    churn = rows.json()["rows"][0]
+    assert type(churn["size"]) is int  # JSON keeps the numbers
+    assert f'<span title="{churn["size"]:,} bytes">3.2 MB</span>' in text
+    assert re.search(r'<td class="col-stored_size type-int"><span title="[\d,]+ bytes">'
+                     r"[\d.]+ MB</span>", text)
+    assert re.search(r'col-raw_bytes[^>]*"><span title="[\d,]+ bytes">[\d.]+ MB</span>',
+                     html.unescape(canned.text))
 
 
 def test_the_authorizer_blanks_pack_bytes_but_not_their_length(browsed):

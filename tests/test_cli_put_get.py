@@ -120,6 +120,56 @@ def test_get_keys_and_format_write_the_chosen_entries(run, tmp_path):
     assert run("get", path, "net", "-o", out, "--keys", "nothing").exit_code == 1
 
 
+def test_get_keys_and_format_write_the_tensors_of_every_kind_that_has_them(run, tmp_path,
+                                                                           monkeypatch):
+    from test_safetensors_files import write_safetensors
+
+    import modelvault
+
+    path, out = tmp_path / "m.vault", tmp_path / "out"
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    weights = {"enc.w": np.arange(6, dtype=np.float32).reshape(2, 3),
+               "enc.b": np.ones(3, dtype=np.float32), "head": np.zeros(2, dtype=np.float16)}
+    write_safetensors(folder / "model.safetensors", weights)
+    (folder / "config.json").write_text("{}")
+    assert run("put", path, "files", folder).exit_code == 0
+    (tmp_path / "notes.txt").write_text("no tensors")
+    assert run("put", path, "text", tmp_path / "notes.txt").exit_code == 0
+    result = run("get", path, "files", "-o", out, "--keys", "enc.*", "--format", "npz")
+    assert result.exit_code == 0, result.output
+    with np.load(out / "files-v1.npz") as npz:
+        assert sorted(npz.files) == ["enc.b", "enc.w"]
+        np.testing.assert_array_equal(npz["enc.w"], weights["enc.w"])
+    result = run("get", path, "text", "-o", out, "--keys", "*")
+    assert result.exit_code == 1
+    assert "text:1 is a files version without tensors" in result.output
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    with modelvault.open(path) as vault:
+        vault.save("net", net)
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "stranger"))  # no trust needed
+    result = run("get", path, "net", "-o", out, "--format", "safetensors")
+    assert result.exit_code == 0, result.output
+    loaded = safetensors_torch.load_file(str(out / "net-v1.safetensors"))
+    assert loaded.keys() == net.state_dict().keys()
+    assert all(torch.equal(loaded[k], t) for k, t in net.state_dict().items())
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16))
+    with modelvault.open(path) as vault:
+        assert vault.save("bert", bert).kind == "framework"
+    result = run("get", path, "bert", "-o", out, "--keys", "encoder.layer.0.*", "--format",
+                 "safetensors")
+    assert result.exit_code == 0, result.output
+    loaded = safetensors_torch.load_file(str(out / "bert-v1.safetensors"))
+    assert loaded and all(k.startswith("encoder.layer.0.") for k in loaded)
+    assert torch.equal(loaded["encoder.layer.0.output.dense.weight"],
+                       bert.state_dict()["encoder.layer.0.output.dense.weight"])
+
+
 def test_get_writes_a_torch_state_dict_as_safetensors(run, tmp_path):
     torch = pytest.importorskip("torch")
     safetensors_torch = pytest.importorskip("safetensors.torch")

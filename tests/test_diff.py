@@ -163,7 +163,7 @@ def test_different_kinds_one_clear_error_and_nothing_changes(vault, vault_path):
     vault.save("a", {"w": np.zeros(3)})
     vault.save("p", {"labels": {"x"}})
     before = vault_path.read_bytes()
-    with pytest.raises(ValueError, match="a arrays version, with p:1, a pickle version"):
+    with pytest.raises(ValueError, match="a:1, an arrays version, with p:1, a pickle version"):
         vault.diff("a", "p")
     with pytest.raises(modelvault.NotFoundError):
         vault.diff("a", "missing")

@@ -12,7 +12,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import modelvault
 from modelvault import EnvironmentWarning, _environment
 
 
@@ -84,6 +83,13 @@ def test_a_models_bases_packages_are_recorded(vault):
     packages = vault.save("xgb", model).environment["packages"]
     assert "scikit-learn" in packages  # XGBClassifier is a scikit-learn estimator too
     assert any(name.startswith("xgboost") for name in packages)
+
+
+def test_the_packages_of_stored_tensors_are_recorded(vault):
+    torch = pytest.importorskip("torch")
+    state = vault.save("sd", torch.nn.Linear(3, 2).state_dict()).environment["packages"]
+    assert state.keys() == {"numpy", "torch"}  # what made its tensors; nothing is pickled
+    assert vault.save("a", {"w": np.zeros(3)}).environment["packages"].keys() == {"numpy"}
 
 
 def test_env_prints_a_requirements_file(vault, vault_path, monkeypatch):

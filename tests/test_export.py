@@ -80,6 +80,24 @@ def test_export_of_some_versions_takes_their_chunks_and_delta_bases(source, tmp_
     assert dead == 0 and stats.versions == 1
 
 
+def test_exported_versions_count_the_bytes_they_added_to_the_copy(source, tmp_path):
+    path, _, _ = source
+    with modelvault.open(path) as vault:
+        vault.save("again", vault.load("bert:1"))  # bert:1's bytes: it adds nothing
+        assert vault.get("again").added_bytes == 0
+        vault.export(tmp_path / "one.vault", ["again"])
+        vault.export(tmp_path / "all.vault")
+        first = vault.get("bert:1").added_bytes
+    with modelvault.open(tmp_path / "one.vault") as copy:
+        # Every stored byte of the copy is its: it brought them all.
+        assert copy.get("again").added_bytes == pytest.approx(copy.stats().stored_bytes,
+                                                              rel=0.01)
+    with modelvault.open(tmp_path / "all.vault") as copy:
+        added = {v.ref: v.added_bytes for v in copy.versions()}
+        assert added["bert:1"] == first and added["again:1"] == 0
+        assert sum(added.values()) == pytest.approx(copy.stats().stored_bytes, rel=0.01)
+
+
 def test_export_replaces_the_destination_and_leaves_no_side_files(source, tmp_path):
     path, _, _ = source
     dest = tmp_path / "published.vault"

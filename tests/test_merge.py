@@ -113,6 +113,20 @@ def test_only_missing_chunks_are_copied(tmp_path):
         np.testing.assert_array_equal(vault.load("m:2")["l3"], changed["l3"])
 
 
+def test_a_merged_version_counts_the_bytes_it_added_here(tmp_path):
+    mine, theirs = tmp_path / "a.vault", tmp_path / "b.vault"
+    w, other = weights(0), weights(1)
+    with modelvault.open(theirs) as vault:
+        vault.save("net", {"w": w})
+        second = vault.save("net", {"w": w, "v": other})  # added other's bytes there
+    with modelvault.open(mine) as vault:
+        vault.save("copy", {"w": w})  # w's chunks are here already
+        report = vault.merge(theirs)
+        assert {v.ref: v.added_bytes for v in report.added} == {
+            "net:1": 0, "net:2": second.added_bytes}
+        assert vault.get("net:1").added_bytes == 0
+
+
 def test_a_delta_whose_base_is_here_is_rebased_on_our_copy(tmp_path):
     mine, theirs = tmp_path / "a.vault", tmp_path / "b.vault"
     w = weights(0)

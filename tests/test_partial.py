@@ -102,6 +102,26 @@ def test_a_lazy_mapping_after_close_says_so(vault):
         lazy["embeddings"]
 
 
+def test_a_lazy_mapping_closes_and_lets_go_of_its_pins(vault_path):
+    obj = model()
+    with modelvault.open(vault_path) as vault:
+        vault.save("net", obj)
+        count = chunk_count(vault_path)
+        with vault.load("net", lazy=True) as lazy:
+            np.testing.assert_array_equal(lazy["embeddings"], obj["embeddings"])
+            vault.delete("net")
+            vault.gc()
+            assert chunk_count(vault_path) == count  # pinned while it is open
+        assert lazy.closed and "closed" in repr(lazy)
+        with pytest.raises(modelvault.VaultError, match="net:1: this lazy mapping is closed"):
+            lazy["embeddings"]  # decoded before, but let go of
+        assert "embeddings" in lazy and len(lazy) == 8  # its names stay
+        vault.gc()
+        assert chunk_count(vault_path) == 0
+        lazy.close()  # again: nothing
+        assert not os.path.exists(f"{vault_path}-lock")
+
+
 def _in_another_process(path, home, action):
     import os
 
@@ -232,10 +252,100 @@ def test_keys_and_lazy_read_tensors_and_keep_views_shared(vault):
     assert vault.load("tied", keys="other", device="meta")["other"].device.type == "meta"
 
 
-def test_keys_are_for_arrays_versions(vault):
+def test_keys_are_for_versions_with_tensors(vault):
     vault.save("obj", {"s": {1, 2}})
-    with pytest.raises(ValueError, match="arrays versions"):
+    with pytest.raises(ValueError, match="obj:1 is a pickle version without tensors: keys= "
+                                         "and lazy=True read the arrays and tensors of"):
         vault.load("obj", keys="s")
+
+
+def test_keys_and_lazy_read_a_pickled_modules_tensors_by_state_dict_name(vault_path,
+                                                                         monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):  # local: cloudpickle pickles the class by value
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            self.head = torch.nn.Linear(4, 2)
+            self.tied = self.head  # one module, two names, as in state_dict()
+            self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+    torch.manual_seed(0)
+    net = Net()
+    net.body[0].weight.requires_grad_(False)
+    state = net.state_dict()
+    with modelvault.open(vault_path) as vault:
+        vault.save("net", net)
+        vault.save("plain", torch.nn.Sequential(torch.nn.Linear(2, 2)))  # by reference
+        vault.save("checkpoint", {"model": net, "epoch": 3})
+    monkeypatch.setenv("MODELVAULT_HOME", str(vault_path.parent / "stranger"))
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(modelvault.UntrustedError):
+            vault.load("net")  # unpickling runs code: refused
+        picked = vault.load("net", keys="*")  # reading its tensors runs none
+        assert list(picked) == list(state)
+        for name, tensor in state.items():
+            assert torch.equal(picked[name], tensor) and picked[name].dtype == tensor.dtype
+        assert type(picked["head.weight"]) is torch.nn.Parameter
+        assert not picked["body.0.weight"].requires_grad and picked["body.0.bias"].requires_grad
+        assert picked["tied.weight"].data_ptr() == picked["head.weight"].data_ptr()
+        assert list(vault.load("plain", lazy=True)) == ["0.weight", "0.bias"]
+        with vault.load("checkpoint", lazy=True) as lazy:
+            assert list(lazy) == [f"model.{name}" for name in state]
+            assert torch.equal(lazy["model.body.1.running_mean"],
+                               state["body.1.running_mean"])
+
+
+class _Touch:
+    """Unpickled, it would create ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_reading_a_pickles_tensors_runs_none_of_its_code(vault, tmp_path):
+    marker = tmp_path / "ran"
+    vault.save("payload", {"a": _Touch(str(marker)), "b": [_Touch(str(marker))]})
+    with pytest.raises(ValueError, match="without tensors"):
+        vault.load("payload", lazy=True)
+    assert not marker.exists()
+    vault.load("payload")  # trusted here: the same stream does run, so the test can fail
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("stream, problem", [
+    # A 5-byte LONG_BINPUT for which pickle's C unpickler would ask for 64 GiB of memo.
+    (b"\x80\x05N" + b"r" + (2**32 - 16).to_bytes(4, "little") + b".", "memo index"),
+    (b"\x80\x05" + b")" * 2_000_000 + b".", "more than 1,000,000 opcodes"),
+    (b"\x80\x05\x8c\x03abc", "cannot be read"),  # truncated
+    (b"\x80\x05Q.", "cannot be read"),  # a persistent id that is not a storage's
+])
+def test_a_hostile_pickle_stream_is_refused_before_it_is_replayed(stream, problem):
+    from modelvault import _pickle_tensors
+
+    with pytest.raises(ValueError, match=problem):
+        _pickle_tensors.entries(stream, {"pickle": 0, "storages": []})
+
+
+def test_deep_and_cyclic_objects_in_a_pickle_are_walked_within_bounds():
+    import pickle
+
+    from modelvault import _pickle_tensors
+
+    loop = {"self": None, "values": [1, 2]}
+    loop["self"] = loop  # a cycle is walked once
+    assert _pickle_tensors.entries(pickle.dumps(loop, protocol=5), {}) == {}
+    deep = []
+    for _ in range(200):
+        deep = [deep, 1]
+    with pytest.raises(ValueError, match="nested more than 64 deep"):
+        _pickle_tensors.entries(pickle.dumps(deep, protocol=5), {})
 
 
 def _replace_and_collect(path, home, rounds):

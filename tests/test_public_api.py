@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 
 import click
+import pytest
 
 import modelvault
 from modelvault._cli import cli
@@ -19,8 +20,8 @@ EXPORTS = [
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
-    "SelftestResult", "TooLargeError", "UntrustedError", "Vault", "VaultError", "VaultStats", "clone", "load",
-    "open", "save",
+    "SelftestResult", "TooLargeError", "UnpicklableError", "UntrustedError", "Vault",
+    "VaultError", "VaultStats", "clone", "load", "open", "save",
 ]
 
 PATHLIKE = "str | os.PathLike[str]"
@@ -111,6 +112,7 @@ ERRORS = {
     "UntrustedError": ("VaultError",), "LockTimeout": ("VaultError", "TimeoutError"),
     "ReadOnlyError": ("VaultError",), "DiskFullError": ("VaultError", "OSError"),
     "RemoteError": ("VaultError",), "TooLargeError": ("VaultError", "MemoryError"),
+    "UnpicklableError": ("VaultError", "TypeError"),
 }
 COMMANDS = {
     "alias": ["vault", "ref", "alias"],
@@ -204,3 +206,21 @@ def test_cli_commands_and_their_parameters():
 
     walk(cli, "")
     assert found == COMMANDS
+
+
+def test_the_package_metadata_reads_without_deprecation_warnings():
+    # `pip install` printed setuptools' warning for the old `license = { text = ... }` table.
+    import warnings
+    from pathlib import Path
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("the SPDX license string needs setuptools 77 (the build requires it)")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    pyproject = Path(__file__).parent.parent / "pyproject.toml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), pyproject)
+    assert dist.metadata.license_expression == "MIT"

@@ -328,6 +328,24 @@ def test_large_buffers_in_custom_objects_round_trip_writable(vault):
     assert vault.get("pickled:1").size > weights.nbytes
 
 
+def test_a_model_pickle_refuses_names_what_in_it_is_refused(vault, vault_path):
+    import threading
+
+    client = Holder(None, None, {"pool": [1, threading.Lock()]})
+    model = Holder(np.ones(2_000_000), client, "net")  # a large buffer, left out of trials
+    with pytest.raises(modelvault.UnpicklableError) as info:
+        vault.save("net", model)
+    assert isinstance(info.value, TypeError)
+    assert info.value.path == ".bias.name['pool'][1]"
+    message = str(info.value)
+    assert "model 'net' (Holder)" in message and "is a _thread.lock" in message
+    assert "__getstate__" in message and "state_dict()" in message  # what to do
+    with pytest.raises(modelvault.UnpicklableError) as info:  # nothing in it to name
+        vault.save("lock", threading.Lock())
+    assert info.value.path is None and "cannot pickle" in str(info.value)
+    assert vault.models() == []
+
+
 def test_shared_buffer_identity_survives_pickling(vault):
     big = np.random.default_rng(0).standard_normal(300_000)
     loaded = vault.load(vault.save("shared", {"a": big, "b": big, "s": {1}}).ref)

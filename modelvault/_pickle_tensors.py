@@ -1,0 +1,267 @@
+"""The torch tensors of a pickled version by name, found without running its pickle.
+
+A pickled ``nn.Module`` (an optimizer, a checkpoint) is stored with every tensor
+storage taken out of the stream as a part of its own (``_torch.dumps``); which tensor
+views which storage, how, and under what name, is in the stream. The stream is
+replayed here with every global it names replaced by a stand-in of ours, except the
+few whose meaning we know (a tensor or Parameter rebuilt from a storage, an
+OrderedDict, a class cloudpickle made by value): nothing the stream names runs, so
+reading its tensors needs no trust.
+
+A module's tensors are named as its ``state_dict()`` names them (``0.weight``); others by
+the dict keys, list positions and attribute names on the way to them, joined with '.'
+(as an arrays version's). Each tensor becomes an arrays layout node (a
+view of its storage's part) that ``_serialize.Rebuilder`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+from ._torch import STORAGE_TAG
+
+# Limits that keep what a hostile stream costs small: a stream of at most MAX_OPS
+# opcodes (a module of 200 layers takes about 20,000) is replayed; its objects are walked
+# at most MAX_DEPTH deep and in at most MAX_STEPS steps (objects reached again through
+# others count again); names of MAX_NAME_CHARS in all are made. A stream beyond them is
+# refused with ValueError (the version still loads whole, with trust).
+MAX_OPS = 1_000_000
+MAX_DEPTH = 64
+MAX_STEPS = 1_000_000
+MAX_NAME_CHARS = 16 * 1024 * 1024
+
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+class _Storage(NamedTuple):
+    number: int  # its place in the layout's "storages"
+    dtype: str  # parts.dtype's name for the tensors viewing it
+
+
+class _Tensor(NamedTuple):
+    storage: _Storage
+    offset: Any
+    shape: Any
+    stride: Any
+    grad: bool
+    parameter: bool = False
+
+
+class _Object:
+    """Stands in for whatever the stream makes from a global it names; keeps the state
+    and items it is given, where tensors may be."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state: Any = None
+        self.items: list[tuple[Any, Any]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Object:  # a function made by value
+        return _Object()
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.items.append((len(self.items), value))
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+    def add(self, value: Any) -> None:
+        pass
+
+
+def _rebuild_tensor(storage: Any, offset: Any, shape: Any, stride: Any,
+                    requires_grad: Any = False, *rest: Any) -> Any:
+    if not isinstance(storage, _Storage):
+        return _Object()
+    return _Tensor(storage, offset, _listed(shape), _listed(stride), requires_grad is True)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = True, *rest: Any) -> Any:
+    if not isinstance(data, _Tensor):
+        return _Object()
+    return data._replace(grad=requires_grad is True, parameter=True)
+
+
+def _rebuild_from_type(function: Any, kind: Any, args: Any, state: Any = None) -> Any:
+    # A Tensor subclass, or a tensor with attributes: the tensor itself is rebuilt inside.
+    if function in (_rebuild_tensor, _rebuild_parameter) and isinstance(args, tuple):
+        return function(*args)
+    return _Object()
+
+
+def _ordered_dict(*args: Any) -> Any:
+    try:
+        return OrderedDict(*args)
+    except (TypeError, ValueError):  # items that are stand-ins
+        return OrderedDict()
+
+
+def _made_class(*args: Any) -> type:
+    """A class cloudpickle pickled by value (one of __main__): the stand-ins' class, so
+    that its instances are made and given their state."""
+    return _Object
+
+
+_KNOWN = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("collections", "OrderedDict"): _ordered_dict,
+}
+
+
+class _Replay(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".", 1)[0] == "cloudpickle" and name in (
+                "_make_skeleton_class", "_make_skeleton_enum"):
+            return _made_class
+        return _KNOWN.get((module, name), _Object)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 3 and pid[0] == STORAGE_TAG
+                and type(pid[1]) is int and isinstance(pid[2], str)):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return _Storage(pid[1], pid[2])
+
+
+def entries(stream: Any, layout: Any) -> dict[str, dict[str, Any]]:
+    """The tensors of a pickle version by name, as arrays layout nodes, from its stream
+    and its layout (whose "storages" name each storage's part). ValueError for a stream
+    that cannot be read, or that exceeds the limits above."""
+    data = bytes(stream)
+    _check(data)
+    try:
+        root = _Replay(io.BytesIO(data), buffers=_NoBuffers()).load()
+    except Exception as exc:  # only our stand-ins and pickle's own code ran
+        raise ValueError(f"its pickle cannot be read: {type(exc).__name__}: {exc}") from exc
+    storages = layout.get("storages") if isinstance(layout, dict) else None
+    return {name: _node(tensor, storages) for name, tensor in _walk(root).items()}
+
+
+class _NoBuffers:
+    """Out-of-band buffers (large arrays) hold no tensors: each is empty to the replay."""
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> bytes:
+        return b""
+
+
+def _check(data: bytes) -> None:
+    """Refuse a stream that is too long, or whose memo indices pickle's C unpickler
+    would make room for (a 5-byte LONG_BINPUT can ask for gigabytes), before replaying it."""
+    for count, (opcode, arg, _) in enumerate(_opcodes(data)):
+        if count >= MAX_OPS:
+            raise ValueError(f"its pickle has more than {MAX_OPS:,} opcodes")
+        if opcode.name in _MEMO_OPS and not 0 <= arg <= count:
+            raise ValueError(f"its pickle has a memo index {arg} at opcode {count}")
+
+
+def _opcodes(data: bytes) -> Any:
+    try:
+        yield from pickletools.genops(io.BytesIO(data))
+    except Exception as exc:  # pickletools' own reading of a damaged stream
+        raise ValueError(f"its pickle cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _children(node: Any) -> list[tuple[Any, Any]] | None:
+    """The named children of an object the replay made, or None for a leaf."""
+    if isinstance(node, dict):
+        return list(node.items())
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    if not isinstance(node, _Object):
+        return None
+    state = node.state
+    if isinstance(state, dict) and all(
+            isinstance(state.get(key), dict) for key in ("_parameters", "_buffers", "_modules")):
+        # An nn.Module: what its state_dict() holds, in its order.
+        dropped = state.get("_non_persistent_buffers_set")
+        dropped = dropped if isinstance(dropped, set) else set()
+        return ([(k, v) for k, v in state["_parameters"].items() if v is not None]
+                + [(k, v) for k, v in state["_buffers"].items()
+                   if v is not None and k not in dropped]
+                + list(state["_modules"].items()))
+    found: list[tuple[Any, Any]] = []
+    for part in state if isinstance(state, tuple) else (state,):  # (dict, slots)
+        if isinstance(part, dict):
+            found += part.items()
+    return found + node.items
+
+
+def _walk(root: Any) -> dict[str, _Tensor]:
+    """Every tensor under ``root`` by name, depth first in the objects' order. An object
+    met again on another path is walked again (a module used twice has its tensors
+    under both names, as in its state_dict()); one met again inside itself is not."""
+    found: dict[str, _Tensor] = {}
+    chars = steps = 0
+    # A path is (parent path, key, id of the object the key is in) or None: names are
+    # made only for tensors, and the objects above a node are found by following it.
+    stack: list[tuple[Any, int, Any]] = [(None, 0, root)]
+    while stack:
+        path, depth, node = stack.pop()
+        steps += 1
+        if steps > MAX_STEPS:
+            raise ValueError(f"its objects take more than {MAX_STEPS:,} steps to walk")
+        if isinstance(node, _Tensor):
+            keys = []
+            while path is not None:
+                path, key, _ = path
+                keys.append(key)
+            name = ".".join(reversed(keys))
+            chars += len(name)
+            if chars > MAX_NAME_CHARS:
+                raise ValueError(f"its tensors' names take more than {MAX_NAME_CHARS:,} "
+                                 "characters")
+            found.setdefault(name, node)
+            continue
+        children = _children(node)
+        if not children or _inside(path, id(node)):
+            continue
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"its objects are nested more than {MAX_DEPTH} deep")
+        stack.extend(((path, str(key), id(node)), depth + 1, child)
+                     for key, child in reversed(children) if type(key) in (str, int))
+    return found
+
+
+def _inside(path: Any, node: int) -> bool:
+    """Whether the object ``node`` (an id) is one of those ``path`` goes through."""
+    while path is not None:
+        path, _, above = path
+        if above == node:
+            return True
+    return False
+
+
+def _node(tensor: _Tensor, storages: Any) -> dict[str, Any]:
+    """An arrays layout node viewing the part of the tensor's storage."""
+    number = tensor.storage.number
+    if not (isinstance(storages, list) and 0 <= number < len(storages)
+            and type(storages[number]) is int):
+        raise ValueError(f"its pickle names storage {number}, which its layout lacks")
+    node: dict[str, Any] = {"tensor": storages[number], "dtype": tensor.storage.dtype,
+                            "shape": tensor.shape, "stride": tensor.stride,
+                            "offset": tensor.offset}
+    if tensor.parameter:
+        node["parameter"] = True
+    if tensor.grad:
+        node["grad"] = True
+    return node
