@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sysconfig
+
 import numpy as np
+
+
+def command(name: str) -> str | None:
+    """The path of a command that a package of the test extra installs (sqlite-utils, weed,
+    rclone), or None. This interpreter's scripts folder comes first: a venv used without
+    activating it (``.venv/bin/python -m pytest``) has its commands there, not on PATH."""
+    path = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", os.defpath)])
+    return shutil.which(name, path=path)
 
 
 def same(expected, got):
