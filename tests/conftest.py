@@ -11,6 +11,11 @@ import pytest
 
 import modelvault
 
+# tests/fixtures holds the scripts that wrote the old-format vaults, run by hand with the
+# code of their day; they import torch and xgboost at the top and are not tests, so
+# --doctest-modules must not import them (on a machine without torch it cannot).
+collect_ignore = ["fixtures"]
+
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true",

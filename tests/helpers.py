@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sysconfig
 
 import blake3
 import numpy as np
 
 from modelvault._trust import canonical_json
+
+
+def command(name: str) -> str | None:
+    """The path of a command that a package of the test extra installs (sqlite-utils, weed,
+    rclone), or None. This interpreter's scripts folder comes first: a venv used without
+    activating it (``.venv/bin/python -m pytest``) has its commands there, not on PATH."""
+    path = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", os.defpath)])
+    return shutil.which(name, path=path)
 
 
 def same(expected, got):

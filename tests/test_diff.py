@@ -119,7 +119,7 @@ def test_pickles_compare_streams_without_unpickling_another_machines(vault_path,
 
 
 def test_files_paths_with_sizes_and_safetensors_tensors(vault, tmp_path):
-    safetensors = pytest.importorskip("safetensors.numpy", reason="tensors in files need it")
+    safetensors = pytest.importorskip("safetensors.numpy", reason="needs safetensors")
     one, two = tmp_path / "one", tmp_path / "two"
     for folder in (one, two):
         folder.mkdir()

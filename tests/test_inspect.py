@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import command
 
 import modelvault
 
@@ -24,7 +24,8 @@ def inspect_commands() -> list[str]:
 
 
 def test_the_readme_sqlite_utils_commands_show_the_vault(tmp_path):
-    if shutil.which("sqlite-utils") is None:
+    sqlite_utils = command("sqlite-utils")
+    if sqlite_utils is None:
         pytest.fail("sqlite-utils is in the test extra: pip install -e '.[test]'")
     with modelvault.open(tmp_path / "models.vault") as vault:
         vault.save("churn", {"w": np.arange(10.0)}, aliases=["prod"], tags={"stage": "dev"})
@@ -33,8 +34,9 @@ def test_the_readme_sqlite_utils_commands_show_the_vault(tmp_path):
     commands = inspect_commands()
     assert [shlex.split(c)[:2] for c in commands] == [["sqlite-utils", "tables"],
                                                       ["sqlite-utils", "rows"]]
-    outputs = [subprocess.run(shlex.split(c), cwd=tmp_path, capture_output=True, text=True,
-                              check=True).stdout for c in commands]
+    outputs = [subprocess.run([sqlite_utils, *shlex.split(c)[1:]], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout
+               for c in commands]
     counts = {t["table"]: t["count"] for t in json.loads(outputs[0])}
     assert counts["models"] == 2 and counts["versions"] == 3 and counts["aliases"] == 1
     rows = json.loads(outputs[1])

