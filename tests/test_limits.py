@@ -92,7 +92,7 @@ def test_honest_vaults_stay_under_the_cap(vault_path, monkeypatch):
 
 
 def test_a_stride_zero_view_of_a_terabyte_is_refused(vault_path):
-    torch = pytest.importorskip("torch", reason="tensor views")
+    torch = pytest.importorskip("torch", reason="tensor views need torch")
     storage = torch.arange(4, dtype=torch.float32)
     with modelvault.open(vault_path) as vault:
         vault.save("m", {"a": storage, "b": storage[1:3]})  # b is a view of a's storage
