@@ -10,9 +10,12 @@ upgraded by their first write, never refused.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import _atomic
@@ -183,6 +186,20 @@ GROW_AT = 32 * 1024 * 1024
 # The longest string or blob SQLite may hand us (SQLITE_LIMIT_LENGTH).
 MAX_VALUE = 64 * 1024 * 1024
 
+# The planner's statistics tables, which ANALYZE makes (a SQLite browser may run it):
+# allowed besides our schema, but only as SQLite itself writes them. SQLite reads
+# sqlite_stat1 through the file's own definition of it each time it loads the schema,
+# so a column redefined as a generated one would run the file's expression at every
+# open. (sqlite_stat2 and 3 were made by SQLite before 3.8; none is allowed.)
+STATISTICS = {"sqlite_stat1": ("table", "CREATE TABLE sqlite_stat1(tbl,idx,stat)"),
+              "sqlite_stat4": ("table", "CREATE TABLE sqlite_stat4(tbl,idx,neq,nlt,ndlt,"
+                                        "sample)")}
+# What SQLite may spend loading a file's schema, before we have seen it: VM steps, and
+# the longest value. Loading ours (and its statistics) takes about 400 steps and
+# values under 1 KB; these bound what a hostile schema makes SQLite evaluate then.
+SCHEMA_STEPS = 5_000
+SCHEMA_VALUE = 8 * 1024
+
 
 def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
             timeout: float = 60.0) -> sqlite3.Connection:
@@ -297,6 +314,36 @@ def _create(path: Path) -> None:
 def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
     """Refuse the database ``schema`` of ``conn`` unless it is a vault of our format
     whose schema is exactly ours (``schema`` names an attached database, if not main)."""
+    with _bounded(conn, path):
+        _check(conn, path, schema)
+
+
+@contextmanager
+def _bounded(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
+    """Bound what SQLite spends while it loads the schema (SCHEMA_STEPS, SCHEMA_VALUE).
+
+    SQLite loads a file's schema at the first statement that needs it, and reads the
+    statistics table then, before any check of ours can look at the schema; nothing
+    (not trusted_schema=OFF, nor an authorizer, which SQLite skips while loading)
+    keeps that reading from evaluating expressions the file defines.
+    """
+    steps = itertools.count(1)
+    conn.set_progress_handler(lambda: next(steps) > SCHEMA_STEPS, 1)  # True interrupts
+    length = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SCHEMA_VALUE)
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_INTERRUPT:
+            raise
+        raise CorruptVaultError(f"{path}: schema is not modelvault's (SQLite takes more than "
+                                f"{SCHEMA_STEPS} steps to load it; ours takes a few hundred)"
+                                ) from exc
+    finally:
+        conn.set_progress_handler(None, 1)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
+
+
+def _check(conn: sqlite3.Connection, path: Path, schema: str) -> None:
     app_id = conn.execute(f"PRAGMA {schema}.application_id").fetchone()[0]
     if app_id != APPLICATION_ID:
         raise NotAVaultError(f"{path}: not a modelvault file (application_id {app_id:#x})")
@@ -310,7 +357,8 @@ def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
             f"{path}: format version {version} is newer than this modelvault reads "
             f"({FORMAT_VERSION}); upgrade modelvault")
     found = _schema_of(conn, schema)
-    expected = _expected_schema(version)
+    expected = {**_expected_schema(version),
+                **{name: STATISTICS[name] for name in found.keys() & STATISTICS.keys()}}
     if found != expected:
         # Anything else (a trigger, a view, an edited column) could run SQL on our
         # writes or make a column read back as something else: refuse the file.
@@ -384,15 +432,12 @@ def _has_journal(path: Path) -> bool:
 def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tuple[str, str]]:
     """name -> (type, SQL with whitespace squeezed) of every schema object.
 
-    Names starting with ``sqlite_`` are compared too: SQLite names our automatic
-    indexes so, and a trigger written into sqlite_master under such a name (with
-    writable_schema) would fire like any other. Only the planner's statistics tables
-    are left out: ANALYZE, which a SQLite browser may run, makes them.
+    Names starting with ``sqlite_`` are listed too: SQLite names our automatic indexes
+    so, and a trigger written into sqlite_master under such a name (with
+    writable_schema) would fire like any other.
     """
     try:
-        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master WHERE NOT "
-                            "(type = 'table' AND name IN ('sqlite_stat1', 'sqlite_stat4'))"
-                            ).fetchall()
+        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master").fetchall()
     except UnicodeDecodeError as exc:
         raise CorruptVaultError(f"schema text is not UTF-8: {exc}") from exc
     return {name: (kind, " ".join(str(sql).split())) for kind, name, sql in rows}

@@ -177,6 +177,18 @@ def _run_sql(*statements, writable_schema=False):
     return edit
 
 
+def _statistics(stat, rows=0):
+    """ANALYZE's sqlite_stat1, ``rows`` rows more, its column ``stat`` redefined as the
+    generated column ``stat`` (with writable_schema, as only a hostile file would)."""
+    sql = f"CREATE TABLE sqlite_stat1(tbl, idx, stat AS ({stat}))".replace("'", "''")
+    return _run_sql(
+        "ANALYZE",
+        "INSERT INTO sqlite_stat1 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+        f"FROM n WHERE i < {rows}) SELECT 'models', NULL, '1' FROM n WHERE {rows} > 0",
+        f"UPDATE sqlite_master SET sql = '{sql}' WHERE name = 'sqlite_stat1'",
+        writable_schema=True)
+
+
 # name -> (how to make it from a healthy vault at the path, or bytes; the error expected)
 _BAD_FILES = {
     "0 bytes": (b"", NotAVaultError),
@@ -204,6 +216,13 @@ _BAD_FILES = {
         "'sqlite_evil', 'tags', 0, 'CREATE TRIGGER sqlite_evil AFTER INSERT ON tags BEGIN "
         f"{_MARKER_SQL.replace(chr(39), chr(39) * 2)}; END')", writable_schema=True),
         CorruptVaultError),
+    # SQLite reads the planner's statistics (sqlite_stat1, made by ANALYZE) through the
+    # file's own definition whenever it loads the schema, before any check of ours: a
+    # generated column there ran at every open (a 20-million-character one: 59 s each).
+    "statistics computed by the file's expression": (_statistics(
+        "printf('%.*c', 100000, '7')"), CorruptVaultError),
+    "statistics computed in 20,000 rows": (_statistics(
+        "printf('%.*c', 100 * length(tbl), tbl)", rows=20_000), CorruptVaultError),
 }
 
 

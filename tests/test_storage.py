@@ -296,6 +296,37 @@ def test_added_schema_objects_are_refused(saved, ddl, what):
     assert what in str(error)
 
 
+def test_statistics_tables_as_analyze_writes_them_are_allowed(saved):
+    path, model = saved
+    db = sqlite3.connect(path)
+    db.execute("ANALYZE")  # as a SQLite browser may
+    db.commit()
+    db.close()
+    with modelvault.open(path) as vault:
+        assert np.array_equal(vault.load("team/churn")["weights"], model["weights"])
+        vault.save("more", {"w": np.ones(3)})
+        assert vault.verify() == []
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE TABLE sqlite_stat1(tbl,idx,stat,extra)",
+    "CREATE TABLE sqlite_stat1(tbl,idx,stat AS (upper(tbl)))",
+    "CREATE TABLE sqlite_stat4(tbl,idx,neq,nlt,ndlt,sample AS (tbl))",
+])
+def test_statistics_tables_not_as_sqlite_writes_them_are_refused(saved, sql):
+    path, _ = saved
+    name = sql.split()[2].split("(")[0]
+    db = sqlite3.connect(path, isolation_level=None)
+    # SQLite refuses to create a name starting with sqlite_: rename a table in place.
+    db.execute("CREATE TABLE stand_in (x)")
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute("UPDATE sqlite_master SET name = ?, tbl_name = ?, sql = ? "
+               "WHERE name = 'stand_in'", (name, name, sql))
+    db.close()
+    error = _open_fails(path, CorruptVaultError)
+    assert f"table {name}" in str(error)
+
+
 def test_missing_table_is_refused(saved):
     path, _ = saved
     db = sqlite3.connect(path)
