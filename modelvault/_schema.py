@@ -333,7 +333,7 @@ def _bounded(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode != sqlite3.SQLITE_INTERRUPT:
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_INTERRUPT:
             raise
         raise CorruptVaultError(f"{path}: schema is not modelvault's (SQLite takes more than "
                                 f"{SCHEMA_STEPS} steps to load it; ours takes a few hundred)"
