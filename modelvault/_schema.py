@@ -201,14 +201,93 @@ SCHEMA_STEPS = 5_000
 SCHEMA_VALUE = 8 * 1024
 
 
+def open_file(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
+              timeout: float = 60.0) -> tuple[sqlite3.Connection, str | None]:
+    """``connect``, and what is wrong with the file as a whole (None: nothing).
+
+    A file cut short (a failed copy or download) is opened read-only all the same
+    (``connect(damaged=True)``), so that the versions whose bytes are all there can be
+    read and exported; SQLite checks only the pages it reads, so a file short of part
+    of its last page would open, and take writes, as if whole.
+    """
+    path = Path(path)
+    try:
+        conn = connect(path, readonly=readonly, create=create, timeout=timeout)
+    except CorruptVaultError:
+        conn = _cut_short(path, timeout)
+        if conn is None:
+            raise
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        return conn, (f"it ends after page {pages}, short of the pages its header counts: "
+                      "the file was cut short")
+    missing = _shortfall(conn, path)
+    if not missing:
+        return conn, None
+    conn.close()
+    return (connect(path, readonly=True, create=False, timeout=timeout, damaged=True),
+            f"its last page lacks {missing} bytes: the file was cut short")
+
+
+def _shortfall(conn: sqlite3.Connection, path: Path) -> int:
+    """How many bytes the file lacks of the pages SQLite counts in it.
+
+    SQLite counts the pages its header gives (bytes 28-31, valid while the
+    version-valid-for number at 92 equals the change counter at 24; else the file's
+    size, rounded up to whole pages) and refuses a file with fewer whole pages than that,
+    but reads the missing end of a last page as zeros. In WAL mode the last pages may
+    be in the -wal file alone: only a last page cut short counts there.
+    """
+    conn.execute("BEGIN")
+    try:
+        # The read lock the first pragma takes keeps writers from resizing the file
+        # until COMMIT.
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        size = path.stat().st_size
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        wal = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.execute("COMMIT")
+    return -size % page if wal else max(0, pages * page - size)
+
+
+def _cut_short(path: Path, timeout: float) -> sqlite3.Connection | None:
+    """A damaged connection to ``path`` if SQLite refuses it only for having fewer pages
+    than its header counts (and it is a vault); None otherwise."""
+    try:
+        conn = connect(path, readonly=True, create=False, timeout=timeout, damaged=True)
+    except VaultError:
+        return None
+    # writable_schema let SQLite read the pages there are; without it, the same
+    # connection is refused at its header if that is what is wrong.
+    conn.execute("PRAGMA writable_schema = OFF")
+    try:
+        conn.execute("PRAGMA page_count")
+    except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            conn.execute("PRAGMA writable_schema = ON")
+            return conn
+    conn.close()
+    return None
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite found a page damaged (SQLITE_CORRUPT): the rows on other pages may
+    still be read."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CORRUPT
+
+
 def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
-            timeout: float = 60.0) -> sqlite3.Connection:
+            timeout: float = 60.0, damaged: bool = False) -> sqlite3.Connection:
     """Open ``path`` as a vault, creating it when missing (if ``create`` and not read-only).
+
+    ``damaged``: open it read-only, with SQLite reading the pages there are of a file
+    shorter than its header says (see ``open_file``).
 
     Raises NotAVaultError, FormatVersionError or CorruptVaultError for files that
     are not vaults this version can read.
     """
     path = Path(path)
+    readonly = readonly or damaged
     # os.stat, unlike open(), takes no file descriptor and so cannot drop SQLite's POSIX locks.
     if not path.exists():
         if readonly or not create:
@@ -228,6 +307,10 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
         # Nothing we read or write comes near this (packs are at most 8 MiB): a damaged
         # or hostile file declaring a gigabyte string gets an error, not our memory.
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE)
+        if damaged:
+            # Else SQLite refuses a file with fewer pages than its header counts. Nothing
+            # writes through a read-only connection, its schema above all.
+            conn.execute("PRAGMA writable_schema = ON")
         check(conn, path)
         if not readonly:
             _remove_cold_journal(conn, path, timeout)

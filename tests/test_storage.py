@@ -16,6 +16,7 @@ import zstandard
 import modelvault
 from modelvault import (
     CorruptVaultError,
+    DamagedVaultWarning,
     FormatVersionError,
     IntegrityError,
     NotAVaultError,
@@ -337,14 +338,25 @@ def test_missing_table_is_refused(saved):
     assert "tags" in str(error)
 
 
-def test_truncated_file_raises_a_vault_error(saved):
+def test_truncated_file_opens_read_only_and_verify_names_what_cannot_be_read(saved):
     path, _ = saved
     os.truncate(path, path.stat().st_size // 2)
-    with pytest.raises(CorruptVaultError):
-        with modelvault.open(path) as vault:
-            for name in ("team/churn", "files"):
-                vault.load(name)
-            vault.verify()
+    with pytest.warns(DamagedVaultWarning, match="cut short"):
+        vault = modelvault.open(path)
+    with vault:
+        assert vault.readonly
+        problems = vault.verify()
+        assert problems[0].message.startswith("the file is damaged")
+        named = {(p.model, p.version) for p in problems if p.model is not None}
+        for name in ("team/churn", "pickled", "files"):
+            try:
+                vault.load(name, trust=True)
+            except IntegrityError as exc:
+                assert (exc.model, exc.version) in named
+            else:
+                assert (name, 1) not in named
+        with pytest.raises(CorruptVaultError, match="cut short"):
+            vault.tag("files:1", stage="x")
 
 
 # -- damaged contents ------------------------------------------------------------------------
