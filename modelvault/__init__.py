@@ -14,6 +14,7 @@ from typing import Any
 from ._diff import Changes, Diff, EntryChange
 from ._errors import (
     CorruptVaultError,
+    DamagedVaultWarning,
     DiskFullError,
     EnvironmentWarning,
     FormatVersionError,
@@ -45,6 +46,7 @@ from ._version import __version__ as __version__
 __all__ = [
     "Changes",
     "CorruptVaultError",
+    "DamagedVaultWarning",
     "Diff",
     "DiskFullError",
     "EntryChange",

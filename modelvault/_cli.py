@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,20 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except (VaultError, ValueError, TypeError, OSError) as exc:
             raise click.ClickException(str(exc) or type(exc).__name__) from exc
         except Exception as exc:  # e.g. a model's own code failing while it unpickles
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _warning_line(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Show a warning (a damaged vault, another environment) as one line on stderr."""
+    click.echo(f"Warning: {message}", err=True)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -520,14 +528,18 @@ def rm_command(vault: Path, ref: str, yes: bool) -> None:
 @vault_path
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("refs", nargs=-1)
-def export_command(vault: Path, dest: Path, refs: tuple[str, ...]) -> None:
+@click.option("--skip-damaged", is_flag=True,
+              help="Leave out the versions `verify` finds damaged (and name them): the "
+                   "salvage of a damaged vault.")
+def export_command(vault: Path, dest: Path, refs: tuple[str, ...], skip_damaged: bool
+                   ) -> None:
     """Write a compact copy of VAULT, or of the versions REFS name, to DEST.
 
     DEST is replaced in one step (a temporary file beside it, flushed, then renamed):
     safe to run into a synced folder.
     """
     with _open(vault) as v:
-        v.export(dest, list(refs) or None)
+        v.export(dest, list(refs) or None, skip_damaged=skip_damaged)
     with Vault(dest, readonly=True) as copy:
         count = len(copy.versions())
     click.echo(f"exported {count} version{'s' if count != 1 else ''} to {dest} "

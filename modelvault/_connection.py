@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _pins, _schema
-from ._errors import VaultError
+from ._errors import CorruptVaultError, DamagedVaultWarning, VaultError
+from ._records import Problem
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +42,14 @@ class Connection:
         # commit would commit half a version.
         self.lock = threading.RLock()
         self._pid = os.getpid()
-        self._conn: sqlite3.Connection | None = _schema.connect(
-            path, readonly=readonly, create=create, timeout=timeout)
+        self._conn: sqlite3.Connection | None
+        # What is wrong with the file as a whole, if anything: then it is read-only.
+        self._conn, self.damage = _schema.open_file(path, readonly=readonly, create=create,
+                                                    timeout=timeout)
+        if self.damage is not None:
+            self.readonly = True
+            warnings.warn(DamagedVaultWarning(f"{path}: {self.damage}; opened read-only. "
+                                              f"{self._salvage()}"), stacklevel=4)
         self._pool: ThreadPoolExecutor | None = None
         self._upgraded = readonly  # whether a write found the file in the current format
 
@@ -58,8 +66,13 @@ class Connection:
             self._pid = os.getpid()
             self._pool = None
             self._conn = _schema.connect(self.path, readonly=self.readonly, create=False,
-                                         timeout=self.timeout)
+                                         timeout=self.timeout, damaged=bool(self.damage))
         return self._conn
+
+    def _salvage(self) -> str:
+        return (f"`modelvault export {self.path} NEW.vault --skip-damaged` (or "
+                "vault.export(new, skip_damaged=True)) copies the versions that are whole "
+                "to a new vault")
 
     @property
     def format(self) -> int:
@@ -90,6 +103,9 @@ class Connection:
         add (see make_room). ``exclusive``: keep readers out from the start (gc, which
         must see every lazy reader's pins: see _pins).
         """
+        if self.damage is not None:
+            raise CorruptVaultError(f"{self.path}: {self.damage}; it is read-only. "
+                                    f"{self._salvage()}")
         nested = self.db.in_transaction
         if incoming and not nested:
             self.make_room(incoming)
@@ -104,11 +120,14 @@ class Connection:
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one snapshot, so another process's gc cannot pull chunks
         out from under a load between its queries."""
-        with self._transaction("BEGIN") as db:
+        # Ended by ROLLBACK: a read has nothing to commit, and once it has met a damaged
+        # page (a read of the other rows goes on: see PackStore._pack_content), SQLite's
+        # COMMIT reports that damage again.
+        with self._transaction("BEGIN", end="ROLLBACK") as db:
             yield db
 
     @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, begin: str, end: str = "COMMIT") -> Iterator[sqlite3.Connection]:
         db = self.db
         if db.in_transaction:  # nested inside another of ours
             yield db
@@ -116,7 +135,7 @@ class Connection:
         db.execute(begin)
         try:
             yield db
-            db.execute("COMMIT")
+            db.execute(end)
         except BaseException:
             # SQLite may have rolled back already (disk full), and a failed COMMIT
             # (lock timeout) leaves the transaction open: end it either way, and let the
@@ -129,15 +148,44 @@ class Connection:
             raise
 
     @contextmanager
-    def attached(self, source: Path) -> Iterator[sqlite3.Connection]:
+    def attached(self, source: Path, *, damaged: bool = False
+                 ) -> Iterator[sqlite3.Connection]:
         """The vault at ``source`` attached as ``src``: read-only and through SQLite, so
-        its locks are untouched, and read inside one transaction of ours, one snapshot."""
+        its locks are untouched, and read inside one transaction of ours, one snapshot.
+        ``damaged``: ``source`` is cut short (see ``_schema.connect``)."""
         db = self.db
-        db.execute("ATTACH DATABASE ? AS src", (f"{source.absolute().as_uri()}?mode=ro",))
+        if damaged:  # on for as long as src is read: SQLite checks its header at each read
+            db.execute("PRAGMA writable_schema = ON")
         try:
-            yield db
+            db.execute("ATTACH DATABASE ? AS src", (f"{source.absolute().as_uri()}?mode=ro",))
+            try:
+                yield db
+            finally:
+                db.execute("DETACH DATABASE src")
         finally:
-            db.execute("DETACH DATABASE src")
+            if damaged:
+                db.execute("PRAGMA writable_schema = OFF")
+
+    def problems(self) -> list[Problem]:
+        """What is wrong with the file as SQLite sees it: cut short, damaged pages or
+        indexes, rows that point at missing rows."""
+        db = self.db
+        problems = [] if self.damage is None else [Problem(f"the file is damaged: "
+                                                           f"{self.damage}")]
+        try:
+            # integrity_check, not quick_check: it also finds index entries that point at
+            # the wrong row (the cost is in rows, not in the packs' bytes).
+            result = [r[0] for r in db.execute("PRAGMA integrity_check")]
+            if result != ["ok"]:
+                problems.extend(Problem(f"SQLite integrity_check: {line}") for line in result)
+            problems.extend(Problem(f"{table} row {rowid} points at a missing {parent} row")
+                            for table, rowid, parent, _ in db.execute(
+                                "PRAGMA foreign_key_check"))
+        except sqlite3.DatabaseError as exc:
+            if not _schema.is_damage(exc):
+                raise
+            problems.append(Problem(f"SQLite's checks stop at a damaged page ({exc})"))
+        return problems
 
     def file_bytes(self) -> int:
         """The size of the file, as SQLite sees it."""

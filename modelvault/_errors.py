@@ -19,6 +19,11 @@ Every error the library raises on purpose derives from ``VaultError``; no raw
 
 Plainly bad arguments (an invalid name, a non-serialisable array) raise
 ``ValueError`` or ``TypeError`` as Python users expect.
+
+Warnings (``UserWarning`` subclasses)::
+
+    EnvironmentWarning      a version loaded under other package versions than saved with
+    DamagedVaultWarning     the file is cut short: opened read-only, for salvage
 """
 
 from __future__ import annotations
@@ -116,3 +121,10 @@ class EnvironmentWarning(UserWarning):
     """A version is loaded under other package versions than it was saved with: for a
     package it imports, another major.minor (or none installed), or another Python
     minor version. A pickled model may then behave differently."""
+
+
+class DamagedVaultWarning(UserWarning):
+    """The vault file is damaged as a whole (cut short: a failed copy or download), so it
+    was opened read-only: every write raises CorruptVaultError. The versions whose bytes
+    are all there still load; ``export(..., skip_damaged=True)`` copies them to a new
+    vault."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from . import _chunks, _pins
+from . import _chunks, _pins, _schema
 from ._chunks import np
 from ._connection import Connection
 from ._errors import IntegrityError
@@ -364,9 +365,7 @@ class PackStore:
         cache = packs if packs is not None else {}
         needed = sorted({r.pack_id for r in by_id.values() if type(r.pack_id) is int}
                         - cache.keys())
-        fetched = {row[0]: _chunks.pack_content(*row[1:]) for row in db.execute(
-            f"SELECT id, codec, size, data FROM packs WHERE id IN "
-            f"({','.join('?' * len(needed))})", needed)}
+        fetched = {pack_id: self._pack_content(pack_id) for pack_id in needed}
         # Keep only this call's packs: the cache holds at most two batches' worth.
         current = {pid: cache[pid] for pid in {r.pack_id for r in by_id.values()}
                    if pid in cache}
@@ -374,6 +373,18 @@ class PackStore:
         cache.clear()
         cache.update(current)
         return [_job(r, by_id, current, 0) for r in rows]
+
+    def _pack_content(self, pack_id: int) -> bytes | str:
+        """A pack's content, or what is wrong with it: a pack on a damaged page (a file
+        cut short) fails only the chunks in it, not every chunk read with them."""
+        try:
+            row = self._connection.db.execute(
+                "SELECT codec, size, data FROM packs WHERE id = ?", (pack_id,)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            if not _schema.is_damage(exc):
+                raise
+            return f"cannot be read: its page of the file is damaged ({exc})"
+        return "is missing" if row is None else _chunks.pack_content(*row)
 
     def chunks(self, where: str = "", params: Sequence[Any] = (), *, live: bool = False
                ) -> Iterator[ChunkRow]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _chunks, _json, _pins, _trust
+from . import _chunks, _json, _pins, _schema, _trust
 from ._catalog import check_number, parse_time
 from ._errors import (
     IntegrityError,
@@ -1302,10 +1302,13 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
             entry = state.versions[uuid]
             if bundle.exists():  # an earlier pull's: go on from it if it is a whole vault
                 try:
-                    _Vault(bundle, create=False, progress=False).close()
-                except (LockTimeout, RemoteError):
+                    conn, damage = _schema.open_file(bundle, create=False)
+                    conn.close()
+                except LockTimeout:
                     raise
-                except VaultError:
+                except VaultError as exc:
+                    damage = str(exc)
+                if damage is not None:  # a file cut short opens, read-only: no use here
                     _remove(bundle)
             try:
                 with _Vault(bundle, progress=False) as into:

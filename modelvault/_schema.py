@@ -10,8 +10,11 @@ upgraded by their first write, never refused.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import _atomic, _json
@@ -182,15 +185,108 @@ GROW_AT = 32 * 1024 * 1024
 # The longest string or blob SQLite may hand us (SQLITE_LIMIT_LENGTH).
 MAX_VALUE = 64 * 1024 * 1024
 
+# The planner's statistics tables, which ANALYZE makes (a SQLite browser may run it):
+# allowed besides our schema, but only as SQLite itself writes them. SQLite reads
+# sqlite_stat1 through the file's own definition of it each time it loads the schema,
+# so a column redefined as a generated one would run the file's expression at every
+# open. (sqlite_stat2 and 3 were made by SQLite before 3.8; none is allowed.)
+STATISTICS = {"sqlite_stat1": ("table", "CREATE TABLE sqlite_stat1(tbl,idx,stat)"),
+              "sqlite_stat4": ("table", "CREATE TABLE sqlite_stat4(tbl,idx,neq,nlt,ndlt,"
+                                        "sample)")}
+# What SQLite may spend loading a file's schema, before we have seen it: VM steps, and
+# the longest value. Loading ours (and its statistics) takes about 400 steps and
+# values under 1 KB; these bound what a hostile schema makes SQLite evaluate then.
+SCHEMA_STEPS = 5_000
+SCHEMA_VALUE = 8 * 1024
+
+
+def open_file(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
+              timeout: float = 60.0) -> tuple[sqlite3.Connection, str | None]:
+    """``connect``, and what is wrong with the file as a whole (None: nothing).
+
+    A file cut short (a failed copy or download) is opened read-only all the same
+    (``connect(damaged=True)``), so that the versions whose bytes are all there can be
+    read and exported; SQLite checks only the pages it reads, so a file short of part
+    of its last page would open, and take writes, as if whole.
+    """
+    path = Path(path)
+    try:
+        conn = connect(path, readonly=readonly, create=create, timeout=timeout)
+    except CorruptVaultError:
+        conn = _cut_short(path, timeout)
+        if conn is None:
+            raise
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        return conn, (f"it ends after page {pages}, short of the pages its header counts: "
+                      "the file was cut short")
+    missing = _shortfall(conn, path)
+    if not missing:
+        return conn, None
+    conn.close()
+    return (connect(path, readonly=True, create=False, timeout=timeout, damaged=True),
+            f"its last page lacks {missing} bytes: the file was cut short")
+
+
+def _shortfall(conn: sqlite3.Connection, path: Path) -> int:
+    """How many bytes the file lacks of the pages SQLite counts in it.
+
+    SQLite counts the pages its header gives (bytes 28-31, valid while the
+    version-valid-for number at 92 equals the change counter at 24; else the file's
+    size, rounded up to whole pages) and refuses a file with fewer whole pages than that,
+    but reads the missing end of a last page as zeros. In WAL mode the last pages may
+    be in the -wal file alone: only a last page cut short counts there.
+    """
+    conn.execute("BEGIN")
+    try:
+        # The read lock the first pragma takes keeps writers from resizing the file
+        # until COMMIT.
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        size = path.stat().st_size
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        wal = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.execute("COMMIT")
+    return -size % page if wal else max(0, pages * page - size)
+
+
+def _cut_short(path: Path, timeout: float) -> sqlite3.Connection | None:
+    """A damaged connection to ``path`` if SQLite refuses it only for having fewer pages
+    than its header counts (and it is a vault); None otherwise."""
+    try:
+        conn = connect(path, readonly=True, create=False, timeout=timeout, damaged=True)
+    except VaultError:
+        return None
+    # writable_schema let SQLite read the pages there are; without it, the same
+    # connection is refused at its header if that is what is wrong.
+    conn.execute("PRAGMA writable_schema = OFF")
+    try:
+        conn.execute("PRAGMA page_count")
+    except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            conn.execute("PRAGMA writable_schema = ON")
+            return conn
+    conn.close()
+    return None
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite found a page damaged (SQLITE_CORRUPT): the rows on other pages may
+    still be read."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CORRUPT
+
 
 def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True,
-            timeout: float = 60.0) -> sqlite3.Connection:
+            timeout: float = 60.0, damaged: bool = False) -> sqlite3.Connection:
     """Open ``path`` as a vault, creating it when missing (if ``create`` and not read-only).
+
+    ``damaged``: open it read-only, with SQLite reading the pages there are of a file
+    shorter than its header says (see ``open_file``).
 
     Raises NotAVaultError, FormatVersionError or CorruptVaultError for files that
     are not vaults this version can read.
     """
     path = Path(path)
+    readonly = readonly or damaged
     # os.stat, unlike open(), takes no file descriptor and so cannot drop SQLite's POSIX locks.
     if not path.exists():
         if readonly or not create:
@@ -210,6 +306,10 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
         # Nothing we read or write comes near this (packs are at most 8 MiB): a damaged
         # or hostile file declaring a gigabyte string gets an error, not our memory.
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE)
+        if damaged:
+            # Else SQLite refuses a file with fewer pages than its header counts. Nothing
+            # writes through a read-only connection, its schema above all.
+            conn.execute("PRAGMA writable_schema = ON")
         check(conn, path)
         if not readonly:
             _remove_cold_journal(conn, path, timeout)
@@ -296,6 +396,36 @@ def _create(path: Path) -> None:
 def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
     """Refuse the database ``schema`` of ``conn`` unless it is a vault of our format
     whose schema is exactly ours (``schema`` names an attached database, if not main)."""
+    with _bounded(conn, path):
+        _check(conn, path, schema)
+
+
+@contextmanager
+def _bounded(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
+    """Bound what SQLite spends while it loads the schema (SCHEMA_STEPS, SCHEMA_VALUE).
+
+    SQLite loads a file's schema at the first statement that needs it, and reads the
+    statistics table then, before any check of ours can look at the schema; nothing
+    (not trusted_schema=OFF, nor an authorizer, which SQLite skips while loading)
+    keeps that reading from evaluating expressions the file defines.
+    """
+    steps = itertools.count(1)
+    conn.set_progress_handler(lambda: next(steps) > SCHEMA_STEPS, 1)  # True interrupts
+    length = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SCHEMA_VALUE)
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_INTERRUPT:
+            raise
+        raise CorruptVaultError(f"{path}: schema is not modelvault's (SQLite takes more than "
+                                f"{SCHEMA_STEPS} steps to load it; ours takes a few hundred)"
+                                ) from exc
+    finally:
+        conn.set_progress_handler(None, 1)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
+
+
+def _check(conn: sqlite3.Connection, path: Path, schema: str) -> None:
     app_id = conn.execute(f"PRAGMA {schema}.application_id").fetchone()[0]
     if app_id != APPLICATION_ID:
         raise NotAVaultError(f"{path}: not a modelvault file (application_id {app_id:#x})")
@@ -309,7 +439,8 @@ def check(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
             f"{path}: format version {version} is newer than this modelvault reads "
             f"({FORMAT_VERSION}); upgrade modelvault")
     found = _schema_of(conn, schema)
-    expected = _expected_schema(version)
+    expected = {**_expected_schema(version),
+                **{name: STATISTICS[name] for name in found.keys() & STATISTICS.keys()}}
     if found != expected:
         # Anything else (a trigger, a view, an edited column) could run SQL on our
         # writes or make a column read back as something else: refuse the file.
@@ -383,15 +514,12 @@ def _has_journal(path: Path) -> bool:
 def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tuple[str, str]]:
     """name -> (type, SQL with whitespace squeezed) of every schema object.
 
-    Names starting with ``sqlite_`` are compared too: SQLite names our automatic
-    indexes so, and a trigger written into sqlite_master under such a name (with
-    writable_schema) would fire like any other. Only the planner's statistics tables
-    are left out: ANALYZE, which a SQLite browser may run, makes them.
+    Names starting with ``sqlite_`` are listed too: SQLite names our automatic indexes
+    so, and a trigger written into sqlite_master under such a name (with
+    writable_schema) would fire like any other.
     """
     try:
-        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master WHERE NOT "
-                            "(type = 'table' AND name IN ('sqlite_stat1', 'sqlite_stat4'))"
-                            ).fetchall()
+        rows = conn.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master").fetchall()
     except UnicodeDecodeError as exc:
         raise CorruptVaultError(f"schema text is not UTF-8: {exc}") from exc
     return {name: (kind, " ".join(str(sql).split())) for kind, name, sql in rows}

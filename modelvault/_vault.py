@@ -57,6 +57,7 @@ from ._chunks import np, zstandard
 from ._connection import Connection
 from ._errors import (
     CorruptVaultError,
+    DamagedVaultWarning,
     EnvironmentWarning,
     IntegrityError,
     NotFoundError,
@@ -131,6 +132,8 @@ class Vault:
     Args:
         path: the vault file; created if missing (unless ``readonly`` or not ``create``).
         readonly: open without the right to write; every write raises ReadOnlyError.
+            A file cut short opens read-only whatever this says, with a
+            DamagedVaultWarning; then every write raises CorruptVaultError.
         create: create the file if it is missing; if False, NotAVaultError instead.
         timeout: seconds to wait for another process's write lock before LockTimeout.
         progress: show progress bars on long saves and loads; default when stderr is a terminal.
@@ -149,10 +152,10 @@ class Vault:
         self.path = Path(path)
         self.require = _trust.required(require)
         self._max_expansion = _limits.max_expansion(max_expansion)
-        self.readonly = readonly
         self._progress_shown = progress
         self._connection = Connection(self.path, readonly=readonly, create=create,
                                       timeout=timeout)
+        self.readonly = self._connection.readonly  # a damaged file is, whatever was asked
         self._catalog = Catalog(self._connection)
         self._packs = PackStore(self._connection)
         self._lazy: list[weakref.ref[LazyVersion]] = []  # closed with the vault
@@ -849,7 +852,8 @@ class Vault:
 
     @_api
     def export(self, dest: str | os.PathLike[str],
-               refs: Sequence[str | ModelVersion] | None = None) -> Path:
+               refs: Sequence[str | ModelVersion] | None = None, *,
+               skip_damaged: bool = False) -> Path:
         """Write a compact vault holding every version, or the versions ``refs`` name, to
         ``dest``: only their chunks (and the delta bases those need), packed anew.
 
@@ -857,6 +861,9 @@ class Vault:
         renamed over it, so ``dest`` is at every moment the complete old file or the
         complete new one: the way to publish a vault into a synced folder or attach it
         to an email. Signatures, aliases and tags go along; so do version numbers.
+
+        ``skip_damaged``: the salvage of a damaged vault. Leave out the versions
+        ``verify()`` finds anything wrong with, and name them in a DamagedVaultWarning.
         """
         dest = Path(dest)
         if dest.exists() and dest.resolve() == self.path.resolve():
@@ -864,10 +871,13 @@ class Vault:
         with self._connection.read():
             ids = None if refs is None else sorted(
                 {self._catalog.resolve(_as_ref(ref)).id for ref in refs})
+        if skip_damaged:
+            ids = self._whole(ids, dest)
         partial = _atomic.scratch_path(dest, ".partial")
         try:
             with Vault(partial, timeout=self._connection.timeout, progress=False) as copy:
-                copy._copy_from(self.path, ids, check=False, action="export")
+                copy._copy_from(self.path, ids, check=False, action="export",
+                                damaged=self._connection.damage is not None)
                 copy.gc()  # repacks the packs that came along with chunks left behind
             _atomic.fsync(partial)
             os.replace(partial, dest)
@@ -877,6 +887,19 @@ class Vault:
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         return dest
+
+    def _whole(self, ids: list[int] | None, dest: Path) -> list[int]:
+        """The versions ``ids`` (every one if None) that verify() finds nothing wrong
+        with; a DamagedVaultWarning names the others."""
+        damaged = {(p.model, p.version) for p in self.verify() if p.version is not None}
+        with self._connection.read():
+            rows = [r for r in self._catalog.rows() if ids is None or r.id in ids]
+        left_out = [r.where for r in rows if (r.name, r.version) in damaged]
+        if left_out:
+            warnings.warn(DamagedVaultWarning(
+                f"{self.path}: left out of {dest.name}, damaged: {', '.join(left_out)}"),
+                stacklevel=4)
+        return [r.id for r in rows if (r.name, r.version) not in damaged]
 
     @_api
     def merge(self, other: str | os.PathLike[str] | Vault) -> MergeReport:
@@ -989,8 +1012,8 @@ class Vault:
         return _remote.named(self.path, url, found)
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
-                   action: str) -> MergeReport:
-        with self._connection.attached(source) as db:
+                   action: str, damaged: bool = False) -> MergeReport:
+        with self._connection.attached(source, damaged=damaged) as db:
             # The raw bytes of the versions copied: more than they can add.
             incoming = db.execute(
                 "SELECT coalesce(sum(size), 0) FROM src.versions"
@@ -1026,24 +1049,14 @@ class Vault:
         >>> vault.verify()
         []
         """
-        db = self._connection.db
-        problems: list[Problem] = []
-        # integrity_check, not quick_check: it also finds index entries that point at the
-        # wrong row (the cost is in rows, not in the packs' bytes).
-        result = [r[0] for r in db.execute("PRAGMA integrity_check")]
-        if result != ["ok"]:
-            problems.extend(Problem(f"SQLite integrity_check: {line}") for line in result)
-        for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
-            problems.append(Problem(f"{table} row {rowid} points at a missing {parent} row"))
-        problems += self._catalog.problems()
+        problems = self._connection.problems() + self._catalog.problems()
         keys = _trust.trusted()
-        users: dict[int, tuple[str, int]] = {}
+        users: dict[int, list[tuple[str, int]]] = {}  # every version that uses a chunk
         for row in self._catalog.rows():
             try:
                 contents = self._catalog.contents(row)
-                for chunks in contents.chunks:
-                    for chunk in chunks:
-                        users.setdefault(chunk.id, (row.name, row.version))
+                for chunk_id in {c.id for chunks in contents.chunks for c in chunks}:
+                    users.setdefault(chunk_id, []).append((row.name, row.version))
                 self._catalog.check(row, contents)
                 if _trust.signature_status(row.manifest, row.key_id, row.signature,
                                            keys) == "invalid":
@@ -1051,10 +1064,15 @@ class Vault:
                                          "after it was saved")
             except IntegrityError as exc:
                 problems.append(Problem(str(exc), row.name, row.version, exc.chunk))
+            except sqlite3.DatabaseError as exc:  # its rows are on a damaged page
+                if not _schema.is_damage(exc):
+                    raise
+                problems.append(Problem(f"its rows cannot be read ({exc})", row.name,
+                                        row.version))
         for bad in self._packs.bad_chunks(self._packs.chunks(live=True)):
-            name, number = users.get(bad.id, (None, None))
-            problems.append(Problem(f"chunk {bad.hash}: {bad.problem}", name, number,
-                                    bad.hash))
+            for name, number in users.get(bad.id, [(None, None)]):
+                problems.append(Problem(f"chunk {bad.hash}: {bad.problem}", name, number,
+                                        bad.hash))
         return problems
 
     @_api

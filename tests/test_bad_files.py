@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 import zlib
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from helpers import one_line_error, same
 import modelvault
 from modelvault import (
     CorruptVaultError,
+    DamagedVaultWarning,
     FormatVersionError,
     NotAVaultError,
     VaultError,
@@ -177,6 +179,18 @@ def _run_sql(*statements, writable_schema=False):
     return edit
 
 
+def _statistics(stat, rows=0):
+    """ANALYZE's sqlite_stat1, ``rows`` rows more, its column ``stat`` redefined as the
+    generated column ``stat`` (with writable_schema, as only a hostile file would)."""
+    sql = f"CREATE TABLE sqlite_stat1(tbl, idx, stat AS ({stat}))".replace("'", "''")
+    return _run_sql(
+        "ANALYZE",
+        "INSERT INTO sqlite_stat1 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+        f"FROM n WHERE i < {rows}) SELECT 'models', NULL, '1' FROM n WHERE {rows} > 0",
+        f"UPDATE sqlite_master SET sql = '{sql}' WHERE name = 'sqlite_stat1'",
+        writable_schema=True)
+
+
 # name -> (how to make it from a healthy vault at the path, or bytes; the error expected)
 _BAD_FILES = {
     "0 bytes": (b"", NotAVaultError),
@@ -204,6 +218,13 @@ _BAD_FILES = {
         "'sqlite_evil', 'tags', 0, 'CREATE TRIGGER sqlite_evil AFTER INSERT ON tags BEGIN "
         f"{_MARKER_SQL.replace(chr(39), chr(39) * 2)}; END')", writable_schema=True),
         CorruptVaultError),
+    # SQLite reads the planner's statistics (sqlite_stat1, made by ANALYZE) through the
+    # file's own definition whenever it loads the schema, before any check of ours: a
+    # generated column there ran at every open (a 20-million-character one: 59 s each).
+    "statistics computed by the file's expression": (_statistics(
+        "printf('%.*c', 100000, '7')"), CorruptVaultError),
+    "statistics computed in 20,000 rows": (_statistics(
+        "printf('%.*c', 100 * length(tbl), tbl)", rows=20_000), CorruptVaultError),
 }
 
 
@@ -255,26 +276,38 @@ def test_a_bad_file_gets_a_typed_error_runs_nothing_and_one_cli_line(tmp_path, w
     assert not failures, "\n".join(failures)
 
 
-def _damaged_reads(path, contents):
-    """Open ``path`` and read everything; returns (outcome, wrong, foreign) where outcome is
-    'refused when opened', 'refused' or 'right'."""
-    wrong, foreign, refused = [], [], False
-    try:
-        vault = modelvault.open(path)
-    except VaultError:
-        return "refused when opened", wrong, foreign
-    except Exception as exc:  # noqa: BLE001 - any other kind is the failure looked for
-        return "foreign", wrong, [("open", repr(exc))]
-    problems = []
+def _damaged_reads(path, contents, folder):
+    """Open ``path``, read everything, try a save and the salvage; returns (outcome, wrong,
+    foreign) where outcome is 'refused when opened', 'opened read-only, warned' or 'opened
+    silently' (what a truncated file did before issue #18)."""
+    wrong, foreign = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            vault = modelvault.open(path)
+        except VaultError:
+            return "refused when opened", wrong, foreign
+        except Exception as exc:  # noqa: BLE001 - any other kind is the failure looked for
+            return "foreign", wrong, [("open", repr(exc))]
+    warned = [w for w in caught if issubclass(w.category, DamagedVaultWarning)]
+    outcome = ("opened read-only, warned" if warned and vault.readonly
+               and "cut short" in str(warned[0].message) else "opened silently")
+    refused, named = set(), set()
     with vault:
-        calls = [(ref, lambda ref=ref: vault.load(ref)) for ref in contents]
+        calls = [(ref, lambda ref=ref: vault.load(ref, trust=True)) for ref in contents]
         calls += [("verify", vault.verify), ("versions", vault.versions),
-                  ("get", lambda: vault.get("arr@prod"))]
+                  ("get", lambda: vault.get("arr@prod")),
+                  ("save", lambda: vault.save("arr", {"w": np.zeros(3)}))]
         for what, call in calls:
             try:
                 result = call()
+            except CorruptVaultError as exc:
+                if what == "save" and "cut short" not in str(exc):
+                    wrong.append(("save refused without saying why", str(exc)))
+                refused.add(what)
+                continue
             except VaultError:
-                refused = True
+                refused.add(what)
                 continue
             except Exception as exc:  # noqa: BLE001
                 foreign.append((what, repr(exc)))
@@ -282,12 +315,32 @@ def _damaged_reads(path, contents):
             if what in contents and not same(contents[what], result):
                 wrong.append(what)
             if what == "verify":
-                problems = result
-    return ("refused" if refused or problems else "right"), wrong, foreign
+                named = {f"{p.model}:{p.version}" for p in result if p.model is not None}
+        if "save" not in refused:
+            wrong.append("a save was accepted")
+        if "verify" not in refused:
+            # verify names every version that cannot be read
+            wrong += [(ref, "unreadable, not named by verify") for ref in contents
+                      if ref in refused and ref not in named]
+            salvaged = folder / "salvaged.vault"
+            try:
+                vault.export(salvaged, skip_damaged=True)
+                with modelvault.open(salvaged) as copy:
+                    whole = {v.ref: copy.load(v.ref, trust=True) for v in copy.versions()}
+                    if copy.verify():
+                        wrong.append(("salvage", copy.verify()))
+                if sorted(whole) != sorted(set(contents) - named):
+                    wrong.append(("salvage holds", sorted(whole), "named", sorted(named)))
+                wrong += [(ref, "salvaged wrong") for ref in whole
+                          if not same(contents[ref], whole[ref])]
+            except Exception as exc:  # noqa: BLE001
+                foreign.append(("salvage", repr(exc)))
+            salvaged.unlink(missing_ok=True)
+    return outcome, wrong, foreign
 
 
 @pytest.mark.sweep
-def test_a_vault_truncated_at_any_page_boundary_is_refused(tmp_path, full):
+def test_a_vault_truncated_anywhere_is_refused_or_opened_read_only_for_salvage(tmp_path, full):
     healthy, contents = _healthy(tmp_path, big=True)
     data = healthy.read_bytes()
     page = int.from_bytes(data[16:18], "big")  # the header's page size (a small vault's)
@@ -296,33 +349,63 @@ def test_a_vault_truncated_at_any_page_boundary_is_refused(tmp_path, full):
     # 0 bytes is in the catalogue above; every page boundary under --full, else 24 of them.
     step = 1 if full else max(1, pages // 24)
     cuts = [k * page for k in range(1, pages, step)]
-    mid_page = [100, page + 1000, (pages // 2) * page + page // 2, len(data) - 1]
+    mid_page = [100, page + 1000, (pages // 2) * page + page // 2, len(data) - 1000,
+                len(data) - 1]
     counts = collections.Counter()
     failures = []
     path = tmp_path / "truncated.vault"
     for cut in cuts + mid_page:
         path.write_bytes(data[:cut])
-        outcome, wrong, foreign = _damaged_reads(path, contents)
+        outcome, wrong, foreign = _damaged_reads(path, contents, tmp_path)
         counts[outcome] += 1
-        if wrong or foreign or outcome == "right":
+        if wrong or foreign or outcome == "opened silently":
             failures.append((cut, outcome, wrong, foreign))
         if path.read_bytes() != data[:cut]:
             failures.append((cut, "the file was changed"))
     # The CLI on a few of them (on all of them under --full): each child costs ~0.5 s.
     for cut in cuts + mid_page if full else [cuts[0], cuts[len(cuts) // 2], cuts[-1],
-                                             mid_page[2]]:
+                                             mid_page[-1]]:
         path.write_bytes(data[:cut])
         for command, run in _cli_reads(path, tmp_path).items():
             counts["CLI runs"] += 1
+            # A file that opens says first, in one line, that it was cut short.
+            warning, _, rest = run.stderr.partition("\n")
+            if warning.startswith("Warning: ") and "cut short" in warning:
+                run = run._replace(stderr=rest)
             ok = run.returncode == 0 and command != "verify"
             listed = (command == "verify" and run.returncode == 1 and not run.stderr
                       and run.stdout.strip())  # verify lists the problems it found
             if not (ok or listed or one_line_error(run)):
                 failures.append((cut, command, run.returncode, run.stderr[-500:]))
-    summary = f"{len(cuts)} page boundaries of {pages} and {len(mid_page)} mid-page cuts: {dict(counts)}"
+    summary = (f"{len(cuts)} page boundaries of {pages} and {len(mid_page)} mid-page cuts: "
+               f"{dict(counts)}")
     print(summary)
     assert not failures, f"{summary}; failures: {failures[:10]}"
-    assert counts["refused"] + counts["refused when opened"] == len(cuts) + len(mid_page)
+    assert (counts["opened read-only, warned"] + counts["refused when opened"]
+            == len(cuts) + len(mid_page))
+    assert counts["opened read-only, warned"] > len(cuts) // 2  # the salvage was tried
+
+
+def test_a_vault_in_wal_mode_with_pages_in_its_wal_file_alone_is_whole(tmp_path):
+    """In WAL mode the file may hold fewer pages than SQLite counts (the rest wait in
+    -wal for a checkpoint): that is no file cut short."""
+    path, contents = _healthy(tmp_path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("PRAGMA journal_mode = WAL")
+        other.execute("PRAGMA wal_autocheckpoint = 0")
+        other.execute("INSERT INTO environments (json) VALUES (?)", ("{}" + " " * 200_000,))
+        pages, page = (other.execute(f"PRAGMA {p}").fetchone()[0]
+                       for p in ("page_count", "page_size"))
+        assert pages * page > path.stat().st_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DamagedVaultWarning)
+            with modelvault.open(path) as vault:
+                assert not vault.readonly
+                assert same(contents["arr:1"], vault.load("arr:1"))
+                vault.save("arr", {"w": np.zeros(3)})
+    finally:
+        other.close()
 
 
 # -- row 3: zstd bombs -------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import modelvault
 from modelvault._cli import cli
 
 EXPORTS = [
-    "Changes", "CorruptVaultError", "Diff", "DiskFullError", "EntryChange", "EnvironmentWarning",
+    "Changes", "CorruptVaultError", "DamagedVaultWarning", "Diff", "DiskFullError", "EntryChange",
+    "EnvironmentWarning",
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
@@ -47,8 +48,8 @@ VAULT_METHODS = {
     "close": "(self) -> 'None'",
     "delete": f"(self, ref: '{REF}') -> 'int'",
     "diff": f"(self, a: '{REF}', b: '{REF}') -> '_diff.Diff'",
-    "export": f"(self, dest: '{PATHLIKE}', refs: 'Sequence[str | ModelVersion] | None' = None) "
-              "-> 'Path'",
+    "export": f"(self, dest: '{PATHLIKE}', refs: 'Sequence[str | ModelVersion] | None' = None, "
+              "*, skip_damaged: 'bool' = False) -> 'Path'",
     "extract": f"(self, ref: '{REF}', out_dir: '{PATHLIKE}', *, trust: 'bool' = False) "
                "-> 'list[Path]'",
     "gc": "(self) -> 'int'",
@@ -122,7 +123,7 @@ COMMANDS = {
     "env": ["vault", "ref", "--trust"],
     "browse": ["vault", "--host", "--port"],
     "selftest": ["vault", "refs", "--trust", "--json"],
-    "export": ["vault", "dest", "refs"],
+    "export": ["vault", "dest", "refs", "--skip-damaged"],
     "gc": ["vault"],
     "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],
     "key export": ["-o/--output", "--name"],

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -813,6 +814,22 @@ def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(t
         assert [v.ref for v in b.pull(url).added] == ["net:2"]
         assert b.get("net:2").tags == {"stage": "live"}  # as the remote says now
         assert not _remote._bundle_path(b.path, other.id).exists()
+
+
+def test_a_pull_starts_afresh_from_a_file_cut_short(tmp_path, url):
+    """A pull's file cut short (an OS crash: it is written with synchronous=OFF) opens
+    read-only, as any vault cut short does: the pull starts it afresh, and says nothing."""
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("net", {"w": np.random.default_rng(0).normal(size=50_000)})
+        a.push(url)
+    bundle = _remote._bundle_path(tmp_path / "b.vault", mv.id)
+    with modelvault.open(tmp_path / "b.vault") as b:
+        bundle.write_bytes((tmp_path / "a.vault").read_bytes()[:-100])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert [v.ref for v in b.pull(url).added] == ["net:1"]
+        assert [w.message for w in caught] == []
+        assert not bundle.exists() and b.verify() == []
 
 
 def test_two_pulls_of_one_version_into_one_vault_take_turns(tmp_path, url):

@@ -16,6 +16,7 @@ import zstandard
 import modelvault
 from modelvault import (
     CorruptVaultError,
+    DamagedVaultWarning,
     FormatVersionError,
     IntegrityError,
     NotAVaultError,
@@ -296,6 +297,37 @@ def test_added_schema_objects_are_refused(saved, ddl, what):
     assert what in str(error)
 
 
+def test_statistics_tables_as_analyze_writes_them_are_allowed(saved):
+    path, model = saved
+    db = sqlite3.connect(path)
+    db.execute("ANALYZE")  # as a SQLite browser may
+    db.commit()
+    db.close()
+    with modelvault.open(path) as vault:
+        assert np.array_equal(vault.load("team/churn")["weights"], model["weights"])
+        vault.save("more", {"w": np.ones(3)})
+        assert vault.verify() == []
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE TABLE sqlite_stat1(tbl,idx,stat,extra)",
+    "CREATE TABLE sqlite_stat1(tbl,idx,stat AS (upper(tbl)))",
+    "CREATE TABLE sqlite_stat4(tbl,idx,neq,nlt,ndlt,sample AS (tbl))",
+])
+def test_statistics_tables_not_as_sqlite_writes_them_are_refused(saved, sql):
+    path, _ = saved
+    name = sql.split()[2].split("(")[0]
+    db = sqlite3.connect(path, isolation_level=None)
+    # SQLite refuses to create a name starting with sqlite_: rename a table in place.
+    db.execute("CREATE TABLE stand_in (x)")
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute("UPDATE sqlite_master SET name = ?, tbl_name = ?, sql = ? "
+               "WHERE name = 'stand_in'", (name, name, sql))
+    db.close()
+    error = _open_fails(path, CorruptVaultError)
+    assert f"table {name}" in str(error)
+
+
 def test_missing_table_is_refused(saved):
     path, _ = saved
     db = sqlite3.connect(path)
@@ -306,14 +338,25 @@ def test_missing_table_is_refused(saved):
     assert "tags" in str(error)
 
 
-def test_truncated_file_raises_a_vault_error(saved):
+def test_truncated_file_opens_read_only_and_verify_names_what_cannot_be_read(saved):
     path, _ = saved
     os.truncate(path, path.stat().st_size // 2)
-    with pytest.raises(CorruptVaultError):
-        with modelvault.open(path) as vault:
-            for name in ("team/churn", "files"):
-                vault.load(name)
-            vault.verify()
+    with pytest.warns(DamagedVaultWarning, match="cut short"):
+        vault = modelvault.open(path)
+    with vault:
+        assert vault.readonly
+        problems = vault.verify()
+        assert problems[0].message.startswith("the file is damaged")
+        named = {(p.model, p.version) for p in problems if p.model is not None}
+        for name in ("team/churn", "pickled", "files"):
+            try:
+                vault.load(name, trust=True)
+            except IntegrityError as exc:
+                assert (exc.model, exc.version) in named
+            else:
+                assert (name, 1) not in named
+        with pytest.raises(CorruptVaultError, match="cut short"):
+            vault.tag("files:1", stage="x")
 
 
 # -- damaged contents ------------------------------------------------------------------------
