@@ -712,8 +712,11 @@ class Vault:
         if ``example``, those of the example saved with it (the parts after them)."""
         contents = self._catalog.contents(row)
         self._catalog.check(row, contents)
-        _limits.check(row.where, sum(p.size for p in contents.parts),
-                      self._packs.stored_bytes(c for chunks in contents.chunks for c in chunks),
+        try:
+            stored = self._packs.stored_bytes(c for chunks in contents.chunks for c in chunks)
+        except sqlite3.DatabaseError as exc:  # its packs' rows on a damaged page
+            raise row.error(f"its packs cannot be read ({exc})") from exc
+        _limits.check(row.where, sum(p.size for p in contents.parts), stored,
                       self._max_expansion)
         try:
             model = model_contents(contents, split_layout(row.layout)[1])
