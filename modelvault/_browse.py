@@ -6,12 +6,12 @@ Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported 
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+from . import _json
 from ._records import human_bytes
 
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from
@@ -126,8 +126,8 @@ def render_cell(value: Any, column: str, table: str | None) -> Any:
 def environment_summary(text: str, shown: int = 3) -> str:
     """One line for an environment's JSON: Python and the first packages."""
     try:
-        env = json.loads(text)
-    except (ValueError, RecursionError):
+        env = _json.loads(text)
+    except (ValueError, TypeError):
         return "unreadable environment"
     if not isinstance(env, dict):
         return "unreadable environment"

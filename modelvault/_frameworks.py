@@ -195,6 +195,11 @@ def _json(value: Any) -> Any:
     raise ValueError(f"{type(value).__name__} is not a parameter we can store as JSON")
 
 
+# The largest parameter array rebuilt from a layout: numbers and labels of a model's
+# settings (class labels, feature names), never weights.
+_MAX_PARAMETER_BYTES = 64 * 1024 * 1024
+
+
 def _unjson(value: Any) -> Any:
     if isinstance(value, list):
         return [_unjson(v) for v in value]
@@ -211,10 +216,14 @@ def _unjson(value: Any) -> Any:
     if "array" in value:
         import numpy as np
 
-        # A plain scalar type only: the dtype text is the file's, and "(16000,16000)f8"
-        # would make each listed element a 2 GB block.
+        # Numbers or labels, and no more bytes than the text can honestly give: the
+        # dtype is the file's, and "(16000,16000)f8" or "U100000000" would make each
+        # listed element a block of gigabytes.
         dtype = np.dtype(value["dtype"])
-        if dtype.subdtype is not None or dtype.fields is not None or dtype.hasobject:
-            raise ValueError(f"parameter array of dtype {str(value['dtype'])[:40]!r}")
-        return np.array(value["array"], dtype=dtype)
+        listed = np.array(value["array"], dtype=object)  # a pointer per element
+        if (dtype.kind not in "biufcUS" or dtype.subdtype is not None
+                or listed.size * dtype.itemsize > _MAX_PARAMETER_BYTES):
+            raise ValueError(f"parameter array of dtype {str(value['dtype'])[:40]!r} and "
+                             f"{listed.size:,} elements")
+        return listed.astype(dtype)
     raise ValueError(f"unknown parameter value {json.dumps(value)[:80]}")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# Far deeper than any layout, manifest or record modelvault writes (a nested state
-# dict's layout nests once per module level), far shallower than Python's stack.
-MAX_DEPTH = 100
+# Far deeper than any layout, manifest or record modelvault writes (a layout nests about
+# three levels per level of nested dicts saved: 100 of those), far shallower than
+# Python's stack, which every walker of a layout uses about once per three levels.
+MAX_DEPTH = 300
 
 
 def loads(text: str | bytes) -> Any:
@@ -25,7 +26,9 @@ def loads(text: str | bytes) -> Any:
         value = json.loads(text, object_pairs_hook=_unique)
     except RecursionError:
         raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    check_depth(value)
+    if text.count(b"[" if isinstance(text, bytes) else "[") + text.count(
+            b"{" if isinstance(text, bytes) else "{") > MAX_DEPTH:
+        check_depth(value)  # else it cannot nest deeper: most texts skip the walk
     return value
 
 

@@ -224,14 +224,11 @@ class PackStore:
                 f"({','.join('?' * len(some))})", some)))
         return found
 
-    def stored_bytes(self, rows: Iterable[ChunkRow]) -> float:
-        """The bytes the file stores for these chunks: each distinct chunk and every delta
-        base under it once, a chunk in a compressed pack at its share of the pack's
-        stored size (what ``_limits.check`` weighs a read against)."""
-        ids = sorted({r.id for r in rows})
-        if not ids:
-            return 0.0
-        (total,), = self._connection.db.execute(_STORED_BYTES, (json.dumps(ids),))
+    def stored_bytes(self, ids: Iterable[int]) -> float:
+        """The bytes the file stores for the chunks of these row ids: each distinct chunk
+        and every delta base under it once, a chunk in a compressed pack at its share of
+        the pack's stored size (what ``_limits.check`` weighs a read against)."""
+        (total,), = self._connection.db.execute(_STORED_BYTES, (json.dumps(sorted(set(ids))),))
         return total
 
     def _base_bytes(self, rows: list[ChunkRow]) -> dict[int, np.ndarray]:

@@ -61,6 +61,13 @@ def method_of(model: Any) -> str:
                      "and is not callable: it cannot take an example")
 
 
+def askable(model: Any, method: object) -> bool:
+    """Whether ``method`` (read from a file) is one of ours that ``model`` answers with."""
+    if method == "__call__":
+        return callable(model)
+    return method in METHODS and callable(getattr(model, method, None))  # type: ignore[arg-type]
+
+
 def answer(model: Any, method: str, example: Any) -> Any:
     """The model's answer to ``example``, as plain containers of numpy arrays. Under
     torch.no_grad() when torch is imported, so no graph is kept; the model's training

@@ -161,7 +161,7 @@ def view(flat: Any, name: str, shape: list[int], stride: list[int], offset: int)
     last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
     if all(shape) and last * dtype.itemsize > flat.numel():
         raise ValueError(f"view of shape {shape} reaches past its storage")
-    _limits.check_view(shape, dtype.itemsize, flat.numel())
+    _limits.check_view(shape, dtype.itemsize, flat.numel())  # TooLargeError
     return torch.empty(0, dtype=dtype, device=flat.device).set_(
         flat.untyped_storage(), offset, shape, stride)
 

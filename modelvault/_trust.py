@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _atomic, _json
-from ._errors import VaultError
+from ._errors import UntrustedError, VaultError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -433,6 +433,20 @@ def required(given: str | None = None) -> str | None:
     if given not in (None, "trusted"):
         raise ValueError(f"require must be None or 'trusted', not {given!r}")
     return given
+
+
+def untrusted_why(status: str) -> str:
+    """Why a version of signature ``status`` (not "trusted") is not trusted, for messages."""
+    return ("its signature does not match: it was changed after it was saved"
+            if status == "invalid" else "no key this machine trusts signed it")
+
+
+def check_required(require: str | None, status: str, where: str) -> None:
+    """UntrustedError if the policy ``require`` refuses a version of signature ``status``."""
+    if require == "trusted" and status != "trusted":
+        raise UntrustedError(f"{where}: {untrusted_why(status)}, and this vault reads only "
+                             "versions a trusted key signed (require='trusted'): trust the "
+                             "saver's key with `modelvault trust KEYFILE`")
 
 
 def signer(kid: object, keys: dict[str, TrustedKey] | None = None) -> str | None:

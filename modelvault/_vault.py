@@ -141,7 +141,7 @@ class Vault:
             trusted key signed, arrays and files too, even with ``trust=True``; default
             MODELVAULT_REQUIRE, else None: only what runs code needs a signature.
         max_expansion: how many times the bytes the file stores for a version it may
-            expand to when read, past 256 MiB (TooLargeError beyond; see ``_limits``);
+            expand to when read, past 1 GiB (TooLargeError beyond; see ``_limits``);
             default MODELVAULT_MAX_EXPANSION or 1000, ``float("inf")`` lifts the cap.
     """
 
@@ -317,6 +317,9 @@ class Vault:
             bases = self._delta_bases(name, kind, model_layout, model_parts, parent)
             stored = self._packs.put(parts, bases + [None] * (len(parts) - len(bases)),
                                      advance)
+            _limits.check(f"{name}:{number}", size,
+                          lambda: self._packs.stored_bytes(stored.ids.values()),
+                          self._max_expansion, saving=True)
             rows = [part_row(p, i, size) for i, (p, size) in enumerate(zip(parts, stored.sizes,
                                                                            strict=True))]
             ancestor = (None if parent is None or isinstance(parent, bool)
@@ -496,15 +499,13 @@ class Vault:
                                             "no example was saved with it")
         model = self.load(ref, trust=trust)
         saved = self._example(row, example, trust)
-        # The file never chooses the code to run: the method asked is the one this model
-        # answers with (as at save); a saved name that differs is a damaged or forged example.
-        try:
-            method = _selftest.method_of(model)
-        except ValueError as exc:
-            raise row.error(f"its example cannot be asked: {exc}") from exc
-        if example.get("method") != method:
-            raise row.error(f"its example names method {str(example.get('method'))[:80]!r}, "
-                            f"but the model answers with {method}")
+        # The file never chooses the code to run: only a method of our own list, that
+        # this model has (a class may have gained another since the save).
+        method = example.get("method")
+        if not _selftest.askable(model, method):
+            raise row.error(f"its example cannot be asked: it names {str(method)[:80]!r}, "
+                            f"not one of {', '.join(_selftest.METHODS)} or __call__ that "
+                            f"this {type(model).__name__} has")
         try:
             now = _selftest.answer(model, method, _selftest.decode_example(saved["input"]))
         except Exception as exc:  # the model's own code failing is the finding
@@ -546,6 +547,10 @@ class Vault:
         """
         with self._connection.read():
             rows = [self._catalog.resolve(_as_ref(ref)) for ref in (a, b)]
+            if self.require is not None:  # its values are the version's data too
+                for row in rows:
+                    _trust.check_required(self.require, _trust.signature_status(
+                        row.manifest, row.key_id, row.signature), row.where)
             if rows[0].kind != rows[1].kind:
                 raise ValueError(f"cannot diff {rows[0].where}, {rows[0].what}, "
                                  f"with {rows[1].where}, {rows[1].what}")
@@ -642,12 +647,10 @@ class Vault:
         """Refuse pickles no trusted key signed (and framework files that may run code),
         if loading ``runs_code``, and any version whose signature fails; under
         require="trusted", any version no trusted key signed, whatever ``trust``."""
+        if trust and self.require is None:
+            return  # nothing to ask the signature (an ed25519 check costs ~0.4 ms)
         status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-        if self.require == "trusted" and status != "trusted":
-            raise UntrustedError(f"{row.where}: {_untrusted_why(status)}, and this vault "
-                                 "reads only versions a trusted key signed (require="
-                                 "'trusted'): trust the saver's key with `modelvault trust "
-                                 "KEYFILE`")
+        _trust.check_required(self.require, status, row.where)
         if trust:
             return
         if runs_code and row.kind == "pickle" and status != "trusted":
@@ -657,7 +660,7 @@ class Vault:
         if risky:
             raise UntrustedError(
                 f"{row.where} holds files its framework may run code from when it loads "
-                f"them ({', '.join(risky)}) and {_untrusted_why(status)}. {_TRUST_ADVICE}",
+                f"them ({', '.join(risky)}) and {_trust.untrusted_why(status)}. {_TRUST_ADVICE}",
                 imports=risky)
         if status == "invalid":
             raise row.error("its signature does not match: the version was changed after "
@@ -712,10 +715,13 @@ class Vault:
         if ``example``, those of the example saved with it (the parts after them)."""
         contents = self._catalog.contents(row)
         self._catalog.check(row, contents)
-        try:
-            stored = self._packs.stored_bytes(c for chunks in contents.chunks for c in chunks)
-        except sqlite3.DatabaseError as exc:  # its packs' rows on a damaged page
-            raise row.error(f"its packs cannot be read ({exc})") from exc
+        def stored() -> float:
+            try:
+                return self._packs.stored_bytes(c.id for chunks in contents.chunks
+                                                for c in chunks)
+            except sqlite3.DatabaseError as exc:  # its packs' rows on a damaged page
+                raise row.error(f"its packs cannot be read ({exc})") from exc
+
         _limits.check(row.where, sum(p.size for p in contents.parts), stored,
                       self._max_expansion)
         try:
@@ -1195,17 +1201,12 @@ _TRUST_ADVICE = ("If you trust where this vault came from, load with trust=True 
                  "--trust), or trust the saver's key with `modelvault trust KEYFILE`.")
 
 
-def _untrusted_why(status: str) -> str:
-    return ("its signature does not match: it was changed after it was saved"
-            if status == "invalid" else "no key this machine trusts signed it")
-
-
 def _refuse_pickle(row: VersionRow, what: str, stream: Any, status: str) -> None:
     """UntrustedError for a pickle of ``row`` no trusted key signed, naming what it would
     import (read from its opcodes, never run)."""
     imports = _trust.pickle_imports(bytes(stream))
     raise UntrustedError(
-        f"{row.where} {what} and {_untrusted_why(status)}; unpickling runs code from "
+        f"{row.where} {what} and {_trust.untrusted_why(status)}; unpickling runs code from "
         f"{', '.join(imports) or 'Python builtins only'}. {_TRUST_ADVICE}", imports=imports)
 
 

@@ -77,8 +77,8 @@ def test_the_caller_lifts_the_cap_never_the_file(vault_path, monkeypatch):
 
 
 def test_honest_vaults_stay_under_the_cap(vault_path, monkeypatch):
-    """Zeros, repeats and a fine-tune's deltas are weighed with their bases: under a floor
-    of 64 KiB, each still loads."""
+    """Repeats and a fine-tune's deltas are weighed with their bases: under a floor of
+    64 KiB, each still loads."""
     monkeypatch.setattr(_limits, "EXPANSION_FLOOR", 1 << 16)
     rng = np.random.default_rng(0)
     base = rng.standard_normal(1 << 18).astype(np.float32)
@@ -89,6 +89,26 @@ def test_honest_vaults_stay_under_the_cap(vault_path, monkeypatch):
         vault.save("net", {"w": tuned, "twice": base}, parent=v1)
         assert vault.load("net:2")["w"].tobytes() == tuned.tobytes()
         assert vault.load("net:1")["twice"].tobytes() == base.tobytes()
+
+
+def test_what_a_reader_would_refuse_is_refused_at_save(vault_path, monkeypatch):
+    """A mostly-zero model past the floor reads like a bomb: the save says so (and how
+    to keep it) instead of writing what no load would read back."""
+    monkeypatch.setattr(_limits, "EXPANSION_FLOOR", 1 << 20)
+    zeros = {"w": np.zeros(1 << 23, np.uint8), "b": np.arange(1000.0)}
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(TooLargeError, match="readers refuse such a version"):
+            vault.save("sparse", zeros)
+        assert vault.versions() == []
+    with modelvault.open(vault_path, max_expansion=float("inf")) as vault:
+        vault.save("sparse", zeros)
+        assert vault.load("sparse")["w"].size == 1 << 23
+    with modelvault.open(vault_path) as vault, pytest.raises(TooLargeError):
+        vault.load("sparse")
+    with modelvault.open(vault_path) as vault:  # below the floor: zeros are no question
+        monkeypatch.setattr(_limits, "EXPANSION_FLOOR", 1 << 24)
+        vault.save("small", zeros)
+        assert vault.load("small")["w"].size == 1 << 23
 
 
 def test_a_stride_zero_view_of_a_terabyte_is_refused(vault_path):
@@ -109,14 +129,25 @@ def test_a_stride_zero_view_of_a_terabyte_is_refused(vault_path):
                    "WHERE id = ?", (forged, vid))
         redigest(db, vid)
     db.close()
-    with modelvault.open(vault_path) as vault, pytest.raises(modelvault.IntegrityError,
+    with modelvault.open(vault_path) as vault, pytest.raises(TooLargeError,
                                                              match="view of shape"):
         vault.load("m")
 
 
-def test_a_parameter_dtype_with_a_block_shape_is_refused():
+def test_an_honest_expanded_view_loads(vault_path):
+    torch = pytest.importorskip("torch", reason="tensor views need torch")
+    base = torch.zeros(4)
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", {"a": base, "b": base[:1].expand(80_000_000)})  # 320 MB, no bytes
+        loaded = vault.load("m")
+    assert loaded["b"].shape == (80_000_000,) and loaded["b"].stride() == (0,)
+
+
+@pytest.mark.parametrize("dtype", ["(16000,16000)f8", "U100000000", "S100000000",
+                                   "V100000000", "O", "M8[ns]", "(4,)f8"])
+def test_a_parameter_dtype_that_is_not_a_number_is_refused(dtype):
     from modelvault._frameworks import _unjson
 
     with pytest.raises(ValueError, match="parameter array"):
-        _unjson({"array": [0], "dtype": "(16000,16000)f8"})
+        _unjson({"array": [0], "dtype": dtype})
     assert _unjson({"array": [1, 2], "dtype": "<i8"}).tolist() == [1, 2]

@@ -202,3 +202,29 @@ def test_the_file_never_chooses_the_method_selftest_calls(vault, tmp_path, monke
     with pytest.raises(modelvault.IntegrityError):
         vault.selftest("weights", trust=True)
     assert not target.exists()
+
+
+def test_a_model_with_methods_of_ours_is_still_never_asked_another(vault, tmp_path, switchy,
+                                                                    monkeypatch):
+    """Hostile case: the model has predict, the forged example names tofile (which it has
+    too, as a subclass of ndarray would): only a method of our own list is called."""
+    from modelvault import _selftest
+
+    target = tmp_path / "written-by-selftest"
+
+    class Arrayish(np.ndarray):
+        def predict(self, x):
+            return np.asarray(x, dtype=float).sum()
+
+    model = np.arange(3.0).view(Arrayish)
+    assert callable(model.tofile)
+    with monkeypatch.context() as patch:
+        patch.setattr(_selftest, "method_of", lambda model: "tofile")
+        patch.setattr(_selftest, "answer", lambda model, method, example: np.zeros(1))
+        vault.save("arrayish", switchy.Model(), example=np.str_(target))
+    monkeypatch.setattr(modelvault.Vault, "load", lambda self, ref, trust=False: model)
+    with pytest.raises(modelvault.IntegrityError, match="names 'tofile'"):
+        vault.selftest("arrayish", trust=True)
+    assert not target.exists()
+    assert _selftest.askable(model, "predict") and not _selftest.askable(model, "tofile")
+    assert not _selftest.askable(model, "__call__") and not _selftest.askable(model, None)

@@ -222,6 +222,8 @@ def test_a_signed_only_app_refuses_every_version_its_team_key_did_not_sign(tmp_p
             vault.extract("files", tmp_path / "out")
         with pytest.raises(UntrustedError):
             vault.load("churn:2", keys="w")
+        with pytest.raises(UntrustedError):
+            vault.diff("churn:1", "churn:2")  # its values are its data too
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("MODELVAULT_REQUIRE", "trusted")  # the same for the CLI and load()
     with pytest.raises(UntrustedError):
