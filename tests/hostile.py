@@ -449,6 +449,7 @@ def truncated(place: Place, cut: int = 1000) -> Hostile:
 def _bucket(place: Place) -> tuple[Path, str]:
     """Where a bucket lives: deep enough that a `../..` from its packs/ lands in work."""
     folder = place.work / "bucket" / "remote"
+    folder.parent.mkdir(parents=True, exist_ok=True)  # a push makes only the last folder
     return folder, f"file://{folder}"
 
 

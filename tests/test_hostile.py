@@ -92,11 +92,31 @@ _CHILD = textwrap.dedent("""
         report["outcome"] = "wrong"
         report.setdefault("why", []).append(str(why)[:500])
 
-    def check(vault, honest):
-        # A vault a command wrote: whole, and holding only what its owner saved.
-        problems = vault.verify()
-        if problems:
-            wrong(f"verify: {[str(p) for p in problems][:3]}")
+    def problems(vault):
+        # What verify reports, by the id of the version it names.
+        found = {}
+        for problem in vault.verify():
+            try:
+                key = vault.get(f"{problem.model}:{problem.version}").id
+            except (modelvault.VaultError, ValueError):
+                key = None
+            found.setdefault(key, []).append(str(problem))
+        return found
+
+    def check(vault, honest, source=None):
+        # A vault a command wrote holds only what its owner saved, and verify finds
+        # nothing in it but what it finds in the vault it was copied from (a version a
+        # merge or export carries over with its flaw stays flagged, so not silently).
+        known = {}
+        if source is not None:
+            try:
+                with modelvault.open(source, readonly=True) as v:
+                    known = problems(v)
+            except modelvault.VaultError:
+                return  # the source cannot be checked itself: nothing to hold it to
+        new = {k: v for k, v in problems(vault).items() if k not in known}
+        if new:
+            wrong(f"verify: {list(new.values())[:3]}")
         for mv in vault.versions():
             if mv.id in honest and mv.digest != honest[mv.id]:
                 wrong(f"{mv.ref} ({mv.id}) is not the version its owner saved")
@@ -134,7 +154,9 @@ def _child(argv, place, report, timeout=TIMEOUT):
     def limits():
         # A guard for the machine, not the test's bound: an allocation past it fails in
         # the child (and so the test) instead of taking the memory of other processes.
-        data = 2 * BOUND_MB << 20
+        # It lies above what the issue's bombs get on a usual machine (2.1 and 3.1 GB),
+        # so that they meet the bound, not a MemoryError a command might wrap as ours.
+        data = 4 * BOUND_MB << 20
         resource.setrlimit(resource.RLIMIT_DATA, (data, data))
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, 1 << 30))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -198,13 +220,14 @@ try:
 except modelvault.VaultError as exc:  # refused: the remote stays as it was
     report["outcome"] = "typed"
     report["error"] = f"{type(exc).__name__}: {exc}"[:500]
-else:  # pushed: what a colleague then clones must be the owner's
+else:  # pushed: the owner's versions, as a colleague then clones them, are the owner's
     try:
-        with modelvault.clone(URL, WORK + "/check.vault") as c:
+        there = {r.id: f"{r.name}:{r.version}" for r in modelvault.Remote(URL).versions()}
+        if set(HONEST) - set(there):
+            wrong(f"the push reported success; the remote lacks {set(HONEST) - set(there)}")
+        with modelvault.clone(URL, WORK + "/check.vault",
+                              [there[u] for u in HONEST if u in there]) as c:
             check(c, HONEST)
-            missing = set(HONEST) - {mv.id for mv in c.versions()}
-            if missing:
-                wrong(f"the push reported success; the remote lacks {sorted(missing)}")
     except modelvault.VaultError as exc:
         wrong(f"the push reported success; a clone then fails: {type(exc).__name__}: {exc}")
 """
@@ -216,8 +239,8 @@ COMMANDS = {
     "show": ("cli", ["show", "{V}", "{REF}"], "vault", ()),
     "log": ("cli", ["log", "{V}", "m"], "vault", ()),
     "verify": ("cli", ["verify", "{V}"], "vault", ()),
-    "verify lib": ("lib", "report['problems'] = len(modelvault.open(V, create=False)"
-                   ".verify())", "vault", ()),
+    "verify lib": ("lib", "with modelvault.open(V, create=False) as v:\n"
+                   "    report['outcome'] = 'reported' if v.verify() else 'ok'", "vault", ()),
     "diff": ("lib", "with modelvault.open(V, create=False) as v:\n    v.diff(OTHER, REF)",
              "vault", ()),
     "cli diff": ("cli", ["diff", "{V}", "{OTHER}", "{REF}"], "vault", ()),
@@ -229,12 +252,12 @@ COMMANDS = {
     "load": ("lib", "with modelvault.open(V, create=False) as v:\n    v.load(REF)", "vault",
              ()),
     "merge": ("lib", "with modelvault.open(WORK + '/target.vault') as t:\n"
-              "    t.merge(V)\n    check(t, HONEST)", "vault", ("target.vault",)),
+              "    t.merge(V)\n    check(t, HONEST, V)", "vault", ("target.vault",)),
     "cli merge": ("cli", ["merge", "{WORK}/empty.vault", "{V}"], "vault", ("empty.vault",)),
     "export": ("lib", "with modelvault.open(V, create=False) as v:\n"
                "    v.export(WORK + '/export.vault')\n"
                "with modelvault.open(WORK + '/export.vault', readonly=True) as c:\n"
-               "    check(c, HONEST)", "vault", ("export.vault",)),
+               "    check(c, HONEST, V)", "vault", ("export.vault",)),
     "cli export": ("cli", ["export", "{V}", "{WORK}/export.vault"], "vault",
                    ("export.vault",)),
     "browse": ("lib", _BROWSE, "vault", ()),
@@ -320,8 +343,9 @@ def pytest_generate_tests(metafunc):
 _REQUIREMENT = re.compile(r"#[^\n]*|[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 
 
-def _right_answer(attack, command, run, made):
-    """Why a command's successful answer is wrong for this attack, or None."""
+def _right_answer(attack, command, outcome, run, made):
+    """Why a command's answer (``outcome`` 'ok' or 'reported') is wrong for this attack,
+    or None."""
     if command == "env" and not all(_REQUIREMENT.fullmatch(line)
                                     for line in run.stdout.splitlines()):
         return f"env printed a line pip would take for an option: {run.stdout[-300:]!r}"
@@ -330,7 +354,8 @@ def _right_answer(attack, command, run, made):
             return "show calls metadata SQLite reads otherwise 'trusted'"
         if command == "open" and run.report.get("signatures", {}).get(made.ref) == "trusted":
             return "the signature of metadata SQLite reads otherwise is 'trusted'"
-    if command in ("verify", "verify lib") and attack in ("duplicate keys", "truncated"):
+    if outcome == "ok" and command.startswith("verify") and attack in ("duplicate keys",
+                                                                      "truncated"):
         return "verify found nothing wrong"
     return None
 
@@ -356,13 +381,13 @@ def _outcome(attack, command, run, made):
         outcome = run.report.get("outcome")
         if outcome == "wrong":
             return f"a wrong result: {run.report.get('why')}"
-        if outcome not in ("ok", "typed") or run.returncode != 0:
+        if outcome not in ("ok", "typed", "reported") or run.returncode != 0:
             return (f"exit {run.returncode}, {run.report.get('error')}: "
                     f"{run.stderr[-1500:]}")
     if command in made.refuse and outcome != "typed":
         return f"{outcome}: must be refused (stdout {run.stdout[-300:]!r})"
     if outcome in ("ok", "reported"):
-        return _right_answer(attack, command, run, made) or outcome
+        return _right_answer(attack, command, outcome, run, made) or outcome
     return outcome
 
 
