@@ -60,7 +60,9 @@ class Hostile:
     digest of every version as its owner saved it (a pull that brings one with another
     digest served a wrong model); ``owner``: for bucket attacks on pushes, the owner's
     vault, which pushes to the bucket; ``refuse``: the commands that must end in a typed
-    error (a result would be wrong, not merely different)."""
+    error (a result would be wrong, not merely different); ``damaged``: verify must
+    report it (or refuse the file); ``forged``: a version a key trusted here signed was
+    edited since, so nothing may call it trusted (and verify must report it)."""
 
     attack: str
     ref: str
@@ -70,6 +72,8 @@ class Hostile:
     owner: Path | None = None
     honest: dict[str, str] = field(default_factory=dict)
     refuse: frozenset[str] = frozenset()
+    damaged: bool = False
+    forged: bool = False
 
 
 @contextlib.contextmanager
@@ -412,7 +416,8 @@ def nested_deep(place: Place, where: str, depth: int = 50_000) -> Hostile:
                        ('{"script":' + deep_json(depth, inner='"x"') + "}", vid))
         else:
             raise ValueError(where)
-    return Hostile(f"JSON nested {depth:,} deep in the {where}", "m:2", "m:1", vault=path)
+    return Hostile(f"JSON nested {depth:,} deep in the {where}", "m:2", "m:1", vault=path,
+                   forged=True)
 
 
 def duplicate_keys(place: Place) -> Hostile:
@@ -425,7 +430,8 @@ def duplicate_keys(place: Place) -> Hostile:
     with edit(path) as db:
         db.execute("UPDATE versions SET metadata = ? WHERE id = ?",
                    ('{"acc":0.99,"acc":0.1}', version_id(db, "m", 2)))
-    return Hostile("duplicate keys in signed metadata", "m:2", "m:1", vault=path)
+    return Hostile("duplicate keys in signed metadata", "m:2", "m:1", vault=path,
+                   forged=True)
 
 
 # -- damage ----------------------------------------------------------------------------
@@ -441,7 +447,8 @@ def truncated(place: Place, cut: int = 1000) -> Hostile:
     honest = _digests(path)
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - cut)
-    return Hostile(f"truncated by {cut:,} bytes", "m:3", "m:1", vault=path, honest=honest)
+    return Hostile(f"truncated by {cut:,} bytes", "m:3", "m:1", vault=path, honest=honest,
+                   damaged=True)
 
 
 # -- buckets ---------------------------------------------------------------------------
@@ -637,7 +644,7 @@ def manifest_bomb(place: Place, times: int = 3000) -> Hostile:
                             "size": part["size"]}])
     return Hostile(f"a manifest listing one chunk {times:,} times", "m:2", "m:1", url=url,
                    owner=owner, honest=_digests(owner),
-                   refuse=frozenset({"pull", "clone", "cli clone"}))
+                   refuse=frozenset({"pull", "cli pull", "clone", "cli clone"}))
 
 
 # -- the catalogue ---------------------------------------------------------------------

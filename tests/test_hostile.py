@@ -113,8 +113,9 @@ _CHILD = textwrap.dedent("""
                 with modelvault.open(source, readonly=True) as v:
                     known = problems(v)
             except modelvault.VaultError:
-                return  # the source cannot be checked itself: nothing to hold it to
-        new = {k: v for k, v in problems(vault).items() if k not in known}
+                known = None  # the source cannot be checked itself: nothing to hold to
+        new = {k: v for k, v in problems(vault).items() if k not in known} if (
+            known is not None) else {}
         if new:
             wrong(f"verify: {list(new.values())[:3]}")
         for mv in vault.versions():
@@ -302,7 +303,7 @@ AIMED = {
     "deep environment": ("env", "diff"),
     "deep lineage": ("show", "log"),
     "duplicate keys": ("show",),
-    "stride 0": ("load",),
+    "stride 0": ("load", "extract"),
     "truncated": ("load", "export"),
     "bucket: 6 GiB log entry": (),
     "bucket: number 2**64": (),
@@ -316,14 +317,10 @@ AIMED = {
 assert AIMED.keys() == hostile.ATTACKS.keys()
 
 
-def _is_bucket(attack):
-    return attack.startswith("bucket:")
-
-
 def _pairs(full):
     pairs = []
     for attack in hostile.ATTACKS:
-        kind = "bucket" if _is_bucket(attack) else "vault"
+        kind = "bucket" if attack.startswith("bucket:") else "vault"
         every = [c for c, spec in COMMANDS.items() if spec[2] == kind]
         basics = _BUCKET_BASICS if kind == "bucket" else _FILE_BASICS
         chosen = every if full else [*basics, *AIMED[attack]]
@@ -343,24 +340,23 @@ def pytest_generate_tests(metafunc):
 _REQUIREMENT = re.compile(r"#[^\n]*|[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 
 
-def _right_answer(attack, command, outcome, run, made):
-    """Why a command's answer (``outcome`` 'ok' or 'reported') is wrong for this attack,
-    or None."""
+def _right_answer(command, outcome, run, made):
+    """Why a command's answer (``outcome`` 'ok' or 'reported') is wrong for what the
+    attack made, or None."""
     if command == "env" and not all(_REQUIREMENT.fullmatch(line)
                                     for line in run.stdout.splitlines()):
         return f"env printed a line pip would take for an option: {run.stdout[-300:]!r}"
-    if attack == "duplicate keys":
-        if command == "show" and re.search(r"^signature:\s+trusted", run.stdout, re.M):
-            return "show calls metadata SQLite reads otherwise 'trusted'"
-        if command == "open" and run.report.get("signatures", {}).get(made.ref) == "trusted":
-            return "the signature of metadata SQLite reads otherwise is 'trusted'"
-    if outcome == "ok" and command.startswith("verify") and attack in ("duplicate keys",
-                                                                      "truncated"):
+    if made.forged and command == "show" and re.search(r"^signature:\s+trusted",
+                                                       run.stdout, re.M):
+        return "show calls a version edited since it was signed 'trusted'"
+    if made.forged and run.report.get("signatures", {}).get(made.ref) == "trusted":
+        return "a version edited since it was signed is 'trusted'"
+    if (made.damaged or made.forged) and outcome == "ok" and command.startswith("verify"):
         return "verify found nothing wrong"
     return None
 
 
-def _outcome(attack, command, run, made):
+def _outcome(command, run, made):
     """'ok', 'reported' (verify/selftest listed problems), 'typed' or a failure text."""
     how = COMMANDS[command][0]
     if run.hung:
@@ -387,7 +383,7 @@ def _outcome(attack, command, run, made):
     if command in made.refuse and outcome != "typed":
         return f"{outcome}: must be refused (stdout {run.stdout[-300:]!r})"
     if outcome in ("ok", "reported"):
-        return _right_answer(attack, command, outcome, run, made) or outcome
+        return _right_answer(command, outcome, run, made) or outcome
     return outcome
 
 
@@ -438,7 +434,7 @@ def _make(attack, place):
     return hostile.ATTACKS[attack](place)
 
 
-def _trial(attack, made, command, place, tmp_path):
+def _trial(made, command, place, tmp_path):
     """Run the command on what the attack made, in a child; returns (failures, outcome,
     the Run)."""
     how, what, _, allowed = COMMANDS[command]
@@ -455,7 +451,7 @@ def _trial(attack, made, command, place, tmp_path):
     run = _child(argv, place, tmp_path / "report.json")
     after = _tree(scratch)
     failures = []
-    outcome = _outcome(attack, command, run, made)
+    outcome = _outcome(command, run, made)
     if outcome not in ("ok", "reported", "typed"):
         failures.append(outcome)
     peak = run.report.get("peak_kb")
@@ -475,7 +471,7 @@ def _trial(attack, made, command, place, tmp_path):
 def test_a_hostile_input_gets_a_typed_error_or_a_right_answer(attack, command, place,
                                                               tmp_path):
     made = _make(attack, place)
-    failures, outcome, run = _trial(attack, made, command, place, tmp_path)
+    failures, outcome, run = _trial(made, command, place, tmp_path)
     print(f"{attack} / {command}: {outcome}; peak {run.report.get('peak_kb', 0) >> 10} MB")
     assert not failures, f"{attack} / {command}:\n" + "\n".join(failures)
 
@@ -485,7 +481,7 @@ def test_a_hostile_input_gets_a_typed_error_or_a_right_answer(attack, command, p
                                      "export", "browse"])
 def test_the_harness_passes_an_honest_vault(command, place, tmp_path):
     """The checks themselves: an honest vault passes every one, with room to spare."""
-    failures, outcome, run = _trial("honest", _honest(place), command, place, tmp_path)
+    failures, outcome, run = _trial(_honest(place), command, place, tmp_path)
     assert not failures and outcome == "ok", (failures, outcome, run.stderr[-500:])
     assert run.report["peak_kb"] < (BOUND_MB << 10) // 2
 
