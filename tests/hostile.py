@@ -139,7 +139,7 @@ def unsafe_names() -> st.SearchStrategy[str]:
 
 def files_named(place: Place, names: list[str], attack: str) -> Hostile:
     """A files model: m:1 honest (ok.bin), m:2 whose files were renamed to ``names``
-    (digest recomputed; its signature then fails)."""
+    (digest recomputed), both signed by the attacker's key, which is not trusted here."""
     path = place.work / "hostile.vault"
     source = place.attacker / "files"
     (source / "m2").mkdir(parents=True)
