@@ -362,6 +362,10 @@ def _outcome(command, run, made):
     how = COMMANDS[command][0]
     if run.hung:
         return f"no answer in {TIMEOUT} s: killed"
+    # A warning the CLI prints on a line of its own (a file cut short, opened read-only)
+    # goes with any outcome.
+    run = run._replace(stderr="".join(line for line in run.stderr.splitlines(True)
+                                      if not line.startswith("Warning: ")))
     if how == "cli":
         if run.returncode == 0:
             outcome = "ok"
