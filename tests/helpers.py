@@ -71,11 +71,8 @@ def version_id(db, name, number=1):
                       "WHERE m.name = ? AND v.version = ?", (name, number)).fetchone()[0]
 
 
-def redigest(db, version_id):
-    """Recompute a version's digest from its rows, as docs/format.md defines it (what
-    anyone who can write the file can do after editing it)."""
-    kind, layout = db.execute("SELECT kind, layout FROM versions WHERE id = ?",
-                              (version_id,)).fetchone()
+def digest_parts(db, version_id):
+    """A version's parts as its digest covers them (docs/format.md, "The digest")."""
     parts = []
     for part, pkind, name, dtype, shape, fortran, itemsize, size in db.execute(
             "SELECT part, kind, name, dtype, shape, fortran_order, itemsize, size "
@@ -87,6 +84,15 @@ def redigest(db, version_id):
                       "shape": None if shape is None else json.loads(shape),
                       "fortran_order": fortran, "itemsize": itemsize, "size": size,
                       "chunks": hashes})
-    digest = blake3.blake3(canonical_json(
-        {"kind": kind, "layout": json.loads(layout), "parts": parts})).hexdigest()
+    return parts
+
+
+def redigest(db, version_id):
+    """Recompute a version's digest from its rows, as docs/format.md defines it (what
+    anyone who can write the file can do after editing it)."""
+    kind, layout = db.execute("SELECT kind, layout FROM versions WHERE id = ?",
+                              (version_id,)).fetchone()
+    digest = blake3.blake3(canonical_json({"kind": kind, "layout": json.loads(layout),
+                                           "parts": digest_parts(db, version_id)})
+                           ).hexdigest()
     db.execute("UPDATE versions SET digest = ? WHERE id = ?", (digest, version_id))
