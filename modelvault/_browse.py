@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import warnings
 from pathlib import Path
 from typing import Any
 
 from . import _json
+from ._errors import CorruptVaultError, DamagedVaultWarning
 from ._records import human_bytes
 
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from
@@ -66,7 +68,13 @@ def _signed(path: Path) -> list[str]:
     """The uuids of the versions whose signature a key trusted here verifies."""
     from ._vault import Vault
 
-    with Vault(path, readonly=True) as vault:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", DamagedVaultWarning)
+        vault = Vault(path, readonly=True)
+    with vault:
+        damaged = [w.message for w in seen if issubclass(w.category, DamagedVaultWarning)]
+        if damaged:  # its pages would fail one by one, as HTTP 500s
+            raise CorruptVaultError(f"browse reads whole vaults: {damaged[0]}")
         return [mv.id for mv in vault.versions() if mv.signature == "trusted"]
 
 

@@ -66,6 +66,14 @@ class VersionRow(NamedTuple):
                                self.description, self.metadata, self.environment,  # type: ignore[arg-type]
                                _trust.lineage_text(self.parent, self.source))
 
+    def layouts(self) -> tuple[Any, dict[str, Any] | None]:
+        """``split_layout`` of this version's layout; IntegrityError naming the version if
+        it cannot be read (not JSON, too deep, a malformed example)."""
+        try:
+            return split_layout(self.layout)
+        except (ValueError, TypeError) as exc:
+            raise self.error(f"unreadable layout: {exc}") from exc
+
     def error(self, message: str, chunk: str | None = None) -> IntegrityError:
         """An IntegrityError about this version."""
         return IntegrityError(f"{self.where}: {message}", model=self.name,
@@ -418,7 +426,7 @@ class Catalog:
         """
         none: list[Bases | None] = [None] * len(parts)
         try:
-            old_layout, example = split_layout(parent.layout)
+            old_layout, example = parent.layouts()
             old = model_contents(self.contents(parent), example)
             if kind in FILE_KINDS:
                 return _file_bases(old_layout if parent.kind in FILE_KINDS else {}, old,

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from . import _trust
-from ._errors import VaultError
+from ._errors import IntegrityError, VaultError
 from ._records import ModelVersion, human_bytes
 from ._vault import Vault
 from ._version import __version__
@@ -355,18 +355,19 @@ def env_command(vault: Path, ref: str, trust: bool) -> None:
     """Print a requirements file (name==version lines) of the packages REF was saved
     with, after a comment naming its Python: `pip install -r` it to rebuild that
     environment."""
-    from . import _environment
+    from . import _environment, _trust
 
     with _open(vault) as v:
         mv = v.get(ref)
+        _trust.check_required(v.require, mv.signature, mv.ref)
     if mv.signature == "invalid" and not trust:
         raise click.ClickException(f"{mv.ref}: its signature does not match: the version, "
                                    "its environment too, was changed after it was saved "
                                    "(--trust to print it anyway)")
     try:
         click.echo(_environment.requirements(mv.environment), nl=False)
-    except ValueError as exc:
-        raise click.ClickException(f"{mv.ref}: {exc}") from exc
+    except ValueError as exc:  # a forged or damaged record: the version's own error
+        raise IntegrityError(f"{mv.ref}: {exc}", model=mv.name, version=mv.version) from exc
 
 
 @cli.command("put")

@@ -64,14 +64,19 @@ def live_chunks(also: str = "") -> str:
 
 
 # Every chunk listed and its delta bases (UNION ends a cycle), each at its share of its
-# pack's stored bytes: a zstd pack of 8 MiB of zeros stores a few hundred bytes.
+# pack's stored bytes (a zstd pack of 8 MiB of zeros stores a few hundred bytes), and no
+# pack counted for more than it holds: rows of one file may point at overlapping bytes,
+# and each such row would otherwise count again.
 _STORED_BYTES = """
 WITH RECURSIVE chain(id) AS (
     SELECT value FROM json_each(?)
     UNION SELECT c.base_id FROM chunks c JOIN chain ON c.id = chain.id
-          WHERE c.base_id IS NOT NULL)
-SELECT total(c.length * CAST(length(p.data) AS REAL) / max(p.size, 1))
-FROM chain JOIN chunks c ON c.id = chain.id JOIN packs p ON p.id = c.pack_id
+          WHERE c.base_id IS NOT NULL),
+listed(pack_id, bytes) AS (
+    SELECT c.pack_id, total(c.length) FROM chain JOIN chunks c ON c.id = chain.id
+    GROUP BY c.pack_id)
+SELECT total(min(listed.bytes, p.size) * CAST(length(p.data) AS REAL) / max(p.size, 1))
+FROM listed JOIN packs p ON p.id = listed.pack_id
 """
 
 

@@ -22,6 +22,7 @@ import pickle
 import re
 import stat
 import sys
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -531,6 +532,7 @@ def safe_relative_path(name: str) -> PurePosixPath:
     path = PurePosixPath(name)
     for part in name.split("/"):
         if (part in ("", ".", "..") or _NAME_CHARS.search(part) or part[-1] in ". "
+                or any(unicodedata.category(c) == "Cf" for c in part)  # HFS+ ignores some
                 or _DEVICES.fullmatch(part) or len(part.encode("utf-8")) > MAX_NAME_PART):
             raise ValueError(f"unsafe file name in vault: {name[:100]!r} ({part[:40]!r} is "
                              "not a file name every system can hold)")
@@ -540,17 +542,25 @@ def safe_relative_path(name: str) -> PurePosixPath:
     return path
 
 
+def _folded(name: str) -> str:
+    """``name`` as macOS and Windows compare names: case folded, and (APFS, HFS+) the
+    same in any Unicode normalization form."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
 def safe_relative_paths(names: Iterable[str]) -> list[PurePosixPath]:
     """Each of ``names`` as ``safe_relative_path`` does, and none the same file or folder
     as another where case is folded (macOS, Windows), nor a file where another needs a
-    folder ("a" and "a/b"): otherwise extracting one would overwrite or block another."""
+    folder ("a" and "a/b"), also where Unicode normalization does not count (macOS):
+    otherwise extracting one would overwrite or block another."""
     paths = [safe_relative_path(name) for name in names]
-    files = {str(p).casefold() for p in paths}
+    files = {_folded(str(p)) for p in paths}
     if len(files) < len(paths):
-        raise ValueError("two file names in vault are the same where case does not count")
+        raise ValueError("two file names in vault are the same where case and Unicode "
+                         "normalization do not count")
     for path in paths:
         for folder in list(path.parents)[:-1]:
-            if str(folder).casefold() in files:
+            if _folded(str(folder)) in files:
                 raise ValueError(f"file name in vault {str(path)[:100]!r} needs a folder "
                                  f"where another file is: {str(folder)[:100]!r}")
     return paths

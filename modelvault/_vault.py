@@ -50,7 +50,6 @@ from ._catalog import (
     VersionRow,
     model_contents,
     part_row,
-    split_layout,
 )
 from ._catalog import digest as content_digest
 from ._chunks import np, zstandard
@@ -493,7 +492,7 @@ class Vault:
         for a version saved without an example. Trust as for ``load``.
         """
         row = self._catalog.resolve(_as_ref(ref))
-        example = split_layout(row.layout)[1]
+        example = row.layouts()[1]
         if example is None:
             return _selftest.SelftestResult(row.where, None, None, 0, 0, None, None,
                                             "no example was saved with it")
@@ -564,7 +563,7 @@ class Vault:
         entries: list[_diff.EntryChange] = []
         if kind in FILE_KINDS:
             entries += _file_changes(contents, hashes)
-        if kind == "arrays" or any(split_layout(r.layout)[0].get("tensors") for r in rows):
+        if kind == "arrays" or any(r.layouts()[0].get("tensors") for r in rows):
             entries += self._entry_changes(rows)
         if kind == "arrays":
             entries += _value_changes(rows)
@@ -603,7 +602,7 @@ class Vault:
         (only its chunks): the arrays and tensors of an arrays version, the tensors of a
         pickle (read from its stream, never run), or the tensors of a files or framework
         version's safetensors files."""
-        layout = split_layout(row.layout)[0]
+        layout = row.layouts()[0]
         if row.kind in ("arrays", "pickle"):
             found = (_serialize.entries(layout) if row.kind == "arrays"
                      else self._pickle_entries(row, contents, layout))
@@ -725,7 +724,7 @@ class Vault:
         _limits.check(row.where, sum(p.size for p in contents.parts), stored,
                       self._max_expansion)
         try:
-            model = model_contents(contents, split_layout(row.layout)[1])
+            model = model_contents(contents, row.layouts()[1])
         except (ValueError, TypeError) as exc:
             raise row.error(str(exc)) from exc
         if not example:
@@ -933,8 +932,27 @@ class Vault:
             raise ValueError(f"{source} is the vault itself; merge another file into it")
         # Opening it as a vault first gives the usual errors for a file that is not one
         # (or that needs a writable open to roll back an interrupted write).
-        Vault(source, readonly=True, create=False).close()
-        return self._copy_from(source, None, check=True, action="merge")
+        with Vault(source, readonly=True, create=False) as theirs:
+            if self.require is None:
+                ids, refused = None, []
+            else:  # as a pull does: only what a key trusted here signed comes in
+                ids, refused = theirs._required_ids(self.require)
+        report = self._copy_from(source, ids, check=True, action="merge")
+        return MergeReport(report.added, report.renumbered, (*report.conflicts, *refused))
+
+    @_api
+    @_snapshot
+    def _required_ids(self, require: str) -> tuple[list[int], list[str]]:
+        """The row ids of the versions ``require`` lets in, and a line for each refused."""
+        ids, refused = [], []
+        for row in self._catalog.rows():
+            status = _trust.signature_status(row.manifest, row.key_id, row.signature)
+            try:
+                _trust.check_required(require, status, row.where)
+                ids.append(row.id)
+            except UntrustedError as exc:
+                refused.append(f"not merged: {exc}")
+        return ids, refused
 
     @_api
     def push(self, url: str, refs: Sequence[str | ModelVersion] | None = None, *,
@@ -1174,7 +1192,7 @@ def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
 def _value_changes(rows: list[VersionRow]) -> list[_diff.EntryChange]:
     """The plain values of two arrays versions (an epoch count beside the weights)."""
     try:
-        found = [_diff.values(split_layout(r.layout)[0]) for r in rows]
+        found = [_diff.values(r.layouts()[0]) for r in rows]
     except (ValueError, TypeError) as exc:
         raise rows[0].error(f"cannot read its layout: {exc}") from exc
     missing = object()
@@ -1248,7 +1266,7 @@ def _file_modes(row: VersionRow, count: int) -> list[int | None]:
     """The permission bits a files version recorded for each file, or None each (saved
     before modelvault recorded them, or unreadable: the file still comes out)."""
     try:
-        modes = split_layout(row.layout)[0].get("modes")
+        modes = row.layouts()[0].get("modes")
     except (ValueError, AttributeError):
         modes = None
     if not (isinstance(modes, list) and len(modes) == count
@@ -1259,7 +1277,7 @@ def _file_modes(row: VersionRow, count: int) -> list[int | None]:
 
 def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) -> Any:
     try:
-        layout = split_layout(row.layout)[0]
+        layout = row.layouts()[0]
         if row.kind == "arrays":
             return _serialize.rebuild_native(layout, parts, device)
         if row.kind == "pickle":

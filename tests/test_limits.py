@@ -151,3 +151,34 @@ def test_a_parameter_dtype_that_is_not_a_number_is_refused(dtype):
     with pytest.raises(ValueError, match="parameter array"):
         _unjson({"array": [0], "dtype": dtype})
     assert _unjson({"array": [1, 2], "dtype": "<i8"}).tolist() == [1, 2]
+
+
+def test_chunk_rows_over_the_same_bytes_count_once(vault_path, monkeypatch):
+    """Hostile case: K chunk rows over one region of one pack (start 0..K-1, so K
+    hashes) would each count the region again, lifting the cap K times."""
+    import blake3
+
+    monkeypatch.setattr(_limits, "EXPANSION_FLOOR", 1 << 20)
+    size, rows = 1 << 16, 8
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", {"w": np.zeros(4, np.uint8)})
+    region = np.random.default_rng(0).bytes(size + rows)
+    with sqlite3.connect(vault_path) as db:
+        vid = version_id(db, "m")
+        pack = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', ?, ?)",
+                          (len(region), region)).lastrowid
+        ids = [db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
+                          "start, length) VALUES (?, ?, 'raw', 1, NULL, ?, ?, ?)",
+                          (blake3.blake3(region[i:i + size]).hexdigest(), size, pack, i, size)
+                          ).lastrowid for i in range(rows)]
+        listed = ids * 150  # 1,200 x 64 KiB = 75 MiB: past 1000 x 64 KiB, under 1000 x 512
+        db.execute("DELETE FROM part_chunks WHERE version_id = ?", (vid,))
+        db.executemany("INSERT INTO part_chunks VALUES (?, 0, ?, ?)",
+                       ((vid, seq, chunk) for seq, chunk in enumerate(listed)))
+        db.execute("UPDATE parts SET size = ?, shape = ? WHERE version_id = ? AND part = 0",
+                   (size * len(listed), json.dumps([size * len(listed)]), vid))
+        db.execute("UPDATE versions SET key_id = NULL, signature = NULL WHERE id = ?", (vid,))
+        redigest(db, vid)
+    db.close()
+    with modelvault.open(vault_path) as vault, pytest.raises(TooLargeError):
+        vault.load("m")
