@@ -225,9 +225,15 @@ def test_a_signed_only_app_refuses_every_version_its_team_key_did_not_sign(tmp_p
         with pytest.raises(UntrustedError):
             vault.diff("churn:1", "churn:2")  # its values are its data too
     assert not (tmp_path / "out").exists()
+    with modelvault.open(tmp_path / "app.vault", require="trusted") as app:
+        report = app.merge(vault_path)  # as a pull: only what a trusted key signed
+        assert [v.ref for v in app.versions()] == ["churn:1"]
+        assert sum(c.startswith("not merged: ") for c in report.conflicts) == 3
     monkeypatch.setenv("MODELVAULT_REQUIRE", "trusted")  # the same for the CLI and load()
     with pytest.raises(UntrustedError):
         modelvault.load(vault_path, "churn:2")
+    env = runner.invoke(cli, ["env", str(vault_path), "churn:2"])
+    assert env.exit_code == 1 and "require='trusted'" in env.output
     got = runner.invoke(cli, ["get", str(vault_path), "files", "-o", str(tmp_path / "out")])
     assert got.exit_code == 1 and "require='trusted'" in got.output
     monkeypatch.setenv("MODELVAULT_REQUIRE", "signed")
