@@ -216,7 +216,8 @@ def loads(stream: Any, buffers: list[Any], storages: list[Any], device: Any) -> 
         def persistent_load(self, pid: Any) -> Any:
             if not (isinstance(pid, tuple) and len(pid) == 3 and pid[0] == STORAGE_TAG
                     and type(pid[1]) is int and 0 <= pid[1] < len(storages)):
-                raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+                raise pickle.UnpicklingError(  # never its repr: see _pickle_tensors
+                    f"a persistent id that is not a storage's (a {type(pid).__name__})")
             if pid[1] not in made:
                 made[pid[1]] = from_buffer(storages[pid[1]], device).untyped_storage()
             untyped = made[pid[1]]
