@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import reprlib
 import sys
+import warnings
 from typing import Any
 
 from . import _limits
@@ -69,17 +71,26 @@ def dtype_name(dtype: Any) -> str:
         return str(dtype).removeprefix("torch.")
 
 
-@functools.cache
 def torch_dtype(name: str) -> Any:
     """The torch dtype ``dtype_name`` gave ``name``; ValueError for any other name."""
+    found = _dtypes().get(name) if type(name) is str else None
+    if found is None:
+        raise ValueError(f"unknown tensor dtype {reprlib.repr(name)}")
+    return found
+
+
+@functools.cache
+def _dtypes() -> dict[str, Any]:
+    """Every torch dtype by the name ``dtype_name`` gives it: the names torch_dtype
+    reads, so that a name from a file only picks from this table. (getattr(torch, name)
+    would let it pick any attribute, and import the submodule one names: "_inductor"
+    imports 800 modules.)"""
     import torch
 
-    if name[:1] in "<>|=":
-        return torch.from_numpy(np.empty(0, dtype=np.lib.format.descr_to_dtype(name))).dtype
-    found = getattr(torch, name, None)
-    if not isinstance(found, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {name!r}")
-    return found
+    with warnings.catch_warnings():  # complex32 and the quantized types warn when made
+        warnings.simplefilter("ignore")
+        return {dtype_name(dtype): dtype for dtype in vars(torch).values()
+                if isinstance(dtype, torch.dtype)}
 
 
 def contiguous_bytes(tensor: Any) -> memoryview:
@@ -205,7 +216,8 @@ def loads(stream: Any, buffers: list[Any], storages: list[Any], device: Any) -> 
         def persistent_load(self, pid: Any) -> Any:
             if not (isinstance(pid, tuple) and len(pid) == 3 and pid[0] == STORAGE_TAG
                     and type(pid[1]) is int and 0 <= pid[1] < len(storages)):
-                raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+                raise pickle.UnpicklingError(  # never its repr: see _pickle_tensors
+                    f"a persistent id that is not a storage's (a {type(pid).__name__})")
             if pid[1] not in made:
                 made[pid[1]] = from_buffer(storages[pid[1]], device).untyped_storage()
             untyped = made[pid[1]]

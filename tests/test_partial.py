@@ -324,7 +324,8 @@ def test_reading_a_pickles_tensors_runs_none_of_its_code(vault, tmp_path):
     (b"\x80\x05N" + b"r" + (2**32 - 16).to_bytes(4, "little") + b".", "memo index"),
     (b"\x80\x05" + b")" * 2_000_000 + b".", "more than 1,000,000 opcodes"),
     (b"\x80\x05\x8c\x03abc", "cannot be read"),  # truncated
-    (b"\x80\x05Q.", "cannot be read"),  # a persistent id that is not a storage's
+    (b"\x80\x05Q.", "cannot be read: opcode 1 \\(BINPERSID\\) takes more objects"),
+    (b"\x80\x05NQ.", "a persistent id that is not a storage's \\(a NoneType\\)"),
 ])
 def test_a_hostile_pickle_stream_is_refused_before_it_is_replayed(stream, problem):
     from modelvault import _pickle_tensors
@@ -346,6 +347,130 @@ def test_deep_and_cyclic_objects_in_a_pickle_are_walked_within_bounds():
         deep = [deep, 1]
     with pytest.raises(ValueError, match="nested more than 64 deep"):
         _pickle_tensors.entries(pickle.dumps(deep, protocol=5), {})
+
+
+def test_walking_a_pickle_counts_each_item_of_each_object_each_time_it_is_reached():
+    import pickle
+
+    from modelvault import _pickle_tensors
+
+    # One dict of 1,100 keys no name is made of, listed 1,000 times through the memo: a
+    # step per item visited is 1.1 million; a step per object was 1,001, so a stream of
+    # this shape 200 KB long walked for hours.
+    keys = {float(i): None for i in range(1_100)}
+    with pytest.raises(ValueError, match="more than 1,000,000 steps to walk"):
+        _pickle_tensors.entries(pickle.dumps([keys] * 1_000, protocol=5), {})
+
+
+@pytest.mark.parametrize("obj", [
+    {n * (2**61 - 1): None for n in range(1, 20)},  # ints that all hash to 0
+    {(1, 2): None},  # the hash of a tuple of numbers can be chosen as well
+    {2**64},
+    {frozenset({1.5})},
+    frozenset({(1, "a")}),
+])
+def test_a_pickle_whose_keys_hash_as_it_chooses_is_refused_before_it_is_replayed(obj):
+    import pickle
+
+    from modelvault import _pickle_tensors
+
+    # 330,000 keys hashing alike take pickle's C unpickler nine minutes to put in a dict.
+    with pytest.raises(ValueError, match="hashes an object whose hash it chooses"):
+        _pickle_tensors.entries(pickle.dumps(obj, protocol=5), {})
+
+
+def test_keys_whose_hashes_a_pickle_cannot_choose_are_replayed():
+    import pickle
+
+    from modelvault import _pickle_tensors
+
+    obj = {"a": 1, 7: [2**64, (1, 2)], 2.5: {-3, "b", None}, ("x", b"y"): None,
+           None: frozenset({"z"})}
+    for protocol in range(6):
+        assert _pickle_tensors.entries(pickle.dumps(obj, protocol=protocol), {}) == {}
+
+
+def test_a_bad_persistent_id_is_named_by_its_type_only():
+    import io
+    import pickle
+
+    from modelvault import _pickle_tensors
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            # A list holding one 1 KiB bytes object 1,000 times: a 1 KiB stream whose
+            # repr is 4 MB (a 1 MiB one listed a million times, a terabyte).
+            return [b"x" * 1024] * 1_000 if obj == "here" else None
+
+    out = io.BytesIO()
+    Pickler(out, protocol=5).dump(["here"])
+    with pytest.raises(ValueError, match=r"a persistent id that is not a storage's \(a list\)"
+                       ) as raised:
+        _pickle_tensors.entries(out.getvalue(), {})
+    assert len(str(raised.value)) < 200
+
+
+def _view_stream(shape, stride):
+    """A pickle of {"w": a view of storage 0 with this shape and stride}, as torch's own
+    tensors pickle (their storage taken out as modelvault's persistent id)."""
+    import io
+    import pickle
+
+    import torch
+
+    from modelvault._torch import STORAGE_TAG
+
+    storage = object()
+
+    class View:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (storage, 0, shape, stride, False, None)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return (STORAGE_TAG, 0, "<f4") if obj is storage else None
+
+    out = io.BytesIO()
+    Pickler(out, protocol=5).dump({"w": View()})
+    return out.getvalue()
+
+
+def test_a_tensor_view_from_a_pickle_is_of_a_few_plain_ints():
+    pytest.importorskip("torch")
+    from modelvault import _pickle_tensors
+
+    node = _pickle_tensors.entries(_view_stream((3, 2), (1, 3)), {"storages": [1]})["w"]
+    assert (node["shape"], node["stride"], node["offset"]) == ([3, 2], [1, 3], 0)
+    # A stride that holds a list of one 1 KiB bytes object 1,000 times: its repr, in a
+    # "bad view" error, would be 4 MB.
+    for shape, stride in [((2,), ([b"x" * 1024] * 1_000,)), ((1,) * 65, (1,) * 65),
+                          ((2**64,), (1,)), ((2,), (-1,))]:
+        with pytest.raises(ValueError, match="shape, stride or offset other than at most 64 "
+                                             "ints from 0 to 2") as raised:
+            _pickle_tensors.entries(_view_stream(shape, stride), {"storages": [1]})
+        assert len(str(raised.value)) < 200
+
+
+def test_a_tensors_name_is_counted_before_it_is_made():
+    import pickle
+    import tracemalloc
+
+    torch = pytest.importorskip("torch")
+    from modelvault import _pickle_tensors, _torch
+
+    key = "k" * 2**20  # pickled once, reached on each of 20 levels through the memo
+    obj = torch.ones(1)
+    for _ in range(20):
+        obj = {key: obj}
+    stream, _ = _torch.dumps(obj, pickle.Pickler, None)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="names take more than 16,777,216 characters"):
+            _pickle_tensors.entries(stream, {"storages": [1]})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20  # the 20 MiB name was never joined
 
 
 def _replace_and_collect(path, home, rounds):

@@ -72,6 +72,25 @@ def test_every_dtype_and_shape_round_trips_bit_exact(vault, named, alone):
     assert same(back["alone"], alone) and same(back["list"][0], alone)
 
 
+def test_a_dtype_name_from_a_file_only_picks_from_the_names_modelvault_writes(monkeypatch):
+    from modelvault import _torch
+
+    for dtype in {*DTYPES, *QUANTIZED}:  # quantized ones: storages inside a pickle
+        assert _torch.torch_dtype(_torch.dtype_name(dtype)) is dtype
+    asked = []
+
+    def attribute(name):  # torch's own imports the submodule a name names ("_inductor")
+        asked.append(name)
+        raise AttributeError(name)
+
+    monkeypatch.setattr(torch, "__getattr__", attribute)
+    for name in ("_no_such_attribute", "float32", "nn", "Tensor", ">f4", "k" * 10**6, 3):
+        with pytest.raises(ValueError, match="unknown tensor dtype") as raised:
+            _torch.torch_dtype(name)
+        assert len(str(raised.value)) < 100
+    assert asked == []
+
+
 def test_a_state_dict_goes_into_a_real_module(vault):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
