@@ -61,9 +61,16 @@ class _Object:
     """Stands in for whatever the stream makes from a global it names; keeps the state
     and items it is given, where tensors may be."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Object:
+        # Here, not in __init__: NEWOBJ makes an instance without calling __init__ (an
+        # optimizer in a checkpoint), and the walk reads these of every stand-in.
+        self = super().__new__(cls)
+        self.state = None
+        self.items = []
+        return self
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.state: Any = None
-        self.items: list[tuple[Any, Any]] = []
+        pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Object:  # a function made by value
         return _Object()
@@ -153,9 +160,14 @@ def entries(stream: Any, layout: Any) -> dict[str, dict[str, Any]]:
     try:
         root = _Replay(io.BytesIO(data), buffers=_NoBuffers()).load()
     except Exception as exc:  # only our stand-ins and pickle's own code ran
-        raise ValueError(f"its pickle cannot be read: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"its pickle cannot be read: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from exc
     storages = layout.get("storages") if isinstance(layout, dict) else None
-    return {name: _node(tensor, storages) for name, tensor in _walk(root).items()}
+    try:
+        return {name: _node(tensor, storages) for name, tensor in _walk(root).items()}
+    except (AttributeError, TypeError, RecursionError) as exc:  # objects of odd shapes
+        raise ValueError(f"its pickle's objects cannot be walked: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from exc
 
 
 class _NoBuffers:

@@ -166,9 +166,13 @@ def view(flat: Any, name: str, shape: list[int], stride: list[int], offset: int)
     import torch
 
     dtype = torch_dtype(name)
-    if not (all(type(n) is int and n >= 0 for n in [*shape, *stride, offset])
-            and len(shape) == len(stride)):
-        raise ValueError(f"bad view: shape {shape}, stride {stride}, offset {offset}")
+    if not (isinstance(shape, list) and isinstance(stride, list) and len(shape) <= 64
+            and len(shape) == len(stride)
+            and all(type(n) is int and 0 <= n < 2**63 for n in [*shape, *stride, offset])):
+        # Named by its size only: the lists are the file's, of any length.
+        raise ValueError(f"bad view: a shape of {len(shape) if isinstance(shape, list) else '?'}"
+                         " dimensions, or a stride, offset or dimension that is not a "
+                         "non-negative 64-bit integer")
     last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
     if all(shape) and last * dtype.itemsize > flat.numel():
         raise ValueError(f"view of shape {shape} reaches past its storage")

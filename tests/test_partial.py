@@ -526,3 +526,15 @@ def test_a_forked_child_neither_drops_nor_keeps_its_parents_pins(vault_path):
         vault.gc()
         assert chunk_count(vault_path) == count  # the parent's pins held through it all
         np.testing.assert_array_equal(lazy["embeddings"], model()["embeddings"])
+
+
+def test_keys_of_a_checkpoint_holding_an_object_made_without_init(vault):
+    """An optimizer in a checkpoint is rebuilt by NEWOBJ, which never calls __init__:
+    its stand-in must still be walkable (a raw AttributeError before)."""
+    torch = pytest.importorskip("torch", reason="a checkpoint needs torch")
+    net = torch.nn.Linear(3, 2)
+    checkpoint = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
+    vault.save("ckpt", checkpoint, source=False)
+    found = vault.load("ckpt", keys="model.*")
+    assert sorted(found) == ["model.bias", "model.weight"]
+    assert torch.equal(found["model.weight"], net.weight.detach())
