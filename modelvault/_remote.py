@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -254,6 +255,20 @@ class Store:
             self._store = LocalStore(folder)
         return self._store
 
+    def _regular(self, key: str) -> None:
+        """IntegrityError naming ``key`` if, in a file:// folder, it is there but not a
+        regular file (or a link to one): a named pipe would block a read forever, a
+        device never end. Checked before obstore opens it, by path as obstore does."""
+        if self._folder is None:
+            return
+        try:
+            mode = os.stat(self._folder / key).st_mode
+        except OSError:
+            return  # missing (obstore says so) or unreachable (obstore's error names it)
+        if not stat.S_ISREG(mode):
+            raise IntegrityError(f"{self.url}/{key}: not a regular file (a named pipe, "
+                                 "a device or a folder); a remote holds only files")
+
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
         """obstore's errors as ours, in one line naming the object: a remote that refuses
@@ -281,6 +296,7 @@ class Store:
         if store is None:
             return None
         cap = limit(kind)
+        self._regular(key)
         with self._errors(key):
             try:
                 found = self._obstore.get(store, key)
@@ -306,6 +322,7 @@ class Store:
         store = self._reach()
         got = None
         if store is not None:
+            self._regular(key)
             with self._errors(key):
                 try:
                     got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],

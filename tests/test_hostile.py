@@ -314,6 +314,7 @@ AIMED = {
     "bucket: pre-created manifest": ("push",),
     "bucket: bogus pack index": ("push",),
     "bucket: chunk x3000 manifest": (),
+    "bucket: named pipe": ("push",),
 }
 assert AIMED.keys() == hostile.ATTACKS.keys()
 

@@ -7,10 +7,12 @@ servers started on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import warnings
 
@@ -738,6 +740,50 @@ def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
     with pytest.raises(modelvault.NotFoundError, match="no modelvault remote"):
         modelvault.Remote(f"file://{tmp_path / 'typo'}").versions()
     assert not (tmp_path / "typo").exists()
+
+
+@contextlib.contextmanager
+def _named_pipe(path):
+    """``path`` replaced by a named pipe for a while. A reader that opens it is let go
+    (with nothing to read) rather than left waiting: code that would wait fails the
+    test instead of hanging it."""
+    saved = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def let_go():
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError):  # no reader waiting
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=let_go)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        path.unlink()
+        path.write_bytes(saved)
+
+
+def test_a_named_pipe_in_a_file_remote_is_refused_not_waited_on(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("m", {"w": np.zeros(3)})
+        a.push(url)
+    remote = tmp_path / "remote"
+    # Hostile: an object replaced by a named pipe, which an open() waits on forever.
+    with _named_pipe(remote / "modelvault-remote.json"):
+        with pytest.raises(modelvault.IntegrityError,
+                           match="modelvault-remote.json: not a regular file"):
+            modelvault.Remote(url).versions()
+    with _named_pipe(remote / "versions" / f"{mv.id}.json"):
+        with pytest.raises(modelvault.IntegrityError,
+                           match=f"versions/{mv.id}.json: not a regular file"):
+            modelvault.clone(url, tmp_path / "b.vault")
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.verify() == []
 
 
 def test_a_push_makes_a_file_remote_folder_only_inside_one_that_exists(tmp_path):
