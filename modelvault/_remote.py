@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -254,6 +255,20 @@ class Store:
             self._store = LocalStore(folder)
         return self._store
 
+    def _regular(self, key: str) -> None:
+        """IntegrityError naming ``key`` if, in a file:// folder, it is there but not a
+        regular file (or a link to one): a named pipe would block a read forever, a
+        device never end. Checked before obstore opens it, by path as obstore does."""
+        if self._folder is None:
+            return
+        try:
+            mode = os.stat(self._folder / key).st_mode
+        except OSError:
+            return  # missing (obstore says so) or unreachable (obstore's error names it)
+        if not stat.S_ISREG(mode):
+            raise IntegrityError(f"{self.url}/{key}: not a regular file (a named pipe, "
+                                 "a device or a folder); a remote holds only files")
+
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
         """obstore's errors as ours, in one line naming the object: a remote that refuses
@@ -281,6 +296,7 @@ class Store:
         if store is None:
             return None
         cap = limit(kind)
+        self._regular(key)
         with self._errors(key):
             try:
                 found = self._obstore.get(store, key)
@@ -306,6 +322,7 @@ class Store:
         store = self._reach()
         got = None
         if store is not None:
+            self._regular(key)
             with self._errors(key):
                 try:
                     got = self._obstore.get_ranges(store, key, starts=[s for s, _ in spans],
@@ -592,6 +609,9 @@ class Remote:
         self.packs_of: dict[str, set[str]] = {}  # pack object name: its chunk hashes
         self.orphans: list[str] = []  # pack indexes whose .pack is missing
         self.bases_of: dict[str, set[str]] = {}  # chunk hash: its delta bases, every copy
+        self.distrusted: dict[str, str] = {}  # pack object: what a pull found wrong in it
+        self._checked: dict[str, set[str]] = {}  # pack object: its chunks checked here
+        self._cache = _cache_dir(self.url)
         self._probed = False
 
     # -- reading ----------------------------------------------------------------------
@@ -667,19 +687,21 @@ class Remote:
         or every pull would fail and no push would mend it. Pack indexes never change
         once written (their names are their content's hash), so they are kept in a
         cache folder on this machine: a push or pull lists the pack objects and fetches
-        only the indexes it has not seen. ``self.packs_of`` gives every pack object's
-        chunk hashes.
+        only the indexes it has not seen, or whose listed size is not the one kept (one
+        rewritten there counts as it is now). ``self.packs_of`` gives every pack
+        object's chunk hashes. A pack object a pull found bad (``distrust``) does not
+        count.
         """
-        cache = _cache_dir(self.url)
+        cache = self._cache
         listed = {m["path"]: m["size"] for m in self.store.list("packs/")}
         pairs = sorted(k for k in listed if k.endswith(".idx") and f"{k[:-4]}.pack" in listed)
         self.orphans = sorted(k for k in listed if k.endswith(".idx") and k not in pairs)
         for key in pairs:
-            if key in self._indexed:
-                continue
             name = key.rsplit("/", 1)[1]
+            if key in self._indexed or name[:-4] in self.distrusted:
+                continue
             data = _read_cached(cache, name)
-            if data is None:
+            if data is None or len(data) != listed[key]:  # new here, or changed there
                 try:
                     data = self.store.get(key, "index")
                 except IntegrityError:
@@ -697,25 +719,60 @@ class Remote:
             self.packs_of[name[:-4]] = {entry["hash"] for entry in entries}
             self._indexed.add(key)
         if not self._indexed <= set(pairs):  # a gc deleted some: rebuild (from the cache)
-            self._index, self._indexed, self.packs_of, self.bases_of = {}, set(), {}, {}
+            self._forget()
             return self.index()
-        if cache is not None and cache.is_dir():  # indexes a remote gc deleted
-            names = {key.rsplit("/", 1)[1] for key in pairs}
+        if cache is not None and cache.is_dir():  # of pack objects a remote gc deleted
+            names = {key.rsplit("/", 1)[1][:-4] for key in pairs}
             for stale in os.listdir(cache):
-                if stale.endswith(".idx") and stale not in names:
+                if stale.endswith((".idx", ".ok")) and stale.rsplit(".", 1)[0] not in names:
                     (cache / stale).unlink(missing_ok=True)
         return self._index
 
+    def _forget(self) -> None:
+        """Drop the chunk index read so far: the next ``index`` reads it again."""
+        self._index, self._indexed, self.packs_of, self.bases_of = {}, set(), {}, {}
+
+    def distrust(self, pack: str, why: str) -> None:
+        """Take the pack object ``pack`` as absent from now on (a pull found that it
+        does not hold what its index says, ``why``): its chunks come from other copies."""
+        self.distrusted[pack] = why
+        self._forget()
+
+    def checked(self) -> set[str]:
+        """The chunks this machine has checked in a pack object that holds them (it
+        pushed them there, pulled them from it, or compared them with its own): a push
+        need not read those again. Pack objects never change, so this is kept in the
+        cache folder beside their indexes, as ``<h>.ok`` (the chunks' hashes)."""
+        found: set[str] = set()
+        for name, hashes in self.packs_of.items():
+            found |= self._checked_in(name) & hashes
+        return found
+
+    def mark_checked(self, pack: str, hashes: Iterable[str]) -> None:
+        """Remember that the chunks ``hashes`` of the pack object ``pack`` were checked."""
+        hashes, known = set(hashes), self._checked_in(pack)
+        if not known.issuperset(hashes):
+            known.update(hashes)
+            _write_cached(self._cache, f"{pack}.ok", "\n".join(sorted(known)).encode())
+
+    def _checked_in(self, pack: str) -> set[str]:
+        if pack not in self._checked:
+            data = _read_cached(self._cache, f"{pack}.ok") or b""
+            self._checked[pack] = set(data.decode("ascii", "replace").split())
+        return self._checked[pack]
+
     def lost(self, chunk: str) -> str:
-        """Why ``chunk`` is in no pack object: the one whose index names it but whose
-        ``.pack`` is missing, if there is one."""
-        for key in self.orphans:
+        """Why ``chunk`` is in no pack object: one whose index names it but whose
+        ``.pack`` is missing, or that a pull found bad, if there is one."""
+        whys = {key: "is missing" for key in self.orphans}
+        whys.update({f"packs/{name}.idx": why for name, why in self.distrusted.items()})
+        for key, why in whys.items():
             try:
                 data = self.store.get(key, "index") or b""
             except IntegrityError:
                 continue  # too big to be one of ours
             if chunk.encode() in data:
-                return f"{self.url}/{key[:-4]}.pack is missing (its index names chunk {chunk})"
+                return f"{self.url}/{key[:-4]}.pack {why} (its index names chunk {chunk})"
         return f"{self.url}: chunk {chunk} is in no pack object"
 
     def manifest(self, uuid: str) -> dict[str, Any]:
@@ -946,15 +1003,21 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
                 for uuid in labels}
         # The chunks and their delta bases, by id, pinned so that no gc here takes them
         # while they upload (after this read, which may end before the upload does).
+        # Those of the versions sent are skipped only where a copy on the remote is
+        # known good; those of the versions there already, where one is listed: a
+        # pack object lost or found bad since is sent again, so a push mends it.
         closure = _with_bases(db, chunk_ids)
-        pin = _pins.Pin(connection.lock_file, closure)
+        there = _with_bases(db, {i for (i,) in _in_batches(
+            db, "SELECT DISTINCT chunk_id FROM part_chunks WHERE version_id IN ({})",
+            [r.id for r in rows if r.uuid in state.versions])}) - closure
+        pin = _pins.Pin(connection.lock_file, closure | there)
     sent = _Sent()
     try:
         # Until a fresh listing of the remote shows every chunk: one more pass finds
         # what a remote gc took meanwhile (it can, if this push's lock expired).
         for _ in range(3):
             renew()
-            more = _upload(vault, remote, closure, remote.index(), renew)
+            more = _upload(vault, remote, closure, there, renew)
             sent.chunks += more.chunks
             sent.bytes += more.bytes
             if not more.chunks:
@@ -1004,17 +1067,22 @@ def _push(vault: Vault, remote: Remote, refs: Sequence[Ref] | None,
     return PushReport(added, sent.chunks, sent.bytes)
 
 
+def _in_batches(db: Any, sql: str, values: Iterable[Any]) -> list[Any]:
+    """The rows ``sql`` gives for ``values`` (its ``{}``: their placeholders), 500 at a
+    time: SQLite takes only so many variables in one statement."""
+    ordered, rows = sorted(values), []
+    for first in range(0, len(ordered), 500):
+        some = ordered[first:first + 500]
+        rows += db.execute(sql.format(",".join("?" * len(some))), some).fetchall()
+    return rows
+
+
 def _with_bases(db: Any, ids: set[int]) -> set[int]:
-    found = set(ids)
-    todo = list(ids)
+    found, todo = set(ids), set(ids)
     while todo:
-        some, todo = todo[:500], todo[500:]
-        for (base,) in db.execute(f"SELECT base_id FROM chunks WHERE id IN "
-                                  f"({','.join('?' * len(some))}) AND base_id IS NOT NULL",
-                                  some):
-            if base not in found:
-                found.add(base)
-                todo.append(base)
+        todo = {b for (b,) in _in_batches(db, "SELECT base_id FROM chunks WHERE id IN ({}) "
+                                          "AND base_id IS NOT NULL", todo)} - found
+        found |= todo
     return found
 
 
@@ -1024,15 +1092,22 @@ class _Sent:
     bytes: int = 0
 
 
-def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any],
+def _upload(vault: Vault, remote: Remote, ids: set[int], there: set[int],
             renew: Callable[[], None]) -> _Sent:
-    """Upload, in pack objects, the chunks among ``ids`` the remote lacks; ``renew``
-    after each (the push's lock)."""
+    """Upload, in pack objects, the chunks among ``ids`` the remote lacks or has in no
+    copy known good (``_compare``), and those among ``there`` it does not list;
+    ``renew`` after each (the push's lock)."""
     connection = vault._connection
     sent = _Sent()
+    index = remote.index()
     with connection.lock, connection.read() as db:
         rows = _push_rows(db, ids)
-    missing = sorted((r for r in rows if r[1] not in index), key=lambda r: (r[6], r[7]))
+        listed = [r for r in _push_rows(db, there) if r[1] not in index]
+    known = remote.checked()
+    good = known | _compare(vault, remote, index,
+                            [r for r in rows if r[1] in index and r[1] not in known])
+    missing = sorted([r for r in rows if r[1] not in good] + listed,
+                     key=lambda r: (r[6], r[7]))
     if not missing:
         return sent
     total = sum(r[8] for r in missing)
@@ -1049,30 +1124,78 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], index: dict[str, Any],
 def _push_rows(db: Any, ids: Iterable[int]) -> list[tuple[Any, ...]]:
     """Rows of the chunks ``ids`` as a push needs them: id, hash, size, codec, itemsize,
     its delta base's hash, pack_id, start, length."""
-    ordered, rows = sorted(ids), []
-    for first in range(0, len(ordered), 500):
-        some = ordered[first:first + 500]
-        rows += db.execute(
-            "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, c.pack_id, "
-            "c.start, c.length FROM chunks c LEFT JOIN chunks b ON b.id = c.base_id "
-            f"WHERE c.id IN ({','.join('?' * len(some))})", some).fetchall()
-    return rows
+    return _in_batches(db, "SELECT c.id, c.hash, c.size, c.codec, c.itemsize, b.hash, "
+                       "c.pack_id, c.start, c.length FROM chunks c LEFT JOIN chunks b ON "
+                       "b.id = c.base_id WHERE c.id IN ({})", ids)
 
 
-def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
-    """Hand ``writer`` the chunk rows ``missing``, pack by pack of this vault. Each
-    group's rows are read again with their pack, in one read: a gc here may have moved
-    the chunks (they are pinned, so they are somewhere) since they were listed."""
+def _compare(vault: Vault, remote: Remote, index: dict[str, Any], rows: list[Any]
+             ) -> set[str]:
+    """The chunks among ``rows`` whose copy on the remote, where ``index`` places it, is
+    this vault's: the same size, codecs, delta base and stored bytes (so it decodes to
+    its hash as ours does). Read with one ranged get per pack object, of the blobs
+    holding them; remembered (``Remote.mark_checked``). A copy that differs, or cannot
+    be read, is not known good: the push sends ours (pack objects named by anyone's
+    bytes may hold anything)."""
+    mine = {}
+    for group, (codec, size, data), _ in _local_packs(vault, rows):
+        content = _content(vault, group, codec, size, data)
+        for r in group:
+            stored = _chunks.blake3.blake3(content[r[7]:r[7] + r[8]]).digest()
+            mine[r[1]] = (r[2], r[3], r[4], r[5], stored)
+    good: set[str] = set()
+    for name, blobs in _by_object(index, mine):
+        try:
+            datas = remote.store.ranges(f"packs/{name}.pack", _spans(index, blobs))
+        except (FileNotFoundError, IntegrityError):
+            continue  # gone, or not a file: no copy there
+        same = set()
+        for (_, hashes), data in zip(sorted(blobs.items()), datas, strict=True):
+            span = index[hashes[0]]["span"]
+            content = _chunks.pack_content(span[2], span[3], data)
+            for h in hashes if not isinstance(content, str) else ():
+                e = index[h]
+                stored = _chunks.blake3.blake3(content[e["start"]:e["start"] + e["length"]])
+                if (e["size"], e["codec"], e["itemsize"], e["base"],
+                        stored.digest()) == mine[h]:
+                    same.add(h)
+        remote.mark_checked(name, same)
+        good |= same
+    return good
+
+
+def _by_object(index: dict[str, Any], hashes: Iterable[str]
+               ) -> list[tuple[str, dict[int, list[str]]]]:
+    """The pack objects ``index`` places ``hashes`` in, each with its blobs holding them
+    and theirs, by name."""
+    found: dict[str, dict[int, list[str]]] = {}
+    for h in hashes:
+        e = index[h]
+        found.setdefault(e["pack"], {}).setdefault(e["blob"], []).append(h)
+    return sorted(found.items())
+
+
+def _spans(index: dict[str, Any], blobs: dict[int, list[str]]) -> list[tuple[int, int]]:
+    """The byte ranges of a pack object's ``blobs`` (``_by_object``), in blob order."""
+    spans = [index[blobs[b][0]]["span"] for b in sorted(blobs)]
+    return [(start, end) for start, end, *_ in spans]
+
+
+def _local_packs(vault: Vault, rows: list[Any]) -> Iterator[tuple[list[Any], Any, bool]]:
+    """This vault's packs holding the chunk rows ``rows``: (the rows in it, (codec,
+    size, data), whether they are all of its chunks), pack by pack. Each group's rows
+    are read again with their pack, in one read: a gc here may have moved the chunks
+    (they are pinned, so they are somewhere) since they were listed."""
     connection = vault._connection
-    for _, listed in _by_pack(missing):
+    for _, listed in _by_pack(sorted(rows, key=lambda r: (r[6], r[7]))):
         ids = [r[0] for r in listed]
         with connection.lock, connection.read() as db:
-            rows = sorted(_push_rows(db, ids), key=lambda r: (r[6], r[7]))
-            if len(rows) != len(ids):
-                raise IntegrityError(f"{vault.path}: {len(ids) - len(rows)} chunk(s) to push "
-                                     "are missing; run verify()")
+            fresh = sorted(_push_rows(db, ids), key=lambda r: (r[6], r[7]))
+            if len(fresh) != len(ids):
+                raise IntegrityError(f"{vault.path}: {len(ids) - len(fresh)} chunk(s) to "
+                                     "push are missing; run verify()")
             packs = []
-            for pack_id, group in _by_pack(rows):
+            for pack_id, group in _by_pack(fresh):
                 found = db.execute("SELECT codec, size, data FROM packs WHERE id = ?",
                                    (pack_id,)).fetchone()
                 if found is None:
@@ -1080,21 +1203,32 @@ def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
                                          "verify()")
                 whole = db.execute("SELECT count(*) FROM chunks WHERE pack_id = ?",
                                    (pack_id,)).fetchone()[0] == len(group)
-                packs.append((pack_id, group, found, whole))
-        for pack_id, group, (codec, size, data), whole in packs:
-            if whole:  # every chunk of it goes: the pack as it is
-                writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
-                continue
-            content = _chunks.pack_content(codec, size, data)
-            if isinstance(content, str):
-                raise IntegrityError(f"{vault.path}: pack {pack_id}: {content}")
-            pieces = [content[r[7]:r[7] + r[8]] for r in group]
-            if codec == "raw":
-                writer.add("raw", sum(map(len, pieces)), b"".join(pieces),
-                           _placed(group, pieces))
-            else:  # a solid pack's chunks, compressed together again
-                new_codec, packed = _chunks.solid(pieces)
-                writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
+                packs.append((group, found, whole))
+        yield from packs
+
+
+def _content(vault: Vault, group: list[Any], codec: str, size: int, data: bytes) -> bytes:
+    """What the chunks ``group`` point into, of this vault's pack (codec, size, data)."""
+    content = _chunks.pack_content(codec, size, data)
+    if isinstance(content, str):
+        raise IntegrityError(f"{vault.path}: pack {group[0][6]}: {content}")
+    return content
+
+
+def _gather(vault: Vault, writer: _PackWriter, missing: list[Any]) -> None:
+    """Hand ``writer`` the chunk rows ``missing``, pack by pack of this vault: a pack
+    whose chunks all go, as it is; of another, those chunks packed anew."""
+    for group, (codec, size, data), whole in _local_packs(vault, missing):
+        if whole:
+            writer.add(codec, size, bytes(data), [(r, r[7]) for r in group])
+            continue
+        content = _content(vault, group, codec, size, data)
+        pieces = [content[r[7]:r[7] + r[8]] for r in group]
+        if codec == "raw":
+            writer.add("raw", sum(map(len, pieces)), b"".join(pieces), _placed(group, pieces))
+        else:  # a solid pack's chunks, compressed together again
+            new_codec, packed = _chunks.solid(pieces)
+            writer.add(new_codec, sum(map(len, pieces)), packed, _placed(group, pieces))
 
 
 def _placed(group: list[Any], pieces: list[bytes]) -> list[tuple[Any, int]]:
@@ -1161,15 +1295,18 @@ class _PackWriter:
         name = hasher.hexdigest()
         index = _dumps({"pack": name, "blobs": self._spans, "chunks": self._chunks})
         self._wait()
-        self._uploading = self._uploader.submit(self._upload, name, data, index)
+        self._uploading = self._uploader.submit(self._upload, name, data, index,
+                                                [row[0] for row in self._chunks])
         self._sent.chunks += len(self._chunks)
         self._sent.bytes += self._bytes
         self._blobs, self._spans, self._chunks, self._bytes = [], [], [], 0
 
-    def _upload(self, name: str, data: list[bytes], index: bytes) -> None:
+    def _upload(self, name: str, data: list[bytes], index: bytes, hashes: list[str]
+                ) -> None:
         # Data first, then its index: an index never names bytes that are not there.
         self._remote.store.put(f"packs/{name}.pack", data)
         self._remote.store.put(f"packs/{name}.idx", index)
+        self._remote.mark_checked(name, hashes)  # our own bytes: no need to read them
         self._renew()
 
     def _wait(self) -> None:
@@ -1187,6 +1324,16 @@ class _PackWriter:
 
 
 # -- pull ---------------------------------------------------------------------------------
+
+
+class _BadPack(IntegrityError):
+    """A pack object that does not hold what its index says (``why``): a pull takes it
+    as absent and tries again, with other copies of its chunks."""
+
+    def __init__(self, pack: str, why: str, chunk: str | None = None) -> None:
+        super().__init__(f"packs/{pack}.pack {why}", chunk=chunk)
+        self.pack = pack
+        self.why = why
 
 
 def pull(vault: Vault, remote: Remote, refs: Sequence[str] | None) -> MergeReport:
@@ -1211,7 +1358,7 @@ def pull(vault: Vault, remote: Remote, refs: Sequence[str] | None) -> MergeRepor
     conflicts: list[str] = []
     for uuid in todo:  # one at a time: an interrupted pull keeps what it merged
         try:
-            report = _pull_one(vault, remote, state, uuid)
+            report = _pull_from_good_copies(vault, remote, state, uuid)
         except UntrustedError as exc:  # require="trusted": the others still come
             conflicts.append(f"not pulled: {exc}")
             continue
@@ -1248,6 +1395,18 @@ def _labels(vault: Vault, state: State, uuid: str) -> list[str]:
                   "the remote" for k, v in record.tags.items()
                   if k in mine.tags and mine.tags[k] != v]
     return conflicts
+
+
+def _pull_from_good_copies(vault: Vault, remote: Remote, state: State, uuid: str
+                           ) -> MergeReport:
+    """Pull the version ``uuid``; where a pack object proves bad, again without it: its
+    chunks from other copies (a push that found it bad sent its own), or an
+    IntegrityError naming it if there are none."""
+    while True:
+        try:
+            return _pull_one(vault, remote, state, uuid)
+        except _BadPack as exc:  # never the same twice: it leaves the index
+            remote.distrust(exc.pack, exc.why)
 
 
 def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeReport:
@@ -1318,7 +1477,7 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
                     _keep_fetched_only(into)  # rows of an earlier run: made again from now
                     with vault._progress(sum(index[h]["size"] for h in missing),
                                          f"pull {entry['model']}:{entry['number']}") as advance:
-                        _fetch(into, remote, missing, index, advance)
+                        fetched = _fetch(into, remote, missing, index, advance)
                     _rows(into, remote, state, uuid, manifest, here, index)
                 try:
                     report = vault._copy_from(bundle, None, check=True, action="pull")
@@ -1326,8 +1485,10 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
                     where = (index.get(exc.chunk or "") or {}).get("pack")
                     if where is None:
                         raise
-                    raise IntegrityError(f"{remote.url}/packs/{where}.pack: {exc}",
-                                         chunk=exc.chunk) from exc
+                    raise _BadPack(where, f"does not hold what its index says (chunk "
+                                   f"{exc.chunk} fails its check)", exc.chunk) from exc
+                for name, hashes in fetched.items():  # checked by the merge: known good
+                    remote.mark_checked(name, hashes)
             except (LockTimeout, RemoteError):
                 raise  # the file is fine: the next pull goes on from it
             except VaultError:
@@ -1428,28 +1589,22 @@ def _keep_fetched_only(into: Vault) -> None:
 
 
 def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any],
-           advance: Callable[[int], Any]) -> None:
+           advance: Callable[[int], Any]) -> dict[str, list[str]]:
     """Fetch into ``into`` the chunks ``missing`` that it lacks, from the blobs that hold
-    them: one ranged get and one commit per pack object."""
+    them: one ranged get and one commit per pack object. Returns the chunks fetched,
+    by pack object."""
     with into._connection.read() as db:
         have = set(_present(db, set(missing)))
     advance(sum(index[h]["size"] for h in have))
-    by_object: dict[str, dict[int, list[str]]] = {}
-    for h in missing:
-        if h not in have:
-            e = index[h]
-            by_object.setdefault(e["pack"], {}).setdefault(e["blob"], []).append(h)
-    objects = sorted(by_object.items())
+    objects = _by_object(index, [h for h in missing if h not in have])
 
     def get(name: str, blobs: dict[int, list[str]]) -> list[bytes]:
-        key = f"packs/{name}.pack"
         try:
-            return remote.store.ranges(key, [(index[blobs[b][0]]["span"][0],
-                                              index[blobs[b][0]]["span"][1])
-                                             for b in sorted(blobs)])
+            return remote.store.ranges(f"packs/{name}.pack", _spans(index, blobs))
         except FileNotFoundError as exc:
-            raise IntegrityError(f"{remote.url}/{key} is missing: its index names chunks "
-                                 "of this version; nothing was pulled") from exc
+            raise _BadPack(name, "is missing") from exc
+        except IntegrityError as exc:  # not a file
+            raise _BadPack(name, f"cannot be read ({exc})") from exc
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1460,14 +1615,12 @@ def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any
         for i, (name, blobs) in enumerate(objects):
             datas = coming.result()
             coming = fetcher.submit(get, *objects[i + 1]) if i + 1 < len(objects) else None
-            key = f"packs/{name}.pack"
             chosen = sorted(blobs)
             spans = [index[blobs[b][0]]["span"] for b in chosen]
             with into._connection.write() as db:
                 for blob, span, data in zip(chosen, spans, datas, strict=True):
                     if len(data) != span[1] - span[0]:
-                        raise IntegrityError(f"{remote.url}/{key}: blob {blob} is not what "
-                                             "its index says; nothing was pulled")
+                        raise _BadPack(name, f"does not hold blob {blob} its index gives")
                     pack = db.execute("INSERT INTO packs (codec, size, data) VALUES "
                                       "(?, ?, ?)", (span[2], span[3], data)).lastrowid
                     for h in blobs[blob]:
@@ -1477,6 +1630,7 @@ def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any
                                    "?)", (h, e["size"], e["codec"], e["itemsize"], pack,
                                           e["start"], e["length"]))
                         advance(e["size"])
+    return {name: [h for hashes in blobs.values() for h in hashes] for name, blobs in objects}
 
 
 def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],

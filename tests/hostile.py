@@ -618,6 +618,16 @@ def bogus_pack_index(place: Place) -> Hostile:
                    owner=owner, honest=_digests(owner))
 
 
+def named_pipe(place: Place) -> Hostile:
+    """The descriptor (modelvault-remote.json) replaced by a named pipe: a read that
+    opens it waits for a writer forever."""
+    folder, url, owner = _pushed(place)
+    (folder / "modelvault-remote.json").unlink()
+    os.mkfifo(folder / "modelvault-remote.json")
+    return Hostile("a named pipe in the bucket", "m:2", "m:1", url=url, owner=owner,
+                   honest=_digests(owner))
+
+
 def manifest_bomb(place: Place, times: int = 3000) -> Hostile:
     """A version added to the bucket whose manifest lists m:1's 1 MiB chunk ``times``
     times (digest recomputed, unsigned)."""
@@ -686,6 +696,7 @@ ATTACKS: dict[str, Callable[[Place], Hostile]] = {
     "bucket: pre-created manifest": precreated_manifest,
     "bucket: bogus pack index": bogus_pack_index,
     "bucket: chunk x3000 manifest": manifest_bomb,
+    "bucket: named pipe": named_pipe,
 }
 
 # What each attack needs installed, where it needs more than modelvault's own packages.

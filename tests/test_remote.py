@@ -7,10 +7,12 @@ servers started on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import warnings
 
@@ -258,6 +260,89 @@ def test_an_index_that_does_not_match_its_pack_object_counts_for_nothing(tmp_pat
                    for kind in ("pack", "idx"))
     with modelvault.clone(url, tmp_path / "c.vault") as c:
         assert c.verify() == []
+
+
+def test_a_push_sends_what_a_bogus_pack_object_claims_and_a_pull_passes_it_by(tmp_path,
+                                                                               url):
+    import sqlite3
+
+    with modelvault.open(tmp_path / "scratch.vault") as scratch:
+        scratch.save("m", weights(3))
+    with sqlite3.connect(tmp_path / "scratch.vault") as db:
+        chunks = [[*row, None, 0, 0, 16] for row in db.execute(
+            "SELECT hash, size, codec, itemsize FROM chunks")]
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("first", {"w": np.zeros(3)})
+        a.push(url)
+    # Hostile: a pack object of garbage, of the size its well-formed index gives, which
+    # claims the chunks of a model about to be pushed; named to come before any other.
+    bogus = tmp_path / "remote" / "packs" / ("0" * 64)
+    bogus.with_suffix(".pack").write_bytes(bytes(4096))
+    bogus.with_suffix(".idx").write_text(json.dumps(
+        {"pack": "0" * 64, "blobs": [[0, 4096, "raw", 4096]], "chunks": chunks}))
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(3))
+        assert a.push(url).chunks >= len(chunks)  # compared, found not ours: sent
+    with modelvault.clone(url, tmp_path / "b.vault") as b:  # the bogus copy, then ours
+        np.testing.assert_array_equal(b.load("m")["layer2"], weights(3)["layer2"])
+        assert b.verify() == []
+    bogus.with_suffix(".pack").write_bytes(b"x" * 4096)  # now the only copy: named
+    for other in bogus.parent.glob("*.idx"):
+        if other != bogus.with_suffix(".idx"):
+            other.unlink()
+    with pytest.raises(modelvault.IntegrityError,
+                       match=f"packs/{'0' * 64}.pack does not hold what its index says"):
+        modelvault.clone(url, tmp_path / "c.vault", ["m"])
+
+
+@pytest.mark.parametrize("loss", ["deleted", "renamed"])
+def test_a_push_sends_again_the_chunks_of_a_version_there_whose_pack_object_was_lost(
+        tmp_path, url, loss):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("m", weights(4))
+        a.push(url)
+        (pack,) = (tmp_path / "remote" / "packs").glob("*.pack")
+        if loss == "deleted":
+            pack.unlink()
+        else:  # an index whose "pack" names a key outside packs/: it counts for nothing
+            index = json.loads(pack.with_suffix(".idx").read_text())
+            pack.with_suffix(".idx").write_text(json.dumps({**index, "pack": "../../x"}))
+        with pytest.raises(modelvault.IntegrityError, match="m:1|versions/"):
+            modelvault.clone(url, tmp_path / "b.vault")
+        report = a.push(url)  # the version is there: its chunks are not, so they go
+        assert report.added == () and report.chunks > 0
+        assert a.push(url).chunks == 0
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.verify() == []
+        np.testing.assert_array_equal(b.load("m")["layer1"], weights(4)["layer1"])
+
+
+def test_a_push_reads_a_copy_it_skips_once_and_never_one_it_sent_or_pulled(
+        tmp_path, url, fetched, monkeypatch):
+    base = weights(0, rows=8)
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", base)
+        whole = a.push(url).uploaded_bytes
+        a.save("net", {**base, "layer3": base["layer3"] + 1})
+        a.push(url)
+        assert fetched["bytes"] == 0  # what it skipped, it had sent itself
+        # The same vault on a machine that has not seen the remote: what a push skips
+        # is compared with the remote's copy first, once.
+        monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "elsewhere"))
+        a.save("net", {**base, "layer2": base["layer2"] + 1})
+        report = a.push(url)
+        assert fetched["bytes"] > 0 and report.uploaded_bytes < 0.3 * whole
+        read = fetched["bytes"]
+        a.save("net", {**base, "layer2": base["layer2"] + 2})  # shares what net:3 did
+        assert a.push(url).uploaded_bytes < 0.3 * whole
+        assert fetched["bytes"] == read
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "colleague"))
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.verify() == [] and [v.version for v in b.versions("net")] == [1, 2, 3, 4]
+        read = fetched["bytes"]
+        b.save("net", {**base, "layer0": base["layer0"] + 1})
+        assert b.push(url).uploaded_bytes < 0.3 * whole
+        assert fetched["bytes"] == read  # the pull checked what the push skips
 
 
 def test_a_manifest_someone_else_wrote_first_fails_the_push_and_a_swapped_one_the_pull(
@@ -738,6 +823,50 @@ def test_reading_a_missing_file_remote_creates_nothing(tmp_path):
     with pytest.raises(modelvault.NotFoundError, match="no modelvault remote"):
         modelvault.Remote(f"file://{tmp_path / 'typo'}").versions()
     assert not (tmp_path / "typo").exists()
+
+
+@contextlib.contextmanager
+def _named_pipe(path):
+    """``path`` replaced by a named pipe for a while. A reader that opens it is let go
+    (with nothing to read) rather than left waiting: code that would wait fails the
+    test instead of hanging it."""
+    saved = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def let_go():
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError):  # no reader waiting
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=let_go)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        path.unlink()
+        path.write_bytes(saved)
+
+
+def test_a_named_pipe_in_a_file_remote_is_refused_not_waited_on(tmp_path, url):
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("m", {"w": np.zeros(3)})
+        a.push(url)
+    remote = tmp_path / "remote"
+    # Hostile: an object replaced by a named pipe, which an open() waits on forever.
+    with _named_pipe(remote / "modelvault-remote.json"):
+        with pytest.raises(modelvault.IntegrityError,
+                           match="modelvault-remote.json: not a regular file"):
+            modelvault.Remote(url).versions()
+    with _named_pipe(remote / "versions" / f"{mv.id}.json"):
+        with pytest.raises(modelvault.IntegrityError,
+                           match=f"versions/{mv.id}.json: not a regular file"):
+            modelvault.clone(url, tmp_path / "b.vault")
+    with modelvault.clone(url, tmp_path / "b.vault") as b:
+        assert b.verify() == []
 
 
 def test_a_push_makes_a_file_remote_folder_only_inside_one_that_exists(tmp_path):
