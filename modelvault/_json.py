@@ -22,14 +22,31 @@ MAX_DEPTH = 300
 def loads(text: str | bytes) -> Any:
     """``text`` parsed; ValueError if it is not JSON, nests deeper than MAX_DEPTH or
     repeats a key in one object (TypeError if it is not text)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")  # UnicodeDecodeError: a ValueError, as json.loads's
+    if not isinstance(text, str):
+        raise TypeError(f"JSON text must be str or bytes, not {type(text).__name__}")
     try:
-        value = json.loads(text, object_pairs_hook=_unique)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    if text.count(b"[" if isinstance(text, bytes) else "[") + text.count(
-            b"{" if isinstance(text, bytes) else "{") > MAX_DEPTH:
+    if text.count("[") + text.count("{") > MAX_DEPTH:
         check_depth(value)  # else it cannot nest deeper: most texts skip the walk
     return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        keys = [key for key, _ in pairs]
+        twice = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise ValueError(f"JSON object repeats the key {twice[:60]!r}")
+    return found
+
+
+# One decoder for every text: json.loads(..., object_pairs_hook=) builds a new one per
+# call, a third of the cost of parsing a part's shape.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
 
 
 def check_depth(value: Any) -> None:
@@ -42,12 +59,3 @@ def check_depth(value: Any) -> None:
         if not level:
             return
     raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        keys = [key for key, _ in pairs]
-        twice = next(key for i, key in enumerate(keys) if key in keys[:i])
-        raise ValueError(f"JSON object repeats the key {twice[:60]!r}")
-    return found
