@@ -214,9 +214,7 @@ def test_the_package_metadata_reads_without_deprecation_warnings():
     import warnings
     from pathlib import Path
 
-    setuptools = pytest.importorskip("setuptools")
-    if int(setuptools.__version__.split(".")[0]) < 77:
-        pytest.skip("the SPDX license string needs setuptools 77 (the build requires it)")
+    pytest.importorskip("setuptools", minversion="77")  # the test extra installs it
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
 
