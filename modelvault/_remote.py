@@ -124,14 +124,19 @@ def confirm(vault: Path, name: str, url: str | None) -> None:
     """Remember that this user added the remote ``name`` = ``url`` to the vault file at
     ``vault`` on this machine (``url`` None: removed it)."""
     where = str(Path(vault).resolve())
-    rows = [row for row in _confirmed() if row[:2] != [where, name]]
-    if url is not None:
-        rows.append([where, name, url])
     home = _trust.home()
-    home.mkdir(parents=True, exist_ok=True)
-    partial = home / f".{_CONFIRMED}.{secrets.token_hex(4)}"
-    partial.write_bytes(_dumps({"confirmed": rows}))
-    os.replace(partial, home / _CONFIRMED)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        # Read, changed and replaced under one lock: two `remote add`s at once keep both.
+        with _locked(home / f".{_CONFIRMED}.lock"):
+            rows = [row for row in _confirmed() if row[:2] != [where, name]]
+            if url is not None:
+                rows.append([where, name, url])
+            partial = home / f".{_CONFIRMED}.{secrets.token_hex(4)}"
+            partial.write_bytes(_dumps({"confirmed": rows}))
+            os.replace(partial, home / _CONFIRMED)
+    except OSError as exc:
+        raise RemoteError(f"cannot record the remote {name!r} in {home}: {exc}") from exc
 
 
 def named(vault: Path, name: str, url: str) -> str:
@@ -1502,22 +1507,32 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
 
 @contextmanager
 def _only_puller(bundle: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``BUNDLE-lock`` (flock; none where there is no fcntl).
-    The lock file is removed with the bundle; a puller that waited on a removed one
-    finds the version merged and does nothing."""
+    """Hold an exclusive lock on ``BUNDLE-lock``. The lock file is removed with the
+    bundle; a puller that waited on a removed one finds the version merged and does
+    nothing."""
+    path = Path(f"{bundle}-lock")
+    with _locked(path):
+        try:
+            yield
+        finally:
+            if not bundle.exists():  # done with: a puller waiting on it finds its version in
+                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the file ``path`` (made if missing); none where there
+    is no fcntl."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    path = Path(f"{bundle}-lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        if not bundle.exists():  # done with: a puller waiting on it finds its version in
-            path.unlink(missing_ok=True)
         os.close(fd)
 
 

@@ -986,3 +986,39 @@ def test_two_pulls_of_one_version_into_one_vault_take_turns(tmp_path, url):
     with modelvault.open(tmp_path / "b.vault") as b:
         assert b.verify() == [] and len(b.versions()) == 1
     assert [p.name for p in tmp_path.iterdir() if ".pull-" in p.name] == []
+
+
+def _confirm_remotes(path, home, prefix, count, start):
+    os.environ["MODELVAULT_HOME"] = str(home)
+    start.wait()
+    for i in range(count):  # what add_remote does after its write, without the write
+        _remote.confirm(path, f"{prefix}{i}", f"file:///tmp/{prefix}{i}")
+
+
+def test_remotes_added_at_once_by_two_processes_are_all_confirmed(tmp_path, monkeypatch):
+    """The confirmed remotes are one file beside the keys: read, changed and replaced
+    under a lock, so two `remote add`s at once keep both."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MODELVAULT_HOME", str(home))
+    path = tmp_path / "a.vault"
+    modelvault.open(path).close()
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    workers = [context.Process(target=_confirm_remotes, args=(path, home, p, 100, start))
+               for p in "xy"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    confirmed = _remote._confirmed()
+    assert len(confirmed) == 200
+
+
+def test_a_remote_that_cannot_be_recorded_is_a_typed_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("MODELVAULT_HOME", str(blocker / "home"))
+    with modelvault.open(tmp_path / "a.vault") as vault:
+        with pytest.raises(modelvault.RemoteError, match="cannot record the remote"):
+            vault.add_remote("origin", "file:///tmp/x")
