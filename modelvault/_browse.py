@@ -66,7 +66,7 @@ def queries(signed: list[str]) -> dict[str, Any]:
 
 def _signed(path: Path) -> list[str]:
     """The uuids of the versions whose signature a key trusted here verifies."""
-    from ._vault import Vault
+    from . import Vault  # the front, from the package root once it is loaded
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", DamagedVaultWarning)

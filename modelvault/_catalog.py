@@ -14,7 +14,7 @@ import gc
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from . import _chunks, _json, _schema, _serialize, _trust
@@ -633,6 +633,11 @@ def check_number(value: Any, what: str, *, lowest: int = 1) -> int:
     if type(value) is not int or not lowest <= value < 2**62:
         raise ValueError(f"{what} {value!r} is not one modelvault gives out")
     return value
+
+
+def now() -> str:
+    """The time now as versions and remote log entries record it (``parse_time`` reads it)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> datetime:

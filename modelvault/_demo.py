@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ._vault import Vault
-
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
@@ -14,6 +12,8 @@ def _mb(n: int) -> str:
 
 def run(path: Path, echo: Callable[[str], None] = print) -> None:
     """Train a forest in three warm-started rounds, save each round, load the last back."""
+    from . import Vault  # the front, from the package root once it is loaded
+
     try:
         from sklearn.datasets import load_breast_cancer
         from sklearn.ensemble import RandomForestClassifier

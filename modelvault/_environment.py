@@ -62,7 +62,7 @@ def capture(imports: list[str]) -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def installed(distribution: str) -> str | None:
     """The installed version of ``distribution`` (once per process: loads ask often)."""
     return _version(distribution)

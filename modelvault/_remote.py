@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _chunks, _json, _pins, _schema, _trust
-from ._catalog import check_number, parse_time
+from ._catalog import check_number, now, parse_time
 from ._errors import (
     IntegrityError,
     LockTimeout,
@@ -38,6 +38,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
+from ._progress import progress
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
 from ._refs import Ref, check_alias, check_name, parse_ref
 
@@ -817,9 +818,8 @@ class Remote:
             events = make(state)
             if not events:
                 return state, 0
-            from ._vault import _now  # the timestamps versions have
 
-            entry = _dumps({"at": _now(), "by": f"{os.environ.get('USER', '?')}@"
+            entry = _dumps({"at": now(), "by": f"{os.environ.get('USER', '?')}@"
                             f"{socket.gethostname()}", "events": events})
             if len(entry) > limit("log"):  # readers would refuse it
                 raise RemoteError(f"{self.url}: this log entry would be {len(entry)} bytes, "
@@ -1116,7 +1116,7 @@ def _upload(vault: Vault, remote: Remote, ids: set[int], there: set[int],
     if not missing:
         return sent
     total = sum(r[8] for r in missing)
-    with vault._progress(total, f"push to {remote.url}") as advance:
+    with progress(total, f"push to {remote.url}", vault.progress) as advance:
         writer = _PackWriter(remote, sent, advance, renew)
         try:
             _gather(vault, writer, missing)
@@ -1480,8 +1480,9 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
                     # cost it, never the vault.
                     into._connection.db.execute("PRAGMA synchronous = OFF")
                     _keep_fetched_only(into)  # rows of an earlier run: made again from now
-                    with vault._progress(sum(index[h]["size"] for h in missing),
-                                         f"pull {entry['model']}:{entry['number']}") as advance:
+                    with progress(sum(index[h]["size"] for h in missing),
+                                  f"pull {entry['model']}:{entry['number']}",
+                                  vault.progress) as advance:
                         fetched = _fetch(into, remote, missing, index, advance)
                     _rows(into, remote, state, uuid, manifest, here, index)
                 try:

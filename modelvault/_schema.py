@@ -531,7 +531,7 @@ def ddl(version: int) -> str:
             + VIEWS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expected_schema(version: int) -> dict[str, tuple[str, str]]:
     conn = sqlite3.connect(":memory:")
     try:

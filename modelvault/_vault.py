@@ -10,22 +10,18 @@ copier between vaults (``_copier``).
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import os
 import secrets
 import sqlite3
-import sys
 import tempfile
 import threading
 import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import (
     _atomic,
@@ -49,23 +45,24 @@ from ._catalog import (
     NewVersion,
     VersionRow,
     model_contents,
+    now,
     part_row,
 )
 from ._catalog import digest as content_digest
-from ._chunks import np, zstandard
+from ._chunks import np
 from ._connection import Connection
 from ._errors import (
-    CorruptVaultError,
     DamagedVaultWarning,
     EnvironmentWarning,
     IntegrityError,
     NotFoundError,
-    TooLargeError,
     UntrustedError,
     VaultError,
 )
+from ._guard import api, snapshot
 from ._mapping import LazyVersion
 from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
+from ._progress import progress
 from ._records import (
     MergeReport,
     ModelInfo,
@@ -77,46 +74,9 @@ from ._records import (
 from ._refs import Ref, check_alias, check_name, parse_ref
 from ._serialize import Part
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 # Metadata and descriptions are for numbers and notes: far below what readers accept
 # of a text column (_schema.MAX_VALUE), so whatever we write, we read back.
 MAX_TEXT = 16 * 1024 * 1024
-# Saves and loads larger than this show a progress bar when stderr is a terminal.
-_PROGRESS_MIN = 64 * 1024 * 1024
-
-
-def _api(method: F) -> F:
-    """One thread at a time per Vault, and sqlite3/zstd errors turned into ours."""
-
-    @functools.wraps(method)
-    def wrapper(self: Vault, *args: Any, **kwargs: Any) -> Any:
-        try:
-            with self._connection.lock:
-                return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise _schema.translate(exc, self.path) from exc
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{self.path}: {exc}") from exc
-        except UnicodeDecodeError as exc:  # text SQLite stored is not UTF-8: a damaged file
-            raise CorruptVaultError(f"{self.path}: vault file is damaged ({exc})") from exc
-        except MemoryError as exc:  # never a bare MemoryError, whatever asked for too much
-            if isinstance(exc, VaultError):
-                raise
-            raise TooLargeError(f"{self.path}: out of memory ({exc or 'no detail'})") from exc
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _snapshot(method: F) -> F:
-    """Run a read-only method inside one read transaction."""
-
-    @functools.wraps(method)
-    def wrapper(self: Vault, *args: Any, **kwargs: Any) -> Any:
-        with self._connection.read():
-            return method(self, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class Vault:
@@ -151,7 +111,7 @@ class Vault:
         self.path = Path(path)
         self.require = _trust.required(require)
         self._max_expansion = _limits.max_expansion(max_expansion)
-        self._progress_shown = progress
+        self.progress = progress
         self._connection = Connection(self.path, readonly=readonly, create=create,
                                       timeout=timeout)
         self.readonly = self._connection.readonly  # a damaged file is, whatever was asked
@@ -178,7 +138,7 @@ class Vault:
 
     # -- saving -----------------------------------------------------------------
 
-    @_api
+    @api
     def save(self, name: str, obj: Any, *, metadata: Mapping[str, Any] | None = None,
              tags: Mapping[str, Any] | None = None, aliases: Sequence[str] = (),
              description: str = "", parent: str | ModelVersion | bool | None = None,
@@ -237,7 +197,7 @@ class Vault:
         kind, layout, parts = _serialize.serialize(obj, f"model {name!r}")
         return self._save(name, kind, layout, parts, **options)
 
-    @_api
+    @api
     def save_files(self, name: str,
                    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                    metadata: Mapping[str, Any] | None = None,
@@ -310,8 +270,9 @@ class Vault:
             sort_keys=True))
         key = _trust.own_private()
         size = sum(p.size for p in parts)
-        with self._progress(size, f"save {name}") as advance, self._connection.write(size):
-            created_at = _now()
+        with progress(size, f"save {name}", self.progress) as advance, \
+                self._connection.write(size):
+            created_at = now()
             model_id, number = self._catalog.next_number(name, created_at)
             bases = self._delta_bases(name, kind, model_layout, model_parts, parent)
             stored = self._packs.put(parts, bases + [None] * (len(parts) - len(bases)),
@@ -358,8 +319,8 @@ class Vault:
 
     # -- reading ----------------------------------------------------------------
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def get(self, ref: str | ModelVersion) -> ModelVersion:
         """The version ``ref`` names (``name``, ``name:N`` or ``name@alias``); reads no model bytes.
 
@@ -368,8 +329,8 @@ class Vault:
         """
         return self._catalog.record(_as_ref(ref))
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def models(self) -> list[ModelInfo]:
         """Every model with its number of versions and latest version, by name.
 
@@ -378,8 +339,8 @@ class Vault:
         """
         return self._catalog.models()
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Every version of model ``name``, oldest first; of every model (by name) if None.
 
@@ -394,8 +355,8 @@ class Vault:
             self._catalog.resolve(Ref(name))  # raises NotFoundError naming what exists
         return records
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def load(self, ref: str | ModelVersion, *, trust: bool = False, device: Any = None,
              keys: str | Sequence[str] | None = None, lazy: bool = False) -> Any:
         """Load the model ``ref`` names, checking every chunk's hash.
@@ -472,16 +433,16 @@ class Vault:
         return {name: checked(name) for name in _serialize.select(
             names, [keys] if isinstance(keys, str) else keys)}
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def lineage(self, ref: str | ModelVersion) -> list[ModelVersion]:
         """The versions ``ref`` came from, nearest first: its parent (``save(...,
         parent=...)``), that version's parent, and so on. The chain stops early at a
         parent this vault lacks; the last version's ``parent`` then names its id."""
         return self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)).id)
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def selftest(self, ref: str | ModelVersion, *, trust: bool = False
                  ) -> _selftest.SelftestResult:
         """Load the model ``ref`` names, ask it its saved example again (``save(...,
@@ -530,7 +491,7 @@ class Vault:
             raise row.error(f"cannot rebuild its example: {exc}") from exc
         raise row.error(f"its example has unknown kind {example.get('kind')!r}")
 
-    @_api
+    @api
     def diff(self, a: str | ModelVersion, b: str | ModelVersion) -> _diff.Diff:
         """What differs from version ``a`` to version ``b``, of one model or two.
 
@@ -665,8 +626,8 @@ class Vault:
             raise row.error("its signature does not match: the version was changed after "
                             "it was saved (load with trust=True to read it anyway)")
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def extract(self, ref: str | ModelVersion, out_dir: str | os.PathLike[str], *,
                 trust: bool = False) -> list[Path]:
         """Write a files version's files below ``out_dir``; returns the paths written.
@@ -687,8 +648,8 @@ class Vault:
         except ValueError as exc:
             raise row.error(str(exc)) from exc
         modes = _file_modes(row, len(targets))
-        with self._progress(sum(p.size for p in contents.parts),
-                            f"extract {row.where}") as advance:
+        with progress(sum(p.size for p in contents.parts),
+                            f"extract {row.where}", self.progress) as advance:
             for chunks, target, mode in zip(contents.chunks, targets, modes, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # Written batch by batch (a checkpoint need not fit in memory) to a side
@@ -747,12 +708,13 @@ class Vault:
                     yield chunk, view[offset:offset + chunk.size]
                     offset += chunk.size
 
-        with self._progress(sum(parts[i].size for i in wanted), f"load {row.where}") as advance:
+        with progress(sum(parts[i].size for i in wanted), f"load {row.where}",
+                      self.progress) as advance:
             self._fill(row, pieces(), advance)
         return [(part, outs[i]) if i in outs else None for i, part in enumerate(parts)]
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def _read_part(self, row: VersionRow, contents: Contents, index: int,
                    chunks: slice = slice(None)) -> Any:
         """One part of a version (or the ``chunks`` of it), as (part row, buffer).
@@ -795,22 +757,9 @@ class Vault:
         except IntegrityError as exc:
             raise row.error(str(exc), exc.chunk) from exc
 
-    @contextmanager
-    def _progress(self, total: int, desc: str) -> Iterator[Callable[[int], Any]]:
-        """Yield a function that advances a progress bar by n bytes (a no-op when hidden)."""
-        show = self._progress_shown if self._progress_shown is not None else (
-            total >= _PROGRESS_MIN and sys.stderr.isatty())
-        if not show:
-            yield lambda n: None
-            return
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
-            yield bar.update
-
     # -- changing names ---------------------------------------------------------
 
-    @_api
+    @api
     def alias(self, ref: str | ModelVersion, alias: str) -> ModelVersion:
         """Point ``alias`` at the version ``ref`` names, moving it if it points elsewhere.
 
@@ -823,7 +772,7 @@ class Vault:
             self._catalog.set_alias(row, alias)
             return self._catalog.record(Ref(row.name, version=row.version))
 
-    @_api
+    @api
     def unalias(self, name: str, alias: str) -> None:
         """Remove ``alias`` from model ``name``; NotFoundError if it does not exist."""
         check_name(name)
@@ -831,7 +780,7 @@ class Vault:
         with self._connection.write():
             self._catalog.remove_alias(name, alias)
 
-    @_api
+    @api
     def tag(self, ref: str | ModelVersion, tags: Mapping[str, Any] | None = None,
             /, **more: Any) -> ModelVersion:
         """Set tags on a version; a value of None removes that tag.
@@ -845,7 +794,7 @@ class Vault:
             self._catalog.set_tags(row, items)
             return self._catalog.record(Ref(row.name, version=row.version))
 
-    @_api
+    @api
     def delete(self, ref: str | ModelVersion) -> int:
         """Delete one version (``name:N``, ``name@alias``) or a whole model (``name``).
 
@@ -858,7 +807,7 @@ class Vault:
 
     # -- copies -----------------------------------------------------------------
 
-    @_api
+    @api
     def export(self, dest: str | os.PathLike[str],
                refs: Sequence[str | ModelVersion] | None = None, *,
                skip_damaged: bool = False) -> Path:
@@ -909,7 +858,7 @@ class Vault:
                 stacklevel=4)
         return [r.id for r in rows if (r.name, r.version) not in damaged]
 
-    @_api
+    @api
     def merge(self, other: str | os.PathLike[str] | Vault) -> MergeReport:
         """Bring in every version of the vault ``other`` that this one lacks, copying only
         the chunks this one lacks. ``other`` is read, never changed.
@@ -940,8 +889,8 @@ class Vault:
         report = self._copy_from(source, ids, check=True, action="merge")
         return MergeReport(report.added, report.renumbered, (*report.conflicts, *refused))
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def _required_ids(self, require: str) -> tuple[list[int], list[str]]:
         """The row ids of the versions ``require`` lets in, and a line for each refused."""
         ids, refused = [], []
@@ -954,7 +903,7 @@ class Vault:
                 refused.append(f"not merged: {exc}")
         return ids, refused
 
-    @_api
+    @api
     def push(self, url: str, refs: Sequence[str | ModelVersion] | None = None, *,
              endpoint_url: str | None = None, single_writer: bool = False) -> PushReport:
         """Send every version, or those ``refs`` name, to the remote at ``url``
@@ -976,7 +925,7 @@ class Vault:
                                                  single_writer=single_writer),
                             None if refs is None else [_as_ref(r) for r in refs])
 
-    @_api
+    @api
     def pull(self, url: str, refs: Sequence[str] | None = None, *,
              endpoint_url: str | None = None) -> MergeReport:
         """Bring in every version of the remote at ``url``, or those ``refs`` name
@@ -994,15 +943,15 @@ class Vault:
         return _remote.pull(self, _remote.Remote(self._remote_url(url),
                                                  endpoint_url=endpoint_url), refs)
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def remotes(self) -> dict[str, str]:
         """The remotes this vault remembers: URL by name (``add_remote``)."""
         if self._connection.format < 6:
             return {}
         return dict(self._connection.db.execute("SELECT name, url FROM remotes ORDER BY name"))
 
-    @_api
+    @api
     def add_remote(self, name: str, url: str) -> None:
         """Remember ``url`` as ``name``, so that ``push(name)`` and ``pull(name)`` reach it.
         Only the URL is stored: credentials stay in the environment, out of the file.
@@ -1015,7 +964,7 @@ class Vault:
             db.execute("INSERT OR REPLACE INTO remotes (name, url) VALUES (?, ?)", (name, url))
         _remote.confirm(self.path, name, url)
 
-    @_api
+    @api
     def remove_remote(self, name: str) -> None:
         """Forget the remote ``name`` (nothing on the remote changes)."""
         from . import _remote
@@ -1052,7 +1001,7 @@ class Vault:
 
     # -- housekeeping -----------------------------------------------------------
 
-    @_api
+    @api
     def gc(self) -> int:
         """Drop chunks no version uses and give their space back; returns the bytes the
         file shrank by (``stats()`` before and after tells the chunks dropped).
@@ -1068,8 +1017,8 @@ class Vault:
             self._connection.vacuum()
             return before - self._connection.file_bytes()
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def verify(self) -> list[Problem]:
         """Re-read and re-hash every chunk any version uses; returns the problems ([] = healthy).
 
@@ -1102,8 +1051,8 @@ class Vault:
                                         bad.hash))
         return problems
 
-    @_api
-    @_snapshot
+    @api
+    @snapshot
     def stats(self) -> VaultStats:
         """Sizes of the vault: raw, after dedup, after compression, and the file itself."""
         db = self._connection.db
@@ -1140,10 +1089,6 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _as_ref(ref: str | ModelVersion) -> Ref:

@@ -1,0 +1,30 @@
+"""Progress bars for long saves, loads, pushes and pulls (tqdm, only when shown)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# Work larger than this shows a progress bar when stderr is a terminal.
+MIN_BYTES = 64 * 1024 * 1024
+
+Advance = Callable[[int], Any]
+
+
+@contextmanager
+def progress(total: int, desc: str, shown: bool | None) -> Iterator[Advance]:
+    """Yield a function that advances a progress bar by n bytes (a no-op when hidden).
+
+    ``shown``: True or False as the caller asked; None shows it for work of at least
+    ``MIN_BYTES`` when stderr is a terminal.
+    """
+    show = shown if shown is not None else total >= MIN_BYTES and sys.stderr.isatty()
+    if not show:
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
+        yield bar.update
