@@ -9,94 +9,28 @@ from __future__ import annotations
 import json
 import math
 import sys
-import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import _trust
-from ._errors import IntegrityError, VaultError
-from ._records import ModelVersion, human_bytes
-from ._vault import Vault
-from ._version import __version__
-
-
-class _Group(click.Group):
-    """Turns our errors (and bad arguments) into one line on stderr, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            with warnings.catch_warnings():
-                warnings.showwarning = _warning_line
-                return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except (VaultError, ValueError, TypeError, OSError) as exc:
-            raise click.ClickException(str(exc) or type(exc).__name__) from exc
-        except Exception as exc:  # e.g. a model's own code failing while it unpickles
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _warning_line(message: Warning | str, *_: Any, **__: Any) -> None:
-    """Show a warning (a damaged vault, another environment) as one line on stderr."""
-    click.echo(f"Warning: {message}", err=True)
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [headers] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _version_json(mv: ModelVersion) -> dict[str, Any]:
-    record = {f.name: getattr(mv, f.name) for f in fields(mv) if f.name != "columns"}
-    record.update(created_at=mv.created_at.isoformat(), aliases=list(mv.aliases),
-                  metadata=mv.metadata, environment=mv.environment, signature=mv.signature,
-                  signer=mv.signer, key_id=mv.key_id, parent=mv.parent, source=mv.source)
-    return record
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
-
-
-def _pairs(values: tuple[str, ...], what: str, parse_json: bool = False) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        if parse_json:
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                parsed = value
-            # A number only when it reads back the same: "1.10" or "1e5" stays text.
-            keep_text = isinstance(parsed, (int, float)) and json.dumps(parsed) != value
-            result[key] = value if keep_text else parsed
-        else:
-            result[key] = value
-    return result
-
-
-vault_path = click.argument("vault", type=click.Path(dir_okay=False, path_type=Path))
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-
-
-def _open(path: Path) -> Vault:
-    """An existing vault; only `put` and `demo` create one, so a typo makes no new file.
-
-    Reads open it writable too: after an interrupted write, only a connection that
-    may write lets SQLite roll the leftover journal back.
-    """
-    if not path.exists():
-        raise click.ClickException(f"{path}: no such vault")
-    return Vault(path, create=False)
+from .. import _trust
+from .._errors import IntegrityError
+from .._records import ModelVersion, human_bytes
+from .._vault import Vault
+from .._version import __version__
+from . import _remote
+from ._common import (
+    _echo_json,
+    _Group,
+    _open,
+    _pairs,
+    _table,
+    _version_json,
+    json_option,
+    vault_path,
+)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -332,7 +266,7 @@ def browse_command(vault: Path, host: str, port: int) -> None:
     every table and view, foreign keys labelled, and queries for versions by package
     version, storage per model, and versions not signed by a key trusted here."""
     try:
-        from . import _browse
+        from .. import _browse
     except ImportError as exc:  # pragma: no cover - depends on the extra
         raise click.ClickException(str(exc)) from exc
     with _open(vault):  # a vault this modelvault reads, or one clear error
@@ -355,7 +289,7 @@ def env_command(vault: Path, ref: str, trust: bool) -> None:
     """Print a requirements file (name==version lines) of the packages REF was saved
     with, after a comment naming its Python: `pip install -r` it to rebuild that
     environment."""
-    from . import _environment, _trust
+    from .. import _environment, _trust
 
     with _open(vault) as v:
         mv = v.get(ref)
@@ -439,7 +373,7 @@ def _write_entries(entries: dict[str, Any], mv: ModelVersion, out_dir: Path,
     """A flat dict of arrays or tensors as one .npz or .safetensors file."""
     import numpy as np
 
-    from ._serialize import write_safetensors
+    from .._serialize import write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     numpy_only = all(isinstance(a, (np.ndarray, np.generic)) for a in entries.values())
@@ -459,7 +393,7 @@ def _write_entries(entries: dict[str, Any], mv: ModelVersion, out_dir: Path,
 def _write_object(obj: Any, mv: ModelVersion, out_dir: Path) -> Path:
     import numpy as np
 
-    from ._torch import is_tensor
+    from .._torch import is_tensor
 
     flat = {"array": obj} if isinstance(obj, np.ndarray) or is_tensor(obj) else obj
     if mv.kind == "arrays" and isinstance(flat, dict) and flat and all(
@@ -560,152 +494,6 @@ def merge_command(vault: Path, other: Path) -> None:
     with _open(vault) as v:
         report = v.merge(other)
     click.echo(str(report))
-
-
-endpoint_option = click.option(
-    "--endpoint-url", help="An S3-compatible server other than AWS (also AWS_ENDPOINT_URL).")
-single_writer_option = click.option(
-    "--single-writer", is_flag=True,
-    help="Use a store that ignores create-only writes: only if no other process ever "
-         "writes to it.")
-
-
-@cli.command("push")
-@vault_path
-@click.argument("url")
-@click.argument("refs", nargs=-1)
-@endpoint_option
-@single_writer_option
-def push_command(vault: Path, url: str, refs: tuple[str, ...], endpoint_url: str | None,
-                 single_writer: bool) -> None:
-    """Send VAULT's versions (or REFS) to the remote URL, only the chunks it lacks.
-
-    URL: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///path.
-    Credentials come from the usual environment variables and files, never the vault.
-    """
-    with _open(vault) as v:
-        report = v.push(url, list(refs) or None, endpoint_url=endpoint_url,
-                        single_writer=single_writer)
-    click.echo(str(report))
-
-
-@cli.command("pull")
-@vault_path
-@click.argument("url")
-@click.argument("refs", nargs=-1)
-@endpoint_option
-def pull_command(vault: Path, url: str, refs: tuple[str, ...], endpoint_url: str | None
-                 ) -> None:
-    """Bring the remote's versions (or REFS there) that VAULT lacks into VAULT.
-
-    Every chunk, digest and signature is checked first; numbers that clash are
-    renumbered, as merge does.
-    """
-    with _open(vault) as v:
-        report = v.pull(url, list(refs) or None, endpoint_url=endpoint_url)
-    click.echo(str(report))
-
-
-@cli.command("clone")
-@click.argument("url")
-@vault_path
-@click.argument("refs", nargs=-1)
-@endpoint_option
-def clone_command(url: str, vault: Path, refs: tuple[str, ...], endpoint_url: str | None
-                  ) -> None:
-    """Make the new vault VAULT from the remote URL (every version, or REFS)."""
-    from . import clone
-
-    with clone(url, vault, list(refs) or None, endpoint_url=endpoint_url) as v:
-        count = len(v.versions())
-    click.echo(f"cloned {count} version{'s' if count != 1 else ''} into {vault} "
-               f"({human_bytes(vault.stat().st_size)})")
-
-
-@cli.group("remote")
-def remote_group() -> None:
-    """A remote on object storage: list, delete, collect."""
-
-
-@remote_group.command("add")
-@vault_path
-@click.argument("name")
-@click.argument("url")
-def remote_add_command(vault: Path, name: str, url: str) -> None:
-    """Remember URL as NAME in VAULT (only the URL: credentials stay in the environment)."""
-    with _open(vault) as v:
-        v.add_remote(name, url)
-    click.echo(f"{name} = {url}")
-
-
-@remote_group.command("remove")
-@vault_path
-@click.argument("name")
-def remote_remove_command(vault: Path, name: str) -> None:
-    """Forget the remote NAME (nothing on the remote changes)."""
-    with _open(vault) as v:
-        v.remove_remote(name)
-    click.echo(f"forgot {name}")
-
-
-@cli.command("remotes")
-@vault_path
-@json_option
-def remotes_command(vault: Path, as_json: bool) -> None:
-    """The remotes VAULT remembers, by name."""
-    with _open(vault) as v:
-        found = v.remotes()
-    if as_json:
-        _echo_json(found)
-    else:
-        click.echo(_table(["name", "url"], [[n, u] for n, u in found.items()]))
-
-
-@remote_group.command("ls")
-@click.argument("url")
-@endpoint_option
-@json_option
-def remote_ls_command(url: str, endpoint_url: str | None, as_json: bool) -> None:
-    """The models and versions on the remote URL, without downloading weights."""
-    from ._remote import Remote
-
-    found = Remote(url, endpoint_url=endpoint_url).versions()
-    if as_json:
-        _echo_json([asdict(v) for v in found])
-        return
-    click.echo(_table(["version", "kind", "size", "created", "aliases", "tags"],
-                      [[v.ref, v.kind, human_bytes(v.size), v.created_at[:19],
-                        ",".join(v.aliases), ",".join(f"{k}={t}" for k, t in v.tags.items())]
-                       for v in found]))
-
-
-@remote_group.command("rm")
-@click.argument("url")
-@click.argument("ref")
-@endpoint_option
-@single_writer_option
-def remote_rm_command(url: str, ref: str, endpoint_url: str | None, single_writer: bool
-                      ) -> None:
-    """Delete the version REF on the remote URL (its bytes go at the next remote gc)."""
-    from ._remote import Remote
-
-    gone = Remote(url, endpoint_url=endpoint_url, single_writer=single_writer).delete(ref)
-    click.echo(f"deleted {gone.ref} on the remote")
-
-
-@remote_group.command("gc")
-@click.argument("url")
-@endpoint_option
-@click.option("--grace", type=float, default=3600.0, show_default=True,
-              help="Seconds: objects younger than this are never deleted.")
-@single_writer_option
-def remote_gc_command(url: str, endpoint_url: str | None, grace: float,
-                      single_writer: bool) -> None:
-    """Delete what no version on the remote URL uses any more (a push in flight stops it)."""
-    from ._remote import Remote
-
-    click.echo(str(Remote(url, endpoint_url=endpoint_url, single_writer=single_writer)
-                   .gc(grace)))
 
 
 @cli.command("gc")
@@ -829,9 +617,14 @@ def keys_command(as_json: bool) -> None:
                 type=click.Path(dir_okay=False, path_type=Path))
 def demo_command(vault: Path) -> None:
     """Train a small model, save a few versions, show what dedup saved, load it back."""
-    from ._demo import run
+    from .._demo import run
 
     run(vault, echo=click.echo)
+
+
+for command in (_remote.push_command, _remote.pull_command, _remote.clone_command,
+                _remote.remote_group, _remote.remotes_command):
+    cli.add_command(command)
 
 
 def main() -> None:
