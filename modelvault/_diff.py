@@ -1,16 +1,22 @@
 """Comparing two versions: what ``Vault.diff`` returns, and the arithmetic behind it.
 
-Owns the records of a diff and how two entries (arrays or tensors) compare. The Vault
-front reads the versions; nothing here touches the file.
+Owns the records of a diff, how two entries (arrays or tensors), plain values and files
+compare, and the order of a diff's reads: the rows and contents of both versions in one
+read, then their entries one at a time through the reader's lazy mappings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _torch
+from . import _torch, _trust
+from ._catalog import FILE_KINDS, Catalog, Contents, VersionRow
+from ._connection import Connection
 from ._lazy import lazy
+from ._reader import Reader
+from ._refs import Ref
 
 np = lazy("numpy")
 
@@ -88,6 +94,88 @@ class Diff:
         """True if anything differs."""
         return bool(self.metadata or self.tags or self.aliases or self.environment
                     or self.description or self.changed or self.same_stream is False)
+
+
+def diff(connection: Connection, catalog: Catalog, reader: Reader, refs: Sequence[Ref]
+         ) -> Diff:
+    """What differs from the version ``refs[0]`` names to the one ``refs[1]`` names (see
+    ``Vault.diff``); ValueError if they are of different kinds."""
+    with connection.read():
+        rows = [catalog.resolve(ref) for ref in refs]
+        for row in rows:  # nothing is unpickled, but require="trusted" holds: its values
+            reader.check_signature(row, trust=True)  # are the version's data too
+        if rows[0].kind != rows[1].kind:
+            raise ValueError(f"cannot diff {rows[0].where}, {rows[0].what}, "
+                             f"with {rows[1].where}, {rows[1].what}")
+        records = [catalog.records("WHERE v.id = ?", (r.id,))[0] for r in rows]
+        contents = [reader.contents(r) for r in rows]
+    hashes = [[[c.hash for c in chunks] for chunks in found.chunks] for found in contents]
+    sizes = {c.hash: c.size for chunks in contents[1].chunks for c in chunks}
+    seen = {h for part in hashes[0] for h in part}
+    shared = sum(size for h, size in sizes.items() if h in seen)
+    kind = rows[0].kind
+    entries: list[EntryChange] = []
+    if kind in FILE_KINDS:
+        entries += _file_changes(contents, hashes)
+    if kind == "arrays" or any(r.layouts()[0].get("tensors") for r in rows):
+        entries += _entry_changes(reader, rows)
+    if kind == "arrays":
+        entries += _value_changes(rows)
+    return Diff(
+        records[0].ref, records[1].ref, kind,
+        Changes.between(*(r.metadata for r in records)),
+        Changes.between(*(r.tags for r in records)),
+        Changes.between(*({alias: r.ref for alias in r.aliases} for r in records)),
+        Changes.between(*(environment_items(r.environment) for r in records)),
+        None if records[0].description == records[1].description
+        else (records[0].description, records[1].description),
+        tuple(entries),
+        hashes[0] == hashes[1] and rows[0].layout == rows[1].layout
+        if kind == "pickle" else None,
+        shared, sum(sizes.values()) - shared)
+
+
+def _entry_changes(reader: Reader, rows: list[VersionRow]) -> list[EntryChange]:
+    """Each array or tensor of two versions compared, one entry in memory at a time.
+    Nothing is unpickled, so no trust is needed; a signature that fails still refuses."""
+    maps = []
+    for row in rows:
+        if _trust.signature_status(row.manifest, row.key_id, row.signature) == "invalid":
+            raise row.error("its signature does not match: the version was changed "
+                            "after it was saved")
+        try:
+            maps.append(reader.load(row, lazy=True))
+        except ValueError:  # a files version without safetensors files
+            maps.append({})
+    names = list(dict.fromkeys([*maps[0], *maps[1]]))
+    return [compare(name, maps[0][name] if name in maps[0] else None,
+                    maps[1][name] if name in maps[1] else None) for name in names]
+
+
+def _value_changes(rows: list[VersionRow]) -> list[EntryChange]:
+    """The plain values of two arrays versions (an epoch count beside the weights)."""
+    try:
+        found = [values(r.layouts()[0]) for r in rows]
+    except (ValueError, TypeError) as exc:
+        raise rows[0].error(f"cannot read its layout: {exc}") from exc
+    missing = object()
+    return [compare_values(name, found[0].get(name, missing), found[1].get(name, missing),
+                           missing)
+            for name in dict.fromkeys([*found[0], *found[1]])]
+
+
+def _file_changes(contents: list[Contents], hashes: list[list[list[str]]]
+                  ) -> list[EntryChange]:
+    """The files of two files versions by path: added, removed, changed or the same."""
+    files = [{(part.name or f"part {i}"): (part.size, hashes[side][i])
+              for i, part in enumerate(found.parts)} for side, found in enumerate(contents)]
+    changes = []
+    for path in dict.fromkeys([*files[0], *files[1]]):
+        a, b = files[0].get(path), files[1].get(path)
+        change = ("added" if a is None else "removed" if b is None
+                  else "same" if a[1] == b[1] else "changed")
+        changes.append(EntryChange(path, change, size=(a and a[0], b and b[0])))
+    return changes
 
 
 def values(layout: Any, name: str = "") -> dict[str, Any]:

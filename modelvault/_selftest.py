@@ -2,19 +2,23 @@
 
 Owns which method a model is asked (``METHODS``), how an example and the model's answer
 are kept (natively where they are numpy, pandas or torch), and how a fresh answer is
-compared with the saved one. The Vault front stores and reads them as parts of the
-version.
+compared with the saved one, and the steps of a selftest (``run``). The Vault front
+stores them as parts of the version; the reader reads them back.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _torch
 from ._lazy import lazy
+
+if TYPE_CHECKING:
+    from ._catalog import VersionRow
+    from ._reader import Reader
 
 np = lazy("numpy")
 
@@ -48,6 +52,32 @@ class SelftestResult:
 
     def __bool__(self) -> bool:
         return self.passed is True
+
+
+def run(reader: Reader, row: VersionRow, load: Callable[[], Any], trust: bool
+        ) -> SelftestResult:
+    """Ask the model ``load()`` returns the example saved with ``row`` again and compare
+    its answer with the saved one (see ``Vault.selftest``)."""
+    example = row.layouts()[1]
+    if example is None:
+        return SelftestResult(row.where, None, None, 0, 0, None, None,
+                              "no example was saved with it")
+    model = load()
+    saved = reader.example(row, example, trust)
+    # The file never chooses the code to run: only a method of our own list, that
+    # this model has (a class may have gained another since the save).
+    method = example.get("method")
+    if not askable(model, method):
+        raise row.error(f"its example cannot be asked: it names {str(method)[:80]!r}, "
+                        f"not one of {', '.join(METHODS)} or __call__ that "
+                        f"this {type(model).__name__} has")
+    try:
+        now = answer(model, method, decode_example(saved["input"]))
+    except Exception as exc:  # the model's own code failing is the finding
+        return SelftestResult(
+            row.where, method, False, 0, 0, None, None,
+            f"{method} failed on the saved example: {type(exc).__name__}: {exc}")
+    return compare(row.where, method, saved["output"], now)
 
 
 def method_of(model: Any) -> str:

@@ -3,23 +3,20 @@
 The public front. It checks arguments, turns sqlite3 and zstd errors into ours, applies
 the trust policy, and puts the steps of each operation in order. The work itself is
 done by the pieces it holds: the connection (``_connection``), the catalog of names,
-versions and labels (``_catalog``), the pack store of chunks (``_packs``) and the
-copier between vaults (``_copier``).
+versions and labels (``_catalog``), the pack store of chunks (``_packs``), the reader
+of versions (``_reader``) and the copier between vaults (``_copier``).
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import secrets
 import sqlite3
 import tempfile
 import threading
 import uuid
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +28,6 @@ from . import (
     _frameworks,
     _json,
     _limits,
-    _pickle_tensors,
-    _pins,
     _schema,
     _selftest,
     _serialize,
@@ -41,10 +36,7 @@ from . import (
 from ._catalog import (
     FILE_KINDS,
     Catalog,
-    Contents,
     NewVersion,
-    VersionRow,
-    model_contents,
     now,
     part_row,
 )
@@ -53,16 +45,14 @@ from ._chunks import np
 from ._connection import Connection
 from ._errors import (
     DamagedVaultWarning,
-    EnvironmentWarning,
     IntegrityError,
     NotFoundError,
     UntrustedError,
-    VaultError,
 )
 from ._guard import api, snapshot
-from ._mapping import LazyVersion
-from ._packs import Bases, ChunkRow, PackStore, batch_views, tensor_runs
+from ._packs import Bases, PackStore, tensor_runs
 from ._progress import progress
+from ._reader import Reader
 from ._records import (
     MergeReport,
     ModelInfo,
@@ -109,23 +99,40 @@ class Vault:
                  progress: bool | None = None, require: str | None = None,
                  max_expansion: float | None = None) -> None:
         self.path = Path(path)
-        self.require = _trust.required(require)
         self._max_expansion = _limits.max_expansion(max_expansion)
-        self.progress = progress
         self._connection = Connection(self.path, readonly=readonly, create=create,
                                       timeout=timeout)
         self.readonly = self._connection.readonly  # a damaged file is, whatever was asked
         self._catalog = Catalog(self._connection)
         self._packs = PackStore(self._connection)
-        self._lazy: list[weakref.ref[LazyVersion]] = []  # closed with the vault
+        self._reader = Reader(self._connection, self._catalog, self._packs,
+                              require=_trust.required(require),
+                              max_expansion=self._max_expansion, progress=progress)
+
+    @property
+    def require(self) -> str | None:
+        """"trusted" if only what a trusted key signed is read and pulled, else None (the
+        reader holds it: set here, it applies there too)."""
+        return self._reader.require
+
+    @require.setter
+    def require(self, value: str | None) -> None:
+        self._reader.require = value
+
+    @property
+    def progress(self) -> bool | None:
+        """Whether progress bars show; None: for long work when stderr is a terminal."""
+        return self._reader.progress
+
+    @progress.setter
+    def progress(self, value: bool | None) -> None:
+        self._reader.progress = value
 
     def close(self) -> None:
         """Close the file. The vault is again exactly one file on disk."""
         with self._connection.lock:
             self._connection.close()
-            for mapping in filter(None, (ref() for ref in self._lazy)):
-                mapping.close()  # its lazy mappings read nothing more
-            self._lazy.clear()
+            self._reader.close()  # its lazy mappings read nothing more
 
     def __enter__(self) -> Vault:
         return self
@@ -389,49 +396,8 @@ class Vault:
         row = self._catalog.resolve(_as_ref(ref))
         # Only a whole load runs a pickle's or a framework's code: entries are read from
         # the stored tensors by modelvault itself.
-        whole = keys is None and not lazy
-        self._check_signature(row, trust, runs_code=whole)
-        # Arrays, tensors and files are rebuilt by modelvault itself, the same under any
-        # versions; a pickle or a framework's model runs its packages' code.
-        found = (_environment.differences(_environment_of(row))
-                 if whole and row.kind in ("pickle", "framework") else [])
-        if found:
-            warnings.warn(EnvironmentWarning(
-                f"{row.where} was saved with " + ", ".join(
-                    f"{name} {saved} (here {here or 'not installed'})"
-                    for name, saved, here in found)
-                + f"; it may behave differently. `modelvault env VAULT {row.where}` prints "
-                  "its requirements"), stacklevel=4)  # past _api and _snapshot
-        return self._load(row, device=device, keys=keys, lazy=lazy)
-
-    def _load(self, row: VersionRow, *, device: Any, keys: str | Sequence[str] | None,
-              lazy: bool) -> Any:
-        """Load a version whose signature was checked."""
-        if keys is None and not lazy:
-            return _rebuild(row, self._read(row), device)
-        if keys is not None and lazy:
-            raise ValueError("keys= and lazy=True do not go together: a lazy mapping has "
-                             "every entry")
-        contents = self._contents(row)
-        fetch, names = self._entries(row, contents, device)
-
-        def checked(name: str) -> Any:  # a damaged entry is an IntegrityError, as in load()
-            try:
-                return fetch(name)
-            except (ValueError, TypeError, IndexError, AttributeError) as exc:
-                raise row.error(f"cannot rebuild {name}: {exc}") from exc
-
-        if lazy:
-            # Pinned inside this read: see _pins for why gc in any process then keeps them.
-            pin = _pins.Pin(self._connection.lock_file,
-                            (c.id for chunks in contents.chunks for c in chunks))
-            mapping = LazyVersion(row.where, names, checked, self._connection.lock,
-                                  pin.release)
-            self._lazy = [ref for ref in self._lazy if ref() is not None]
-            self._lazy.append(weakref.ref(mapping))
-            return mapping
-        return {name: checked(name) for name in _serialize.select(
-            names, [keys] if isinstance(keys, str) else keys)}
+        self._reader.check_signature(row, trust, runs_code=keys is None and not lazy)
+        return self._reader.load(row, device=device, keys=keys, lazy=lazy)
 
     @api
     @snapshot
@@ -453,43 +419,7 @@ class Vault:
         for a version saved without an example. Trust as for ``load``.
         """
         row = self._catalog.resolve(_as_ref(ref))
-        example = row.layouts()[1]
-        if example is None:
-            return _selftest.SelftestResult(row.where, None, None, 0, 0, None, None,
-                                            "no example was saved with it")
-        model = self.load(ref, trust=trust)
-        saved = self._example(row, example, trust)
-        # The file never chooses the code to run: only a method of our own list, that
-        # this model has (a class may have gained another since the save).
-        method = example.get("method")
-        if not _selftest.askable(model, method):
-            raise row.error(f"its example cannot be asked: it names {str(method)[:80]!r}, "
-                            f"not one of {', '.join(_selftest.METHODS)} or __call__ that "
-                            f"this {type(model).__name__} has")
-        try:
-            now = _selftest.answer(model, method, _selftest.decode_example(saved["input"]))
-        except Exception as exc:  # the model's own code failing is the finding
-            return _selftest.SelftestResult(
-                row.where, method, False, 0, 0, None, None,
-                f"{method} failed on the saved example: {type(exc).__name__}: {exc}")
-        return _selftest.compare(row.where, method, saved["output"], now)
-
-    def _example(self, row: VersionRow, example: dict[str, Any], trust: bool) -> Any:
-        """A version's saved example and answer: {"input": ..., "output": ...}."""
-        parts = self._read(row, contents=self._contents(row, example=True))
-        try:
-            if example.get("kind") == "arrays":
-                return _serialize.rebuild_native(example["layout"], parts)
-            if example.get("kind") == "pickle":
-                # It runs code as a pickled model does, whatever the model's own kind.
-                status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-                if not trust and status != "trusted":
-                    _refuse_pickle(row, "has a pickled example",
-                                   parts[example["layout"]["pickle"]][1], status)
-                return _serialize.unpickle(example["layout"], parts)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise row.error(f"cannot rebuild its example: {exc}") from exc
-        raise row.error(f"its example has unknown kind {example.get('kind')!r}")
+        return _selftest.run(self._reader, row, lambda: self.load(ref, trust=trust), trust)
 
     @api
     def diff(self, a: str | ModelVersion, b: str | ModelVersion) -> _diff.Diff:
@@ -505,126 +435,8 @@ class Vault:
 
         ValueError if the two are of different kinds (a pickle and an arrays version).
         """
-        with self._connection.read():
-            rows = [self._catalog.resolve(_as_ref(ref)) for ref in (a, b)]
-            if self.require is not None:  # its values are the version's data too
-                for row in rows:
-                    _trust.check_required(self.require, _trust.signature_status(
-                        row.manifest, row.key_id, row.signature), row.where)
-            if rows[0].kind != rows[1].kind:
-                raise ValueError(f"cannot diff {rows[0].where}, {rows[0].what}, "
-                                 f"with {rows[1].where}, {rows[1].what}")
-            records = [self._catalog.records("WHERE v.id = ?", (r.id,))[0] for r in rows]
-            contents = [self._contents(r) for r in rows]
-        hashes = [[[c.hash for c in chunks] for chunks in found.chunks] for found in contents]
-        sizes = {c.hash: c.size for chunks in contents[1].chunks for c in chunks}
-        seen = {h for part in hashes[0] for h in part}
-        shared = sum(size for h, size in sizes.items() if h in seen)
-        kind = rows[0].kind
-        entries: list[_diff.EntryChange] = []
-        if kind in FILE_KINDS:
-            entries += _file_changes(contents, hashes)
-        if kind == "arrays" or any(r.layouts()[0].get("tensors") for r in rows):
-            entries += self._entry_changes(rows)
-        if kind == "arrays":
-            entries += _value_changes(rows)
-        return _diff.Diff(
-            records[0].ref, records[1].ref, kind,
-            _diff.Changes.between(*(r.metadata for r in records)),
-            _diff.Changes.between(*(r.tags for r in records)),
-            _diff.Changes.between(*({alias: r.ref for alias in r.aliases} for r in records)),
-            _diff.Changes.between(*(_diff.environment_items(r.environment) for r in records)),
-            None if records[0].description == records[1].description
-            else (records[0].description, records[1].description),
-            tuple(entries),
-            hashes[0] == hashes[1] and rows[0].layout == rows[1].layout
-            if kind == "pickle" else None,
-            shared, sum(sizes.values()) - shared)
-
-    def _entry_changes(self, rows: list[VersionRow]) -> list[_diff.EntryChange]:
-        """Each array or tensor of two versions compared, one entry in memory at a time.
-        Nothing is unpickled, so no trust is needed; a signature that fails still refuses."""
-        maps = []
-        for row in rows:
-            if _trust.signature_status(row.manifest, row.key_id, row.signature) == "invalid":
-                raise row.error("its signature does not match: the version was changed "
-                                "after it was saved")
-            try:
-                maps.append(self._load(row, device=None, keys=None, lazy=True))
-            except ValueError:  # a files version without safetensors files
-                maps.append({})
-        names = list(dict.fromkeys([*maps[0], *maps[1]]))
-        return [_diff.compare(name, maps[0][name] if name in maps[0] else None,
-                              maps[1][name] if name in maps[1] else None) for name in names]
-
-    def _entries(self, row: VersionRow, contents: Contents, device: Any
-                 ) -> tuple[Callable[[str], Any], list[str]]:
-        """The flat names of a version's entries, and a function that reads one of them
-        (only its chunks): the arrays and tensors of an arrays version, the tensors of a
-        pickle (read from its stream, never run), or the tensors of a files or framework
-        version's safetensors files."""
-        layout = row.layouts()[0]
-        if row.kind in ("arrays", "pickle"):
-            found = (_serialize.entries(layout) if row.kind == "arrays"
-                     else self._pickle_entries(row, contents, layout))
-
-            class Parts(dict):  # a part is read when the rebuilder first asks for it
-                def __missing__(parts, index: int) -> Any:
-                    parts[index] = self._read_part(row, contents, index)
-                    return parts[index]
-
-            rebuilder = _serialize.Rebuilder(Parts(), device)
-            return (lambda name: rebuilder.node(found[name])), list(found)
-        if row.kind in FILE_KINDS and layout.get("tensors"):
-            # A tensor's name, or "file:name" where several files have one of that name.
-            found = [(f"{layout['files'][part]}:{run[0]}", run[0], part, run)
-                     for part, file_runs in enumerate(layout["tensors"])
-                     for run in file_runs or []]
-            counts = collections.Counter(name for _, name, _, _ in found)
-            runs = {(name if counts[name] == 1 else qualified): (part, run)
-                    for qualified, name, part, run in found}
-            return (lambda name: self._read_tensor(row, contents, *runs[name], device)), \
-                list(runs)
-        raise _no_entries(row)
-
-    def _pickle_entries(self, row: VersionRow, contents: Contents, layout: Any
-                        ) -> dict[str, dict[str, Any]]:
-        """The torch tensors of a pickle version as arrays layout nodes, by name."""
-        index = layout.get("pickle") if isinstance(layout, dict) else None
-        if not (type(index) is int and 0 <= index < len(contents.parts)):
-            raise row.error("its layout names no pickle stream")
-        try:
-            found = _pickle_tensors.entries(
-                self._read(row, only={index}, contents=contents)[index][1], layout)
-        except ValueError as exc:
-            raise row.error(f"cannot read its tensors' names: {exc}") from exc
-        if not found:
-            raise _no_entries(row)
-        return found
-
-    def _check_signature(self, row: VersionRow, trust: bool, *, runs_code: bool = True
-                         ) -> None:
-        """Refuse pickles no trusted key signed (and framework files that may run code),
-        if loading ``runs_code``, and any version whose signature fails; under
-        require="trusted", any version no trusted key signed, whatever ``trust``."""
-        if trust and self.require is None:
-            return  # nothing to ask the signature (an ed25519 check costs ~0.4 ms)
-        status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-        _trust.check_required(self.require, status, row.where)
-        if trust:
-            return
-        if runs_code and row.kind == "pickle" and status != "trusted":
-            _refuse_pickle(row, "is a pickle", self._read(row, only={0})[0][1], status)
-        risky = _frameworks.needs_trust([p.name for p in self._contents(row).parts]) \
-            if runs_code and row.kind == "framework" and status != "trusted" else []
-        if risky:
-            raise UntrustedError(
-                f"{row.where} holds files its framework may run code from when it loads "
-                f"them ({', '.join(risky)}) and {_trust.untrusted_why(status)}. {_TRUST_ADVICE}",
-                imports=risky)
-        if status == "invalid":
-            raise row.error("its signature does not match: the version was changed after "
-                            "it was saved (load with trust=True to read it anyway)")
+        return _diff.diff(self._connection, self._catalog, self._reader,
+                          [_as_ref(a), _as_ref(b)])
 
     @api
     @snapshot
@@ -640,122 +452,8 @@ class Vault:
         row = self._catalog.resolve(_as_ref(ref))
         if row.kind not in FILE_KINDS:
             raise ValueError(f"{row.where} holds a Python object, not files; use load()")
-        self._check_signature(row, trust)
-        contents = self._contents(row)
-        try:  # every name checked before the first byte is written
-            targets = [Path(out_dir).joinpath(*path.parts) for path in
-                       _serialize.safe_relative_paths(p.name for p in contents.parts)]
-        except ValueError as exc:
-            raise row.error(str(exc)) from exc
-        modes = _file_modes(row, len(targets))
-        with progress(sum(p.size for p in contents.parts),
-                            f"extract {row.where}", self.progress) as advance:
-            for chunks, target, mode in zip(contents.chunks, targets, modes, strict=True):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # Written batch by batch (a checkpoint need not fit in memory) to a side
-                # file, renamed only once every chunk checked out: no half-written model.
-                partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
-                try:
-                    # Created as open() creates files (0666 less the umask), then given
-                    # the recorded bits, if any.
-                    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                    with os.fdopen(fd, "wb") as f:
-                        if mode is not None:
-                            os.fchmod(f.fileno(), mode)
-                        self._fill(row, batch_views(chunks), advance,
-                                   done=lambda views, f=f: f.writelines(views))
-                    os.replace(partial, target)
-                finally:
-                    if os.path.exists(partial):
-                        os.unlink(partial)
-        return targets
-
-    def _contents(self, row: VersionRow, *, example: bool = False) -> Contents:
-        """A version's parts and chunk lists, checked against its digest: the model's, or
-        if ``example``, those of the example saved with it (the parts after them)."""
-        contents = self._catalog.contents(row)
-        self._catalog.check(row, contents)
-        def stored() -> float:
-            try:
-                return self._packs.stored_bytes(c.id for chunks in contents.chunks
-                                                for c in chunks)
-            except sqlite3.DatabaseError as exc:  # its packs' rows on a damaged page
-                raise row.error(f"its packs cannot be read ({exc})") from exc
-
-        _limits.check(row.where, sum(p.size for p in contents.parts), stored,
-                      self._max_expansion)
-        try:
-            model = model_contents(contents, row.layouts()[1])
-        except (ValueError, TypeError) as exc:
-            raise row.error(str(exc)) from exc
-        if not example:
-            return model
-        first = len(model.parts)
-        return Contents(contents.parts[first:], contents.chunks[first:])
-
-    def _read(self, row: VersionRow, *, only: set[int] | None = None,
-              contents: Contents | None = None) -> list[Any]:
-        """Every part of a version as (part row, uint8 buffer), each chunk's hash checked;
-        None for the parts not in ``only``, if given (their chunks are not read)."""
-        parts, lists = contents if contents is not None else self._contents(row)
-        wanted = [i for i in range(len(parts)) if only is None or i in only]
-        outs = {i: np.empty(parts[i].size, dtype=np.uint8) for i in wanted}
-
-        def pieces() -> Iterator[tuple[ChunkRow, memoryview]]:
-            for i in wanted:
-                view, offset = memoryview(outs[i]), 0
-                for chunk in lists[i]:
-                    yield chunk, view[offset:offset + chunk.size]
-                    offset += chunk.size
-
-        with progress(sum(parts[i].size for i in wanted), f"load {row.where}",
-                      self.progress) as advance:
-            self._fill(row, pieces(), advance)
-        return [(part, outs[i]) if i in outs else None for i, part in enumerate(parts)]
-
-    @api
-    @snapshot
-    def _read_part(self, row: VersionRow, contents: Contents, index: int,
-                   chunks: slice = slice(None)) -> Any:
-        """One part of a version (or the ``chunks`` of it), as (part row, buffer).
-
-        ``contents`` may be older than this read (a lazy mapping's): the chunks are found
-        again by hash if another process's gc moved them since.
-        """
-        def read(lists: list[list[ChunkRow]]) -> Any:
-            mine = list(contents.chunks)
-            mine[index] = lists[index][chunks]
-            parts = list(contents.parts)
-            parts[index] = parts[index]._replace(size=sum(c.size for c in mine[index]))
-            return self._read(row, only={index}, contents=Contents(parts, mine))[index]
-
-        try:
-            return read(contents.chunks)
-        except IntegrityError:
-            hashes = [c.hash for c in contents.chunks[index][chunks]]
-            found = self._packs.rows(hashes)
-            if not all(h in found for h in hashes):
-                raise NotFoundError(f"{row.where} was deleted, and its chunks collected, "
-                                    "since this lazy mapping was made") from None
-            lists = list(contents.chunks)
-            lists[index] = [None] * len(lists[index])
-            lists[index][chunks] = [found[h] for h in hashes]
-            return read(lists)
-
-    def _read_tensor(self, row: VersionRow, contents: Contents, part: int, run: list[Any],
-                     device: Any) -> Any:
-        """One tensor of a safetensors file part, from its own chunks only."""
-        name, dtype, shape, first, count = run
-        _, buffer = self._read_part(row, contents, part, slice(first, first + count))
-        return _serialize.file_tensor(buffer, dtype, shape, device)
-
-    def _fill(self, row: VersionRow, pieces: Any, advance: Callable[[int], Any],
-              done: Callable[[list[memoryview]], Any] | None = None) -> None:
-        """The pack store's read, with a failing chunk named as this version's."""
-        try:
-            self._packs.read(pieces, advance, done)
-        except IntegrityError as exc:
-            raise row.error(str(exc), exc.chunk) from exc
+        self._reader.check_signature(row, trust)
+        return self._reader.extract(row, out_dir)
 
     # -- changing names ---------------------------------------------------------
 
@@ -1134,52 +832,6 @@ def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
     return items
 
 
-def _value_changes(rows: list[VersionRow]) -> list[_diff.EntryChange]:
-    """The plain values of two arrays versions (an epoch count beside the weights)."""
-    try:
-        found = [_diff.values(r.layouts()[0]) for r in rows]
-    except (ValueError, TypeError) as exc:
-        raise rows[0].error(f"cannot read its layout: {exc}") from exc
-    missing = object()
-    return [_diff.compare_values(name, found[0].get(name, missing),
-                                 found[1].get(name, missing), missing)
-            for name in dict.fromkeys([*found[0], *found[1]])]
-
-
-def _file_changes(contents: list[Contents], hashes: list[list[list[str]]]
-                  ) -> list[_diff.EntryChange]:
-    """The files of two files versions by path: added, removed, changed or the same."""
-    files = [{(part.name or f"part {i}"): (part.size, hashes[side][i])
-              for i, part in enumerate(found.parts)} for side, found in enumerate(contents)]
-    changes = []
-    for path in dict.fromkeys([*files[0], *files[1]]):
-        a, b = files[0].get(path), files[1].get(path)
-        change = ("added" if a is None else "removed" if b is None
-                  else "same" if a[1] == b[1] else "changed")
-        changes.append(_diff.EntryChange(path, change, size=(a and a[0], b and b[0])))
-    return changes
-
-
-_TRUST_ADVICE = ("If you trust where this vault came from, load with trust=True (CLI: "
-                 "--trust), or trust the saver's key with `modelvault trust KEYFILE`.")
-
-
-def _refuse_pickle(row: VersionRow, what: str, stream: Any, status: str) -> None:
-    """UntrustedError for a pickle of ``row`` no trusted key signed, naming what it would
-    import (read from its opcodes, never run)."""
-    imports = _trust.pickle_imports(bytes(stream))
-    raise UntrustedError(
-        f"{row.where} {what} and {_trust.untrusted_why(status)}; unpickling runs code from "
-        f"{', '.join(imports) or 'Python builtins only'}. {_TRUST_ADVICE}", imports=imports)
-
-
-def _no_entries(row: VersionRow) -> ValueError:
-    return ValueError(
-        f"{row.where} is {row.what} without tensors: keys= and lazy=True read the arrays "
-        "and tensors of arrays versions, the torch tensors of pickles and the tensors of "
-        "safetensors files")
-
-
 def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
     """The model's answer to ``example``, and both as parts to store: (method, kind,
     layout, parts). ValueError if the model cannot take it, before anything is written."""
@@ -1205,79 +857,3 @@ def _files_layout(parts: list[Part]) -> dict[str, Any]:
     if any(r is not None for r in runs):
         layout["tensors"] = runs
     return layout
-
-
-def _file_modes(row: VersionRow, count: int) -> list[int | None]:
-    """The permission bits a files version recorded for each file, or None each (saved
-    before modelvault recorded them, or unreadable: the file still comes out)."""
-    try:
-        modes = row.layouts()[0].get("modes")
-    except (ValueError, AttributeError):
-        modes = None
-    if not (isinstance(modes, list) and len(modes) == count
-            and all(type(m) is int and 0 <= m <= 0o777 for m in modes)):
-        return [None] * count
-    return modes
-
-
-def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) -> Any:
-    try:
-        layout = row.layouts()[0]
-        if row.kind == "arrays":
-            return _serialize.rebuild_native(layout, parts, device)
-        if row.kind == "pickle":
-            return _unpickle(row, layout, parts, device)
-        if row.kind == "files":
-            return {p.name: buf.tobytes() for p, buf in parts}
-        if row.kind == "framework":
-            if [p.name for p, _ in parts] != layout.get("files"):
-                raise ValueError("its files are not the ones its layout lists")
-            with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
-                paths = _serialize.safe_relative_paths(part.name for part, _ in parts)
-                for (_, buffer), path in zip(parts, paths, strict=True):
-                    target = Path(folder).joinpath(*path.parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(buffer)
-                try:
-                    return _frameworks.load(layout, Path(folder), device)
-                except (VaultError, ValueError, KeyError, TypeError, IndexError,
-                        AttributeError):
-                    raise
-                except Exception as exc:  # the framework's own error reading its files
-                    raise VaultError(f"{row.where}: {layout.get('framework')} could not "
-                                     f"load it: {type(exc).__name__}: {exc} (saved with "
-                                     f"{_saved_with(row)})") from exc
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise row.error(f"cannot rebuild: {exc}") from exc
-    raise row.error(f"unknown kind {row.kind!r}")
-
-
-def _unpickle(row: VersionRow, layout: Any, parts: list[tuple[Any, np.ndarray]],
-              device: Any) -> Any:
-    try:
-        return _serialize.unpickle(layout, parts, device)
-    except VaultError:
-        raise
-    except Exception as exc:
-        # Usually a missing or incompatible package; say what the model was saved with.
-        raise VaultError(f"{row.where}: unpickling failed with "
-                         f"{type(exc).__name__}: {exc} (saved with {_saved_with(row)})") from exc
-
-
-def _environment_of(row: VersionRow) -> dict[str, Any]:
-    """A version's environment record; empty if it is unreadable (a damaged file)."""
-    try:
-        env = _json.loads(row.environment)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return {}
-    return env if isinstance(env, dict) else {}
-
-
-def _saved_with(row: VersionRow) -> str:
-    """What a version was saved with, for messages: Python and its packages."""
-    env = _environment_of(row)
-    packages = env.get("packages")
-    if not env or not isinstance(packages, dict):
-        return "an unreadable environment"
-    return ", ".join([f"python {env.get('python', '?')}"] + [
-        f"{name} {version}" for name, version in packages.items()])
