@@ -26,14 +26,15 @@ from . import (
     _diff,
     _environment,
     _frameworks,
+    _gc,
     _json,
     _limits,
     _pickle_tensors,
     _pins,
-    _schema,
     _selftest,
     _serialize,
     _trust,
+    _verify,
 )
 from ._catalog import (
     FILE_KINDS,
@@ -897,12 +898,7 @@ class Vault:
         does every chunk a lazy mapping (``load(..., lazy=True)``) open in any process
         may still read.
         """
-        with self._connection.write(exclusive=True):
-            before = self._connection.file_bytes()
-            self._catalog.drop_unused_environments()
-            self._packs.sweep()
-            self._connection.vacuum()
-            return before - self._connection.file_bytes()
+        return _gc.collect_garbage(self._connection, self._catalog, self._packs)
 
     @api
     @snapshot
@@ -912,31 +908,7 @@ class Vault:
         >>> vault.verify()
         []
         """
-        problems = self._connection.problems() + self._catalog.problems()
-        keys = _trust.trusted()
-        users: dict[int, list[tuple[str, int]]] = {}  # every version that uses a chunk
-        for row in self._catalog.rows():
-            try:
-                contents = self._catalog.contents(row)
-                for chunk_id in {c.id for chunks in contents.chunks for c in chunks}:
-                    users.setdefault(chunk_id, []).append((row.name, row.version))
-                self._catalog.check(row, contents)
-                if _trust.signature_status(row.manifest, row.key_id, row.signature,
-                                           keys) == "invalid":
-                    raise IntegrityError("signature does not match: the version was changed "
-                                         "after it was saved")
-            except IntegrityError as exc:
-                problems.append(Problem(str(exc), row.name, row.version, exc.chunk))
-            except sqlite3.DatabaseError as exc:  # its rows are on a damaged page
-                if not _schema.is_damage(exc):
-                    raise
-                problems.append(Problem(f"its rows cannot be read ({exc})", row.name,
-                                        row.version))
-        for bad in self._packs.bad_chunks(self._packs.chunks(live=True)):
-            for name, number in users.get(bad.id, [(None, None)]):
-                problems.append(Problem(f"chunk {bad.hash}: {bad.problem}", name, number,
-                                        bad.hash))
-        return problems
+        return _verify.verify(self._connection, self._catalog, self._packs)
 
     @api
     @snapshot
