@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from . import (
-    _atomic,
     _copier,
     _diff,
     _environment,
@@ -46,7 +45,6 @@ from ._catalog import (
 from ._chunks import np
 from ._connection import Connection
 from ._errors import (
-    DamagedVaultWarning,
     EnvironmentWarning,
     IntegrityError,
     NotFoundError,
@@ -716,35 +714,8 @@ class Vault:
         with self._connection.read():
             ids = None if refs is None else sorted(
                 {self._catalog.resolve(_as_ref(ref)).id for ref in refs})
-        if skip_damaged:
-            ids = self._whole(ids, dest)
-        partial = _atomic.scratch_path(dest, ".partial")
-        try:
-            with Vault(partial, timeout=self._connection.timeout, progress=False) as copy:
-                copy._copy_from(self.path, ids, check=False, action="export",
-                                damaged=self._connection.damage is not None)
-                copy.gc()  # repacks the packs that came along with chunks left behind
-            _atomic.fsync(partial)
-            os.replace(partial, dest)
-            _atomic.fsync(dest.parent, directory=True)
-        finally:
-            for leftover in (partial, f"{partial}-journal"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-        return dest
-
-    def _whole(self, ids: list[int] | None, dest: Path) -> list[int]:
-        """The versions ``ids`` (every one if None) that verify() finds nothing wrong
-        with; a DamagedVaultWarning names the others."""
-        damaged = {(p.model, p.version) for p in self.verify() if p.version is not None}
-        with self._connection.read():
-            rows = [r for r in self._catalog.rows() if ids is None or r.id in ids]
-        left_out = [r.where for r in rows if (r.name, r.version) in damaged]
-        if left_out:
-            warnings.warn(DamagedVaultWarning(
-                f"{self.path}: left out of {dest.name}, damaged: {', '.join(left_out)}"),
-                stacklevel=4)
-        return [r.id for r in rows if (r.name, r.version) not in damaged]
+        return _copier.export(self._connection, self._catalog, self._packs, dest, ids,
+                              skip_damaged=skip_damaged)
 
     @api
     def merge(self, other: str | os.PathLike[str] | Vault) -> MergeReport:
@@ -767,29 +738,8 @@ class Vault:
         source = Path(other.path if isinstance(other, Vault) else other)
         if source.exists() and os.path.samefile(source, self.path):  # hard links too
             raise ValueError(f"{source} is the vault itself; merge another file into it")
-        # Opening it as a vault first gives the usual errors for a file that is not one
-        # (or that needs a writable open to roll back an interrupted write).
-        with Vault(source, readonly=True, create=False) as theirs:
-            if self.require is None:
-                ids, refused = None, []
-            else:  # as a pull does: only what a key trusted here signed comes in
-                ids, refused = theirs._required_ids(self.require)
-        report = self._copy_from(source, ids, check=True, action="merge")
-        return MergeReport(report.added, report.renumbered, (*report.conflicts, *refused))
-
-    @api
-    @snapshot
-    def _required_ids(self, require: str) -> tuple[list[int], list[str]]:
-        """The row ids of the versions ``require`` lets in, and a line for each refused."""
-        ids, refused = [], []
-        for row in self._catalog.rows():
-            status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-            try:
-                _trust.check_required(require, status, row.where)
-                ids.append(row.id)
-            except UntrustedError as exc:
-                refused.append(f"not merged: {exc}")
-        return ids, refused
+        return _copier.merge(self._connection, self._catalog, self._packs, source,
+                             self.require)
 
     @api
     def push(self, url: str, refs: Sequence[str | ModelVersion] | None = None, *,
@@ -876,16 +826,10 @@ class Vault:
         return _remote.named(self.path, url, found)
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
-                   action: str, damaged: bool = False) -> MergeReport:
-        with self._connection.attached(source, damaged=damaged) as db:
-            # The raw bytes of the versions copied: more than they can add.
-            incoming = db.execute(
-                "SELECT coalesce(sum(size), 0) FROM src.versions"
-                + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
-                ids or ()).fetchone()[0]
-            with self._connection.write(incoming):
-                return _copier.copy(self._connection, self._catalog, self._packs, source,
-                                    ids, check=check, action=action)
+                   action: str) -> MergeReport:
+        """``_copier.copy_from`` into this vault: the way pull brings a fetched bundle in."""
+        return _copier.copy_from(self._connection, self._catalog, self._packs, source, ids,
+                                 check=check, action=action)
 
     # -- housekeeping -----------------------------------------------------------
 
