@@ -8,12 +8,14 @@ def _doctest_vault(request, tmp_path, monkeypatch):
     if type(request.node).__name__ != "DoctestItem":
         yield
         return
+    import numpy as np
+
     import modelvault
 
     monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "home"))
     namespace = request.getfixturevalue("doctest_namespace")
     vault = modelvault.open(tmp_path / "doctest.vault")
     vault.save("demo", [1, 2, 3])
-    namespace.update(vault=vault, tmp_path=tmp_path)
+    namespace.update(vault=vault, tmp_path=tmp_path, np=np)
     yield
     vault.close()

@@ -13,17 +13,115 @@ copied or nothing. Leaves chunk bytes to the pack store and records to the catal
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from . import _packs, _schema
+from . import _atomic, _packs, _schema, _trust
 from ._catalog import Catalog, check_number
 from ._connection import Connection
-from ._errors import IntegrityError, NotFoundError
+from ._errors import DamagedVaultWarning, IntegrityError, NotFoundError, UntrustedError
+from ._gc import collect_garbage
+from ._guard import translated
 from ._packs import PackStore
 from ._records import MergeReport
 from ._refs import check_alias, check_name
+from ._verify import verify
+
+
+def export(connection: Connection, catalog: Catalog, packs: PackStore, dest: Path,
+           ids: list[int] | None, *, skip_damaged: bool) -> Path:
+    """Write a new vault of the versions ``ids`` (every one if None) to ``dest``, in a
+    temporary file beside it renamed over it once on disk (see ``Vault.export``)."""
+    if skip_damaged:
+        ids = _whole(connection, catalog, packs, ids, dest)
+    partial = _atomic.scratch_path(dest, ".partial")
+    try:
+        into = Connection(partial, readonly=False, create=True, timeout=connection.timeout)
+        try:
+            into_catalog, into_packs = Catalog(into), PackStore(into)
+            copy_from(into, into_catalog, into_packs, connection.path, ids, check=False,
+                      action="export", damaged=connection.damage is not None)
+            # Repacks the packs that came along with chunks left behind; its errors name
+            # the copy, as they did when the copy was a Vault of its own.
+            with translated(partial):
+                collect_garbage(into, into_catalog, into_packs)
+        finally:
+            into.close()
+        _atomic.fsync(partial)
+        os.replace(partial, dest)
+        _atomic.fsync(dest.parent, directory=True)
+    finally:
+        for leftover in (partial, f"{partial}-journal"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return dest
+
+
+def _whole(connection: Connection, catalog: Catalog, packs: PackStore,
+           ids: list[int] | None, dest: Path) -> list[int]:
+    """The versions ``ids`` (every one if None) that verify() finds nothing wrong
+    with; a DamagedVaultWarning names the others."""
+    with connection.read():
+        damaged = {(p.model, p.version) for p in verify(connection, catalog, packs)
+                   if p.version is not None}
+    with connection.read():
+        rows = [r for r in catalog.rows() if ids is None or r.id in ids]
+    left_out = [r.where for r in rows if (r.name, r.version) in damaged]
+    if left_out:
+        warnings.warn(DamagedVaultWarning(
+            f"{connection.path}: left out of {dest.name}, damaged: {', '.join(left_out)}"),
+            stacklevel=5)  # past export, Vault.export and its guard
+    return [r.id for r in rows if (r.name, r.version) not in damaged]
+
+
+def merge(connection: Connection, catalog: Catalog, packs: PackStore, source: Path,
+          require: str | None) -> MergeReport:
+    """Bring in every version of the vault ``source`` that this one lacks, or with
+    ``require``, every one it lets in (see ``Vault.merge``)."""
+    # Opening it first gives the usual errors for a file that is not a vault (or that
+    # needs a writable open to roll back an interrupted write); 60 s: Vault's default.
+    theirs = Connection(source, readonly=True, create=False, timeout=60.0)
+    try:
+        if require is None:
+            ids, refused = None, []
+        else:  # as a pull does: only what a key trusted here signed comes in
+            with translated(source), theirs.read():
+                ids, refused = _required_ids(Catalog(theirs), require)
+    finally:
+        theirs.close()
+    report = copy_from(connection, catalog, packs, source, ids, check=True, action="merge")
+    return MergeReport(report.added, report.renumbered, (*report.conflicts, *refused))
+
+
+def _required_ids(catalog: Catalog, require: str) -> tuple[list[int], list[str]]:
+    """The row ids of the versions ``require`` lets in, and a line for each refused."""
+    ids, refused = [], []
+    for row in catalog.rows():
+        status = _trust.signature_status(row.manifest, row.key_id, row.signature)
+        try:
+            _trust.check_required(require, status, row.where)
+            ids.append(row.id)
+        except UntrustedError as exc:
+            refused.append(f"not merged: {exc}")
+    return ids, refused
+
+
+def copy_from(connection: Connection, catalog: Catalog, packs: PackStore, source: Path,
+              ids: list[int] | None, *, check: bool, action: str, damaged: bool = False
+              ) -> MergeReport:
+    """``copy`` with ``source`` attached, in a write transaction of its own sized for what
+    comes in. ``damaged``: ``source`` is cut short (see ``Connection.attached``)."""
+    with connection.attached(source, damaged=damaged) as db:
+        # The raw bytes of the versions copied: more than they can add.
+        incoming = db.execute(
+            "SELECT coalesce(sum(size), 0) FROM src.versions"
+            + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
+            ids or ()).fetchone()[0]
+        with connection.write(incoming):
+            return copy(connection, catalog, packs, source, ids, check=check, action=action)
 
 
 class Model(NamedTuple):

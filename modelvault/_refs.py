@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ._records import ModelVersion
+
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 _NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 _ALIAS = re.compile(_SEGMENT)
@@ -53,3 +55,10 @@ def parse_ref(ref: object) -> Ref:
             raise ValueError(f"invalid reference {ref!r}: the version after ':' is a number >= 1")
         return Ref(check_name(name), version=int(number))
     return Ref(check_name(ref))
+
+
+def as_ref(ref: str | ModelVersion) -> Ref:
+    """The reference a string or a ``ModelVersion`` names."""
+    if isinstance(ref, ModelVersion):
+        return Ref(ref.name, version=ref.version)
+    return parse_ref(ref)

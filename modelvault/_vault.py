@@ -9,49 +9,30 @@ of versions (``_reader``) and the copier between vaults (``_copier``).
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
-import tempfile
-import threading
-import uuid
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import (
-    _atomic,
     _copier,
     _diff,
-    _environment,
-    _frameworks,
-    _json,
+    _gc,
     _limits,
-    _schema,
     _selftest,
-    _serialize,
     _trust,
+    _verify,
 )
 from ._catalog import (
     FILE_KINDS,
     Catalog,
-    NewVersion,
-    now,
-    part_row,
 )
-from ._catalog import digest as content_digest
-from ._chunks import np
 from ._connection import Connection
 from ._errors import (
-    DamagedVaultWarning,
-    IntegrityError,
     NotFoundError,
-    UntrustedError,
 )
 from ._guard import api, snapshot
-from ._packs import Bases, PackStore, tensor_runs
-from ._progress import progress
+from ._packs import PackStore
 from ._reader import Reader
 from ._records import (
     MergeReport,
@@ -61,12 +42,9 @@ from ._records import (
     PushReport,
     VaultStats,
 )
-from ._refs import Ref, check_alias, check_name, parse_ref
-from ._serialize import Part
-
-# Metadata and descriptions are for numbers and notes: far below what readers accept
-# of a text column (_schema.MAX_VALUE), so whatever we write, we read back.
-MAX_TEXT = 16 * 1024 * 1024
+from ._refs import Ref, check_alias, check_name
+from ._refs import as_ref as _as_ref
+from ._writer import Writer, tag_changes
 
 
 class Vault:
@@ -187,22 +165,9 @@ class Vault:
         ('demo:2', {'auc': 0.91})
         """
         check_name(name)
-        options = {"metadata": metadata, "tags": tags, "aliases": aliases,
-                   "description": description, "parent": parent, "source": source,
-                   "example": None if example is None else _example_of(obj, example)}
-        handler = _frameworks.find(obj)
-        if handler is not None:
-            with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
-                try:
-                    record = _frameworks.save(handler, obj, Path(folder))
-                except ValueError:  # parameters JSON cannot hold: pickled instead
-                    pass
-                else:
-                    parts = _serialize.files_parts([folder])
-                    return self._save(name, "framework", {**_files_layout(parts), **record},
-                                      parts, **options)
-        kind, layout, parts = _serialize.serialize(obj, f"model {name!r}")
-        return self._save(name, kind, layout, parts, **options)
+        return self._writer().save(name, obj, metadata=metadata, tags=tags, aliases=aliases,
+                                   description=description, parent=parent, source=source,
+                                   example=example)
 
     @api
     def save_files(self, name: str,
@@ -226,103 +191,13 @@ class Vault:
         """
         check_name(name)
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-        parts = _serialize.files_parts(paths)
-        return self._save(name, "files", _files_layout(parts), parts, metadata=metadata,
-                          tags=tags, aliases=aliases, description=description, parent=parent,
-                          source=source, example=None)
+        return self._writer().save_files(name, paths, metadata=metadata, tags=tags,
+                                         aliases=aliases, description=description,
+                                         parent=parent, source=source)
 
-    def _save(self, name: str, kind: str, layout: Any, parts: list[Part], *,
-              metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
-              aliases: Sequence[str], description: str,
-              parent: str | ModelVersion | bool | None, source: bool,
-              example: tuple[str, str, Any, list[Part]] | None) -> ModelVersion:
-        """Parts -> chunks -> packs -> catalog rows, in one write transaction."""
-        model_layout, model_parts = layout, parts
-        if example is not None:  # its parts after the model's, its descriptor beside
-            method, example_kind, example_layout, example_parts = example
-            layout = {"model": layout, "example": {
-                "method": method, "kind": example_kind, "layout": example_layout,
-                "first": len(parts)}}
-            parts = [*parts, *example_parts]
-        _json.check_depth(layout)  # what we write, we read back (ValueError)
-        if isinstance(aliases, str):
-            aliases = [aliases]
-        aliases = [check_alias(a) for a in aliases]
-        tag_items = [(k, v) for k, v in _tag_items(tags) if v is not None]
-        if not isinstance(description, str):
-            raise TypeError("description must be a string")
-        if len(description) > MAX_TEXT:
-            raise ValueError(f"description is {len(description):,} characters; the limit is "
-                             f"{MAX_TEXT:,}")
-        metadata_json = _metadata_json(metadata)
-        # What the pickle imports, or what the arrays or the framework's model are made
-        # of, decides which package versions the environment records.
-        def imports() -> list[str]:
-            if kind == "pickle":  # and cloudpickle, which pickled it
-                stream = model_parts[0].data
-                return [*_trust.own_pickle_imports(
-                    stream.obj if isinstance(stream.obj, bytes) else bytes(stream),
-                    [p.data for p in model_parts[1:]]), "cloudpickle"]
-            if kind == "arrays":
-                return _serialize.native_imports(model_layout, model_parts)
-            return [model_layout["class"]] if kind == "framework" else []
-
-        # What the pickle imports (a replay of its stream: ~10 ms for a 20 MB forest) and
-        # the first capture in a process (it reads every installed package's metadata,
-        # ~0.3 s with many installed) are done beside the chunking.
-        environment = _Background(
-            lambda: json.dumps(_environment.capture(imports()), sort_keys=True))
-        origin = _Background(lambda: json.dumps(
-            _environment.source() if _environment.source_wanted(source) else {},
-            sort_keys=True))
-        key = _trust.own_private()
-        size = sum(p.size for p in parts)
-        with progress(size, f"save {name}", self.progress) as advance, \
-                self._connection.write(size):
-            created_at = now()
-            model_id, number = self._catalog.next_number(name, created_at)
-            bases = self._delta_bases(name, kind, model_layout, model_parts, parent)
-            stored = self._packs.put(parts, bases + [None] * (len(parts) - len(bases)),
-                                     advance)
-            _limits.check(f"{name}:{number}", size,
-                          lambda: self._packs.stored_bytes(stored.ids.values()),
-                          self._max_expansion, saving=True)
-            rows = [part_row(p, i, size) for i, (p, size) in enumerate(zip(parts, stored.sizes,
-                                                                           strict=True))]
-            ancestor = (None if parent is None or isinstance(parent, bool)
-                        else self._catalog.resolve(_as_ref(parent)).uuid)
-            if isinstance(parent, ModelVersion) and ancestor != parent.id:
-                raise NotFoundError(f"{parent.ref} (id {parent.id}) is not in this vault: "
-                                    "a version of the same name and number is another one")
-            where_from = origin.result()
-            manifest = _trust.Manifest(
-                str(uuid.uuid4()), name, kind, content_digest(kind, layout, rows, stored.hashes),
-                created_at, description, metadata_json, environment.result(),
-                _trust.lineage_text(ancestor, where_from))
-            # Chunks went in first; the version's rows make it visible, and all of it
-            # commits together.
-            self._catalog.add(NewVersion(
-                manifest, model_id, number, json.dumps(layout), stored.added,
-                *_trust.sign(key, manifest), ancestor, where_from, rows,
-                [[stored.ids[h] for h in hashes] for hashes in stored.hashes], tag_items,
-                aliases))
-            # Read before the commit: once it is in, another process may delete it.
-            return self._catalog.record(Ref(name, version=number))
-
-    def _delta_bases(self, name: str, kind: str, layout: Any, parts: list[Part],
-                     parent: str | ModelVersion | bool | None) -> list[Bases | None]:
-        """Per part, the parent version's chunks that new chunks may be XORed against."""
-        if parent is False:
-            return [None] * len(parts)
-        if parent is None or parent is True:
-            try:
-                row = self._catalog.resolve(Ref(name))
-            except NotFoundError:  # the model's first version
-                return [None] * len(parts)
-        else:
-            row = self._catalog.resolve(_as_ref(parent))
-        return self._catalog.bases(row, kind, layout,
-                                   [part_row(p, i, p.size) for i, p in enumerate(parts)])
+    def _writer(self) -> Writer:
+        return Writer(self._connection, self._catalog, self._packs,
+                      max_expansion=self._max_expansion, progress=self.progress)
 
     # -- reading ----------------------------------------------------------------
 
@@ -486,7 +361,7 @@ class Vault:
         >>> vault.tag("demo:1", stage="prod").tags
         {'stage': 'prod'}
         """
-        items = _tag_items({**(tags or {}), **more})
+        items = tag_changes({**(tags or {}), **more})
         with self._connection.write():
             row = self._catalog.resolve(_as_ref(ref))
             self._catalog.set_tags(row, items)
@@ -526,35 +401,8 @@ class Vault:
         with self._connection.read():
             ids = None if refs is None else sorted(
                 {self._catalog.resolve(_as_ref(ref)).id for ref in refs})
-        if skip_damaged:
-            ids = self._whole(ids, dest)
-        partial = _atomic.scratch_path(dest, ".partial")
-        try:
-            with Vault(partial, timeout=self._connection.timeout, progress=False) as copy:
-                copy._copy_from(self.path, ids, check=False, action="export",
-                                damaged=self._connection.damage is not None)
-                copy.gc()  # repacks the packs that came along with chunks left behind
-            _atomic.fsync(partial)
-            os.replace(partial, dest)
-            _atomic.fsync(dest.parent, directory=True)
-        finally:
-            for leftover in (partial, f"{partial}-journal"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-        return dest
-
-    def _whole(self, ids: list[int] | None, dest: Path) -> list[int]:
-        """The versions ``ids`` (every one if None) that verify() finds nothing wrong
-        with; a DamagedVaultWarning names the others."""
-        damaged = {(p.model, p.version) for p in self.verify() if p.version is not None}
-        with self._connection.read():
-            rows = [r for r in self._catalog.rows() if ids is None or r.id in ids]
-        left_out = [r.where for r in rows if (r.name, r.version) in damaged]
-        if left_out:
-            warnings.warn(DamagedVaultWarning(
-                f"{self.path}: left out of {dest.name}, damaged: {', '.join(left_out)}"),
-                stacklevel=4)
-        return [r.id for r in rows if (r.name, r.version) not in damaged]
+        return _copier.export(self._connection, self._catalog, self._packs, dest, ids,
+                              skip_damaged=skip_damaged)
 
     @api
     def merge(self, other: str | os.PathLike[str] | Vault) -> MergeReport:
@@ -577,29 +425,8 @@ class Vault:
         source = Path(other.path if isinstance(other, Vault) else other)
         if source.exists() and os.path.samefile(source, self.path):  # hard links too
             raise ValueError(f"{source} is the vault itself; merge another file into it")
-        # Opening it as a vault first gives the usual errors for a file that is not one
-        # (or that needs a writable open to roll back an interrupted write).
-        with Vault(source, readonly=True, create=False) as theirs:
-            if self.require is None:
-                ids, refused = None, []
-            else:  # as a pull does: only what a key trusted here signed comes in
-                ids, refused = theirs._required_ids(self.require)
-        report = self._copy_from(source, ids, check=True, action="merge")
-        return MergeReport(report.added, report.renumbered, (*report.conflicts, *refused))
-
-    @api
-    @snapshot
-    def _required_ids(self, require: str) -> tuple[list[int], list[str]]:
-        """The row ids of the versions ``require`` lets in, and a line for each refused."""
-        ids, refused = [], []
-        for row in self._catalog.rows():
-            status = _trust.signature_status(row.manifest, row.key_id, row.signature)
-            try:
-                _trust.check_required(require, status, row.where)
-                ids.append(row.id)
-            except UntrustedError as exc:
-                refused.append(f"not merged: {exc}")
-        return ids, refused
+        return _copier.merge(self._connection, self._catalog, self._packs, source,
+                             self.require)
 
     @api
     def push(self, url: str, refs: Sequence[str | ModelVersion] | None = None, *,
@@ -686,16 +513,10 @@ class Vault:
         return _remote.named(self.path, url, found)
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
-                   action: str, damaged: bool = False) -> MergeReport:
-        with self._connection.attached(source, damaged=damaged) as db:
-            # The raw bytes of the versions copied: more than they can add.
-            incoming = db.execute(
-                "SELECT coalesce(sum(size), 0) FROM src.versions"
-                + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
-                ids or ()).fetchone()[0]
-            with self._connection.write(incoming):
-                return _copier.copy(self._connection, self._catalog, self._packs, source,
-                                    ids, check=check, action=action)
+                   action: str) -> MergeReport:
+        """``_copier.copy_from`` into this vault: the way pull brings a fetched bundle in."""
+        return _copier.copy_from(self._connection, self._catalog, self._packs, source, ids,
+                                 check=check, action=action)
 
     # -- housekeeping -----------------------------------------------------------
 
@@ -708,12 +529,7 @@ class Vault:
         does every chunk a lazy mapping (``load(..., lazy=True)``) open in any process
         may still read.
         """
-        with self._connection.write(exclusive=True):
-            before = self._connection.file_bytes()
-            self._catalog.drop_unused_environments()
-            self._packs.sweep()
-            self._connection.vacuum()
-            return before - self._connection.file_bytes()
+        return _gc.collect_garbage(self._connection, self._catalog, self._packs)
 
     @api
     @snapshot
@@ -723,31 +539,7 @@ class Vault:
         >>> vault.verify()
         []
         """
-        problems = self._connection.problems() + self._catalog.problems()
-        keys = _trust.trusted()
-        users: dict[int, list[tuple[str, int]]] = {}  # every version that uses a chunk
-        for row in self._catalog.rows():
-            try:
-                contents = self._catalog.contents(row)
-                for chunk_id in {c.id for chunks in contents.chunks for c in chunks}:
-                    users.setdefault(chunk_id, []).append((row.name, row.version))
-                self._catalog.check(row, contents)
-                if _trust.signature_status(row.manifest, row.key_id, row.signature,
-                                           keys) == "invalid":
-                    raise IntegrityError("signature does not match: the version was changed "
-                                         "after it was saved")
-            except IntegrityError as exc:
-                problems.append(Problem(str(exc), row.name, row.version, exc.chunk))
-            except sqlite3.DatabaseError as exc:  # its rows are on a damaged page
-                if not _schema.is_damage(exc):
-                    raise
-                problems.append(Problem(f"its rows cannot be read ({exc})", row.name,
-                                        row.version))
-        for bad in self._packs.bad_chunks(self._packs.chunks(live=True)):
-            for name, number in users.get(bad.id, [(None, None)]):
-                problems.append(Problem(f"chunk {bad.hash}: {bad.problem}", name, number,
-                                        bad.hash))
-        return problems
+        return _verify.verify(self._connection, self._catalog, self._packs)
 
     @api
     @snapshot
@@ -763,97 +555,3 @@ class Vault:
         return VaultStats(models=models, versions=versions, chunks=chunks, raw_bytes=raw,
                           unique_bytes=unique, stored_bytes=stored,
                           file_bytes=self._connection.file_bytes())
-
-
-class _Background:
-    """``function()`` run on a thread of its own; ``result()`` waits for it and returns
-    its value, or raises what it raised."""
-
-    def __init__(self, function: Callable[[], Any]) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = function()
-            except BaseException as exc:  # handed to the caller by result()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="modelvault-background", daemon=True)
-        self._thread.start()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _as_ref(ref: str | ModelVersion) -> Ref:
-    if isinstance(ref, ModelVersion):
-        return Ref(ref.name, version=ref.version)
-    return parse_ref(ref)
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars and arrays turn up in metrics all the time (auc=np.float32(0.91)).
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON")
-
-
-def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
-    if metadata is None:
-        return "{}"
-    if not isinstance(metadata, Mapping):
-        raise TypeError("metadata must be a mapping of str to JSON values")
-    try:
-        # A round trip leaves plain JSON types, so what is signed is what is stored.
-        value = _json.loads(json.dumps(dict(metadata), default=_json_default, allow_nan=False))
-    except RecursionError:
-        raise ValueError(f"metadata nests deeper than {_json.MAX_DEPTH} levels") from None
-    except ValueError as exc:
-        raise ValueError(f"metadata is not valid JSON: {exc}") from exc
-    text = json.dumps(value, sort_keys=True)
-    if len(text) > MAX_TEXT:
-        raise ValueError(f"metadata is {len(text):,} characters of JSON; the limit is "
-                         f"{MAX_TEXT:,} (store large things as a model of their own)")
-    return text
-
-
-def _tag_items(tags: Mapping[str, Any] | None) -> list[tuple[str, str | None]]:
-    items = []
-    for key, value in (tags or {}).items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"tag keys are non-empty strings, not {key!r}")
-        if value is not None and not isinstance(value, (str, int, float, bool)):
-            raise TypeError(f"tag {key!r}: values are strings (or numbers, stored as text)")
-        items.append((key, None if value is None else str(value)))
-    return items
-
-
-def _example_of(model: Any, example: Any) -> tuple[str, str, Any, list[Part]]:
-    """The model's answer to ``example``, and both as parts to store: (method, kind,
-    layout, parts). ValueError if the model cannot take it, before anything is written."""
-    method = _selftest.method_of(model)
-    try:
-        answer = _selftest.answer(model, method, example)
-    except Exception as exc:  # whatever the model's code raises: the example does not fit
-        raise ValueError(f"the model cannot take this example: {method} raised "
-                         f"{type(exc).__name__}: {exc}") from exc
-    stored = {"input": _selftest.encode_example(example), "output": answer}
-    try:
-        kind, layout, parts = _serialize.serialize(stored, "the example")
-    except TypeError:  # object arrays (mixed values): pickled, signed with the version
-        kind, layout, parts = _serialize.pickled(stored, "the example")
-    return method, kind, layout, parts
-
-
-def _files_layout(parts: list[Part]) -> dict[str, Any]:
-    """The layout of a version of files: their names and permission bits, and for each
-    safetensors file its tensors' runs of chunks (what later versions' deltas match)."""
-    layout: dict[str, Any] = {"files": [p.name for p in parts], "modes": [p.mode for p in parts]}
-    runs = [tensor_runs(p) for p in parts]
-    if any(r is not None for r in runs):
-        layout["tensors"] = runs
-    return layout
