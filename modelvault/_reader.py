@@ -23,6 +23,7 @@ from typing import Any
 
 from . import (
     _environment,
+    _files,
     _frameworks,
     _json,
     _limits,
@@ -159,7 +160,7 @@ class Reader:
         contents = self.contents(row)
         try:  # every name checked before the first byte is written
             targets = [Path(out_dir).joinpath(*path.parts) for path in
-                       _serialize.safe_relative_paths(p.name for p in contents.parts)]
+                       _files.safe_relative_paths(p.name for p in contents.parts)]
         except ValueError as exc:
             raise row.error(str(exc)) from exc
         modes = _file_modes(row, len(targets))
@@ -262,7 +263,7 @@ class Reader:
         """One tensor of a safetensors file part, from its own chunks only."""
         name, dtype, shape, first, count = run
         _, buffer = self._read_part(row, contents, part, slice(first, first + count))
-        return _serialize.file_tensor(buffer, dtype, shape, device)
+        return _files.file_tensor(buffer, dtype, shape, device)
 
     def _fill(self, row: VersionRow, pieces: Any, advance: Callable[[int], Any],
               done: Callable[[list[memoryview]], Any] | None = None) -> None:
@@ -364,7 +365,7 @@ def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) 
             if [p.name for p, _ in parts] != layout.get("files"):
                 raise ValueError("its files are not the ones its layout lists")
             with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
-                paths = _serialize.safe_relative_paths(part.name for part, _ in parts)
+                paths = _files.safe_relative_paths(part.name for part, _ in parts)
                 for (_, buffer), path in zip(parts, paths, strict=True):
                     target = Path(folder).joinpath(*path.parts)
                     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import _environment, _frameworks, _json, _limits, _selftest, _serialize, _trust
+from . import _environment, _files, _frameworks, _json, _limits, _selftest, _serialize, _trust
 from ._catalog import Catalog, NewVersion, now, part_row
 from ._catalog import digest as content_digest
 from ._chunks import np
@@ -70,7 +70,7 @@ class Writer:
                 except ValueError:  # parameters JSON cannot hold: pickled instead
                     pass
                 else:
-                    parts = _serialize.files_parts([folder])
+                    parts = _files.files_parts([folder])
                     return self._save(name, "framework", {**_files_layout(parts), **record},
                                       parts, example=found, **options)
         kind, layout, parts = _serialize.serialize(obj, f"model {name!r}")
@@ -78,7 +78,7 @@ class Writer:
 
     def save_files(self, name: str, paths: Sequence[Any], **options: Any) -> ModelVersion:
         """Save files, or folders' files, as the next version of ``name``."""
-        parts = _serialize.files_parts(paths)
+        parts = _files.files_parts(paths)
         return self._save(name, "files", _files_layout(parts), parts, example=None,
                           **options)
 

@@ -164,7 +164,7 @@ def test_zero_byte_items_round_trip(vault):
     "C:", "model.bin:stream", "NUL.txt", "x/com1", "trailing.", "trailing ", "a//b",
     "x" * 256, "a/" * 70 + "b", "tab\there", 'q"uote', "star*"])
 def test_extract_refuses_file_names_unsafe_on_any_system(name):
-    from modelvault._serialize import safe_relative_path
+    from modelvault._files import safe_relative_path
 
     with pytest.raises(ValueError):
         safe_relative_path(name)

@@ -373,7 +373,7 @@ def _write_entries(entries: dict[str, Any], mv: ModelVersion, out_dir: Path,
     """A flat dict of arrays or tensors as one .npz or .safetensors file."""
     import numpy as np
 
-    from .._serialize import write_safetensors
+    from .._files import write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     numpy_only = all(isinstance(a, (np.ndarray, np.generic)) for a in entries.values())
