@@ -12,6 +12,7 @@ tables and names the reader writes down must be modelvault's.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import pickle
@@ -201,8 +202,6 @@ def make_vault(path: Path) -> list[str]:
     (folder / "empty.txt").write_bytes(b"")
     tensors = {"embed": rng.normal(size=(600, 512)).astype(np.float32),
                "bias": rng.normal(size=100).astype(np.float16)}
-    from safetensors.numpy import save_file
-
     save_file(tensors, folder / "model.safetensors")
     with modelvault.open(path) as vault:
         vault.save("arrays", arrays, aliases=["production"], tags={"stage": "base"},
@@ -261,6 +260,35 @@ def make_vault(path: Path) -> list[str]:
                 continue
             vault.save(name, model)
     return skipped
+
+
+def save_file(tensors: dict, path: Path) -> None:
+    """A safetensors file (an 8-byte little-endian header length, the JSON header, the
+    tensors' bytes), written without the safetensors package, which tests may lack."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        dtype = {"<f4": "F32", "<f2": "F16"}[array.dtype.str]
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text
+                     + b"".join(a.tobytes() for a in tensors.values()))
+
+
+def needs(spec, path: Path, name: str, number: int) -> str | None:
+    """The package a version of the fixtures needs to be loaded, beyond the test extra's."""
+    with contextlib.closing(spec["open_vault"](path)) as db:
+        version = spec["find_version"](db, name, number)
+    layout = json.loads(version["layout"])
+    if version["kind"] == "framework":
+        return spec["FRAMEWORK_PACKAGES"][layout["framework"]][0]
+    if '"tensor":' in version["layout"] or '"storages":' in version["layout"]:
+        return "torch"
+    if any(p["dtype"] in spec["NAMED_DTYPES"] for p in version["parts"]):
+        return "ml_dtypes"
+    return None
 
 
 def _xgboost(X):
@@ -390,10 +418,9 @@ def test_the_spec_reads_every_version_of_the_old_formats(spec, tmp_path, fmt):
     assert {kind for _, _, kind in found} >= {"arrays", "pickle", "files"}
     with modelvault.open(path, readonly=True) as vault:
         for name, number, kind in found:
-            if kind == "framework":
-                with contextlib.closing(spec["open_vault"](path)) as db:
-                    layout = json.loads(spec["find_version"](db, name, number)["layout"])
-                pytest.importorskip(spec["FRAMEWORK_PACKAGES"][layout["framework"]][0])
+            package = needs(spec, path, name, number)
+            if package is not None and importlib.util.find_spec(package) is None:
+                continue  # this kind is covered where its package is installed
             mine = spec["load"](path, name, number, keys=keys)
             identical(mine, vault.load(f"{name}:{number}", trust=True), f"{name}:{number}")
             with contextlib.closing(spec["open_vault"](path)) as db:
@@ -403,10 +430,10 @@ def test_the_spec_reads_every_version_of_the_old_formats(spec, tmp_path, fmt):
             if kind == "pickle":
                 with pytest.raises(PermissionError):
                     spec["load"](path, name, number)
-        latest = spec["load"](path, "net", keys=keys)
-        identical(latest, vault.load("net", trust=True))
-        identical(spec["load"](path, "net", alias="production", keys=keys),
-                  vault.load("net@production", trust=True))
+        if needs(spec, path, "net", 2) is None or importlib.util.find_spec("torch"):
+            identical(spec["load"](path, "net", keys=keys), vault.load("net", trust=True))
+            identical(spec["load"](path, "net", alias="production", keys=keys),
+                      vault.load("net@production", trust=True))
     if fmt == 5:
         check_example(spec, path, "clf", keys)
 
