@@ -1,6 +1,7 @@
 """docs/format.md is enough to read a vault: these tests read vaults that modelvault
 wrote, following the doc, with sqlite3, zstandard, blake3, numpy, json and pickle
-only (hashlib, and cryptography's Ed25519 for the signature). modelvault is used to write, never to read.
+only (hashlib, and cryptography's Ed25519 for the signature). modelvault is used to
+write, never to read. tests/test_spec.py runs the doc's own reference reader.
 """
 
 from __future__ import annotations
