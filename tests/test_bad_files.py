@@ -700,3 +700,21 @@ def test_a_vault_on_read_only_media_reads_everything_and_refuses_every_write(tmp
     # into read-only on read-only media.
     results, counts = _read_only_run(tmp_path, "writable", mount(tmp_path / "media"))
     assert counts == {"reads": 15, "writes refused": 8 + ("merge" in results)}
+
+
+@pytest.mark.parametrize("stamp", [
+    "2026-W48-1T08:00:00.000000Z",  # an ISO week date: Python's fromisoformat takes it
+    "2026-12-06T08:00:00,000000Z",  # a comma fraction: so does it
+    "2026-12-06T08:00:00.000000+00",
+    "２０２６-12-06T08:00:00.000000Z",  # digits of another script
+])
+def test_a_timestamp_not_in_the_documented_format_is_a_damaged_version(tmp_path, stamp):
+    path = tmp_path / "v.vault"
+    with modelvault.open(path) as vault:
+        vault.save("m", {"w": np.ones(3)})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE versions SET created_at = ?", (stamp,))
+    db.close()
+    with modelvault.open(path) as vault, \
+            pytest.raises(modelvault.IntegrityError, match="timestamp"):
+        vault.versions("m")
