@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _chunks, _json, _pins, _schema, _trust
-from ._catalog import check_number, now, parse_time
+from . import _chunks, _copier, _json, _pins, _schema, _trust
+from ._catalog import Contents, check_number, now, parse_time
 from ._errors import (
     IntegrityError,
     LockTimeout,
@@ -38,6 +38,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
+from ._packs import ChunkRow
 from ._progress import progress
 from ._records import MergeReport, PushReport, RemoteGcReport, RemoteVersion
 from ._refs import Ref, check_alias, check_name, parse_ref
@@ -1437,8 +1438,8 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
     index = remote.index()
     connection = vault._connection
     wanted = {h for part in hashes for h in part}
-    with connection.lock, connection.read() as db:
-        here = _present(db, wanted)
+    with connection.lock, connection.read():
+        here = vault._packs.rows(sorted(wanted))
         # The delta bases of the chunks to fetch (from the remote's index), but for those
         # this vault has: a chunk here needs nothing from the remote.
         todo = [h for h in wanted if h not in here]
@@ -1446,9 +1447,9 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
             bases = {b for b in ((index.get(h) or {}).get("base") for h in todo)
                      if isinstance(b, str) and b not in wanted}
             wanted |= bases
-            here.update(_present(db, bases))
+            here.update(vault._packs.rows(sorted(bases)))
             todo = [b for b in bases if b not in here]
-        pin = _pins.Pin(connection.lock_file, [i for i, _ in here.values()])  # till merged
+        pin = _pins.Pin(connection.lock_file, [r.id for r in here.values()])  # till merged
     try:
         missing = sorted(wanted - set(here))
         lost = [h for h in missing if h not in index]
@@ -1479,14 +1480,15 @@ def _pull_one(vault: Vault, remote: Remote, state: State, uuid: str) -> MergeRep
                     # Scratch: its journal keeps it whole through a kill; an OS crash may
                     # cost it, never the vault.
                     into._connection.db.execute("PRAGMA synchronous = OFF")
-                    _keep_fetched_only(into)  # rows of an earlier run: made again from now
                     with progress(sum(index[h]["size"] for h in missing),
                                   f"pull {entry['model']}:{entry['number']}",
                                   vault.progress) as advance:
                         fetched = _fetch(into, remote, missing, index, advance)
-                    _rows(into, remote, state, uuid, manifest, here, index)
+                    by_hash = _rows(into, remote, state, uuid, manifest, here, index)
                 try:
-                    report = vault._copy_from(bundle, None, check=True, action="pull")
+                    report = _copier.copy_from(vault._connection, vault._catalog,
+                                               vault._packs, bundle, None, check=True,
+                                               action="pull", by_hash=by_hash)
                 except IntegrityError as exc:
                     where = (index.get(exc.chunk or "") or {}).get("pack")
                     if where is None:
@@ -1579,38 +1581,13 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
         raise ValueError(f"its {', '.join(differ)} not the log's for this version")
 
 
-def _present(db: Any, hashes: set[str]) -> dict[str, tuple[int, int]]:
-    """The chunks among ``hashes`` this vault has: (id, size) by hash."""
-    found: dict[str, tuple[int, int]] = {}
-    ordered = sorted(hashes)
-    for first in range(0, len(ordered), 500):
-        some = ordered[first:first + 500]
-        found.update((h, (i, n)) for h, i, n in db.execute(
-            f"SELECT hash, id, size FROM chunks WHERE hash IN ({','.join('?' * len(some))})",
-            some))
-    return found
-
-
-def _keep_fetched_only(into: Vault) -> None:
-    """Of a bundle an earlier pull left, keep the chunks it fetched and drop the rest:
-    the version's rows and labels, and the rows with no bytes for chunks the vault had
-    then (it may have dropped some since), are written again from this pull's view."""
-    with into._connection.write() as db:
-        for table in ("part_chunks", "parts", "lineage", "tags", "aliases", "versions",
-                      "packages", "environments", "models"):
-            db.execute(f"DELETE FROM {table}")
-        db.execute("UPDATE chunks SET base_id = NULL")
-        db.execute("DELETE FROM chunks WHERE pack_id IN (SELECT id FROM packs WHERE size = 0)")
-        db.execute("DELETE FROM packs WHERE size = 0")
-
-
 def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any],
            advance: Callable[[int], Any]) -> dict[str, list[str]]:
     """Fetch into ``into`` the chunks ``missing`` that it lacks, from the blobs that hold
     them: one ranged get and one commit per pack object. Returns the chunks fetched,
     by pack object."""
-    with into._connection.read() as db:
-        have = set(_present(db, set(missing)))
+    with into._connection.read():
+        have = set(into._packs.rows(missing))
     advance(sum(index[h]["size"] for h in have))
     objects = _by_object(index, [h for h in missing if h not in have])
 
@@ -1650,30 +1627,30 @@ def _fetch(into: Vault, remote: Remote, missing: list[str], index: dict[str, Any
 
 
 def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],
-          here: dict[str, tuple[int, int]], index: dict[str, Any]) -> None:
-    """Write the version ``uuid``'s rows into ``into`` (which holds the chunks fetched):
-    from the manifest, with a row with no bytes for each chunk this vault has (the copier
-    takes those from this vault), then check its digest and signature."""
+          here: dict[str, ChunkRow], index: dict[str, Any]) -> _copier.ByHash:
+    """Write the version ``uuid``'s rows into ``into`` (which holds the chunks fetched),
+    in place of an earlier run's, all but its chunk lists, and link the chunks fetched
+    to their delta bases there; then check its digest and signature. Returns what the
+    merge takes by hash: the chunk lists, as the manifest gives them, and the delta
+    bases of chunks fetched that this vault has (``here``) and ``into`` lacks."""
     entry = state.versions[uuid]
     version = manifest["version"]
+    bases = {}
     with into._connection.write() as db:
-        empty = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')"
-                           ).lastrowid
+        # An earlier run's rows go (a model's take its version's along): the version is
+        # written as the remote has it now.
+        db.execute("DELETE FROM models")
         ids = dict(db.execute("SELECT hash, id FROM chunks"))
-        for h, (_, size) in sorted(here.items()):  # no bytes: merge takes ours
-            if h not in ids:
-                ids[h] = db.execute(
-                    "INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, "
-                    "start, length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, 0)",
-                    (h, size, empty)).lastrowid
         for h, chunk_id in ids.items():
-            base = (index.get(h) or {}).get("base") if h not in here else None
-            if base and base not in ids:
+            if h in here:
+                continue  # the merge takes ours
+            base = (index.get(h) or {}).get("base")
+            if base and base not in ids and base not in here:
                 raise IntegrityError(f"{remote.url}: chunk {h}'s delta base {base} is "
                                      "in no pack object; nothing was pulled", chunk=h)
-            if base:
-                db.execute("UPDATE chunks SET base_id = ? WHERE id = ?",
-                           (ids[base], chunk_id))
+            if base and base not in ids:
+                bases[h] = base
+            db.execute("UPDATE chunks SET base_id = ? WHERE id = ?", (ids.get(base), chunk_id))
         model_id = db.execute(
             "INSERT INTO models (name, created_at, last_version) VALUES (?, ?, ?)",
             (entry["model"], version["created_at"], state.last[entry["model"]])).lastrowid
@@ -1693,10 +1670,6 @@ def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[s
             f"INSERT INTO parts (version_id, {', '.join(_PART_FIELDS)}) VALUES "
             f"(?, {','.join('?' * len(_PART_FIELDS))})",
             [(version_id, *(p[f] for f in _PART_FIELDS)) for p in manifest["parts"]])
-        db.executemany("INSERT INTO part_chunks (version_id, part, seq, chunk_id) VALUES "
-                       "(?, ?, ?, ?)", [(version_id, i, seq, ids[h])
-                                        for i, part in enumerate(manifest["chunks"])
-                                        for seq, h in enumerate(part)])
         db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
                        [(version_id, k, v) for k, v in entry["tags"].items()])
         db.executemany(
@@ -1705,8 +1678,11 @@ def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[s
              for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
         # The version as the manifest gives it must be the one signed and digested.
         row = into._catalog.resolve(Ref(entry["model"], version=entry["number"]))
+        chunks = {**into._packs.rows(list(ids)), **here}
+        contents = Contents(into._catalog.contents(row).parts,
+                            [[chunks[h] for h in part] for part in manifest["chunks"]])
         try:
-            into._catalog.check(row, into._catalog.contents(row))
+            into._catalog.check(row, contents)
             if _trust.signature_status(row.manifest, row.key_id, row.signature,
                                        _trust.trusted()) == "invalid":
                 raise row.error("signature does not match: the manifest was changed after "
@@ -1714,6 +1690,7 @@ def _rows(into: Vault, remote: Remote, state: State, uuid: str, manifest: dict[s
         except IntegrityError as exc:
             raise IntegrityError(f"{remote.url}/versions/{uuid}.json: {exc}; nothing was "
                                  "pulled") from exc
+    return _copier.ByHash({uuid: manifest["chunks"]}, bases)
 
 
 def _signature_status(manifest: dict[str, Any], entry: dict[str, Any]) -> str:

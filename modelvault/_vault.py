@@ -989,15 +989,8 @@ class Vault:
 
     def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
                    action: str, damaged: bool = False) -> MergeReport:
-        with self._connection.attached(source, damaged=damaged) as db:
-            # The raw bytes of the versions copied: more than they can add.
-            incoming = db.execute(
-                "SELECT coalesce(sum(size), 0) FROM src.versions"
-                + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
-                ids or ()).fetchone()[0]
-            with self._connection.write(incoming):
-                return _copier.copy(self._connection, self._catalog, self._packs, source,
-                                    ids, check=check, action=action)
+        return _copier.copy_from(self._connection, self._catalog, self._packs, source, ids,
+                                 check=check, action=action, damaged=damaged)
 
     # -- housekeeping -----------------------------------------------------------
 

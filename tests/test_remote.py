@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import modelvault
-from modelvault import _remote
+from modelvault import _copier, _remote
 
 pytest.importorskip("obstore")
 
@@ -925,17 +925,17 @@ def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(t
         other = a.save("net", {"w": np.zeros(10)})
         a.push(url)
     with modelvault.open(tmp_path / "b.vault") as b:
-        real = modelvault.Vault._copy_from
+        real = _copier.copy_from
 
-        def fail(self, *args, **kwargs):
+        def fail(*args, **kwargs):
             raise OSError("disk gone")
 
-        modelvault.Vault._copy_from = fail
+        _copier.copy_from = fail
         try:
             with pytest.raises(OSError):
                 b.pull(url)
         finally:
-            modelvault.Vault._copy_from = real
+            _copier.copy_from = real
         assert _remote._bundle_path(b.path, other.id).exists()
         with modelvault.open(tmp_path / "a.vault") as a:
             a.tag(other, stage="live")
@@ -943,6 +943,48 @@ def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(t
         assert [v.ref for v in b.pull(url).added] == ["net:2"]
         assert b.get("net:2").tags == {"stage": "live"}  # as the remote says now
         assert not _remote._bundle_path(b.path, other.id).exists()
+
+
+def test_a_pulls_file_holds_only_the_chunks_it_fetched(tmp_path, url):
+    """The version's chunk lists and the delta bases the vault has are taken by hash at
+    the merge: the file beside the vault holds no row for a chunk the vault has."""
+    import sqlite3
+
+    rng = np.random.default_rng(0)
+    base = weights(13)
+    tuned = {k: v + np.float32(1e-4) * rng.normal(size=v.shape).astype(np.float32)
+             for k, v in base.items()}  # XOR deltas of base's chunks
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", base)
+        mv = a.save("net", tuned)
+        a.push(url)
+    bundle = _remote._bundle_path(tmp_path / "b.vault", mv.id)
+    with modelvault.clone(url, tmp_path / "b.vault", ["net:1"]) as b:
+        real = _copier.copy_from
+
+        def fail(*args, **kwargs):
+            raise OSError("disk gone")
+
+        _copier.copy_from = fail
+        try:
+            with pytest.raises(OSError):
+                b.pull(url)
+        finally:
+            _copier.copy_from = real
+        with sqlite3.connect(bundle) as db:
+            fetched = {h for (h,) in db.execute("SELECT hash FROM chunks")}
+            assert db.execute("SELECT count(*) FROM packs WHERE size = 0").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM part_chunks").fetchone() == (0,)
+        with sqlite3.connect(tmp_path / "b.vault") as db:
+            mine = {h for (h,) in db.execute("SELECT hash FROM chunks")}
+        assert fetched and not fetched & mine
+        assert [v.ref for v in b.pull(url).added] == ["net:2"]
+        assert b.verify() == [] and not bundle.exists()
+        np.testing.assert_array_equal(b.load("net:2")["layer1"], tuned["layer1"])
+    with sqlite3.connect(tmp_path / "b.vault") as db:
+        bases = {h for (h,) in db.execute(
+            "SELECT b.hash FROM chunks c JOIN chunks b ON b.id = c.base_id")}
+    assert bases & mine  # deltas of chunks it had
 
 
 def test_a_pull_starts_afresh_from_a_file_cut_short(tmp_path, url):
