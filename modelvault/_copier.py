@@ -26,6 +26,22 @@ from ._records import MergeReport
 from ._refs import check_alias, check_name
 
 
+def copy_from(connection: Connection, catalog: Catalog, packs: PackStore, source: Path,
+              ids: list[int] | None, *, check: bool, action: str, damaged: bool = False,
+              by_hash: ByHash | None = None) -> MergeReport:
+    """``copy`` with ``source`` attached, in a write transaction of its own sized for what
+    comes in. ``damaged``: ``source`` is cut short (see ``Connection.attached``)."""
+    with connection.attached(source, damaged=damaged) as db:
+        # The raw bytes of the versions copied: more than they can add.
+        incoming = db.execute(
+            "SELECT coalesce(sum(size), 0) FROM src.versions"
+            + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
+            ids or ()).fetchone()[0]
+        with connection.write(incoming):
+            return copy(connection, catalog, packs, source, ids, check=check, action=action,
+                        by_hash=by_hash)
+
+
 class Model(NamedTuple):
     """A model of the source, as the destination holds it."""
 
@@ -48,22 +64,6 @@ class ByHash(NamedTuple):
 
     lists: dict[str, list[list[str]]]  # version uuid: its parts' chunk hashes, in order
     bases: dict[str, str]  # chunk hash: its delta base's hash, where the source lacks it
-
-
-def copy_from(connection: Connection, catalog: Catalog, store: PackStore, source: Path,
-              ids: list[int] | None, *, check: bool, action: str, damaged: bool = False,
-              by_hash: ByHash | None = None) -> MergeReport:
-    """``copy`` from the vault file ``source``, attached, in one write transaction of the
-    destination. ``damaged``: ``source`` is cut short (see ``Connection.attached``)."""
-    with connection.attached(source, damaged=damaged) as db:
-        # The raw bytes of the versions copied: more than they can add.
-        incoming = db.execute(
-            "SELECT coalesce(sum(size), 0) FROM src.versions"
-            + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
-            ids or ()).fetchone()[0]
-        with connection.write(incoming):
-            return copy(connection, catalog, store, source, ids, check=check,
-                        action=action, by_hash=by_hash)
 
 
 def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Path,

@@ -920,9 +920,11 @@ class Vault:
         """
         from . import _remote  # obstore and the network stack only for remotes
 
-        return _remote.push(self, _remote.Remote(self._remote_url(url),
-                                                 endpoint_url=endpoint_url,
-                                                 single_writer=single_writer),
+        local = _remote.Local(self.path, self._connection, self._catalog, self._packs,
+                              self.progress, self.require)
+        return _remote.push(local, _remote.Remote(self._remote_url(url),
+                                                  endpoint_url=endpoint_url,
+                                                  single_writer=single_writer),
                             None if refs is None else [_as_ref(r) for r in refs])
 
     @api
@@ -940,8 +942,10 @@ class Vault:
         """
         from . import _remote
 
-        return _remote.pull(self, _remote.Remote(self._remote_url(url),
-                                                 endpoint_url=endpoint_url), refs)
+        local = _remote.Local(self.path, self._connection, self._catalog, self._packs,
+                              self.progress, self.require)
+        return _remote.pull(local, _remote.Remote(self._remote_url(url),
+                                                  endpoint_url=endpoint_url), refs)
 
     @api
     @snapshot
