@@ -110,8 +110,8 @@ def _required_ids(catalog: Catalog, require: str) -> tuple[list[int], list[str]]
 
 
 def copy_from(connection: Connection, catalog: Catalog, packs: PackStore, source: Path,
-              ids: list[int] | None, *, check: bool, action: str, damaged: bool = False
-              ) -> MergeReport:
+              ids: list[int] | None, *, check: bool, action: str, damaged: bool = False,
+              by_hash: ByHash | None = None) -> MergeReport:
     """``copy`` with ``source`` attached, in a write transaction of its own sized for what
     comes in. ``damaged``: ``source`` is cut short (see ``Connection.attached``)."""
     with connection.attached(source, damaged=damaged) as db:
@@ -121,7 +121,8 @@ def copy_from(connection: Connection, catalog: Catalog, packs: PackStore, source
             + ("" if ids is None else f" WHERE id IN ({','.join('?' * len(ids))})"),
             ids or ()).fetchone()[0]
         with connection.write(incoming):
-            return copy(connection, catalog, packs, source, ids, check=check, action=action)
+            return copy(connection, catalog, packs, source, ids, check=check, action=action,
+                        by_hash=by_hash)
 
 
 class Model(NamedTuple):
@@ -140,8 +141,17 @@ class Offsets(NamedTuple):
     versions: int
 
 
+class ByHash(NamedTuple):
+    """What a source names by hash alone, for the destination to give from its own
+    chunks: a pull's bundle holds the chunks it fetched, not those the vault has."""
+
+    lists: dict[str, list[list[str]]]  # version uuid: its parts' chunk hashes, in order
+    bases: dict[str, str]  # chunk hash: its delta base's hash, where the source lacks it
+
+
 def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Path,
-         ids: list[int] | None, *, check: bool, action: str) -> MergeReport:
+         ids: list[int] | None, *, check: bool, action: str,
+         by_hash: ByHash | None = None) -> MergeReport:
     """Copy the versions ``ids`` of the vault ``source`` (every one if None) that the
     destination lacks, with the chunks it lacks.
 
@@ -151,7 +161,9 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
     every version copied, and every model (so that numbers given out there are never
     given out here) when ``ids`` is None. ``check`` decodes every chunk copied and
     checks its hash before anything is committed (a source we did not write).
-    ``action`` ("export" or "merge") names the operation in errors.
+    ``action`` ("export", "merge" or "pull") names the operation in errors.
+    ``by_hash``: chunk lists and delta bases the source gives by hash, not by its rows:
+    a chunk it names so must be the destination's already.
     """
     nothing = f"nothing was {action}{'d' if action.endswith('e') else 'ed'}"
     db = connection.db
@@ -179,12 +191,13 @@ def copy(connection: Connection, catalog: Catalog, store: PackStore, source: Pat
     # Numbers given out there (to versions since deleted, too) are not given out here.
     db.executemany("UPDATE main.models SET last_version = max(last_version, ?) "
                    "WHERE id = ?", [(m.last_version, m.id) for m in models.values()])
+    _listed(db, by_hash)
     offsets = _chunks(db, store, nothing, check=check)
     _versions(db, offsets, nothing)
     _added_bytes(db, offsets)
     conflicts += _labels(db, source, models, offsets.versions)
     added = catalog.records("WHERE v.id > ? ORDER BY m.name, v.version", (offsets.versions,))
-    for table in ("wanted", "incoming", "needed"):
+    for table in ("wanted", "incoming", "listed", "bases", "needed"):
         db.execute(f"DROP TABLE temp.{table}")
     return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts))
 
@@ -253,6 +266,29 @@ def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model],
     return renumbered
 
 
+def _listed(db: sqlite3.Connection, by_hash: ByHash | None) -> None:
+    """Fill temp.listed with the incoming versions' chunk lists, by hash (the source's
+    rows, or what ``by_hash`` gives for a version the source lists no chunks of), and
+    temp.bases with the delta bases ``by_hash`` gives."""
+    db.execute("CREATE TEMP TABLE listed (version_id INTEGER, part INTEGER, seq INTEGER, "
+               "hash TEXT, PRIMARY KEY (version_id, part, seq)) WITHOUT ROWID")
+    db.execute("CREATE TEMP TABLE bases (hash TEXT PRIMARY KEY, base TEXT NOT NULL) "
+               "WITHOUT ROWID")
+    # A row whose chunk the source lacks comes with no hash: _versions refuses it.
+    db.execute("INSERT INTO temp.listed SELECT pc.version_id, pc.part, pc.seq, c.hash "
+               "FROM src.part_chunks pc LEFT JOIN src.chunks c ON c.id = pc.chunk_id "
+               "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming)")
+    if by_hash is None:
+        return
+    ids = dict(db.execute("SELECT s.uuid, s.id FROM src.versions s "
+                          "JOIN temp.incoming i ON i.src_id = s.id"))
+    db.executemany("INSERT INTO temp.listed VALUES (?, ?, ?, ?)",
+                   [(ids[uuid], part, seq, h) for uuid, lists in by_hash.lists.items()
+                    if uuid in ids for part, hashes in enumerate(lists)
+                    for seq, h in enumerate(hashes)])
+    db.executemany("INSERT INTO temp.bases VALUES (?, ?)", by_hash.bases.items())
+
+
 def _chunks(db: sqlite3.Connection, store: PackStore, nothing: str, *, check: bool
             ) -> Offsets:
     """Copy the chunks the incoming versions need and the destination lacks (by hash),
@@ -262,26 +298,29 @@ def _chunks(db: sqlite3.Connection, store: PackStore, nothing: str, *, check: bo
     # Chunks whose hash is here already are not copied, nor are their bases.
     db.execute(
         "CREATE TEMP TABLE needed AS WITH RECURSIVE needed(id) AS ("
-        "SELECT c.id FROM src.part_chunks pc JOIN src.chunks c ON c.id = pc.chunk_id "
-        "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming) "
-        "AND NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = c.hash) "
+        "SELECT c.id FROM temp.listed l JOIN src.chunks c ON c.hash = l.hash "
+        "WHERE NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = c.hash) "
         "UNION SELECT b.id FROM needed JOIN src.chunks c ON c.id = needed.id "
         "JOIN src.chunks b ON b.id = c.base_id "
         "WHERE NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = b.hash)) "
         "SELECT id FROM needed")
-    lost = db.execute("SELECT c.hash FROM src.chunks c WHERE c.id IN temp.needed AND "
-                      "c.base_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM src.chunks b "
-                      "WHERE b.id = c.base_id)").fetchone()
+    lost = db.execute(
+        "SELECT c.hash FROM src.chunks c LEFT JOIN temp.bases t ON t.hash = c.hash "
+        "WHERE c.id IN temp.needed AND (c.base_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM src.chunks b WHERE b.id = c.base_id) OR t.base IS NOT NULL AND "
+        "NOT EXISTS (SELECT 1 FROM main.chunks m WHERE m.hash = t.base))").fetchone()
     if lost is not None:  # copied, it would be a delta of nothing: refuse, as a load would
         raise IntegrityError(f"chunk {lost[0]} of the vault copied from: its delta base is "
                              f"missing; {nothing}", chunk=lost[0])
     db.execute("INSERT INTO main.packs SELECT id + ?, codec, size, data FROM src.packs "
                "WHERE id IN (SELECT pack_id FROM src.chunks WHERE id IN temp.needed)",
                (offsets.packs,))
-    # A delta whose base is here already is a delta of our copy of it.
+    # A delta whose base is here already is a delta of our copy of it (a base named by
+    # hash is always here).
     db.execute(
         "INSERT INTO main.chunks SELECT c.id + :chunks, c.hash, c.size, c.codec, "
-        "c.itemsize, CASE WHEN c.base_id IS NULL THEN NULL "
+        "c.itemsize, CASE WHEN c.base_id IS NULL THEN (SELECT m.id FROM temp.bases t "
+        "JOIN main.chunks m ON m.hash = t.base WHERE t.hash = c.hash) "
         "WHEN c.base_id IN temp.needed THEN c.base_id + :chunks "
         "ELSE (SELECT m.id FROM main.chunks m JOIN src.chunks b ON b.hash = m.hash "
         "WHERE b.id = c.base_id) END, c.pack_id + :packs, c.start, c.length "
@@ -300,7 +339,8 @@ def _chunks(db: sqlite3.Connection, store: PackStore, nothing: str, *, check: bo
 
 
 def _versions(db: sqlite3.Connection, offsets: Offsets, nothing: str) -> None:
-    """Copy the incoming versions' rows, parts and chunk lists, ids shifted past ours."""
+    """Copy the incoming versions' rows, parts and chunk lists (temp.listed, each chunk
+    by hash: ours, copied or here before), ids shifted past ours."""
     shift = offsets.versions
     db.execute(
         "INSERT INTO main.versions SELECT v.id + ?, v.uuid, i.model_id, i.version, "
@@ -315,12 +355,9 @@ def _versions(db: sqlite3.Connection, offsets: Offsets, nothing: str) -> None:
                "shape, fortran_order, itemsize, size FROM src.parts "
                "WHERE version_id IN (SELECT src_id FROM temp.incoming)", (shift,))
     copied = db.execute(
-        "INSERT INTO main.part_chunks SELECT pc.version_id + ?, pc.part, pc.seq, "
-        "(SELECT m.id FROM main.chunks m WHERE m.hash = c.hash) FROM src.part_chunks pc "
-        "JOIN src.chunks c ON c.id = pc.chunk_id "
-        "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming)", (shift,)).rowcount
-    listed = db.execute("SELECT count(*) FROM src.part_chunks WHERE version_id IN "
-                        "(SELECT src_id FROM temp.incoming)").fetchone()[0]
+        "INSERT INTO main.part_chunks SELECT l.version_id + ?, l.part, l.seq, m.id "
+        "FROM temp.listed l JOIN main.chunks m ON m.hash = l.hash", (shift,)).rowcount
+    listed = db.execute("SELECT count(*) FROM temp.listed").fetchone()[0]
     if copied != listed:
         raise IntegrityError(f"{listed - copied} chunk(s) that versions of the vault "
                              f"copied from list are missing from it; {nothing}")

@@ -445,9 +445,11 @@ class Vault:
         """
         from . import _remote  # obstore and the network stack only for remotes
 
-        return _remote.push(self, _remote.Remote(self._remote_url(url),
-                                                 endpoint_url=endpoint_url,
-                                                 single_writer=single_writer),
+        local = _remote.Local(self.path, self._connection, self._catalog, self._packs,
+                              self.progress, self.require)
+        return _remote.push(local, _remote.Remote(self._remote_url(url),
+                                                  endpoint_url=endpoint_url,
+                                                  single_writer=single_writer),
                             None if refs is None else [_as_ref(r) for r in refs])
 
     @api
@@ -465,8 +467,10 @@ class Vault:
         """
         from . import _remote
 
-        return _remote.pull(self, _remote.Remote(self._remote_url(url),
-                                                 endpoint_url=endpoint_url), refs)
+        local = _remote.Local(self.path, self._connection, self._catalog, self._packs,
+                              self.progress, self.require)
+        return _remote.pull(local, _remote.Remote(self._remote_url(url),
+                                                  endpoint_url=endpoint_url), refs)
 
     @api
     @snapshot
@@ -512,11 +516,6 @@ class Vault:
                                 f"a remote {self.path.name} remembers (add_remote)")
         return _remote.named(self.path, url, found)
 
-    def _copy_from(self, source: Path, ids: list[int] | None, *, check: bool,
-                   action: str) -> MergeReport:
-        """``_copier.copy_from`` into this vault: the way pull brings a fetched bundle in."""
-        return _copier.copy_from(self._connection, self._catalog, self._packs, source, ids,
-                                 check=check, action=action)
 
     # -- housekeeping -----------------------------------------------------------
 

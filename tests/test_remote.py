@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import modelvault
-from modelvault import _remote
+from modelvault import _copier, _remote
+from modelvault._remote import _log, _names, _objects, _pull
 
 pytest.importorskip("obstore")
 
@@ -177,11 +178,11 @@ def test_a_push_in_flight_stops_a_remote_gc_and_a_gc_stops_a_push(tmp_path, url)
         a.save("m", {"w": np.zeros(3)})
         a.push(url)
         remote = modelvault.Remote(url)
-        lock = remote._lock("push")
+        lock = remote.lock("push")
         with pytest.raises(modelvault.RemoteError, match="push is in progress"):
             remote.gc(grace=0)
         remote.store.delete(lock)
-        lock = remote._lock("gc")
+        lock = remote.lock("gc")
         a.save("m", {"w": np.ones(3)})
         with pytest.raises(modelvault.RemoteError, match="remote gc is running"):
             a.push(url)
@@ -363,11 +364,11 @@ def test_a_manifest_someone_else_wrote_first_fails_the_push_and_a_swapped_one_th
         assert [v.ref for v in modelvault.Remote(url).versions()] == ["m:1"]  # theirs only
         (versions / f"{mine.id}.json").unlink()
         # A push that stopped after its manifests (here: its log entry failed) runs again.
-        real = _remote.Remote.commit
-        monkeypatch.setattr(_remote.Remote, "commit", lambda *a: 1 / 0)
+        real = _log.Log.commit
+        monkeypatch.setattr(_log.Log, "commit", lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             a.push(url)
-        monkeypatch.setattr(_remote.Remote, "commit", real)
+        monkeypatch.setattr(_log.Log, "commit", real)
         assert [v.ref for v in a.push(url).added] == ["m:2"]
     # Hostile: the manifest swapped after the push, unsigned, with other contents: every
     # other field copied, and the digest its contents give.
@@ -435,7 +436,7 @@ def test_an_endpoint_that_ignores_create_only_writes_is_refused(tmp_path, url, m
 
 
 def test_remote_ls_reads_a_checkpoint_and_the_entries_after_it(tmp_path, url, monkeypatch):
-    monkeypatch.setattr(_remote, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(_log, "CHECKPOINT_EVERY", 3)
     with modelvault.open(tmp_path / "a.vault") as a:
         for i in range(7):
             a.save("m", {"w": np.full(3, i)})
@@ -674,7 +675,7 @@ def test_a_push_whose_lock_expired_uploads_again_what_a_gc_took(tmp_path, url, m
         a.save("old", old)
         a.push(url)
     modelvault.Remote(url).delete("old")  # its chunks: on the remote, used by nothing
-    monkeypatch.setattr(_remote, "LOCK_LIFE", -1.0)  # as if the push outlived its lock
+    monkeypatch.setattr(_remote._remote, "LOCK_LIFE", -1.0)  # as if the push outlived its lock
     real, renewals, ran = _remote.Remote.renew, [], []
 
     def renew(self, key):
@@ -881,7 +882,7 @@ def test_a_push_makes_a_file_remote_folder_only_inside_one_that_exists(tmp_path)
 
 def test_an_interrupted_pull_fetches_only_what_had_not_arrived(tmp_path, url, monkeypatch,
                                                                 fetched):
-    monkeypatch.setattr(_remote, "PACK_OBJECT", 1 << 20)  # several pack objects
+    monkeypatch.setattr(_objects, "PACK_OBJECT", 1 << 20)  # several pack objects
     with modelvault.open(tmp_path / "a.vault") as a:
         a.save("net", weights(11, rows=8))
         a.push(url)
@@ -910,12 +911,24 @@ def test_an_interrupted_pull_fetches_only_what_had_not_arrived(tmp_path, url, mo
 
 
 
+def _pull_whose_merge_fails(vault, url):
+    """Pull into ``vault``, the merge failing (the disk gone) once the version is gathered
+    beside it."""
+    def fail(*args, **kwargs):
+        raise OSError("disk gone")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_copier, "copy_from", fail)
+        with pytest.raises(OSError):
+            vault.pull(url)
+
+
 def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(tmp_path,
                                                                                url):
     with modelvault.open(tmp_path / "a.vault") as a:
         mv = a.save("net", {"w": np.arange(1000.0)}, aliases=["prod"])
         a.push(url)
-    bundle = _remote._bundle_path(tmp_path / "b.vault", mv.id)
+    bundle = _pull.bundle_path(tmp_path / "b.vault", mv.id)
     with modelvault.open(tmp_path / "b.vault") as b:
         bundle.write_bytes(b"not a vault at all")  # as an OS crash might leave it
         assert [v.ref for v in b.pull(url).added] == ["net:1"]
@@ -925,24 +938,46 @@ def test_a_pull_starts_afresh_from_a_damaged_file_and_relabels_from_the_remote(t
         other = a.save("net", {"w": np.zeros(10)})
         a.push(url)
     with modelvault.open(tmp_path / "b.vault") as b:
-        real = modelvault.Vault._copy_from
-
-        def fail(self, *args, **kwargs):
-            raise OSError("disk gone")
-
-        modelvault.Vault._copy_from = fail
-        try:
-            with pytest.raises(OSError):
-                b.pull(url)
-        finally:
-            modelvault.Vault._copy_from = real
-        assert _remote._bundle_path(b.path, other.id).exists()
+        _pull_whose_merge_fails(b, url)
+        assert _pull.bundle_path(b.path, other.id).exists()
         with modelvault.open(tmp_path / "a.vault") as a:
             a.tag(other, stage="live")
             a.push(url, [other])
         assert [v.ref for v in b.pull(url).added] == ["net:2"]
         assert b.get("net:2").tags == {"stage": "live"}  # as the remote says now
-        assert not _remote._bundle_path(b.path, other.id).exists()
+        assert not _pull.bundle_path(b.path, other.id).exists()
+
+
+def test_a_pulls_file_holds_only_the_chunks_it_fetched(tmp_path, url):
+    """The version's chunk lists and the delta bases the vault has are taken by hash at
+    the merge: the file beside the vault holds no row for a chunk the vault has."""
+    import sqlite3
+
+    rng = np.random.default_rng(0)
+    base = weights(13)
+    tuned = {k: v + np.float32(1e-4) * rng.normal(size=v.shape).astype(np.float32)
+             for k, v in base.items()}  # XOR deltas of base's chunks
+    with modelvault.open(tmp_path / "a.vault") as a:
+        a.save("net", base)
+        mv = a.save("net", tuned)
+        a.push(url)
+    bundle = _pull.bundle_path(tmp_path / "b.vault", mv.id)
+    with modelvault.clone(url, tmp_path / "b.vault", ["net:1"]) as b:
+        _pull_whose_merge_fails(b, url)
+        with sqlite3.connect(bundle) as db:
+            fetched = {h for (h,) in db.execute("SELECT hash FROM chunks")}
+            assert db.execute("SELECT count(*) FROM packs WHERE size = 0").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM part_chunks").fetchone() == (0,)
+        with sqlite3.connect(tmp_path / "b.vault") as db:
+            mine = {h for (h,) in db.execute("SELECT hash FROM chunks")}
+        assert fetched and not fetched & mine
+        assert [v.ref for v in b.pull(url).added] == ["net:2"]
+        assert b.verify() == [] and not bundle.exists()
+        np.testing.assert_array_equal(b.load("net:2")["layer1"], tuned["layer1"])
+    with sqlite3.connect(tmp_path / "b.vault") as db:
+        bases = {h for (h,) in db.execute(
+            "SELECT b.hash FROM chunks c JOIN chunks b ON b.id = c.base_id")}
+    assert bases & mine  # deltas of chunks it had
 
 
 def test_a_pull_starts_afresh_from_a_file_cut_short(tmp_path, url):
@@ -951,7 +986,7 @@ def test_a_pull_starts_afresh_from_a_file_cut_short(tmp_path, url):
     with modelvault.open(tmp_path / "a.vault") as a:
         mv = a.save("net", {"w": np.random.default_rng(0).normal(size=50_000)})
         a.push(url)
-    bundle = _remote._bundle_path(tmp_path / "b.vault", mv.id)
+    bundle = _pull.bundle_path(tmp_path / "b.vault", mv.id)
     with modelvault.open(tmp_path / "b.vault") as b:
         bundle.write_bytes((tmp_path / "a.vault").read_bytes()[:-100])
         with warnings.catch_warnings(record=True) as caught:
@@ -1011,7 +1046,7 @@ def test_remotes_added_at_once_by_two_processes_are_all_confirmed(tmp_path, monk
     for worker in workers:
         worker.join(120)
     assert [w.exitcode for w in workers] == [0, 0]
-    confirmed = _remote._confirmed()
+    confirmed = _names._confirmed()
     assert len(confirmed) == 200
 
 
