@@ -6,7 +6,6 @@ Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported 
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from . import _json
 from ._errors import CorruptVaultError, DamagedVaultWarning
 from ._records import human_bytes
+from ._refs import UUID
 
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from
 # the row's header without reading the blob's pages.
@@ -44,14 +44,13 @@ QUERIES = {
 }
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def queries(signed: list[str]) -> dict[str, Any]:
     """The canned queries. Which versions a trusted key signed is decided here, by
     checking each signature (``signed``: their uuids), not by SQL: a key id is only a
     claim, and a trusted key id beside a garbage signature is not signed."""
-    marks = ", ".join(f"'{uuid}'" for uuid in signed if _UUID.fullmatch(uuid)) or "NULL"
+    marks = ", ".join(f"'{uuid}'" for uuid in signed if UUID.fullmatch(uuid)) or "NULL"
     return {**QUERIES, "not_signed_by_a_trusted_key": {
         "title": "Versions not signed by a key this machine trusts",
         "description": "unsigned, signed by a key not trusted here (`modelvault keys` lists "

@@ -12,6 +12,8 @@ _NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 _ALIAS = re.compile(_SEGMENT)
 MAX_NAME = 200
 LATEST = "latest"  # name@latest is the highest existing version, like a bare name
+# A version's id (versions.uuid) as modelvault writes it: a lowercase UUID.
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)

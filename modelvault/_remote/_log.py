@@ -11,7 +11,6 @@ Events that are not well-formed are skipped by every reader alike (docs/remote.m
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from .. import _json
 from .._catalog import check_number, now, parse_time
 from .._errors import IntegrityError, NotFoundError, RemoteError
 from .._records import RemoteVersion
-from .._refs import check_alias, check_name, parse_ref
+from .._refs import UUID, check_alias, check_name, parse_ref
 from ._store import HASH, Store, dumps, limit
 
 CHECKPOINT_EVERY = 100  # log entries between checkpoints of the replayed state
@@ -40,11 +39,10 @@ def _passes(check: Callable[[Any], Any]) -> Callable[[Any], bool]:
     return passes
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # What each field of an event may hold (docs/remote.md, "The log"): a value from the
 # remote reaches SQLite, a vault's aliases and tags, and object keys, only through these.
 _FIELDS: dict[str, Callable[[Any], bool]] = {
-    "uuid": lambda v: isinstance(v, str) and _UUID.fullmatch(v) is not None,
+    "uuid": lambda v: isinstance(v, str) and UUID.fullmatch(v) is not None,
     "model": _passes(check_name),
     "alias": _passes(check_alias),
     "number": _passes(lambda v: check_number(v, "number")),
