@@ -267,21 +267,24 @@ def _numbers(db: sqlite3.Connection, catalog: Catalog, models: dict[int, Model],
 
 
 def _listed(db: sqlite3.Connection, by_hash: ByHash | None) -> None:
-    """Fill temp.listed with the incoming versions' chunk lists, by hash (the source's
-    rows, or what ``by_hash`` gives for a version the source lists no chunks of), and
+    """Fill temp.listed with the incoming versions' chunk lists, by hash (what ``by_hash``
+    gives for a version, or else the source's rows), and
     temp.bases with the delta bases ``by_hash`` gives."""
     db.execute("CREATE TEMP TABLE listed (version_id INTEGER, part INTEGER, seq INTEGER, "
                "hash TEXT, PRIMARY KEY (version_id, part, seq)) WITHOUT ROWID")
     db.execute("CREATE TEMP TABLE bases (hash TEXT PRIMARY KEY, base TEXT NOT NULL) "
                "WITHOUT ROWID")
-    # A row whose chunk the source lacks comes with no hash: _versions refuses it.
-    db.execute("INSERT INTO temp.listed SELECT pc.version_id, pc.part, pc.seq, c.hash "
-               "FROM src.part_chunks pc LEFT JOIN src.chunks c ON c.id = pc.chunk_id "
-               "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming)")
-    if by_hash is None:
-        return
     ids = dict(db.execute("SELECT s.uuid, s.id FROM src.versions s "
                           "JOIN temp.incoming i ON i.src_id = s.id"))
+    given = [ids[uuid] for uuid in (by_hash.lists if by_hash else ()) if uuid in ids]
+    # A row whose chunk the source lacks comes with no hash: _versions refuses it. A
+    # version whose lists come by hash takes none of the source's rows besides them.
+    db.execute("INSERT INTO temp.listed SELECT pc.version_id, pc.part, pc.seq, c.hash "
+               "FROM src.part_chunks pc LEFT JOIN src.chunks c ON c.id = pc.chunk_id "
+               "WHERE pc.version_id IN (SELECT src_id FROM temp.incoming) "
+               f"AND pc.version_id NOT IN ({','.join('?' * len(given))})", given)
+    if by_hash is None:
+        return
     db.executemany("INSERT INTO temp.listed VALUES (?, ?, ?, ?)",
                    [(ids[uuid], part, seq, h) for uuid, lists in by_hash.lists.items()
                     if uuid in ids for part, hashes in enumerate(lists)

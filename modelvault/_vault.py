@@ -77,6 +77,7 @@ class Vault:
                  progress: bool | None = None, require: str | None = None,
                  max_expansion: float | None = None) -> None:
         self.path = Path(path)
+        require = _trust.required(require)  # a bad policy is refused before the file is made
         self._max_expansion = _limits.max_expansion(max_expansion)
         self._connection = Connection(self.path, readonly=readonly, create=create,
                                       timeout=timeout)
@@ -84,7 +85,7 @@ class Vault:
         self._catalog = Catalog(self._connection)
         self._packs = PackStore(self._connection)
         self._reader = Reader(self._connection, self._catalog, self._packs,
-                              require=_trust.required(require),
+                              require=require,
                               max_expansion=self._max_expansion, progress=progress)
 
     @property

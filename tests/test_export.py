@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import warnings
 
 import numpy as np
 import pytest
@@ -152,3 +153,24 @@ def test_export_refuses_a_delta_chunk_whose_base_is_gone(tmp_path):
                                                             "was exported"):
             vault.export(dest)
     assert not dest.exists() and [p.name for p in tmp_path.iterdir()] == ["a.vault"]
+
+
+def test_export_skip_damaged_warns_at_the_callers_line(tmp_path):
+    """export(skip_damaged=True)'s DamagedVaultWarning names the line that called export."""
+    path = tmp_path / "v.vault"
+    with modelvault.open(path) as vault:
+        vault.save("good", {"w": np.arange(1000.0)})
+        vault.save("bad", {"w": np.random.default_rng(1).normal(size=1000)})
+    db = sqlite3.connect(path)
+    pack = db.execute("SELECT c.pack_id FROM chunks c JOIN part_chunks pc ON "
+                      "pc.chunk_id = c.id JOIN versions v ON v.id = pc.version_id "
+                      "JOIN models m ON m.id = v.model_id WHERE m.name = 'bad'").fetchone()[0]
+    db.execute("UPDATE packs SET data = zeroblob(length(data)) WHERE id = ?", (pack,))
+    db.commit()
+    db.close()
+    with modelvault.open(path) as vault, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vault.export(tmp_path / "out.vault", skip_damaged=True)
+    damaged = [w for w in caught if issubclass(w.category, modelvault.DamagedVaultWarning)]
+    assert damaged and "bad:1" in str(damaged[0].message)
+    assert damaged[0].filename == __file__

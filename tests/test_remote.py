@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sqlite3
 import threading
 import time
 import warnings
@@ -1057,3 +1058,65 @@ def test_a_remote_that_cannot_be_recorded_is_a_typed_error(tmp_path, monkeypatch
     with modelvault.open(tmp_path / "a.vault") as vault:
         with pytest.raises(modelvault.RemoteError, match="cannot record the remote"):
             vault.add_remote("origin", "file:///tmp/x")
+
+
+def _pull_file(vault_path, uuid):
+    """Where a pull gathers the version ``uuid`` for ``vault_path``: a public name."""
+    return vault_path.with_name(f".{vault_path.name}.pull-{uuid}")
+
+
+def test_a_planted_pull_file_cannot_add_versions_or_labels(tmp_path, url):
+    """A file planted where a pull gathers a version (its name is public: the version's
+    id on the remote) used to be emptied of every row but its fetched chunks
+    (_keep_fetched_only). Now only ``DELETE FROM models`` runs, which cascades to rows
+    that reference a model: rows that reference none (foreign keys are not checked
+    when a file is opened) survive and the copier brings them in."""
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("net", {"w": np.zeros(1000)})
+        a.push(url)
+    evil = _pull_file(tmp_path / "b.vault", mv.id)
+    with modelvault.open(evil) as e:
+        e.save("evil", {"w": np.full(1000, 666.0)}, aliases=["prod"], tags={"x": "y"})
+    db = sqlite3.connect(evil)
+    db.execute("PRAGMA foreign_keys = OFF")
+    # The model row moves away: the version, its alias and tag now name model 1, which
+    # the pull's own model row will be once the file's models are deleted.
+    db.execute("UPDATE models SET id = 99")
+    db.execute("UPDATE versions SET version = 2, key_id = NULL, signature = NULL")
+    db.commit()
+    db.close()
+    with modelvault.open(tmp_path / "b.vault") as b:
+        try:
+            report = b.pull(url)
+        except modelvault.VaultError:
+            report = None  # refused: fine
+        if report is not None:
+            assert [v.ref for v in report.added] == ["net:1"]
+        assert [v.ref for v in b.versions()] in ([], ["net:1"])
+        np.testing.assert_array_equal(b.load("net")["w"], np.zeros(1000))
+
+
+def test_a_pull_resumes_from_a_file_an_older_modelvault_left(tmp_path, url):
+    """An interrupted pull of the modelvault before this refactor left, beside the
+    vault, rows with no bytes for chunks the vault had then (_rows wrote them, and
+    _keep_fetched_only dropped them on the next run). If the vault has lost such a
+    chunk since, the next pull must fetch it, not take the empty row for a fetched
+    chunk and blame the remote's pack object."""
+    with modelvault.open(tmp_path / "a.vault") as a:
+        mv = a.save("net", {"w": np.random.default_rng(0).normal(size=5000)})
+        a.push(url)
+    db = sqlite3.connect(tmp_path / "a.vault")
+    chunk_hash, size = db.execute("SELECT hash, size FROM chunks").fetchone()
+    db.close()
+    bundle = _pull_file(tmp_path / "b.vault", mv.id)
+    with modelvault.open(bundle):
+        pass
+    db = sqlite3.connect(bundle)
+    pack = db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', 0, x'')").lastrowid
+    db.execute("INSERT INTO chunks (hash, size, codec, itemsize, base_id, pack_id, start, "
+               "length) VALUES (?, ?, 'raw', 1, NULL, ?, 0, 0)", (chunk_hash, size, pack))
+    db.commit()
+    db.close()
+    with modelvault.open(tmp_path / "b.vault") as b:
+        assert [v.ref for v in b.pull(url).added] == ["net:1"]
+        assert b.verify() == []

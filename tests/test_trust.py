@@ -239,3 +239,12 @@ def test_a_signed_only_app_refuses_every_version_its_team_key_did_not_sign(tmp_p
     monkeypatch.setenv("MODELVAULT_REQUIRE", "signed")
     with pytest.raises(ValueError, match="require must be"):
         modelvault.open(vault_path)
+
+
+def test_an_invalid_require_is_refused_before_the_file_is_made(tmp_path):
+    """Vault() checked ``require`` before opening the file; the refactor opens (and
+    creates) it first, then leaves the connection open when the check fails."""
+    path = tmp_path / "x.vault"
+    with pytest.raises(ValueError, match="require"):
+        modelvault.open(path, require="bogus")
+    assert not path.exists()

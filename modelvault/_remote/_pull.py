@@ -195,17 +195,19 @@ def _pull_one(local: Local, remote: Remote, state: State, uuid: str) -> MergeRep
                     # Scratch: its journal keeps it whole through a kill; an OS crash may
                     # cost it, never the vault.
                     into.connection.db.execute("PRAGMA synchronous = OFF")
+                    _reset(into, missing)
                     with progress(sum(index[h]["size"] for h in missing),
                                   f"pull {entry['model']}:{entry['number']}",
                                   local.progress) as advance:
                         fetched = _fetch(into, remote, missing, index, advance)
-                    by_hash = _rows(into, remote, state, uuid, manifest, here, index)
+                    version_id, by_hash = _rows(into, remote, state, uuid, manifest, here,
+                                                index)
                 finally:
                     into.connection.close()
-                try:
+                try:  # the one version written there, whatever else the file holds
                     report = _copier.copy_from(local.connection, local.catalog, local.packs,
-                                               bundle, None, check=True, action="pull",
-                                               by_hash=by_hash)
+                                               bundle, [version_id], check=True,
+                                               action="pull", by_hash=by_hash)
                 except IntegrityError as exc:
                     where = (index.get(exc.chunk or "") or {}).get("pack")
                     if where is None:
@@ -282,6 +284,32 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
         raise ValueError(f"its {', '.join(differ)} not the log's for this version")
 
 
+# Every table of a pull's file but the fetched chunks' (packs, chunks), children first.
+_ROWS = ("part_chunks", "parts", "aliases", "tags", "lineage", "versions", "models",
+         "packages", "environments", "remotes")
+
+
+def _reset(into: Local, missing: list[str]) -> None:
+    """Leave in a pull's file only the chunks the version still ``missing`` that lie
+    whole in their packs, and no other row. A file found there may hold an earlier run's
+    rows (written again from the remote as it is now), the byte-less rows an older
+    modelvault wrote for chunks the vault had then, or rows of anyone who could write
+    this folder: none of it may reach the vault but bytes the merge hash-checks."""
+    with into.connection.write() as db:
+        for table in _ROWS:
+            db.execute(f"DELETE FROM {table}")
+        db.execute("CREATE TEMP TABLE needed (hash TEXT PRIMARY KEY) WITHOUT ROWID")
+        db.executemany("INSERT INTO temp.needed VALUES (?)", [(h,) for h in missing])
+        # An old byte-less row: length 0 for a chunk of some bytes. (A chunk's base_id is
+        # set again from the remote's index once the version's rows are written.)
+        db.execute("DELETE FROM chunks WHERE hash NOT IN temp.needed OR NOT EXISTS ("
+                   "SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND chunks.start >= 0 "
+                   "AND (chunks.length > 0 OR chunks.size = 0) "
+                   "AND chunks.start + chunks.length <= p.size)")
+        db.execute("DELETE FROM packs WHERE id NOT IN (SELECT pack_id FROM chunks)")
+        db.execute("DROP TABLE temp.needed")
+
+
 def _fetch(into: Local, remote: Remote, missing: list[str], index: dict[str, Any],
            advance: Callable[[int], Any]) -> dict[str, list[str]]:
     """Fetch into ``into`` the chunks ``missing`` that it lacks, from the blobs that hold
@@ -328,19 +356,18 @@ def _fetch(into: Local, remote: Remote, missing: list[str], index: dict[str, Any
 
 
 def _rows(into: Local, remote: Remote, state: State, uuid: str, manifest: dict[str, Any],
-          here: dict[str, ChunkRow], index: dict[str, Any]) -> _copier.ByHash:
-    """Write the version ``uuid``'s rows into ``into`` (which holds the chunks fetched),
-    in place of an earlier run's, all but its chunk lists, and link the chunks fetched
+          here: dict[str, ChunkRow], index: dict[str, Any]
+          ) -> tuple[int, _copier.ByHash]:
+    """Write the version ``uuid``'s rows into ``into`` (which holds the chunks fetched,
+    and no rows else: ``_reset``), all but its chunk lists, and link the chunks fetched
     to their delta bases there; then check its digest and signature. Returns what the
     merge takes by hash: the chunk lists, as the manifest gives them, and the delta
-    bases of chunks fetched that this vault has (``here``) and ``into`` lacks."""
+    bases of chunks fetched that this vault has (``here``) and ``into`` lacks; with the
+    version's row id there."""
     entry = state.versions[uuid]
     version = manifest["version"]
     bases = {}
     with into.connection.write() as db:
-        # An earlier run's rows go (a model's take its version's along): the version is
-        # written as the remote has it now.
-        db.execute("DELETE FROM models")
         ids = dict(db.execute("SELECT hash, id FROM chunks"))
         for h, chunk_id in ids.items():
             if h in here:
@@ -391,7 +418,7 @@ def _rows(into: Local, remote: Remote, state: State, uuid: str, manifest: dict[s
         except IntegrityError as exc:
             raise IntegrityError(f"{remote.url}/versions/{uuid}.json: {exc}; nothing was "
                                  "pulled") from exc
-    return _copier.ByHash({uuid: manifest["chunks"]}, bases)
+    return version_id, _copier.ByHash({uuid: manifest["chunks"]}, bases)
 
 
 def _signature_status(manifest: dict[str, Any], entry: dict[str, Any]) -> str:
