@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from . import _json
+from ._catalog import Catalog
+from ._connection import Connection
 from ._errors import CorruptVaultError, DamagedVaultWarning
+from ._guard import translated
 from ._records import human_bytes
 from ._refs import UUID
 
@@ -65,16 +68,19 @@ def queries(signed: list[str]) -> dict[str, Any]:
 
 def _signed(path: Path) -> list[str]:
     """The uuids of the versions whose signature a key trusted here verifies."""
-    from . import Vault  # the front, from the package root once it is loaded
-
-    with warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True) as seen, translated(path):
         warnings.simplefilter("always", DamagedVaultWarning)
-        vault = Vault(path, readonly=True)
-    with vault:
-        damaged = [w.message for w in seen if issubclass(w.category, DamagedVaultWarning)]
-        if damaged:  # its pages would fail one by one, as HTTP 500s
-            raise CorruptVaultError(f"browse reads whole vaults: {damaged[0]}")
-        return [mv.id for mv in vault.versions() if mv.signature == "trusted"]
+        connection = Connection(path, readonly=True, create=True, timeout=60.0)
+        try:
+            damaged = [w.message for w in seen
+                       if issubclass(w.category, DamagedVaultWarning)]
+            if damaged:  # its pages would fail one by one, as HTTP 500s
+                raise CorruptVaultError(f"browse reads whole vaults: {damaged[0]}")
+            with connection.read():
+                records = Catalog(connection).every_record()
+        finally:
+            connection.close()
+    return [mv.id for mv in records if mv.signature == "trusted"]
 
 
 def metadata(path: Path) -> dict[str, Any]:

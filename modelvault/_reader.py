@@ -261,7 +261,7 @@ class Reader:
     def _read_tensor(self, row: VersionRow, contents: Contents, part: int, run: list[Any],
                      device: Any) -> Any:
         """One tensor of a safetensors file part, from its own chunks only."""
-        name, dtype, shape, first, count = run
+        _, dtype, shape, first, count = run
         _, buffer = self._read_part(row, contents, part, slice(first, first + count))
         return _files.file_tensor(buffer, dtype, shape, device)
 
