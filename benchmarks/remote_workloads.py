@@ -88,8 +88,8 @@ class _Counted:
             counter.sent += len(data) if isinstance(data, bytes) else sum(map(len, data))
             return put(store, key, data, create=create)
 
-        def counted_get(store: Any, key: str) -> bytes | None:
-            data = get(store, key)
+        def counted_get(store: Any, key: str, kind: str) -> bytes | None:
+            data = get(store, key, kind)
             counter.received += len(data or b"")
             return data
 
