@@ -77,8 +77,8 @@ class Vault:
                  progress: bool | None = None, require: str | None = None,
                  max_expansion: float | None = None) -> None:
         self.path = Path(path)
-        require = _trust.required(require)  # a bad policy is refused before the file is made
-        self._max_expansion = _limits.max_expansion(max_expansion)
+        # A bad policy or cap is refused before the file is made.
+        require, cap = _trust.required(require), _limits.max_expansion(max_expansion)
         self._connection = Connection(self.path, readonly=readonly, create=create,
                                       timeout=timeout)
         self.readonly = self._connection.readonly  # a damaged file is, whatever was asked
@@ -86,7 +86,7 @@ class Vault:
         self._packs = PackStore(self._connection)
         self._reader = Reader(self._connection, self._catalog, self._packs,
                               require=require,
-                              max_expansion=self._max_expansion, progress=progress)
+                              max_expansion=cap, progress=progress)
 
     @property
     def require(self) -> str | None:
@@ -198,7 +198,7 @@ class Vault:
 
     def _writer(self) -> Writer:
         return Writer(self._connection, self._catalog, self._packs,
-                      max_expansion=self._max_expansion, progress=self.progress)
+                      max_expansion=self._reader.max_expansion, progress=self.progress)
 
     # -- reading ----------------------------------------------------------------
 
@@ -446,9 +446,7 @@ class Vault:
         """
         from . import _remote  # obstore and the network stack only for remotes
 
-        local = _remote.Local(self.path, self._connection, self._catalog, self._packs,
-                              self.progress, self.require)
-        return _remote.push(local, _remote.Remote(self._remote_url(url),
+        return _remote.push(self._local(), _remote.Remote(self._remote_url(url),
                                                   endpoint_url=endpoint_url,
                                                   single_writer=single_writer),
                             None if refs is None else [_as_ref(r) for r in refs])
@@ -468,10 +466,15 @@ class Vault:
         """
         from . import _remote
 
-        local = _remote.Local(self.path, self._connection, self._catalog, self._packs,
-                              self.progress, self.require)
-        return _remote.pull(local, _remote.Remote(self._remote_url(url),
+        return _remote.pull(self._local(), _remote.Remote(self._remote_url(url),
                                                   endpoint_url=endpoint_url), refs)
+
+    def _local(self) -> Any:
+        """The pieces push and pull work on (``_remote.Local``), with today's settings."""
+        from . import _remote
+
+        return _remote.Local(self.path, self._connection, self._catalog, self._packs,
+                             self.progress, self.require)
 
     @api
     @snapshot
