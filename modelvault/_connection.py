@@ -51,6 +51,10 @@ class Connection:
             warnings.warn(DamagedVaultWarning(f"{path}: {self.damage}; opened read-only. "
                                               f"{self._salvage()}"), stacklevel=4)
         self._pool: ThreadPoolExecutor | None = None
+        # Worker threads' own read-only connections, by thread (see read_slice), and
+        # whether a write transaction of ours is open (they cannot see into it).
+        self._slicers: dict[int, sqlite3.Connection] = {}
+        self._writing = False
         self._upgraded = readonly  # whether a write found the file in the current format
 
     @property
@@ -63,6 +67,8 @@ class Connection:
             # one is kept referenced forever, since closing it in the child would roll
             # back and delete the parent's journal.
             _INHERITED.append(self._conn)
+            _INHERITED.extend(self._slicers.values())
+            self._slicers = {}
             self._pid = os.getpid()
             self._pool = None
             self._conn = _schema.connect(self.path, readonly=self.readonly, create=False,
@@ -83,6 +89,12 @@ class Connection:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        slicers, self._slicers = list(self._slicers.values()), {}
+        for slicer in slicers:
+            if os.getpid() == self._pid:
+                slicer.close()
+            else:
+                _INHERITED.append(slicer)
         if self._conn is not None:
             if os.getpid() == self._pid:
                 self._conn.close()
@@ -110,9 +122,14 @@ class Connection:
         if incoming and not nested:
             self.make_room(incoming)
         with self._transaction("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE") as db:
-            if not self._upgraded:
-                _schema.upgrade(db)
-            yield db
+            self._writing = True
+            try:
+                if not self._upgraded:
+                    _schema.upgrade(db)
+                yield db
+            finally:
+                if not nested:
+                    self._writing = False
         if not nested:
             self._upgraded = True
 
@@ -220,6 +237,48 @@ class Connection:
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         for _ in range(free):
             db.execute("PRAGMA incremental_vacuum")
+
+    # -- reading slices of packs on worker threads -------------------------------------
+
+    @property
+    def slices(self) -> bool:
+        """Whether worker threads may read packs through connections of their own
+        (``read_slice``): they see what is committed, so not while a write of ours is open,
+        nor in a damaged file (read through this connection's allowances alone)."""
+        return not self._writing and self.damage is None and os.getpid() == self._pid
+
+    def read_slice(self, pack_id: int, start: int, length: int) -> bytes | str:
+        """``length`` bytes from ``start`` of pack ``pack_id``'s data, read on the calling
+        worker thread through its own read-only connection; or why they could not be.
+
+        One blob handle per chunk reads just the chunk's bytes with the GIL released
+        (~0.1 ms per MiB against ~0.7 for a SELECT of the whole pack on the one connection,
+        whose copy into ``bytes`` holds the GIL). Callers use this only inside a read
+        transaction of this connection: in the rollback journal that keeps every writer
+        from committing, so the worker sees the same file; whatever goes wrong here (a
+        writer waiting to commit refuses new readers; a WAL file's newer snapshot) is
+        only a reason to read the chunk again through this connection, and the chunk's
+        hash decides either way.
+        """
+        try:
+            slicer = self._slicers.get(threading.get_ident()) or self._slicer()
+            with slicer.blobopen("packs", "data", pack_id, readonly=True) as blob:
+                if start + length > len(blob):
+                    return f"lies beyond the end of pack #{pack_id}"
+                blob.seek(start)
+                return blob.read(length)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            return f"pack #{pack_id} cannot be read on a worker thread ({exc})"
+
+    def _slicer(self) -> sqlite3.Connection:
+        # No busy wait: a writer waiting for our read lock to commit holds off new readers
+        # until it gives up (see read_slice).
+        slicer = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                 isolation_level=None, timeout=0, check_same_thread=False)
+        slicer.execute("PRAGMA trusted_schema = OFF")
+        slicer.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _schema.MAX_VALUE)
+        self._slicers[threading.get_ident()] = slicer
+        return slicer
 
     # -- the worker pool ---------------------------------------------------------------
 

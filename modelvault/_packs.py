@@ -80,15 +80,24 @@ FROM listed JOIN packs p ON p.id = listed.pack_id
 """
 
 
+class Slice(NamedTuple):
+    """Where a chunk's stored bytes lie in a pack stored raw: read on a worker thread
+    (``Connection.read_slice``), not fetched with the whole pack."""
+
+    pack_id: int
+    start: int
+    length: int
+
+
 class Job(NamedTuple):
-    """What decoding one chunk takes: its row's fields, its stored bytes (or what is
-    wrong with them), and its delta base's job."""
+    """What decoding one chunk takes: its row's fields, its stored bytes (where they lie,
+    or what is wrong with them), and its delta base's job."""
 
     hash: str
     size: int
     codec: str
     itemsize: int
-    stored: memoryview | str
+    stored: memoryview | Slice | str
     base: Job | None
 
 
@@ -135,14 +144,15 @@ class PackStore:
     # -- putting chunks in -------------------------------------------------------------
 
     def put(self, parts: list[Part], bases: list[Bases | None],
-            advance: Callable[[int], Any]) -> Stored:
+            advance: Callable[[int], Any], *, compress: bool = True) -> Stored:
         """Store the chunks of ``parts`` the vault lacks (inside a write transaction).
 
         ``bases`` are each part's parent chunks that new chunks of the same size may be
         stored as XOR deltas of: by the key of the run of pieces they belong to (None
         for a whole part; a tensor's name in a safetensors file), then by position in
         it. While one batch is encoded on the pool, the one before (of this part or the
-        one before it) is written to SQLite.
+        one before it) is written to SQLite. Unless ``compress``, new chunks are stored
+        as they are.
         """
         connection = self._connection
         known: dict[str, int] = {}
@@ -187,7 +197,7 @@ class PackStore:
                                         and base.size == len(piece) else None))
                 if not new:
                     continue
-                encoding = (itemsize > 0, new, self._encode(new, itemsize))
+                encoding = (itemsize > 0, new, self._encode(new, itemsize, compress))
                 if writing is not None:
                     added += write(*writing)
                 writing = encoding
@@ -196,10 +206,17 @@ class PackStore:
             added += write(*writing)
         return Stored(hash_lists, known, sizes, added)
 
-    def _encode(self, new: list[NewChunk], itemsize: int) -> Callable[[], list[Any]]:
+    def _encode(self, new: list[NewChunk], itemsize: int, compress: bool
+                ) -> Callable[[], list[Any]]:
         """Start encoding new chunks on the pool: numeric ones (``itemsize`` > 0) one by
-        one, as deltas where that is smaller; stream chunks into solid packs."""
+        one, as deltas where that is smaller; stream chunks into solid packs. Unless
+        ``compress``: as they are."""
         connection = self._connection
+        if not compress:
+            stored = ([Encoded("raw", 1, bytes(c.piece), False) for c in new] if itemsize
+                      else [("raw", b"".join(c.piece for c in group))
+                            for group in _solid_groups(new)])
+            return lambda: stored
         if itemsize:
             bases = self._base_bytes([c.base for c in new if c.base is not None])
             return connection.submit(_encode, [
@@ -251,7 +268,7 @@ class PackStore:
         usable = [(r.id, job) for r, job in zip(rows, self._jobs(rows), strict=True)
                   if _chain_length(job) < DELTA_DEPTH]
         outs = {cid: np.empty(job.size, dtype=np.uint8) for cid, job in usable}
-        errors = self._connection.map(_decode_checked, [(memoryview(outs[cid]), job)
+        errors = self._connection.map(_decode_checked, [(memoryview(outs[cid]), job, None)
                                                         for cid, job in usable])
         return {cid: outs[cid] for (cid, _), error in zip(usable, errors, strict=True)
                 if error is None}
@@ -319,39 +336,54 @@ class PackStore:
              advance: Callable[[int], Any],
              done: Callable[[list[memoryview]], Any] | None = None) -> None:
         """Decode chunks into their views, each one's hash checked; IntegrityError naming
-        the first chunk that fails.
+        the first chunk that fails (inside a read transaction).
 
-        Works in batches: the pool decodes one batch while the next is read from
-        SQLite. ``done`` gets each batch's views once they hold their bytes, in order.
+        Works in batches: the pool reads and decodes one batch while the next is looked up.
+        Chunks of raw packs (numbers) are read by the worker threads themselves, each just
+        its own bytes; a chunk that fails that way is read again through this connection,
+        whose error is the one reported. ``done`` gets each batch's views once they hold
+        their bytes, in order.
         """
         connection = self._connection
-        pending: tuple[list[memoryview], Callable[[], list[Any]]] | None = None
+        sliced = connection.slices
+        pending: tuple[list[tuple[ChunkRow, memoryview]], Callable[[], list[Any]]] | None = None
+        packs: dict[int, bytes | str] = {}
 
-        def finish(views: list[memoryview], results: Callable[[], list[Any]]) -> None:
-            for error in results():
-                if error is not None:
-                    raise IntegrityError(f"chunk {error[0]} {error[1]}", chunk=error[0])
+        def finish(batch: list[tuple[ChunkRow, memoryview]],
+                   results: Callable[[], list[Any]]) -> None:
+            outcome = results()
+            errors = [error for error in outcome if error is not None]
+            if errors and sliced:  # read again, each whole pack through this connection
+                failed = [piece for piece, error in zip(batch, outcome, strict=True)
+                          if error is not None]
+                jobs = self._jobs([chunk for chunk, _ in failed], {})
+                errors = [error for error in connection.map(_decode_checked, [
+                    (view, job, None) for (_, view), job in zip(failed, jobs, strict=True)])
+                    if error is not None]
+            if errors:
+                hash, problem = errors[0]
+                raise IntegrityError(f"chunk {hash} {problem}", chunk=hash)
+            views = [view for _, view in batch]
             advance(sum(len(v) for v in views))
             if done is not None:
                 done(views)
 
-        packs: dict[int, bytes] = {}
         for batch in runs(pieces, lambda piece: piece[0].size):
-            views = [view for _, view in batch]
-            jobs = self._jobs([chunk for chunk, _ in batch], packs)
-            started = (views, connection.submit(_decode_checked,
-                                                list(zip(views, jobs, strict=True))))
+            jobs = self._jobs([chunk for chunk, _ in batch], packs, sliced=sliced)
+            started = (batch, connection.submit(_decode_checked, [
+                (view, job, connection.read_slice)
+                for (_, view), job in zip(batch, jobs, strict=True)]))
             if pending is not None:
                 finish(*pending)
             pending = started
         if pending is not None:
             finish(*pending)
 
-    def _jobs(self, rows: Sequence[ChunkRow], packs: dict[int, bytes] | None = None
-              ) -> list[Job]:
+    def _jobs(self, rows: Sequence[ChunkRow], packs: dict[int, bytes | str] | None = None,
+              *, sliced: bool = False) -> list[Job]:
         """Decoding jobs for chunk rows, with their bases' rows and the packs' bytes
-        fetched. ``packs`` caches pack bytes across calls (a pack often spans two
-        batches)."""
+        fetched (or, if ``sliced``, where the chunks of raw packs lie). ``packs`` caches
+        pack bytes across calls (a pack often spans two batches)."""
         db = self._connection.db
         by_id = {r.id: r for r in rows}
         wanted = {r.base_id for r in rows if r.base_id is not None} - by_id.keys()
@@ -365,16 +397,33 @@ class PackStore:
             by_id.update((r.id, r) for r in found)
             wanted = {r.base_id for r in found if r.base_id is not None} - by_id.keys()
         cache = packs if packs is not None else {}
-        needed = sorted({r.pack_id for r in by_id.values() if type(r.pack_id) is int}
-                        - cache.keys())
-        fetched = {pack_id: self._pack_content(pack_id) for pack_id in needed}
+        used = {r.pack_id for r in by_id.values() if type(r.pack_id) is int}
+        # A raw pack's chunks are sliced where they lie: its size, not its bytes.
+        raw = self._raw_sizes(sorted(used - cache.keys())) if sliced else {}
+        fetched = {pack_id: self._pack_content(pack_id)
+                   for pack_id in sorted(used - cache.keys() - raw.keys())}
         # Keep only this call's packs: the cache holds at most two batches' worth.
-        current = {pid: cache[pid] for pid in {r.pack_id for r in by_id.values()}
-                   if pid in cache}
+        current = {pid: cache[pid] for pid in used if pid in cache}
         current.update(fetched)
         cache.clear()
         cache.update(current)
-        return [_job(r, by_id, current, 0) for r in rows]
+        return [_job(r, by_id, current, raw, 0) for r in rows]
+
+    def _raw_sizes(self, ids: list[int]) -> dict[int, int]:
+        """The stored sizes of the packs of ``ids`` stored raw and whole (size as declared).
+        Left out, to be fetched whole: compressed packs, and any whose row is damaged."""
+        found: dict[int, int] = {}
+        try:
+            for first in range(0, len(ids), 500):
+                some = ids[first:first + 500]
+                found.update((pid, size) for pid, size in self._connection.db.execute(
+                    "SELECT id, size FROM packs WHERE codec = 'raw' AND typeof(data) = 'blob' "
+                    f"AND length(data) = size AND id IN ({','.join('?' * len(some))})", some))
+        except sqlite3.DatabaseError as exc:
+            if not _schema.is_damage(exc):
+                raise
+            return {}
+        return found
 
     def _pack_content(self, pack_id: int) -> bytes | str:
         """A pack's content, or what is wrong with it: a pack on a damaged page (a file
@@ -404,7 +453,7 @@ class PackStore:
         """Decode chunk rows and check their hashes; yields each one that fails."""
         packs: dict[int, bytes] = {}
         for batch in runs(rows, lambda r: _chunks.check_size(r.size)):
-            tasks = [(memoryview(np.empty(_chunks.check_size(job.size), dtype=np.uint8)), job)
+            tasks = [(memoryview(np.empty(_chunks.check_size(job.size), dtype=np.uint8)), job, None)
                      for job in self._jobs(batch, packs)]
             ids = {r.hash: r.id for r in batch}
             for error in self._connection.map(_decode_checked, tasks):
@@ -463,7 +512,7 @@ class PackStore:
                 f"({','.join('?' * len(some))})", some)]
             jobs = self._jobs(batch)
             raws = [np.empty(job.size, dtype=np.uint8) for job in jobs]
-            self._connection.map(lambda task: _decode(*task),
+            self._connection.map(lambda task: _decode(*task, None),
                                  zip(map(memoryview, raws), jobs, strict=True))
             encoded = self._connection.map(_encode, [(memoryview(raw), row.itemsize, None)
                                                      for raw, row in zip(raws, batch,
@@ -598,7 +647,7 @@ def _solid_groups(new: list[NewChunk]) -> list[list[NewChunk]]:
 
 
 def _job(row: ChunkRow, by_id: dict[int, ChunkRow], packs: dict[int, bytes | str],
-         depth: int) -> Job:
+         raw: dict[int, int], depth: int) -> Job:
     """The decoding job for one chunk row, its base's inside.
 
     A module function, not a closure: a closure that calls itself is a reference cycle,
@@ -611,8 +660,12 @@ def _job(row: ChunkRow, by_id: dict[int, ChunkRow], packs: dict[int, bytes | str
     except IntegrityError as exc:
         return Job(row.hash, row.size, row.codec, row.itemsize, str(exc), None)
     pack = packs.get(row.pack_id)
-    stored: memoryview | str
-    if pack is None:
+    stored: memoryview | Slice | str
+    if row.pack_id in raw:
+        stored = (Slice(row.pack_id, row.start, row.length)
+                  if row.start + row.length <= raw[row.pack_id]
+                  else f"lies beyond the end of pack #{row.pack_id}")
+    elif pack is None:
         stored = f"pack #{row.pack_id} is missing"
     elif isinstance(pack, str):
         stored = f"pack #{row.pack_id} {pack}"
@@ -627,7 +680,7 @@ def _job(row: ChunkRow, by_id: dict[int, ChunkRow], packs: dict[int, bytes | str
                       f"longer than {MAX_CHAIN}" if depth < MAX_CHAIN
                       else "delta chain too long or circular")
         else:
-            base = _job(by_id[row.base_id], by_id, packs, depth + 1)
+            base = _job(by_id[row.base_id], by_id, packs, raw, depth + 1)
     return Job(row.hash, row.size, row.codec, row.itemsize, stored, base)
 
 
@@ -657,30 +710,36 @@ def _chain_length(job: Job) -> int:
     return length
 
 
-def _decode_checked(task: tuple[memoryview, Job]) -> tuple[str, str] | None:
-    """Decode one chunk into its slot and check its hash; (hash, problem) or None."""
-    out, job = task
+def _decode_checked(task: tuple[memoryview, Job, Callable[[int, int, int], bytes | str] | None]
+                    ) -> tuple[str, str] | None:
+    """Decode one chunk into its slot and check its hash; (hash, problem) or None.
+    The task's third item reads a job's ``Slice`` (None: a job has none)."""
+    out, job, read_slice = task
     try:
-        _decode(out, job)
+        _decode(out, job, read_slice)
     except IntegrityError as exc:
         return job.hash, str(exc)
     return None
 
 
-def _decode(out: memoryview, job: Job) -> None:
+def _decode(out: memoryview, job: Job,
+            read_slice: Callable[[int, int, int], bytes | str] | None) -> None:
     """Decode a job into ``out``, base first for a delta; check hashes."""
-    if isinstance(job.stored, str):
-        raise IntegrityError(job.stored)
+    stored = job.stored
+    if isinstance(stored, Slice):
+        assert read_slice is not None
+        stored = read_slice(*stored)
+    if isinstance(stored, str):
+        raise IntegrityError(stored)
     if job.size != len(out):
         raise IntegrityError(f"holds {job.size} bytes where {len(out)} are needed")
-    _chunks.decode_into(out, job.codec, job.itemsize, job.stored)
+    _chunks.decode_into(out, job.codec, job.itemsize, stored)
     if job.base is not None:
         parent = np.empty(len(out), dtype=np.uint8)
         try:
-            _decode(memoryview(parent), job.base)
+            _decode(memoryview(parent), job.base, read_slice)
         except IntegrityError as exc:
             raise IntegrityError(f"its delta base {job.base.hash}: {exc}") from exc
         _chunks.xor_into(out, parent)
     if _chunks.chunk_hash(out) != job.hash:
         raise IntegrityError("hash mismatch: stored bytes are damaged")
-

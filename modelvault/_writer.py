@@ -86,7 +86,7 @@ class Writer:
               metadata: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
               aliases: Sequence[str], description: str,
               parent: str | ModelVersion | bool | None, source: bool,
-              example: Example | None) -> ModelVersion:
+              example: Example | None, compress: bool) -> ModelVersion:
         """Parts -> chunks -> packs -> catalog rows, in one write transaction."""
         model_layout, model_parts = layout, parts
         if example is not None:  # its parts after the model's, its descriptor beside
@@ -131,9 +131,11 @@ class Writer:
                 self._connection.write(size):
             created_at = now()
             model_id, number = self._catalog.next_number(name, created_at)
-            bases = self._delta_bases(name, kind, model_layout, model_parts, parent)
+            # Uncompressed, a delta saves nothing and costs its base's decoding at a load.
+            bases = self._delta_bases(name, kind, model_layout, model_parts,
+                                      parent if compress else False)
             stored = self._packs.put(parts, bases + [None] * (len(parts) - len(bases)),
-                                     advance)
+                                     advance, compress=compress)
             _limits.check(f"{name}:{number}", size,
                           lambda: self._packs.stored_bytes(stored.ids.values()),
                           self._max_expansion, saving=True)
