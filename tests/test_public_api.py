@@ -67,10 +67,10 @@ VAULT_METHODS = {
     "remove_remote": "(self, name: 'str') -> 'None'",
     "save": f"(self, name: 'str', obj: 'Any', *, {LABELS}, parent: "
             "'str | ModelVersion | bool | None' = None, source: 'bool' = True, "
-            "example: 'Any' = None) -> 'ModelVersion'",
+            "example: 'Any' = None, compress: 'bool' = True) -> 'ModelVersion'",
     "save_files": f"(self, name: 'str', path: '{PATHLIKE} | Sequence[{PATHLIKE}]', *, "
                   f"{LABELS}, parent: 'str | ModelVersion | bool | None' = None, "
-                  "source: 'bool' = True) -> 'ModelVersion'",
+                  "source: 'bool' = True, compress: 'bool' = True) -> 'ModelVersion'",
     "selftest": f"(self, ref: '{REF}', *, trust: 'bool' = False) "
                 "-> '_selftest.SelftestResult'",
     "stats": "(self) -> 'VaultStats'",
@@ -133,7 +133,7 @@ COMMANDS = {
     "ls": ["vault", "--json"],
     "merge": ["vault", "other"],
     "put": ["vault", "name", "paths", "--meta", "--tag", "--alias", "-m/--description",
-            "--json"],
+            "--no-compress", "--json"],
     "pull": ["vault", "url", "refs", "--endpoint-url"],
     "push": ["vault", "url", "refs", "--endpoint-url", "--single-writer"],
     "remote add": ["vault", "name", "url"],

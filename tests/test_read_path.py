@@ -285,3 +285,17 @@ def test_uncompressed_pickles_and_files(vault_path, tmp_path):
         assert vault.load("f")["weights.bin"] == blob.read_bytes()
         assert vault.load("p", trust=True) == obj
     assert files.added_bytes >= 900_000 and pickled.added_bytes >= 600_000
+
+
+def test_put_no_compress_stores_files_as_they_are(vault_path, tmp_path):
+    from click.testing import CliRunner
+
+    from modelvault._cli import cli
+
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(b"abc" * 300_000)
+    result = CliRunner().invoke(cli, ["put", str(vault_path), "f", str(blob), "--no-compress"])
+    assert result.exit_code == 0, result.output
+    with modelvault.open(vault_path) as vault:
+        assert vault.get("f").added_bytes >= 900_000
+        assert vault.load("f")["weights.bin"] == blob.read_bytes()

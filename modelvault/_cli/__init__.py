@@ -314,15 +314,17 @@ def env_command(vault: Path, ref: str, trust: bool) -> None:
 @click.option("--tag", multiple=True, metavar="KEY=VALUE", help="A tag; repeat for more.")
 @click.option("--alias", multiple=True, metavar="ALIAS", help="Point ALIAS at the new version.")
 @click.option("-m", "--description", default="", help="A line about this version.")
+@click.option("--no-compress", is_flag=True,
+              help="Store the new chunks as they are: faster loads, a bigger file.")
 @json_option
 def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str, ...],
                 tag: tuple[str, ...], alias: tuple[str, ...], description: str,
-                as_json: bool) -> None:
+                no_compress: bool, as_json: bool) -> None:
     """Store files or folders (ONNX, safetensors, ...) as the next version of NAME."""
     with Vault(vault) as v:
         mv = v.save_files(name, list(paths), metadata=_pairs(meta, "--meta", parse_json=True),
                           tags=_pairs(tag, "--tag"), aliases=list(alias),
-                          description=description)
+                          description=description, compress=not no_compress)
     if as_json:
         _echo_json(_version_json(mv))
     else:
