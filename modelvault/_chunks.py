@@ -47,8 +47,17 @@ MAX_PACK = 2 * SOLID_PACK
 
 # zstd 1 on shuffled numeric data is within 1 % of level 3 at 1.5x the speed;
 # pickle streams of tree models gain 13 % from level 3 (7.0x -> 7.9x on a forest).
-# Byte planes of floats hold no long repeats: matches shorter than 7 bytes only
-# displace cheaper Huffman-coded literals (fp32 weights: 1.19x with, 1.17x without).
+# Byte planes of floats hold no long repeats: matches only displace cheaper
+# Huffman-coded literals. A 64-entry hash table (hash_log 6, the least zstd takes)
+# all but turns the match finder off, so planes are Huffman coded. all-MiniLM-L6-v2
+# in 1 MiB chunks, codec ratio fp32 [bf16], us per MiB to encode / to decompress the
+# planes (medians of 7 interleaved rounds, on a shared machine; docs/design.md has more):
+#   level 1, min_match 7 (hash_log 14)   1.2074 [1.4617]  1210 / 227  [1860 / 412]
+#   + hash_log 6                         1.2171 [1.4911]   689 / 164  [ 863 / 284]
+#   + hash_log 8                         1.2168 [1.4901]   757 / 162  [ 989 / 291]
+#   + hash_log 6, min_match 5            1.2143 [1.4826]  1137 / 218  [1461 / 377]
+#   dfast or greedy, hash and chain_log 6  1.2170 [1.4907], 1.2168 [1.4900]: slower
+# Frames made this way are ordinary zstd frames: every reader decodes them unchanged.
 ARRAY_LEVEL = 1
 STREAM_LEVEL = 3
 # Solid packs (up to 4 MiB of pickle or file bytes) get a window that spans the whole
@@ -57,7 +66,7 @@ STREAM_LEVEL = 3
 # the most: the forest's packs come out 3.9 % smaller than without (3.79 -> 3.64 MB;
 # the default 64-byte minimum gave 3.69), for ~1.5x the compression time (61 -> 94 ms
 # of CPU for its 19 MB; ~15 ms more on its save, on 2 cores).
-_PARAMS = {ARRAY_LEVEL: {"min_match": 7},
+_PARAMS = {ARRAY_LEVEL: {"hash_log": 6, "min_match": 7},
            STREAM_LEVEL: {"window_log": 22, "enable_ldm": True, "ldm_min_match": 32}}
 
 # In a zstd-shuffle header, a plane length with this bit set is a plane stored as is.
