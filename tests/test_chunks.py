@@ -37,18 +37,18 @@ def shuffler(request, monkeypatch):
     return implementation
 
 
-def _c_compiler_problem(folder) -> str | None:
-    """Why no C extension can be built here, or None if a compiler builds against Python.h."""
+def _c_compiler_problem() -> str | None:
+    """Why no C extension can be built here, or None if a compiler builds against Python.h.
+    Writes in the current folder."""
     from setuptools._distutils import ccompiler
     from setuptools._distutils import sysconfig as build_config
 
-    source = folder / "probe.c"
-    source.write_text("#include <Python.h>\nint probe(void) { return 0; }\n")
+    with open("probe.c", "w") as source:
+        source.write("#include <Python.h>\nint probe(void) { return 0; }\n")
     try:
         compiler = ccompiler.new_compiler()
         build_config.customize_compiler(compiler)
-        compiler.compile([str(source)], output_dir=str(folder),
-                         include_dirs=[sysconfig.get_paths()["include"]])
+        compiler.compile(["probe.c"], include_dirs=[sysconfig.get_paths()["include"]])
     except Exception as exc:  # no compiler at all, or one that fails: what the build meets
         return f"no C compiler builds against Python.h here: {exc}"
     return None
@@ -56,7 +56,8 @@ def _c_compiler_problem(folder) -> str | None:
 
 def test_the_extension_is_built_where_a_c_compiler_works(tmp_path, monkeypatch):
     # The build is optional, so a broken one would pass unseen and leave every load slow.
-    problem = _c_compiler_problem(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    problem = _c_compiler_problem()
     if problem:
         pytest.skip(problem)
     assert compiled is not None, ("modelvault._shuffle is missing although a C compiler "
