@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ._errors import IntegrityError
 from ._lazy import lazy
@@ -47,8 +47,17 @@ MAX_PACK = 2 * SOLID_PACK
 
 # zstd 1 on shuffled numeric data is within 1 % of level 3 at 1.5x the speed;
 # pickle streams of tree models gain 13 % from level 3 (7.0x -> 7.9x on a forest).
-# Byte planes of floats hold no long repeats: matches shorter than 7 bytes only
-# displace cheaper Huffman-coded literals (fp32 weights: 1.19x with, 1.17x without).
+# Byte planes of floats hold no long repeats: matches only displace cheaper
+# Huffman-coded literals. A 64-entry hash table (hash_log 6, the least zstd takes)
+# all but turns the match finder off, so planes are Huffman coded. all-MiniLM-L6-v2
+# in 1 MiB chunks, codec ratio fp32 [bf16], us per MiB to encode / to decompress the
+# planes (medians of 7 interleaved rounds, on a shared machine; docs/design.md has more):
+#   level 1, min_match 7 (hash_log 14)   1.2074 [1.4617]  1210 / 227  [1860 / 412]
+#   + hash_log 6                         1.2171 [1.4911]   689 / 164  [ 863 / 284]
+#   + hash_log 8                         1.2168 [1.4901]   757 / 162  [ 989 / 291]
+#   + hash_log 6, min_match 5            1.2143 [1.4826]  1137 / 218  [1461 / 377]
+#   dfast or greedy, hash and chain_log 6  1.2170 [1.4907], 1.2168 [1.4900]: slower
+# Frames made this way are ordinary zstd frames: every reader decodes them unchanged.
 ARRAY_LEVEL = 1
 STREAM_LEVEL = 3
 # Solid packs (up to 4 MiB of pickle or file bytes) get a window that spans the whole
@@ -57,13 +66,49 @@ STREAM_LEVEL = 3
 # the most: the forest's packs come out 3.9 % smaller than without (3.79 -> 3.64 MB;
 # the default 64-byte minimum gave 3.69), for ~1.5x the compression time (61 -> 94 ms
 # of CPU for its 19 MB; ~15 ms more on its save, on 2 cores).
-_PARAMS = {ARRAY_LEVEL: {"min_match": 7},
+_PARAMS = {ARRAY_LEVEL: {"hash_log": 6, "min_match": 7},
            STREAM_LEVEL: {"window_log": 22, "enable_ldm": True, "ldm_min_match": 32}}
 
 # In a zstd-shuffle header, a plane length with this bit set is a plane stored as is.
 RAW_PLANE = 1 << 31
 
 _local = threading.local()
+
+
+class NumpyShuffle:
+    """``modelvault._shuffle``'s two functions in numpy: the byte (un)shuffle of installs
+    that could not build it (no C compiler): 2.5-4x slower, and holding the GIL."""
+
+    @staticmethod
+    def shuffle(src: memoryview | bytes, out: memoryview | np.ndarray, itemsize: int) -> None:
+        """Plane ``j`` of ``out`` gets byte ``j`` of each ``itemsize``-byte item of ``src``."""
+        items = np.frombuffer(src, np.uint8).reshape(-1, itemsize)
+        np.copyto(np.frombuffer(out, np.uint8).reshape(itemsize, -1), items.T)
+
+    @staticmethod
+    def unshuffle(planes: list[memoryview | bytes], out: memoryview) -> None:
+        """Byte ``j`` of item ``i`` of ``out`` gets ``planes[j][i]``."""
+        # One stack into the output: 3x faster than a strided column copy per plane.
+        # (Building 2- and 4-byte items with integer shifts is 1.5-3x faster on one
+        # thread, but moves 6x the bytes: slower with both cores decoding.)
+        arrays = [np.frombuffer(plane, np.uint8) for plane in planes]
+        np.stack(arrays, axis=1, out=np.frombuffer(out, np.uint8).reshape(-1, len(arrays)))
+
+
+# The byte (un)shuffle in use: modelvault._shuffle (compiled, GIL released, 2.5-4x numpy's
+# speed) or NumpyShuffle where it was not built. Chosen on first use, so that importing
+# modelvault does not load it; tests set it to run both.
+shuffler: Any = None
+
+
+def _shuffler() -> Any:
+    global shuffler
+    if shuffler is None:
+        try:
+            from . import _shuffle as shuffler
+        except ImportError:
+            shuffler = NumpyShuffle
+    return shuffler
 
 
 def chunk_hash(data: memoryview | bytes) -> str:
@@ -124,16 +169,19 @@ def encode(raw: memoryview, itemsize: int, level: int) -> tuple[str, int, bytes]
     does not shrink is stored raw so that reading it costs nothing.
     """
     if itemsize > 1 and len(raw) % itemsize == 0 and len(raw) >= 4 * itemsize:
-        planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.copy()
+        shuffled = np.empty(len(raw), np.uint8)
+        _shuffler().shuffle(raw, shuffled, itemsize)
+        plane_size = len(raw) // itemsize
         comp = _compressor(level)
         frames, lengths = [], []
-        for plane in planes:
-            frame = comp.compress(plane.data)
+        for offset in range(0, len(raw), plane_size):
+            plane = shuffled.data[offset:offset + plane_size]
+            frame = comp.compress(plane)
             if len(frame) < len(plane):
                 frames.append(frame)
                 lengths.append(len(frame))
             else:  # mantissa bytes: kept as they are, so loading them needs no zstd call
-                frames.append(plane.data)
+                frames.append(plane)
                 lengths.append(len(plane) | RAW_PLANE)
         stored = b"".join([struct.pack(f"<{itemsize}I", *lengths), *frames])
         codec = "zstd-shuffle"
@@ -219,12 +267,9 @@ def decode_into(out: memoryview, codec: str, itemsize: int, stored: bytes) -> No
                     plane = view[offset:offset + length]
                 else:
                     plane = _decompress_frame(view[offset:offset + length], plane_size)
-                planes.append(np.frombuffer(plane, np.uint8))
+                planes.append(plane)
                 offset += length
-            # One stack into the output: 3x faster than a strided column copy per plane.
-            # (Building 2- and 4-byte items with integer shifts is 1.5-3x faster on one
-            # thread, but moves 6x the bytes: slower with both cores decoding.)
-            np.stack(planes, axis=1, out=np.frombuffer(out, np.uint8).reshape(-1, itemsize))
+            _shuffler().unshuffle(planes, out)
         else:
             raise ValueError(f"unknown codec {codec!r}")
     except (ValueError, struct.error, zstandard.ZstdError) as exc:
