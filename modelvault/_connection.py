@@ -55,6 +55,7 @@ class Connection:
         # whether a write transaction of ours is open (they cannot see into it).
         self._slicers: dict[int, sqlite3.Connection] = {}
         self._writing = False
+        self._syncing: threading.Thread | None = None  # see sync_ahead
         self._upgraded = readonly  # whether a write found the file in the current format
 
     @property
@@ -86,6 +87,9 @@ class Connection:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
+        if self._syncing is not None:
+            self._syncing.join()
+            self._syncing = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -238,6 +242,25 @@ class Connection:
         for _ in range(free):
             db.execute("PRAGMA incremental_vacuum")
 
+    def sync_ahead(self) -> None:
+        """Start writing the pages SQLite has handed the OS so far to disk, on a thread of
+        its own, unless that thread is still at it (inside a write).
+
+        SQLite writes a big transaction's pages to the file as they leave its cache, and
+        syncs them all at COMMIT: 0.16-0.21 s of waiting for a BERT-base save's 370 MB,
+        with the disk idle until then. Synced while the rest is still being encoded, the
+        commit finds little left to write (25 ms). Durability is SQLite's as before:
+        pages it has written may reach the disk at any time, and the transaction is
+        committed only by COMMIT.
+        """
+        if self._syncing is not None and self._syncing.is_alive():
+            return
+        descriptor = _descriptor(self.path)
+        if descriptor is not None:
+            self._syncing = threading.Thread(target=_sync, args=(descriptor,),
+                                             name="modelvault-sync", daemon=True)
+            self._syncing.start()
+
     # -- reading slices of packs on worker threads -------------------------------------
 
     @property
@@ -309,3 +332,32 @@ class Connection:
             self._pool = ThreadPoolExecutor(max_workers=WORKERS,
                                             thread_name_prefix="modelvault")
         return self._pool
+
+
+def _descriptor(path: Path) -> int | None:
+    """A descriptor this process holds open on the file at ``path``: SQLite's own, found
+    through /proc (Linux; elsewhere None). Never one of ours: closing any descriptor of
+    a file drops every POSIX lock the process holds on it, SQLite's included."""
+    if not hasattr(os, "fdatasync"):
+        return None
+    try:
+        wanted = os.stat(path)
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            seen = os.fstat(int(name))
+        except (OSError, ValueError):
+            continue
+        if (seen.st_dev, seen.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return int(name)
+    return None
+
+
+def _sync(descriptor: int) -> None:
+    # A descriptor closed (and even reused) since it was found costs only this sync.
+    try:
+        os.fdatasync(descriptor)
+    except OSError:
+        pass

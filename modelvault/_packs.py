@@ -160,7 +160,7 @@ class PackStore:
         A pipeline over batches that run across parts (a model's many small tensors
         would otherwise each be a batch, and wait for the one before): while the pool
         encodes one batch and then hashes the next, this thread writes the batch before
-        to SQLite.
+        to SQLite, and the disk takes what was written before that.
         """
         connection = self._connection
         known: dict[str, int] = {}
@@ -210,6 +210,7 @@ class PackStore:
             hashing = connection.submit(_hash, batch or [])
             if writing is not None:
                 added += write(*writing)
+                connection.sync_ahead()
             writing = encoding
         if writing is not None:
             added += write(*writing)

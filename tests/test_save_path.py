@@ -1,9 +1,12 @@
 """How saves write chunks: a pipeline over batches that run across a model's arrays,
-repeats within one save stored once, and solid packs still one part's own."""
+repeats within one save stored once, solid packs still one part's own, and the early
+sync of what SQLite has written, which must leave SQLite's locks alone."""
 
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,3 +104,34 @@ def test_a_save_that_fails_while_encoding_adds_nothing(vault_path, monkeypatch):
         vault.save("m", model)  # the pool and the connection are fine
         assert _equal(vault.load("m"), model)
         assert vault.verify() == []
+
+
+_TAKE_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+try:
+    db.execute("BEGIN IMMEDIATE")
+except sqlite3.OperationalError:
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+def test_syncing_ahead_keeps_sqlites_locks(vault_path):
+    """The early sync uses SQLite's own descriptor: one of ours, once closed, would drop
+    the process's locks on the file and let another writer in mid-transaction."""
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", _small_arrays(3))
+        connection = vault._connection
+        with connection.write():
+            connection.db.execute("UPDATE models SET name = name")
+            connection.sync_ahead()
+            if sys.platform == "linux":
+                assert connection._syncing is not None
+                connection._syncing.join()
+            taken = subprocess.run([sys.executable, "-c", _TAKE_WRITE_LOCK, str(vault_path)],
+                                   check=False).returncode
+            assert taken == 3
+        assert subprocess.run([sys.executable, "-c", _TAKE_WRITE_LOCK, str(vault_path)],
+                              check=False).returncode == 0
+        assert _equal(vault.load("m"), _small_arrays(3))
