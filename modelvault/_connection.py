@@ -228,8 +228,13 @@ class Connection:
         if db.execute("PRAGMA page_size").fetchone()[0] >= _schema.PAGE_SIZE \
                 or self.file_bytes() + incoming <= _schema.GROW_AT:
             return
+        cache = db.execute("PRAGMA cache_size").fetchone()[0]
         db.execute(f"PRAGMA page_size = {_schema.PAGE_SIZE}")
         db.execute("VACUUM")
+        # Set again: SQLite keeps the cache's number of pages across the move, so its
+        # 2 MB of small pages became 32 MB of big ones, all held until the commit
+        # (more memory, and 28 MB of a MiniLM save written only then).
+        db.execute(f"PRAGMA cache_size = {cache}")
 
     def vacuum(self) -> None:
         """Hand the file's free pages back to the file system (inside a write)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import modelvault
-from modelvault import _chunks, _packs
+from modelvault import _chunks, _packs, _schema
 
 
 def _small_arrays(count: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,6 +104,24 @@ def test_a_save_that_fails_while_encoding_adds_nothing(vault_path, monkeypatch):
         vault.save("m", model)  # the pool and the connection are fine
         assert _equal(vault.load("m"), model)
         assert vault.verify() == []
+
+
+def test_after_the_move_to_big_pages_sqlite_caches_no_more_bytes_than_before(vault_path):
+    """SQLite keeps its cache's number of pages when VACUUM changes their size: 2 MB of
+    small pages became 32 MB of big ones, each held (dirty) until the commit."""
+    mib = 1024 * 1024
+    with modelvault.open(vault_path) as vault:
+        connection = vault._connection
+        connection.make_room(_schema.GROW_AT + 1)
+        assert connection.db.execute("PRAGMA page_size").fetchone() == (_schema.PAGE_SIZE,)
+        with pytest.raises(KeyboardInterrupt), connection.write() as db:  # rolled back
+            size = vault_path.stat().st_size
+            for _ in range(16):
+                db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', ?, "
+                           "randomblob(?))", (mib, mib))
+            assert vault_path.stat().st_size - size >= 12 * mib  # out of the cache
+            raise KeyboardInterrupt
+        assert vault.models() == []
 
 
 _TAKE_WRITE_LOCK = """
