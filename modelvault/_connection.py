@@ -55,7 +55,7 @@ class Connection:
         # whether a write transaction of ours is open (they cannot see into it).
         self._slicers: dict[int, sqlite3.Connection] = {}
         self._writing = False
-        self._syncing: threading.Thread | None = None  # see sync_ahead
+        self._syncer: _Syncer | None = None  # see sync_ahead
         self._upgraded = readonly  # whether a write found the file in the current format
 
     @property
@@ -72,6 +72,7 @@ class Connection:
             self._slicers = {}
             self._pid = os.getpid()
             self._pool = None
+            self._syncer = None
             self._conn = _schema.connect(self.path, readonly=self.readonly, create=False,
                                          timeout=self.timeout, damaged=bool(self.damage))
         return self._conn
@@ -87,9 +88,6 @@ class Connection:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
-        if self._syncing is not None:
-            self._syncing.join()
-            self._syncing = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -125,15 +123,21 @@ class Connection:
         nested = self.db.in_transaction
         if incoming and not nested:
             self.make_room(incoming)
-        with self._transaction("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE") as db:
-            self._writing = True
-            try:
-                if not self._upgraded:
-                    _schema.upgrade(db)
-                yield db
-            finally:
-                if not nested:
-                    self._writing = False
+        try:
+            with self._transaction("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE"
+                                   ) as db:
+                self._writing = True
+                try:
+                    if not self._upgraded:
+                        _schema.upgrade(db)
+                    yield db
+                finally:
+                    if not nested:
+                        self._writing = False
+        finally:
+            if not nested and self._syncer is not None:
+                self._syncer.stop()
+                self._syncer = None
         if not nested:
             self._upgraded = True
 
@@ -248,23 +252,22 @@ class Connection:
             db.execute("PRAGMA incremental_vacuum")
 
     def sync_ahead(self) -> None:
-        """Start writing the pages SQLite has handed the OS so far to disk, on a thread of
-        its own, unless that thread is still at it (inside a write).
+        """Have the pages SQLite has handed the OS so far written to disk, on a thread of
+        its own that lives as long as the write (call it inside one).
 
         SQLite writes a big transaction's pages to the file as they leave its cache, and
         syncs them all at COMMIT: 0.16-0.21 s of waiting for a BERT-base save's 370 MB,
         with the disk idle until then. Synced while the rest is still being encoded, the
-        commit finds little left to write (25 ms). Durability is SQLite's as before:
-        pages it has written may reach the disk at any time, and the transaction is
-        committed only by COMMIT.
+        commit finds little left to write. Durability is SQLite's as before: pages it has
+        written may reach the disk at any time, and the transaction is committed only
+        by COMMIT.
         """
-        if self._syncing is not None and self._syncing.is_alive():
-            return
-        descriptor = _descriptor(self.path)
-        if descriptor is not None:
-            self._syncing = threading.Thread(target=_sync, args=(descriptor,),
-                                             name="modelvault-sync", daemon=True)
-            self._syncing.start()
+        if self._syncer is None:
+            descriptor = _descriptor(self.path)
+            if descriptor is None:
+                return
+            self._syncer = _Syncer(descriptor)
+        self._syncer.ask()
 
     # -- reading slices of packs on worker threads -------------------------------------
 
@@ -360,9 +363,33 @@ def _descriptor(path: Path) -> int | None:
     return None
 
 
-def _sync(descriptor: int) -> None:
-    # A descriptor closed (and even reused) since it was found costs only this sync.
-    try:
-        os.fdatasync(descriptor)
-    except OSError:
-        pass
+class _Syncer:
+    """A thread that syncs a file descriptor whenever asked: once more after the asks
+    that came while it synced, never once per ask."""
+
+    def __init__(self, descriptor: int) -> None:
+        self._descriptor = descriptor
+        self._asked = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="modelvault-sync",
+                                        daemon=True)
+        self._thread.start()
+
+    def ask(self) -> None:
+        self._asked.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._asked.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._asked.wait()
+            if self._stopping:
+                return
+            self._asked.clear()
+            try:
+                os.fdatasync(self._descriptor)
+            except OSError:  # closed (even reused) since it was found: only this sync lost
+                pass

@@ -210,7 +210,6 @@ class PackStore:
             hashing = connection.submit(_hash, batch or [])
             if writing is not None:
                 added += write(*writing)
-                connection.sync_ahead()
             writing = encoding
         if writing is not None:
             added += write(*writing)
@@ -355,6 +354,7 @@ class PackStore:
             with db.blobopen("packs", "data", pack_id) as blob:
                 for piece in data:
                     blob.write(piece)
+            self._connection.sync_ahead()
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         return [(pack_id, start) for start in starts]
 

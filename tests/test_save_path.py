@@ -145,11 +145,12 @@ def test_syncing_ahead_keeps_sqlites_locks(vault_path):
             connection.db.execute("UPDATE models SET name = name")
             connection.sync_ahead()
             if sys.platform == "linux":
-                assert connection._syncing is not None
-                connection._syncing.join()
+                assert connection._syncer is not None
+                connection._syncer.stop()  # after its sync
             taken = subprocess.run([sys.executable, "-c", _TAKE_WRITE_LOCK, str(vault_path)],
                                    check=False).returncode
             assert taken == 3
+        assert connection._syncer is None  # its thread ends with the write
         assert subprocess.run([sys.executable, "-c", _TAKE_WRITE_LOCK, str(vault_path)],
                               check=False).returncode == 0
         assert _equal(vault.load("m"), _small_arrays(3))
