@@ -55,6 +55,7 @@ class Connection:
         # whether a write transaction of ours is open (they cannot see into it).
         self._slicers: dict[int, sqlite3.Connection] = {}
         self._writing = False
+        self._syncer: _Syncer | None = None  # see sync_ahead
         self._upgraded = readonly  # whether a write found the file in the current format
 
     @property
@@ -71,6 +72,7 @@ class Connection:
             self._slicers = {}
             self._pid = os.getpid()
             self._pool = None
+            self._syncer = None
             self._conn = _schema.connect(self.path, readonly=self.readonly, create=False,
                                          timeout=self.timeout, damaged=bool(self.damage))
         return self._conn
@@ -121,15 +123,21 @@ class Connection:
         nested = self.db.in_transaction
         if incoming and not nested:
             self.make_room(incoming)
-        with self._transaction("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE") as db:
-            self._writing = True
-            try:
-                if not self._upgraded:
-                    _schema.upgrade(db)
-                yield db
-            finally:
-                if not nested:
-                    self._writing = False
+        try:
+            with self._transaction("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE"
+                                   ) as db:
+                self._writing = True
+                try:
+                    if not self._upgraded:
+                        _schema.upgrade(db)
+                    yield db
+                finally:
+                    if not nested:
+                        self._writing = False
+        finally:
+            if not nested and self._syncer is not None:
+                self._syncer.stop()
+                self._syncer = None
         if not nested:
             self._upgraded = True
 
@@ -224,8 +232,13 @@ class Connection:
         if db.execute("PRAGMA page_size").fetchone()[0] >= _schema.PAGE_SIZE \
                 or self.file_bytes() + incoming <= _schema.GROW_AT:
             return
+        cache = db.execute("PRAGMA cache_size").fetchone()[0]
         db.execute(f"PRAGMA page_size = {_schema.PAGE_SIZE}")
         db.execute("VACUUM")
+        # Set again: SQLite keeps the cache's number of pages across the move, so its
+        # 2 MB of small pages became 32 MB of big ones, all held until the commit
+        # (more memory, and 28 MB of a MiniLM save written only then).
+        db.execute(f"PRAGMA cache_size = {cache}")
 
     def vacuum(self) -> None:
         """Hand the file's free pages back to the file system (inside a write)."""
@@ -237,6 +250,24 @@ class Connection:
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         for _ in range(free):
             db.execute("PRAGMA incremental_vacuum")
+
+    def sync_ahead(self) -> None:
+        """Have the pages SQLite has handed the OS so far written to disk, on a thread of
+        its own that lives as long as the write (call it inside one).
+
+        SQLite writes a big transaction's pages to the file as they leave its cache, and
+        syncs them all at COMMIT: 0.16-0.21 s of waiting for a BERT-base save's 370 MB,
+        with the disk idle until then. Synced while the rest is still being encoded, the
+        commit finds little left to write. Durability is SQLite's as before: pages it has
+        written may reach the disk at any time, and the transaction is committed only
+        by COMMIT.
+        """
+        if self._syncer is None:
+            descriptor = _descriptor(self.path)
+            if descriptor is None:
+                return
+            self._syncer = _Syncer(descriptor)
+        self._syncer.ask()
 
     # -- reading slices of packs on worker threads -------------------------------------
 
@@ -309,3 +340,56 @@ class Connection:
             self._pool = ThreadPoolExecutor(max_workers=WORKERS,
                                             thread_name_prefix="modelvault")
         return self._pool
+
+
+def _descriptor(path: Path) -> int | None:
+    """A descriptor this process holds open on the file at ``path``: SQLite's own, found
+    through /proc (Linux; elsewhere None). Never one of ours: closing any descriptor of
+    a file drops every POSIX lock the process holds on it, SQLite's included."""
+    if not hasattr(os, "fdatasync"):
+        return None
+    try:
+        wanted = os.stat(path)
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            seen = os.fstat(int(name))
+        except (OSError, ValueError):
+            continue
+        if (seen.st_dev, seen.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return int(name)
+    return None
+
+
+class _Syncer:
+    """A thread that syncs a file descriptor whenever asked: once more after the asks
+    that came while it synced, never once per ask."""
+
+    def __init__(self, descriptor: int) -> None:
+        self._descriptor = descriptor
+        self._asked = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="modelvault-sync",
+                                        daemon=True)
+        self._thread.start()
+
+    def ask(self) -> None:
+        self._asked.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._asked.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._asked.wait()
+            if self._stopping:
+                return
+            self._asked.clear()
+            try:
+                os.fdatasync(self._descriptor)
+            except OSError:  # closed (even reused) since it was found: only this sync lost
+                pass

@@ -27,6 +27,9 @@ from ._serialize import Part
 # flight (two batches while one is encoded and the one before is written).
 _BATCH = 64
 _BATCH_BYTES = 16 * 1024 * 1024
+# A save's array chunks go by more: a batch ends its last pack short, and a model's
+# small tensors (biases, norms: a few KiB each) would fill a batch with little work.
+_SAVE_BATCH = 1024
 # A delta chunk is at most this many XORs away from a chunk stored whole, so a load
 # never decodes more than DELTA_DEPTH + 1 chunks per chunk; the next version in a
 # long fine-tune series starts a new chain. Readers refuse chains beyond MAX_CHAIN.
@@ -102,17 +105,19 @@ class Job(NamedTuple):
 
 
 class NewChunk(NamedTuple):
-    """A chunk a save is about to add: its hash, raw bytes and delta base, if any."""
+    """A chunk a save is about to add: its hash, raw bytes, byte-shuffle width (0: a
+    stream chunk, for a solid pack) and delta base, if any."""
 
     hash: str
     piece: memoryview | bytes
+    itemsize: int
     base: ChunkRow | None
 
 
 class Encoded(NamedTuple):
     codec: str
     itemsize: int
-    data: bytes
+    data: bytes | memoryview
     is_delta: bool
 
 
@@ -150,20 +155,23 @@ class PackStore:
         ``bases`` are each part's parent chunks that new chunks of the same size may be
         stored as XOR deltas of: by the key of the run of pieces they belong to (None
         for a whole part; a tensor's name in a safetensors file), then by position in
-        it. While one batch is encoded on the pool, the one before (of this part or the
-        one before it) is written to SQLite. Unless ``compress``, new chunks are stored
-        as they are.
+        it. Unless ``compress``, new chunks are stored as they are.
+
+        A pipeline over batches that run across parts (a model's many small tensors
+        would otherwise each be a batch, and wait for the one before): while the pool
+        encodes one batch and then hashes the next, this thread writes the batch before
+        to SQLite, and the disk takes what was written before that.
         """
         connection = self._connection
         known: dict[str, int] = {}
         pending: set[str] = set()  # encoded or being encoded, not yet written
-        hash_lists: list[list[str]] = []
-        sizes: list[int] = []
+        hash_lists: list[list[str]] = [[] for _ in parts]
+        sizes = [0] * len(parts)
         added = 0
-        writing: tuple[bool, list[NewChunk], Callable[[], list[Any]]] | None = None
+        writing: tuple[list[NewChunk], Callable[[], list[Any]]] | None = None
 
-        def write(numeric: bool, new: list[NewChunk], results: Callable[[], list[Any]]) -> int:
-            if numeric:
+        def write(new: list[NewChunk], results: Callable[[], list[Any]]) -> int:
+            if new[0].itemsize:
                 stored = self._add_chunks(new, results())
             else:
                 stored = self._add_solid(_solid_groups(new), results())
@@ -171,57 +179,62 @@ class PackStore:
             pending.difference_update(chunk.hash for chunk in new)
             return stored
 
-        for part, part_bases in zip(parts, bases, strict=True):
-            hashes: list[str] = []
-            hash_lists.append(hashes)
-            size = 0
-            for pieces, itemsize, key, first in batches(part):
-                run_bases = part_bases.get(key) if part_bases is not None else None
-                # Hashed and encoded from the same bytes: a file changing under us cannot
-                # store bytes under another content's hash.
-                batch = connection.map(_chunks.chunk_hash, pieces)
-                hashes.extend(batch)
-                size += sum(len(p) for p in pieces)
-                advance(sum(len(p) for p in pieces))
-                unknown = sorted(set(batch) - known.keys() - pending)
-                if unknown:
-                    known.update(self.ids(unknown))
-                new: list[NewChunk] = []
-                for seq, (h, piece) in enumerate(zip(batch, pieces, strict=True), first):
-                    if h in known or h in pending:
-                        continue
-                    pending.add(h)
-                    base = (run_bases[seq] if run_bases is not None and seq < len(run_bases)
-                            else None)
-                    new.append(NewChunk(h, piece, base if base is not None
-                                        and base.size == len(piece) else None))
-                if not new:
+        batches = store_batches(parts)
+        batch = next(batches, None)
+        # Hashed and encoded from the same bytes: a file changing under us cannot store
+        # bytes under another content's hash.
+        hashing = connection.submit(_hash, batch or [])
+        while batch is not None:
+            batch_hashes = hashing()
+            for piece, h in zip(batch, batch_hashes, strict=True):
+                hash_lists[piece.part].append(h)
+                sizes[piece.part] += len(piece.data)
+            advance(sum(len(piece.data) for piece in batch))
+            unknown = sorted(set(batch_hashes) - known.keys() - pending)
+            if unknown:
+                known.update(self.ids(unknown))
+            new: list[NewChunk] = []
+            for piece, h in zip(batch, batch_hashes, strict=True):
+                if h in known or h in pending:
                     continue
-                encoding = (itemsize > 0, new, self._encode(new, itemsize, compress))
-                if writing is not None:
-                    added += write(*writing)
-                writing = encoding
-            sizes.append(size)
+                pending.add(h)
+                part_bases = bases[piece.part] if piece.itemsize else None
+                run_bases = part_bases.get(piece.key) if part_bases else None
+                base = (run_bases[piece.seq] if run_bases is not None
+                        and piece.seq < len(run_bases) else None)
+                new.append(NewChunk(h, piece.data, piece.itemsize, base if base is not None
+                                    and base.size == len(piece.data) else None))
+            encoding = (new, self._encode(new, compress)) if new else None
+            batch = next(batches, None)
+            # Queued behind the encoding: the pool never waits for this thread's writes.
+            hashing = connection.submit(_hash, batch or [])
+            if writing is not None:
+                added += write(*writing)
+            writing = encoding
         if writing is not None:
             added += write(*writing)
         return Stored(hash_lists, known, sizes, added)
 
-    def _encode(self, new: list[NewChunk], itemsize: int, compress: bool
-                ) -> Callable[[], list[Any]]:
-        """Start encoding new chunks on the pool: numeric ones (``itemsize`` > 0) one by
-        one, as deltas where that is smaller; stream chunks into solid packs. Unless
-        ``compress``: as they are."""
+    def _encode(self, new: list[NewChunk], compress: bool) -> Callable[[], list[Any]]:
+        """Start encoding new chunks on the pool: numeric ones one by one, as deltas
+        where that is smaller; stream chunks into solid packs. Unless ``compress``: as
+        they are."""
         connection = self._connection
+        numeric = new[0].itemsize > 0
         if not compress:
-            stored = ([Encoded("raw", 1, bytes(c.piece), False) for c in new] if itemsize
+            stored = ([Encoded("raw", 1, c.piece, False) for c in new] if numeric
                       else [("raw", b"".join(c.piece for c in group))
                             for group in _solid_groups(new)])
             return lambda: stored
-        if itemsize:
+        if numeric:
             bases = self._base_bytes([c.base for c in new if c.base is not None])
-            return connection.submit(_encode, [
-                (c.piece, itemsize, bases.get(c.base.id) if c.base is not None else None)
-                for c in new])
+            # Tasks of about a chunk's bytes: a millisecond or two of work each, which
+            # keeps both cores busy to the end of the batch, and small chunks go together.
+            tasks = runs([(c.piece, c.itemsize, bases.get(c.base.id) if c.base is not None
+                           else None) for c in new], lambda task: len(task[0]),
+                         len(new), _chunks.ARRAY_CHUNK)
+            results = connection.submit(_encode_all, tasks, grouped=False)
+            return lambda: [encoded for task in results() for encoded in task]
         # One task per pack: each is milliseconds of zstd, and whole packs share out
         # between the cores more evenly than groups of them.
         return connection.submit(_chunks.solid, [[c.piece for c in group]
@@ -290,7 +303,7 @@ class PackStore:
         as raw slices of the packs' content; returns the bytes stored."""
         rows = []
         for group, (codec, data) in zip(groups, packs, strict=True):
-            places = self._new_pack(codec, [len(c.piece) for c in group], data)
+            places = self._new_pack(codec, [len(c.piece) for c in group], [data])
             rows.extend((c.hash, len(c.piece), "raw", 1, None, *place, len(c.piece))
                         for c, place in zip(group, places, strict=True))
         self._connection.db.executemany(
@@ -298,15 +311,20 @@ class PackStore:
             "length) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return sum(len(data) for _, data in packs)
 
-    def _pack(self, blobs: list[bytes], *, solid: bool = False) -> list[tuple[int, int]]:
+    def _pack(self, blobs: list[bytes | memoryview], *, solid: bool = False
+              ) -> list[tuple[int, int]]:
         """Write ``blobs`` into new packs of about PACK_SIZE bytes (SOLID_PACK raw bytes
         compressed as one, if ``solid``); returns each one's (pack id, start)."""
         places: list[tuple[int, int]] = []
-        group: list[bytes] = []
+        group: list[bytes | memoryview] = []
 
         def flush() -> None:
-            codec, data = _chunks.solid(group) if solid else ("raw", b"".join(group))
-            places.extend(self._new_pack(codec, [len(b) for b in group], data))
+            lengths = [len(b) for b in group]
+            if solid:
+                codec, data = _chunks.solid(group)
+                places.extend(self._new_pack(codec, lengths, [data]))
+            else:
+                places.extend(self._new_pack("raw", lengths, group))
             group.clear()
 
         limit = _chunks.SOLID_PACK if solid else _chunks.PACK_SIZE
@@ -321,12 +339,24 @@ class PackStore:
             flush()
         return places
 
-    def _new_pack(self, codec: str, lengths: list[int], data: bytes) -> list[tuple[int, int]]:
-        """Insert one pack whose content is blobs of ``lengths`` in a row; returns each
-        blob's (pack id, start)."""
-        pack_id = self._connection.db.execute(
-            "INSERT INTO packs (codec, size, data) VALUES (?, ?, ?)",
-            (codec, sum(lengths), data)).lastrowid
+    def _new_pack(self, codec: str, lengths: list[int], data: list[bytes | memoryview]
+                  ) -> list[tuple[int, int]]:
+        """Insert one pack whose stored bytes are ``data`` in a row, and whose content is
+        blobs of ``lengths`` in a row; returns each blob's (pack id, start)."""
+        db = self._connection.db
+        stored = sum(len(d) for d in data)
+        # Room made first and filled through a blob handle: the bytes go straight into
+        # SQLite's pages, where binding them would copy them twice more (and a pack
+        # would first be joined from its chunks). The pack's pages must stay in SQLite's
+        # cache in between, or their zeros are written and read back: 1 MiB packs fit
+        # its default 2 MB; 4 MiB ones wrote a MiniLM save's 77 MB twice.
+        pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, zeroblob(?))",
+                             (codec, sum(lengths), stored)).lastrowid
+        if stored:
+            with db.blobopen("packs", "data", pack_id) as blob:
+                for piece in data:
+                    blob.write(piece)
+            self._connection.sync_ahead()
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         return [(pack_id, start) for start in starts]
 
@@ -536,59 +566,64 @@ class PackStore:
             (after, MAX_CHAIN, limit))]
 
 
-class Batch(NamedTuple):
-    """Pieces of a part to store together, and what they are."""
+class Piece(NamedTuple):
+    """A chunk's bytes as a save cuts them, and where they come from."""
 
-    pieces: list[bytes | memoryview]
+    part: int  # the index of the part they belong to
+    data: bytes | memoryview
     itemsize: int  # numeric pieces: their byte-shuffle width; 0 for stream pieces
-    key: Any  # the run they belong to, for delta bases (see PackStore.put)
-    first: int  # the position of the first piece in that run
+    key: Any  # the run of pieces they belong to, for delta bases (see PackStore.put)
+    seq: int  # their position in that run
 
 
-def batches(part: Part) -> Iterator[Batch]:
-    """A part's chunk pieces a batch at a time: fixed-size for numbers (and for each
-    tensor of a safetensors file, from its own start), by content otherwise, and for
-    files read from disk as they go."""
+def store_batches(parts: list[Part]) -> Iterator[list[Piece]]:
+    """The parts' pieces a batch at a time, as ``PackStore.put`` stores them: numeric
+    pieces in runs that go on across parts; a stream part's own by two solid packs'
+    worth, one for each core to compress while the batch before is written."""
+    every = (piece for index, part in enumerate(parts) for piece in _pieces(index, part))
+    for stream, group in itertools.groupby(every, lambda p: p.part if p.itemsize == 0 else -1):
+        if stream >= 0:
+            yield from runs(group, _length, 4 * _BATCH, 2 * _chunks.SOLID_PACK)
+        else:
+            yield from runs(group, _length, _SAVE_BATCH)
+
+
+def _length(piece: Piece) -> int:
+    return len(piece.data)
+
+
+def _pieces(index: int, part: Part) -> Iterator[Piece]:
+    """A part's chunk pieces: fixed-size for numbers (and for each tensor of a
+    safetensors file, from its own start), by content otherwise, and for files read
+    from disk as they go."""
     if part.path is not None:
         with open(part.path, "rb") as f:
             if part.tensors is None:
-                yield from _stream_batches(_chunks.content_pieces(f))
+                yield from (Piece(index, piece, 0, None, 0)
+                            for piece in _chunks.content_pieces(f))
                 return
             header = f.read(part.header)
-            yield from _stream_batches(header[o:o + n]
-                                       for o, n in _chunks.content_cuts(memoryview(header)))
+            yield from (Piece(index, header[o:o + n], 0, None, 0)
+                        for o, n in _chunks.content_cuts(memoryview(header)))
             for tensor in part.tensors:
-                cuts = _chunks.fixed_cuts(tensor.size, tensor.itemsize)
-                pieces = (f.read(n) for _, n in cuts)
-                yield from _numeric_batches(pieces, tensor.itemsize, tensor.name)
+                itemsize = max(tensor.itemsize, 1)
+                for seq, (_, n) in enumerate(_chunks.fixed_cuts(tensor.size, tensor.itemsize)):
+                    yield Piece(index, f.read(n), itemsize, tensor.name, seq)
         return
-    assert part.data is not None
+    data = part.data
+    assert data is not None
     if part.kind in ("array", "buffer"):
-        cuts = _chunks.fixed_cuts(part.size, part.itemsize)
-        yield from _numeric_batches((part.data[o:o + n] for o, n in cuts), part.itemsize, None)
+        itemsize = max(part.itemsize, 1)
+        yield from (Piece(index, data[o:o + n], itemsize, None, seq)
+                    for seq, (o, n) in enumerate(_chunks.fixed_cuts(part.size, part.itemsize)))
     else:
-        cuts = _chunks.content_cuts(part.data)
-        yield from _stream_batches(part.data[o:o + n] for o, n in cuts)
-
-
-def _numeric_batches(pieces: Iterable[bytes | memoryview], itemsize: int, key: Any
-                     ) -> Iterator[Batch]:
-    first = 0
-    for run in runs(pieces, len):
-        yield Batch(run, max(itemsize, 1), key, first)
-        first += len(run)
-
-
-def _stream_batches(pieces: Iterable[bytes | memoryview]) -> Iterator[Batch]:
-    # Stream chunks (~80 KiB) go by the two solid packs' worth: one for each core to
-    # compress while the batch before is written.
-    for run in runs(pieces, len, 4 * _BATCH, 2 * _chunks.SOLID_PACK):
-        yield Batch(run, 0, None, 0)
+        yield from (Piece(index, data[o:o + n], 0, None, 0)
+                    for o, n in _chunks.content_cuts(data))
 
 
 def tensor_runs(part: Part) -> list[list[Any]] | None:
     """For a safetensors file part, each tensor's [name, dtype, shape, first chunk,
-    number of chunks] in the part's chunk list, as ``batches`` will cut it; else None."""
+    number of chunks] in the part's chunk list, as ``_pieces`` cuts it; else None."""
     if part.tensors is None or part.path is None:
         return None
     with open(part.path, "rb") as f:
@@ -682,6 +717,14 @@ def _job(row: ChunkRow, by_id: dict[int, ChunkRow], packs: dict[int, bytes | str
         else:
             base = _job(by_id[row.base_id], by_id, packs, raw, depth + 1)
     return Job(row.hash, row.size, row.codec, row.itemsize, stored, base)
+
+
+def _hash(piece: Piece) -> str:
+    return _chunks.chunk_hash(piece.data)
+
+
+def _encode_all(tasks: list[tuple[memoryview, int, np.ndarray | None]]) -> list[Encoded]:
+    return [_encode(task) for task in tasks]
 
 
 def _encode(task: tuple[memoryview, int, np.ndarray | None]) -> Encoded:
