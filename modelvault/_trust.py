@@ -15,16 +15,14 @@ key-pair signature would vouch for them to everyone who trusts the new public ke
 
 from __future__ import annotations
 
-import getpass
+# hmac, pickletools, getpass and socket are imported by the functions that use them:
+# a load that checks a signature needs none of them.
 import hashlib
-import hmac
 import io
 import json
 import os
 import pickle
-import pickletools
 import re
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -126,6 +124,9 @@ def format_public(public: bytes, name: str) -> str:
 
 def default_name() -> str:
     """The name an exported key suggests: user@host, made a valid key name."""
+    import getpass
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -322,6 +323,8 @@ def parse_key(text: str) -> bytes:
 
 
 def hmac_sign(key: bytes, manifest: Manifest) -> str:
+    import hmac
+
     return hmac.new(key, manifest.document(), hashlib.sha256).hexdigest()
 
 
@@ -417,6 +420,8 @@ def signature_status(manifest: Manifest, kid: object, signature: object,
             except InvalidSignature:
                 ok = False
         else:
+            import hmac
+
             ok = hmac.compare_digest(hmac_sign(key.secret, manifest), signature)
     except (TypeError, ValueError):
         ok = False
@@ -468,6 +473,8 @@ def pickle_imports(stream: bytes) -> list[str]:
     Nothing is executed. STACK_GLOBAL takes its two names from the stack, so the
     strings pushed (directly or through the memo) are tracked well enough to name them.
     """
+    import pickletools
+
     found: list[str] = []
     strings: list[Any] = []  # recent values pushed, strings or None for anything else
     memo: dict[Any, Any] = {}
