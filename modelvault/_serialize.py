@@ -18,7 +18,6 @@ import io
 import itertools
 import json
 import math
-import pickle
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -240,6 +239,8 @@ def array_part(array: np.ndarray) -> Part:
 
 
 def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
+    import pickle  # here, as in unpickle: `import modelvault` and loads of arrays need none
+
     buffers: list[Part] = []
 
     def keep_in_band(buffer: pickle.PickleBuffer) -> bool:
@@ -568,6 +569,8 @@ def import_torch() -> Any:
 def unpickle(layout: Any, parts: Sequence[tuple[Any, np.ndarray]], device: Any = None
              ) -> Any:
     """Inverse of ``_pickle``: runs the stream's code, so only for trusted versions."""
+    import pickle
+
     stream = parts[layout["pickle"]][1]
     buffers = [parts[i][1] for i in layout["buffers"]]
     storages = layout.get("storages")

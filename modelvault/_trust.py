@@ -15,13 +15,12 @@ key-pair signature would vouch for them to everyone who trusts the new public ke
 
 from __future__ import annotations
 
-# hmac, pickletools, getpass and socket are imported by the functions that use them:
-# a load that checks a signature needs none of them.
+# hmac, pickle, pickletools, getpass and socket are imported by the functions that use
+# them: a load that checks a signature needs none of them.
 import hashlib
 import io
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -531,19 +530,6 @@ class _Stub:
         pass
 
 
-class _Recorder(pickle.Unpickler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.found: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> type:
-        self.found.add(f"{module}.{name}")
-        return _Stub
-
-    def persistent_load(self, pid: Any) -> Any:  # a tensor storage taken out of the stream
-        return _Stub()
-
-
 def own_pickle_imports(stream: bytes, buffers: list[Any]) -> list[str]:
     """``pickle_imports`` for a stream we just wrote from a live object, at C speed.
 
@@ -551,9 +537,20 @@ def own_pickle_imports(stream: bytes, buffers: list[Any]) -> list[str]:
     our own code runs; on 20 MB of forest that takes a few milliseconds where reading
     the opcodes in Python takes 40. Anything unusual falls back to reading the opcodes.
     """
-    recorder = _Recorder(io.BytesIO(stream), buffers=buffers)
+    import pickle
+
+    found: set[str] = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> type:
+            found.add(f"{module}.{name}")
+            return _Stub
+
+        def persistent_load(self, pid: Any) -> Any:  # a tensor storage taken out of the stream
+            return _Stub()
+
     try:
-        recorder.load()
+        Recorder(io.BytesIO(stream), buffers=buffers).load()
     except Exception:
         return pickle_imports(stream)
-    return sorted(recorder.found)
+    return sorted(found)
