@@ -28,16 +28,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
-from ._records import (
-    MergeReport,
-    ModelInfo,
-    ModelVersion,
-    Problem,
-    PushReport,
-    RemoteGcReport,
-    RemoteVersion,
-    VaultStats,
-)
+from ._records import ModelInfo, ModelVersion, Problem, VaultStats
 from ._vault import Vault
 from ._version import __version__ as __version__
 
@@ -115,7 +106,8 @@ def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None,
 # Imported when first asked for: `import modelvault` stays quick for the scripts and apps
 # that only load (Remote would bring obstore and the network stack).
 _LATER = {"Changes": "_diff", "Diff": "_diff", "EntryChange": "_diff", "Remote": "_remote",
-          "SelftestResult": "_selftest"}
+          "SelftestResult": "_selftest", "MergeReport": "_reports", "PushReport": "_reports",
+          "RemoteGcReport": "_reports", "RemoteVersion": "_reports"}
 
 
 def __getattr__(name: str) -> Any:

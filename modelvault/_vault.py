@@ -39,7 +39,7 @@ from ._refs import as_ref as _as_ref
 # process that opens a vault to load pays for none of it.
 if TYPE_CHECKING:
     from . import _diff, _selftest
-    from ._records import MergeReport, PushReport
+    from ._reports import MergeReport, PushReport
     from ._writer import Writer
 
 class Vault:
