@@ -15,9 +15,9 @@ key-pair signature would vouch for them to everyone who trusts the new public ke
 
 from __future__ import annotations
 
-# hmac, pickle, pickletools, getpass and socket are imported by the functions that use
-# them: a load that checks a signature needs none of them.
-import hashlib
+# hashlib, hmac, pickle, pickletools, getpass and socket are imported by the functions
+# that use them: `import modelvault` needs none of them, a load that checks a signature
+# only hashlib.
 import io
 import json
 import os
@@ -68,6 +68,8 @@ def _read(path: Path) -> str | None:
 
 def public_key_id(public: bytes) -> str:
     """A short public name of a public key (its fingerprint), stored with each signature."""
+    import hashlib
+
     return hashlib.sha256(b"modelvault public key" + public).hexdigest()[:16]
 
 
@@ -294,6 +296,8 @@ def untrust(name: str) -> TrustedKey:
 
 def key_id(key: bytes) -> str:
     """A short public name for a legacy HMAC secret, stored next to its signatures."""
+    import hashlib
+
     return hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
 
 
@@ -322,6 +326,7 @@ def parse_key(text: str) -> bytes:
 
 
 def hmac_sign(key: bytes, manifest: Manifest) -> str:
+    import hashlib
     import hmac
 
     return hmac.new(key, manifest.document(), hashlib.sha256).hexdigest()
