@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._diff import Changes, Diff, EntryChange
 from ._errors import (
     CorruptVaultError,
     DamagedVaultWarning,
@@ -29,17 +28,7 @@ from ._errors import (
     UntrustedError,
     VaultError,
 )
-from ._records import (
-    MergeReport,
-    ModelInfo,
-    ModelVersion,
-    Problem,
-    PushReport,
-    RemoteGcReport,
-    RemoteVersion,
-    VaultStats,
-)
-from ._selftest import SelftestResult
+from ._records import ModelInfo, ModelVersion, Problem, VaultStats
 from ._vault import Vault
 from ._version import __version__ as __version__
 
@@ -114,11 +103,22 @@ def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None,
     return Vault(path, create=False)
 
 
-def __getattr__(name: str) -> Any:
-    # Remote is imported when first asked for: `import modelvault` stays quick for the
-    # scripts and apps that only load.
-    if name == "Remote":
-        from ._remote import Remote
+# Imported when first asked for: `import modelvault` stays quick for the scripts and apps
+# that only load (Remote would bring obstore and the network stack).
+_LATER = {"Changes": "_diff", "Diff": "_diff", "EntryChange": "_diff", "Remote": "_remote",
+          "SelftestResult": "_selftest", "MergeReport": "_reports", "PushReport": "_reports",
+          "RemoteGcReport": "_reports", "RemoteVersion": "_reports"}
 
-        return Remote
+
+def __getattr__(name: str) -> Any:
+    if name in _LATER:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LATER[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'modelvault' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LATER})

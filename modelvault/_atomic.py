@@ -7,10 +7,9 @@ What goes inside those files is left to ``_schema``, the copier and ``_trust``.
 
 from __future__ import annotations
 
-import glob
+# glob, socket and shutil are imported by the functions that use them: opening a vault
+# that exists needs none of them.
 import os
-import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -22,6 +21,9 @@ def scratch_path(path: Path, suffix: str) -> Path:
     deleted first, with their journals; another host's (seen through a synced folder)
     are left alone, since its process may still be writing.
     """
+    import glob
+    import socket
+
     prefix = f".{path.name}.{socket.gethostname()}."
     # "." + prefix: the scratch file a scratch file was itself created in (a vault
     # exported to DEST is created in DEST's scratch file, which is created in its own).
@@ -67,6 +69,8 @@ def place(built: Path, path: Path, *, mode: int = 0o666) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         return
+    import shutil
+
     with os.fdopen(fd, "wb") as out, open(built, "rb") as source:
         shutil.copyfileobj(source, out)
         out.flush()

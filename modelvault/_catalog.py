@@ -321,22 +321,23 @@ class Catalog:
         if not rows:
             return []
         db = self._connection.db
-        tags: dict[int, dict[str, str]] = {r[0]: {} for r in rows}
-        aliases: dict[int, list[str]] = {r[0]: [] for r in rows}
-        ids = list(tags)
+        # Only the versions that have tags or aliases get an entry: most have none.
+        tags: dict[int, dict[str, str]] = {}
+        alias_lists: dict[int, list[str]] = {}
+        ids = [r[0] for r in rows]
         # Few versions: look up theirs (in groups, under SQLite's variable limit);
-        # many: one pass over the tables beats a thousand lookups.
+        # many: one pass over the tables beats a thousand lookups (the rows of versions
+        # not listed are never asked for).
         groups = [ids[i:i + 500] for i in range(0, len(ids), 500)] if len(ids) <= 2000 else [[]]
         for some in groups:
             where = f"WHERE version_id IN ({','.join('?' * len(some))})" if some else ""
             for vid, key, value in db.execute(
                     f"SELECT version_id, key, value FROM tags {where} ORDER BY key", some):
-                if vid in tags:
-                    tags[vid][key] = value
+                tags.setdefault(vid, {})[key] = value
             for vid, alias in db.execute(
                     f"SELECT version_id, alias FROM aliases {where} ORDER BY alias", some):
-                if vid in aliases:
-                    aliases[vid].append(alias)
+                alias_lists.setdefault(vid, []).append(alias)
+        aliases = {vid: tuple(found) for vid, found in alias_lists.items()}
         # Names and environments are shared by many versions: one string each, not one
         # per version; for a few records, only theirs (a save returns one record).
         names: dict[int, str] = {}
@@ -353,11 +354,13 @@ class Catalog:
             raise CorruptVaultError(f"{self._connection.path}: vault file is damaged (a "
                                     "version's model or number is missing or not what "
                                     "modelvault writes)")
-        make, columns = ModelVersion._make, Columns._make
+        # tuple.__new__ is Columns._make without its Python-level call and length check
+        # (the tuple display has its seven fields).
+        make, new = ModelVersion._make, tuple.__new__
         return [make(names[model_id], version, uuid_, digest, parse_time(created_at), size,
-                     added, kind, tags[vid], tuple(aliases[vid]), description,
-                     columns((created_at, metadata, environments.get(env_id), key_id,
-                              signature, parent, source)))
+                     added, kind, tags.get(vid) or {}, aliases.get(vid, ()), description,
+                     new(Columns, (created_at, metadata, environments.get(env_id), key_id,
+                                   signature, parent, source)))
                 for (vid, model_id, version, uuid_, digest, created_at, size, added, kind,
                      description, metadata, env_id, key_id, signature, parent, source) in rows]
 

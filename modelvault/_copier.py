@@ -26,8 +26,8 @@ from ._errors import DamagedVaultWarning, IntegrityError, NotFoundError, Untrust
 from ._gc import collect_garbage
 from ._guard import translated
 from ._packs import PackStore
-from ._records import MergeReport
 from ._refs import check_alias, check_name
+from ._reports import MergeReport
 from ._verify import verify
 
 

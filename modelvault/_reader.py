@@ -12,26 +12,14 @@ from __future__ import annotations
 
 import collections
 import os
-import secrets
 import sqlite3
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import (
-    _environment,
-    _files,
-    _frameworks,
-    _json,
-    _limits,
-    _pickle_tensors,
-    _pins,
-    _serialize,
-    _trust,
-)
+from . import _json, _limits, _pins, _serialize, _trust
 from ._catalog import FILE_KINDS, Catalog, Contents, VersionRow, model_contents
 from ._chunks import np
 from ._connection import Connection
@@ -43,9 +31,16 @@ from ._errors import (
     VaultError,
 )
 from ._guard import api, snapshot
+from ._lazy import lazy
 from ._mapping import LazyVersion
 from ._packs import ChunkRow, PackStore, batch_views
 from ._progress import progress
+
+# Only some kinds of version need these: a load of arrays imports none of them.
+_environment = lazy("modelvault._environment")
+_files = lazy("modelvault._files")
+_frameworks = lazy("modelvault._frameworks")
+_pickle_tensors = lazy("modelvault._pickle_tensors")
 
 
 class Reader:
@@ -170,7 +165,7 @@ class Reader:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # Written batch by batch (a checkpoint need not fit in memory) to a side
                 # file, renamed only once every chunk checked out: no half-written model.
-                partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+                partial = target.with_name(f".{target.name}.{os.urandom(6).hex()}.partial")
                 try:
                     # Created as open() creates files (0666 less the umask), then given
                     # the recorded bits, if any.
@@ -364,6 +359,8 @@ def _rebuild(row: VersionRow, parts: list[tuple[Any, np.ndarray]], device: Any) 
         if row.kind == "framework":
             if [p.name for p, _ in parts] != layout.get("files"):
                 raise ValueError("its files are not the ones its layout lists")
+            import tempfile
+
             with tempfile.TemporaryDirectory(prefix="modelvault-") as folder:
                 paths = _files.safe_relative_paths(part.name for part, _ in parts)
                 for (_, buffer), path in zip(parts, paths, strict=True):

@@ -371,7 +371,11 @@ def _create(path: Path) -> None:
             conn.execute(f"PRAGMA page_size = {SMALL_PAGE}")
             # Lets gc() return freed pages to the file system without a full VACUUM copy.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            conn.execute("PRAGMA journal_mode = DELETE")
+            # No journal and no syncs while it is built: nobody sees the scratch file, a
+            # failed build is deleted, and the one fsync below makes it durable before it
+            # is put into place (the journal mode is not stored in the file).
+            conn.execute("PRAGMA journal_mode = OFF")
+            conn.execute("PRAGMA synchronous = OFF")
             conn.execute("BEGIN")
             for statement in ddl(FORMAT_VERSION).split(";"):
                 if statement.strip():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import io
-import pickle
 import reprlib
 import sys
 import warnings
@@ -212,6 +211,8 @@ def dumps(obj: Any, base: type, buffer_callback: Any) -> tuple[bytes, list[tuple
 
 def loads(stream: Any, buffers: list[Any], storages: list[Any], device: Any) -> Any:
     """Unpickle a stream ``dumps`` wrote; ``storages`` are the storages' part buffers."""
+    import pickle
+
     import torch
 
     made: dict[int, Any] = {}

@@ -15,16 +15,13 @@ key-pair signature would vouch for them to everyone who trusts the new public ke
 
 from __future__ import annotations
 
-import getpass
-import hashlib
-import hmac
+# hashlib, hmac, pickle, pickletools, getpass and socket are imported by the functions
+# that use them: `import modelvault` needs none of them, a load that checks a signature
+# only hashlib.
 import io
 import json
 import os
-import pickle
-import pickletools
 import re
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -71,6 +68,8 @@ def _read(path: Path) -> str | None:
 
 def public_key_id(public: bytes) -> str:
     """A short public name of a public key (its fingerprint), stored with each signature."""
+    import hashlib
+
     return hashlib.sha256(b"modelvault public key" + public).hexdigest()[:16]
 
 
@@ -126,6 +125,9 @@ def format_public(public: bytes, name: str) -> str:
 
 def default_name() -> str:
     """The name an exported key suggests: user@host, made a valid key name."""
+    import getpass
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -294,6 +296,8 @@ def untrust(name: str) -> TrustedKey:
 
 def key_id(key: bytes) -> str:
     """A short public name for a legacy HMAC secret, stored next to its signatures."""
+    import hashlib
+
     return hashlib.sha256(b"modelvault key id" + key).hexdigest()[:16]
 
 
@@ -322,6 +326,9 @@ def parse_key(text: str) -> bytes:
 
 
 def hmac_sign(key: bytes, manifest: Manifest) -> str:
+    import hashlib
+    import hmac
+
     return hmac.new(key, manifest.document(), hashlib.sha256).hexdigest()
 
 
@@ -417,6 +424,8 @@ def signature_status(manifest: Manifest, kid: object, signature: object,
             except InvalidSignature:
                 ok = False
         else:
+            import hmac
+
             ok = hmac.compare_digest(hmac_sign(key.secret, manifest), signature)
     except (TypeError, ValueError):
         ok = False
@@ -468,6 +477,8 @@ def pickle_imports(stream: bytes) -> list[str]:
     Nothing is executed. STACK_GLOBAL takes its two names from the stack, so the
     strings pushed (directly or through the memo) are tracked well enough to name them.
     """
+    import pickletools
+
     found: list[str] = []
     strings: list[Any] = []  # recent values pushed, strings or None for anything else
     memo: dict[Any, Any] = {}
@@ -524,19 +535,6 @@ class _Stub:
         pass
 
 
-class _Recorder(pickle.Unpickler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.found: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> type:
-        self.found.add(f"{module}.{name}")
-        return _Stub
-
-    def persistent_load(self, pid: Any) -> Any:  # a tensor storage taken out of the stream
-        return _Stub()
-
-
 def own_pickle_imports(stream: bytes, buffers: list[Any]) -> list[str]:
     """``pickle_imports`` for a stream we just wrote from a live object, at C speed.
 
@@ -544,9 +542,20 @@ def own_pickle_imports(stream: bytes, buffers: list[Any]) -> list[str]:
     our own code runs; on 20 MB of forest that takes a few milliseconds where reading
     the opcodes in Python takes 40. Anything unusual falls back to reading the opcodes.
     """
-    recorder = _Recorder(io.BytesIO(stream), buffers=buffers)
+    import pickle
+
+    found: set[str] = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> type:
+            found.add(f"{module}.{name}")
+            return _Stub
+
+        def persistent_load(self, pid: Any) -> Any:  # a tensor storage taken out of the stream
+            return _Stub()
+
     try:
-        recorder.load()
+        Recorder(io.BytesIO(stream), buffers=buffers).load()
     except Exception:
         return pickle_imports(stream)
-    return sorted(recorder.found)
+    return sorted(found)

@@ -12,17 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import (
-    _copier,
-    _diff,
-    _gc,
-    _limits,
-    _selftest,
-    _trust,
-    _verify,
-)
+from . import _limits, _trust
 from ._catalog import (
     FILE_KINDS,
     Catalog,
@@ -35,17 +27,20 @@ from ._guard import api, snapshot
 from ._packs import PackStore
 from ._reader import Reader
 from ._records import (
-    MergeReport,
     ModelInfo,
     ModelVersion,
     Problem,
-    PushReport,
     VaultStats,
 )
 from ._refs import Ref, check_alias, check_name
 from ._refs import as_ref as _as_ref
-from ._writer import Writer, tag_changes
 
+# What only saves, merges, diffs, selftests, gc and verify use is imported by them: a
+# process that opens a vault to load pays for none of it.
+if TYPE_CHECKING:
+    from . import _diff, _selftest
+    from ._reports import MergeReport, PushReport
+    from ._writer import Writer
 
 class Vault:
     """A model store in one SQLite file.
@@ -202,6 +197,8 @@ class Vault:
                                          parent=parent, source=source, compress=compress)
 
     def _writer(self) -> Writer:
+        from ._writer import Writer
+
         return Writer(self._connection, self._catalog, self._packs,
                       max_expansion=self._reader.max_expansion, progress=self.progress)
 
@@ -299,6 +296,8 @@ class Vault:
         whether it passed, how many values differ and by how much; ``passed`` is None
         for a version saved without an example. Trust as for ``load``.
         """
+        from . import _selftest
+
         row = self._catalog.resolve(_as_ref(ref))
         return _selftest.run(self._reader, row, lambda: self.load(ref, trust=trust), trust)
 
@@ -316,6 +315,8 @@ class Vault:
 
         ValueError if the two are of different kinds (a pickle and an arrays version).
         """
+        from . import _diff
+
         return _diff.diff(self._connection, self._catalog, self._reader,
                           [_as_ref(a), _as_ref(b)])
 
@@ -367,6 +368,8 @@ class Vault:
         >>> vault.tag("demo:1", stage="prod").tags
         {'stage': 'prod'}
         """
+        from ._writer import tag_changes
+
         items = tag_changes({**(tags or {}), **more})
         with self._connection.write():
             row = self._catalog.resolve(_as_ref(ref))
@@ -407,8 +410,10 @@ class Vault:
         with self._connection.read():
             ids = None if refs is None else sorted(
                 {self._catalog.resolve(_as_ref(ref)).id for ref in refs})
-        return _copier.export(self._connection, self._catalog, self._packs, dest, ids,
-                              skip_damaged=skip_damaged)
+        from ._copier import export
+
+        return export(self._connection, self._catalog, self._packs, dest, ids,
+                      skip_damaged=skip_damaged)
 
     @api
     def merge(self, other: str | os.PathLike[str] | Vault) -> MergeReport:
@@ -431,8 +436,9 @@ class Vault:
         source = Path(other.path if isinstance(other, Vault) else other)
         if source.exists() and os.path.samefile(source, self.path):  # hard links too
             raise ValueError(f"{source} is the vault itself; merge another file into it")
-        return _copier.merge(self._connection, self._catalog, self._packs, source,
-                             self.require)
+        from ._copier import merge
+
+        return merge(self._connection, self._catalog, self._packs, source, self.require)
 
     @api
     def push(self, url: str, refs: Sequence[str | ModelVersion] | None = None, *,
@@ -537,7 +543,9 @@ class Vault:
         does every chunk a lazy mapping (``load(..., lazy=True)``) open in any process
         may still read.
         """
-        return _gc.collect_garbage(self._connection, self._catalog, self._packs)
+        from ._gc import collect_garbage
+
+        return collect_garbage(self._connection, self._catalog, self._packs)
 
     @api
     @snapshot
@@ -547,7 +555,9 @@ class Vault:
         >>> vault.verify()
         []
         """
-        return _verify.verify(self._connection, self._catalog, self._packs)
+        from ._verify import verify
+
+        return verify(self._connection, self._catalog, self._packs)
 
     @api
     @snapshot

@@ -109,17 +109,13 @@ class Writer:
         # of, decides which package versions the environment records.
         def imports() -> list[str]:
             if kind == "pickle":  # and cloudpickle, which pickled it
-                stream = model_parts[0].data
-                return [*_trust.own_pickle_imports(
-                    stream.obj if isinstance(stream.obj, bytes) else bytes(stream),
-                    [p.data for p in model_parts[1:]]), "cloudpickle"]
+                return [*(model_parts[0].imports or []), "cloudpickle"]
             if kind == "arrays":
                 return _serialize.native_imports(model_layout, model_parts)
             return [model_layout["class"]] if kind == "framework" else []
 
-        # What the pickle imports (a replay of its stream: ~10 ms for a 20 MB forest) and
-        # the first capture in a process (it reads every installed package's metadata,
-        # ~0.3 s with many installed) are done beside the chunking.
+        # The first capture in a process (it reads every installed package's metadata,
+        # ~0.3 s with many installed) is done beside the chunking.
         environment = _Background(
             lambda: json.dumps(_environment.capture(imports()), sort_keys=True))
         origin = _Background(lambda: json.dumps(

@@ -328,6 +328,35 @@ def test_large_buffers_in_custom_objects_round_trip_writable(vault):
     assert vault.get("pickled:1").size > weights.nbytes
 
 
+def test_a_class_of_the_saving_script_loads_where_the_script_is_not(vault_path, tmp_path):
+    # Pickled by reference, the instance would name __main__.Thing, which a process
+    # running another script cannot find: it is pickled by value instead.
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import modelvault
+
+        class Thing:
+            def __init__(self):
+                self.weights = list(range(5))
+
+            def answer(self):
+                return sum(self.weights)
+
+        modelvault.save(sys.argv[1], "thing", Thing())
+    """))
+    source = str(Path(modelvault.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [source, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    subprocess.run([sys.executable, str(script), str(vault_path)], env=env, check=True)
+    assert modelvault.load(vault_path, "thing", trust=True).answer() == 10
+
+
 def test_a_model_pickle_refuses_names_what_in_it_is_refused(vault, vault_path):
     import threading
 

@@ -19,8 +19,8 @@ from typing import Any
 from .. import _json
 from .._catalog import check_number, now, parse_time
 from .._errors import IntegrityError, NotFoundError, RemoteError
-from .._records import RemoteVersion
 from .._refs import UUID, check_alias, check_name, parse_ref
+from .._reports import RemoteVersion
 from ._store import HASH, Store, dumps, limit
 
 CHECKPOINT_EVERY = 100  # log entries between checkpoints of the replayed state

@@ -31,8 +31,8 @@ from .._errors import (
 )
 from .._packs import ChunkRow
 from .._progress import progress
-from .._records import MergeReport
 from .._refs import Ref
+from .._reports import MergeReport
 from ._log import State
 from ._names import locked
 from ._objects import by_object, spans

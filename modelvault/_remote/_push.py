@@ -15,8 +15,8 @@ from .. import _chunks, _pins
 from .._catalog import VersionRow
 from .._errors import IntegrityError, RemoteError
 from .._progress import progress
-from .._records import PushReport
 from .._refs import Ref
+from .._reports import PushReport
 from ._log import State
 from ._objects import PackWriter, Placed, Sent, by_object, spans
 from ._remote import FORMAT, PART_FIELDS, VERSION_FIELDS, Local, Remote

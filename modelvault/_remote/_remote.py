@@ -21,7 +21,7 @@ from .._catalog import Catalog
 from .._connection import Connection
 from .._errors import IntegrityError, NotFoundError, RemoteError
 from .._packs import PackStore
-from .._records import RemoteGcReport, RemoteVersion
+from .._reports import RemoteGcReport, RemoteVersion
 from ._log import Log, State
 from ._objects import PackObjects
 from ._store import Store, dumps

@@ -1,0 +1,76 @@
+"""What merge, push, pull and a remote's gc report: frozen dataclasses, as the records.
+
+Apart from ``_records``: only those operations make them, and ``import modelvault``
+need not build their classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._records import ModelVersion
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What ``Vault.merge`` did: versions brought in, numbers changed, conflicts left."""
+
+    added: tuple[ModelVersion, ...]  # the versions brought in, as numbered here
+    renumbered: tuple[tuple[str, int, int], ...]  # (name, number there, number here)
+    conflicts: tuple[str, ...]  # aliases and tags that differ, kept as they are here
+
+    def __str__(self) -> str:
+        lines = [f"added {len(self.added)} version(s)"
+                 + (f", {len(self.renumbered)} renumbered" if self.renumbered else "")
+                 + (f", {len(self.conflicts)} conflict(s) kept as they are here"
+                    if self.conflicts else "")]
+        lines += [f"  {name}:{old} is {name}:{new} here" for name, old, new in self.renumbered]
+        lines += [f"  conflict: {c}" for c in self.conflicts]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RemoteVersion:
+    """A version on a remote, as its log tells it (no weights read)."""
+
+    name: str
+    version: int
+    id: str  # the version's uuid, as ModelVersion.id
+    created_at: str  # ISO 8601, UTC
+    kind: str
+    size: int  # raw bytes of the model
+    aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What ``Vault.push`` did: versions added to the remote (numbered there), and the
+    chunks and bytes uploaded for them (only those the remote lacked)."""
+
+    added: tuple[RemoteVersion, ...]
+    chunks: int
+    uploaded_bytes: int
+
+    def __str__(self) -> str:
+        lines = [f"pushed {len(self.added)} version(s): {self.chunks} chunk(s), "
+                 f"{self.uploaded_bytes:,} bytes uploaded"]
+        lines += [f"  {v.ref}" for v in self.added]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RemoteGcReport:
+    """What a remote gc deleted: objects (pack objects, indexes, manifests) and bytes."""
+
+    objects: int
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"deleted {self.objects} object(s), {self.bytes:,} bytes"
