@@ -12,50 +12,39 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from . import _chunks, _pins, _schema
+from . import _chunks, _pins
 from ._chunks import np
 from ._connection import Connection
-from ._errors import IntegrityError
 from ._serialize import Part
+from ._unpack import (
+    BATCH,
+    CHUNK_COLUMNS,
+    MAX_CHAIN,
+    BadChunk,
+    ChunkReader,
+    ChunkRow,
+    batch_views,
+    chain_length,
+    decode,
+    decode_checked,
+    runs,
+)
 
-# Chunks are hashed, looked up and encoded at most this many, and this many raw
-# bytes, at a time: enough work per batch to keep both cores busy, little memory in
-# flight (two batches while one is encoded and the one before is written).
-_BATCH = 64
-_BATCH_BYTES = 16 * 1024 * 1024
+__all__ = ["CHUNK_COLUMNS", "BadChunk", "ChunkRow", "PackStore", "batch_views"]
+
 # A save's array chunks go by more: a batch ends its last pack short, and a model's
 # small tensors (biases, norms: a few KiB each) would fill a batch with little work.
 _SAVE_BATCH = 1024
 # A delta chunk is at most this many XORs away from a chunk stored whole, so a load
 # never decodes more than DELTA_DEPTH + 1 chunks per chunk; the next version in a
-# long fine-tune series starts a new chain. Readers refuse chains beyond MAX_CHAIN.
+# long fine-tune series starts a new chain (readers accept up to MAX_CHAIN).
 DELTA_DEPTH = 4
-MAX_CHAIN = 16
 # A delta at most this fraction of the raw chunk is kept without also trying the chunk
 # alone (XOR against a parent with a few changed rows: nearly all zeros).
 _DELTA_SURE = 1 / 16
-
-
-class ChunkRow(NamedTuple):
-    """A row of the chunks table. ``hash`` is None for a chunk a version lists and the
-    vault lacks (see ``Catalog.contents``)."""
-
-    id: int
-    hash: str | None
-    size: int
-    codec: str
-    itemsize: int
-    base_id: int | None
-    pack_id: int
-    start: int
-    length: int
-
-
-CHUNK_COLUMNS = ", ".join(f"c.{column}" for column in ChunkRow._fields)
 
 
 def live_chunks(also: str = "") -> str:
@@ -81,27 +70,6 @@ listed(pack_id, bytes) AS (
 SELECT total(min(listed.bytes, p.size) * CAST(length(p.data) AS REAL) / max(p.size, 1))
 FROM listed JOIN packs p ON p.id = listed.pack_id
 """
-
-
-class Slice(NamedTuple):
-    """Where a chunk's stored bytes lie in a pack stored raw: read on a worker thread
-    (``Connection.read_slice``), not fetched with the whole pack."""
-
-    pack_id: int
-    start: int
-    length: int
-
-
-class Job(NamedTuple):
-    """What decoding one chunk takes: its row's fields, its stored bytes (where they lie,
-    or what is wrong with them), and its delta base's job."""
-
-    hash: str
-    size: int
-    codec: str
-    itemsize: int
-    stored: memoryview | Slice | str
-    base: Job | None
 
 
 class NewChunk(NamedTuple):
@@ -134,17 +102,15 @@ class Stored(NamedTuple):
 Bases = dict[Any, list[ChunkRow]]
 
 
-class BadChunk(NamedTuple):
-    id: int
-    hash: str
-    problem: str
-
-
 class PackStore:
     """The chunks and packs of one vault, reached through its connection."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self._reader = ChunkReader(connection)
+        # Chunks out, hash-checked: see _unpack.
+        self.read = self._reader.read
+        self.bad_chunks = self._reader.bad_chunks
 
     # -- putting chunks in -------------------------------------------------------------
 
@@ -278,10 +244,10 @@ class PackStore:
         # same chunk many times, and two tasks decoding a delta into one buffer at once
         # would interleave their XORs and leave it wrong.
         rows = list({r.id: r for r in rows}.values())
-        usable = [(r.id, job) for r, job in zip(rows, self._jobs(rows), strict=True)
-                  if _chain_length(job) < DELTA_DEPTH]
+        usable = [(r.id, job) for r, job in zip(rows, self._reader.jobs(rows), strict=True)
+                  if chain_length(job) < DELTA_DEPTH]
         outs = {cid: np.empty(job.size, dtype=np.uint8) for cid, job in usable}
-        errors = self._connection.map(_decode_checked, [(memoryview(outs[cid]), job, None)
+        errors = self._connection.map(decode_checked, [(memoryview(outs[cid]), job, None)
                                                         for cid, job in usable])
         return {cid: outs[cid] for (cid, _), error in zip(usable, errors, strict=True)
                 if error is None}
@@ -360,113 +326,6 @@ class PackStore:
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         return [(pack_id, start) for start in starts]
 
-    # -- reading chunks out ------------------------------------------------------------
-
-    def read(self, pieces: Iterable[tuple[ChunkRow, memoryview]],
-             advance: Callable[[int], Any],
-             done: Callable[[list[memoryview]], Any] | None = None) -> None:
-        """Decode chunks into their views, each one's hash checked; IntegrityError naming
-        the first chunk that fails (inside a read transaction).
-
-        Works in batches: the pool reads and decodes one batch while the next is looked up.
-        Chunks of raw packs (numbers) are read by the worker threads themselves, each just
-        its own bytes; a chunk that fails that way is read again through this connection,
-        whose error is the one reported. ``done`` gets each batch's views once they hold
-        their bytes, in order.
-        """
-        connection = self._connection
-        sliced = connection.slices
-        pending: tuple[list[tuple[ChunkRow, memoryview]], Callable[[], list[Any]]] | None = None
-        packs: dict[int, bytes | str] = {}
-
-        def finish(batch: list[tuple[ChunkRow, memoryview]],
-                   results: Callable[[], list[Any]]) -> None:
-            outcome = results()
-            errors = [error for error in outcome if error is not None]
-            if errors and sliced:  # read again, each whole pack through this connection
-                failed = [piece for piece, error in zip(batch, outcome, strict=True)
-                          if error is not None]
-                jobs = self._jobs([chunk for chunk, _ in failed], {})
-                errors = [error for error in connection.map(_decode_checked, [
-                    (view, job, None) for (_, view), job in zip(failed, jobs, strict=True)])
-                    if error is not None]
-            if errors:
-                hash, problem = errors[0]
-                raise IntegrityError(f"chunk {hash} {problem}", chunk=hash)
-            views = [view for _, view in batch]
-            advance(sum(len(v) for v in views))
-            if done is not None:
-                done(views)
-
-        for batch in runs(pieces, lambda piece: piece[0].size):
-            jobs = self._jobs([chunk for chunk, _ in batch], packs, sliced=sliced)
-            started = (batch, connection.submit(_decode_checked, [
-                (view, job, connection.read_slice)
-                for (_, view), job in zip(batch, jobs, strict=True)]))
-            if pending is not None:
-                finish(*pending)
-            pending = started
-        if pending is not None:
-            finish(*pending)
-
-    def _jobs(self, rows: Sequence[ChunkRow], packs: dict[int, bytes | str] | None = None,
-              *, sliced: bool = False) -> list[Job]:
-        """Decoding jobs for chunk rows, with their bases' rows and the packs' bytes
-        fetched (or, if ``sliced``, where the chunks of raw packs lie). ``packs`` caches
-        pack bytes across calls (a pack often spans two batches)."""
-        db = self._connection.db
-        by_id = {r.id: r for r in rows}
-        wanted = {r.base_id for r in rows if r.base_id is not None} - by_id.keys()
-        for _ in range(MAX_CHAIN):
-            if not wanted:
-                break
-            ids = sorted(wanted)
-            found = [ChunkRow._make(r) for r in db.execute(
-                f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
-                f"({','.join('?' * len(ids))})", ids)]
-            by_id.update((r.id, r) for r in found)
-            wanted = {r.base_id for r in found if r.base_id is not None} - by_id.keys()
-        cache = packs if packs is not None else {}
-        used = {r.pack_id for r in by_id.values() if type(r.pack_id) is int}
-        # A raw pack's chunks are sliced where they lie: its size, not its bytes.
-        raw = self._raw_sizes(sorted(used - cache.keys())) if sliced else {}
-        fetched = {pack_id: self._pack_content(pack_id)
-                   for pack_id in sorted(used - cache.keys() - raw.keys())}
-        # Keep only this call's packs: the cache holds at most two batches' worth.
-        current = {pid: cache[pid] for pid in used if pid in cache}
-        current.update(fetched)
-        cache.clear()
-        cache.update(current)
-        return [_job(r, by_id, current, raw, 0) for r in rows]
-
-    def _raw_sizes(self, ids: list[int]) -> dict[int, int]:
-        """The stored sizes of the packs of ``ids`` stored raw and whole (size as declared).
-        Left out, to be fetched whole: compressed packs, and any whose row is damaged."""
-        found: dict[int, int] = {}
-        try:
-            for first in range(0, len(ids), 500):
-                some = ids[first:first + 500]
-                found.update((pid, size) for pid, size in self._connection.db.execute(
-                    "SELECT id, size FROM packs WHERE codec = 'raw' AND typeof(data) = 'blob' "
-                    f"AND length(data) = size AND id IN ({','.join('?' * len(some))})", some))
-        except sqlite3.DatabaseError as exc:
-            if not _schema.is_damage(exc):
-                raise
-            return {}
-        return found
-
-    def _pack_content(self, pack_id: int) -> bytes | str:
-        """A pack's content, or what is wrong with it: a pack on a damaged page (a file
-        cut short) fails only the chunks in it, not every chunk read with them."""
-        try:
-            row = self._connection.db.execute(
-                "SELECT codec, size, data FROM packs WHERE id = ?", (pack_id,)).fetchone()
-        except sqlite3.DatabaseError as exc:
-            if not _schema.is_damage(exc):
-                raise
-            return f"cannot be read: its page of the file is damaged ({exc})"
-        return "is missing" if row is None else _chunks.pack_content(*row)
-
     def chunks(self, where: str = "", params: Sequence[Any] = (), *, live: bool = False
                ) -> Iterator[ChunkRow]:
         """Chunk rows (``where`` filters ``chunks c``; only live ones if ``live``) in the
@@ -478,17 +337,6 @@ class PackStore:
             f"{'WHERE ' + condition if condition else ''} ORDER BY c.pack_id, c.start",
             params)
         return map(ChunkRow._make, cursor)
-
-    def bad_chunks(self, rows: Iterable[ChunkRow]) -> Iterator[BadChunk]:
-        """Decode chunk rows and check their hashes; yields each one that fails."""
-        packs: dict[int, bytes] = {}
-        for batch in runs(rows, lambda r: _chunks.check_size(r.size)):
-            tasks = [(memoryview(np.empty(_chunks.check_size(job.size), dtype=np.uint8)), job, None)
-                     for job in self._jobs(batch, packs)]
-            ids = {r.hash: r.id for r in batch}
-            for error in self._connection.map(_decode_checked, tasks):
-                if error is not None:
-                    yield BadChunk(ids[error[0]], error[0], error[1])
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -535,14 +383,14 @@ class PackStore:
         """Store the delta chunks ``ids`` whole, in new packs (chunks based on them are
         unaffected: a chunk's bytes stay the same however they are stored)."""
         db = self._connection.db
-        for first in range(0, len(ids), _BATCH):
-            some = ids[first:first + _BATCH]
+        for first in range(0, len(ids), BATCH):
+            some = ids[first:first + BATCH]
             batch = [ChunkRow._make(r) for r in db.execute(
                 f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
                 f"({','.join('?' * len(some))})", some)]
-            jobs = self._jobs(batch)
+            jobs = self._reader.jobs(batch)
             raws = [np.empty(job.size, dtype=np.uint8) for job in jobs]
-            self._connection.map(lambda task: _decode(*task, None),
+            self._connection.map(lambda task: decode(*task, None),
                                  zip(map(memoryview, raws), jobs, strict=True))
             encoded = self._connection.map(_encode, [(memoryview(raw), row.itemsize, None)
                                                      for raw, row in zip(raws, batch,
@@ -583,7 +431,7 @@ def store_batches(parts: list[Part]) -> Iterator[list[Piece]]:
     every = (piece for index, part in enumerate(parts) for piece in _pieces(index, part))
     for stream, group in itertools.groupby(every, lambda p: p.part if p.itemsize == 0 else -1):
         if stream >= 0:
-            yield from runs(group, _length, 4 * _BATCH, 2 * _chunks.SOLID_PACK)
+            yield from runs(group, _length, 4 * BATCH, 2 * _chunks.SOLID_PACK)
         else:
             yield from runs(group, _length, _SAVE_BATCH)
 
@@ -636,34 +484,6 @@ def tensor_runs(part: Part) -> list[list[Any]] | None:
     return found
 
 
-def batch_views(chunks: list[ChunkRow]) -> Iterator[tuple[ChunkRow, memoryview]]:
-    """(chunk, view) for a part's chunks, with a fresh buffer per batch (as ``runs`` cuts
-    them): a part streamed to a file is never held whole."""
-    for batch in runs(chunks, lambda c: c.size):
-        view, offset = memoryview(np.empty(sum(c.size for c in batch), dtype=np.uint8)), 0
-        for chunk in batch:
-            yield chunk, view[offset:offset + chunk.size]
-            offset += chunk.size
-
-
-def runs(items: Iterable[Any], size: Callable[[Any], int], count: int = _BATCH,
-         limit: int = _BATCH_BYTES) -> Iterator[list[Any]]:
-    """``items`` in lists of at most ``count`` items and, short of one item, ``limit`` bytes."""
-    run: list[Any] = []
-    total = 0
-    for item in items:
-        if run and total + size(item) > limit:
-            yield run
-            run, total = [], 0
-        run.append(item)
-        total += size(item)
-        if len(run) == count:
-            yield run
-            run, total = [], 0
-    if run:
-        yield run
-
-
 def _solid_groups(new: list[NewChunk]) -> list[list[NewChunk]]:
     """New stream chunks in consecutive groups of at most SOLID_PACK bytes (but for a
     single bigger chunk), as few and as even as that allows."""
@@ -679,44 +499,6 @@ def _solid_groups(new: list[NewChunk]) -> list[list[NewChunk]]:
         groups[-1].append(chunk)
         size += len(chunk.piece)
     return groups
-
-
-def _job(row: ChunkRow, by_id: dict[int, ChunkRow], packs: dict[int, bytes | str],
-         raw: dict[int, int], depth: int) -> Job:
-    """The decoding job for one chunk row, its base's inside.
-
-    A module function, not a closure: a closure that calls itself is a reference cycle,
-    which kept every batch's packs alive until the garbage collector ran (+260 MB at the
-    peak of a 400 MB load).
-    """
-    try:
-        _chunks.check_row(row.size, row.codec, row.itemsize, row.pack_id, row.start,
-                          row.length)
-    except IntegrityError as exc:
-        return Job(row.hash, row.size, row.codec, row.itemsize, str(exc), None)
-    pack = packs.get(row.pack_id)
-    stored: memoryview | Slice | str
-    if row.pack_id in raw:
-        stored = (Slice(row.pack_id, row.start, row.length)
-                  if row.start + row.length <= raw[row.pack_id]
-                  else f"lies beyond the end of pack #{row.pack_id}")
-    elif pack is None:
-        stored = f"pack #{row.pack_id} is missing"
-    elif isinstance(pack, str):
-        stored = f"pack #{row.pack_id} {pack}"
-    elif row.start + row.length > len(pack):
-        stored = f"lies beyond the end of pack #{row.pack_id}"
-    else:
-        stored = memoryview(pack)[row.start:row.start + row.length]
-    base = None
-    if row.base_id is not None:
-        if depth >= MAX_CHAIN or row.base_id not in by_id:
-            stored = (f"its delta base #{row.base_id} is missing, or its chain of deltas is "
-                      f"longer than {MAX_CHAIN}" if depth < MAX_CHAIN
-                      else "delta chain too long or circular")
-        else:
-            base = _job(by_id[row.base_id], by_id, packs, raw, depth + 1)
-    return Job(row.hash, row.size, row.codec, row.itemsize, stored, base)
 
 
 def _hash(piece: Piece) -> str:
@@ -743,46 +525,3 @@ def _encode(task: tuple[memoryview, int, np.ndarray | None]) -> Encoded:
     if len(as_delta[2]) < len(alone[2]):
         return Encoded(*as_delta, True)
     return Encoded(*alone, False)
-
-
-def _chain_length(job: Job) -> int:
-    """How many deltas lie between a job's chunk and one stored whole."""
-    length = 0
-    while job.base is not None:
-        job, length = job.base, length + 1
-    return length
-
-
-def _decode_checked(task: tuple[memoryview, Job, Callable[[int, int, int], bytes | str] | None]
-                    ) -> tuple[str, str] | None:
-    """Decode one chunk into its slot and check its hash; (hash, problem) or None.
-    The task's third item reads a job's ``Slice`` (None: a job has none)."""
-    out, job, read_slice = task
-    try:
-        _decode(out, job, read_slice)
-    except IntegrityError as exc:
-        return job.hash, str(exc)
-    return None
-
-
-def _decode(out: memoryview, job: Job,
-            read_slice: Callable[[int, int, int], bytes | str] | None) -> None:
-    """Decode a job into ``out``, base first for a delta; check hashes."""
-    stored = job.stored
-    if isinstance(stored, Slice):
-        assert read_slice is not None
-        stored = read_slice(*stored)
-    if isinstance(stored, str):
-        raise IntegrityError(stored)
-    if job.size != len(out):
-        raise IntegrityError(f"holds {job.size} bytes where {len(out)} are needed")
-    _chunks.decode_into(out, job.codec, job.itemsize, stored)
-    if job.base is not None:
-        parent = np.empty(len(out), dtype=np.uint8)
-        try:
-            _decode(memoryview(parent), job.base, read_slice)
-        except IntegrityError as exc:
-            raise IntegrityError(f"its delta base {job.base.hash}: {exc}") from exc
-        _chunks.xor_into(out, parent)
-    if _chunks.chunk_hash(out) != job.hash:
-        raise IntegrityError("hash mismatch: stored bytes are damaged")

@@ -1,5 +1,5 @@
 """Page sizes (issue #11): a vault starts in 4 KiB pages, so an empty or small one stays
-small, and moves to 64 KiB pages in one VACUUM before a write that may take it past
+small, and moves to 16 KiB pages in one VACUUM before a write that may take it past
 ``_schema.GROW_AT``; a process killed in that move leaves every version whole."""
 
 from __future__ import annotations
@@ -107,6 +107,24 @@ def test_export_of_a_small_version_is_small_and_merge_grows(tmp_path):
         assert vault.verify() == []
         assert same(big_array(), vault.load("big"))
     assert page_size(small_path) == _schema.PAGE_SIZE
+
+
+def test_a_vault_in_64_kib_pages_keeps_them(tmp_path):
+    """Earlier versions moved vaults to 64 KiB pages: bigger than PAGE_SIZE, never moved
+    again (a move down would copy the whole file for ~2 % of it)."""
+    path = tmp_path / "old.vault"
+    with modelvault.open(path) as vault:
+        saved = small_versions(vault)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA page_size = 65536")
+    db.execute("VACUUM")
+    db.close()
+    assert page_size(path) == 65536 > _schema.PAGE_SIZE
+    with modelvault.open(path) as vault:
+        vault.save("big", big_array())
+        assert same(big_array(), vault.load("big"))
+        assert all(same(obj, vault.load(ref)) for ref, obj in saved.items())
+    assert page_size(path) == 65536
 
 
 # -- a process killed while the vault moves to big pages ----------------------------------
@@ -226,5 +244,6 @@ def test_kill_9_while_moving_to_big_pages_keeps_every_version_whole(tmp_path, fu
                  + (", big saved" if has_big else "")] += 1
     # The sweep must have killed inside the move, not only before or after it.
     assert outcomes["killed, 4 KiB pages"] > 0, outcomes
-    assert any(k.startswith("killed, 64 KiB pages") for k in outcomes), outcomes
+    big_pages = f"killed, {_schema.PAGE_SIZE // 1024} KiB pages"
+    assert any(k.startswith(big_pages) for k in outcomes), outcomes
     print(dict(outcomes))
