@@ -152,7 +152,7 @@ def test_a_forged_parent_cannot_hide_in_the_source_column(tmp_path, monkeypatch)
         vault.save("tuned", {"s": {1}}, parent=real)
     with sqlite3.connect(path) as db:  # a second "parent" key, smuggled into source
         db.execute("UPDATE lineage SET parent = ?, source = ? WHERE parent = ?",
-                   (other.id, '{}, "parent": "%s"' % real.id, real.id))
+                   (other.id, f'{{}}, "parent": "{real.id}"', real.id))
         db.execute("INSERT INTO lineage (version_id, parent, source) VALUES "
                    "((SELECT id FROM versions WHERE uuid = ?), X'00ff', '{}') "
                    "ON CONFLICT (version_id) DO UPDATE SET parent = X'00ff'", (other.id,))
