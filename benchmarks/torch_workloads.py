@@ -90,16 +90,18 @@ def w6_torch(ctx: Context) -> Section:
         section.add(f"{precision} modelvault load / torch.load, throughput",
                     ratio(r[f"{precision} modelvault load"], r[f"{precision} torch.load"]), "x")
         if has_safetensors:
+            # Issue #20's goal is for fp32, like its numpy-dict one below.
             section.add(f"{precision} modelvault load / safetensors.torch load_file, throughput",
                         ratio(r[f"{precision} modelvault load"],
-                              r[f"{precision} safetensors.torch load_file"]), "x")
+                              r[f"{precision} safetensors.torch load_file"]), "x",
+                        target=Target(">=", 0.3) if precision == "fp32" else None)
         stored = (work / f"{precision}.vault").stat().st_size
         section.add(f"{precision} vault file", stored, "B")
         section.add(f"{precision} raw / vault file bytes", raw[precision] / stored, "x",
                     target=Target(">=", 1.18 if precision == "fp32" else 1.45))
     section.add("fp32 torch state dict load / same weights as a numpy dict, throughput",
                 ratio(median(times["fp32 numpy dict modelvault load"]),
-                      median(times["fp32 modelvault load"])), "x", target=Target(">=", 1.0))
+                      median(times["fp32 modelvault load"])), "x", target=Target(">=", 0.95))
     _fine_tune_forms(ctx, section, work, shape)
     section.note("loads read from the OS page cache; torch.load with weights_only=True (its "
                  "default); every load then reads one byte of each page of each tensor, so "
