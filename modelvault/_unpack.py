@@ -159,14 +159,18 @@ class ChunkReader:
 
     def _raw_sizes(self, ids: list[int]) -> dict[int, int]:
         """The stored sizes of the packs of ``ids`` stored raw and whole (size as declared).
-        Left out, to be fetched whole: compressed packs, and any whose row is damaged."""
+        Left out, to be fetched whole: compressed packs, and any whose row is damaged or
+        that ``_chunks.pack_content`` would refuse (a size above MAX_PACK: refused, not
+        sliced, whatever a worker could read of it)."""
         found: dict[int, int] = {}
         try:
             for first in range(0, len(ids), 500):
                 some = ids[first:first + 500]
                 found.update((pid, size) for pid, size in self._connection.db.execute(
                     "SELECT id, size FROM packs WHERE codec = 'raw' AND typeof(data) = 'blob' "
-                    f"AND length(data) = size AND id IN ({','.join('?' * len(some))})", some))
+                    "AND typeof(size) = 'integer' AND size BETWEEN 0 AND ? "
+                    f"AND length(data) = size AND id IN ({','.join('?' * len(some))})",
+                    [_chunks.MAX_PACK, *some]))
         except sqlite3.DatabaseError as exc:
             if not _schema.is_damage(exc):
                 raise
