@@ -256,6 +256,15 @@ def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
     # for "__main__" took 10 ms, replaying it 14.
     named: set[str] = set()
 
+    def module_of(found: Any, name: str) -> str:
+        # pickle.whichmodule lets through what a module's __getattr__ raises but
+        # AttributeError (torch.classes: RuntimeError), where the pickler's own lookup
+        # goes on to the next module. __main__ if unsure: cloudpickle then reads the stream.
+        try:
+            return getattr(found, "__module__", None) or pickle.whichmodule(found, name)
+        except Exception:
+            return "__main__"
+
     class NamingPickler(pickle.Pickler):
         def reducer_override(self, found: Any) -> Any:
             # Called once for every object but None, booleans, numbers, str, bytes and
@@ -264,8 +273,7 @@ def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
             # reduces to its name (a bound method of one: to getattr on its object).
             if isinstance(found, (type, FunctionType)):
                 name = getattr(found, "__qualname__", None) or getattr(found, "__name__", "?")
-                module = getattr(found, "__module__", None) or pickle.whichmodule(found, name)
-                named.add(f"{module}.{name}")
+                named.add(f"{module_of(found, name)}.{name}")
                 return NotImplemented
             # Reduced here as the pickler would (copyreg's table, else __reduce_ex__), and
             # the pickler saves what this returns: a reduction to a name is a global the
@@ -274,8 +282,7 @@ def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
             value = (reduce(found) if reduce is not None
                      else found.__reduce_ex__(PICKLE_PROTOCOL))
             if isinstance(value, str):
-                module = getattr(found, "__module__", None) or pickle.whichmodule(found, value)
-                named.add(f"{module}.{value}")
+                named.add(f"{module_of(found, value)}.{value}")
             elif getattr(found, "__module__", None) == "__main__":
                 named.add(f"__main__.{type(found).__qualname__}")
             return value
