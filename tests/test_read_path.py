@@ -317,3 +317,22 @@ def test_a_raw_pack_declaring_more_than_readers_accept_is_refused_not_sliced(vau
             vault.load("m")
         with pytest.raises(IntegrityError, match="malformed"):
             vault.load("m", keys="a")
+
+
+def test_worker_connections_open_the_vault_opened_not_one_the_working_folder_now_names(
+        tmp_path, monkeypatch, sliced):
+    calls, _ = sliced
+    model = _weights()
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with modelvault.open("m.vault") as vault:
+        vault.save("m", model)
+        monkeypatch.chdir(tmp_path / "there")  # where another vault of that name lies
+        with modelvault.open("m.vault") as other:
+            other.save("m", _weights(1))
+        calls.clear()
+        assert _equal(vault.load("m"), model)
+        opened = {slicer.execute("PRAGMA database_list").fetchone()[2]
+                  for slicer in vault._connection._slicers.values()}
+    assert calls and opened == {str(tmp_path / "here" / "m.vault")}
