@@ -139,9 +139,14 @@ class ChunkReader:
             if not wanted:
                 break
             ids = sorted(wanted)
-            found = [ChunkRow._make(r) for r in db.execute(
-                f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
-                f"({','.join('?' * len(ids))})", ids)]
+            # In groups under SQLite's variable limit (999 before 3.32): a save's
+            # batch of delta bases may hold 1024.
+            found: list[ChunkRow] = []
+            for first in range(0, len(ids), 500):
+                some = ids[first:first + 500]
+                found.extend(map(ChunkRow._make, db.execute(
+                    f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
+                    f"({','.join('?' * len(some))})", some)))
             by_id.update((r.id, r) for r in found)
             wanted = {r.base_id for r in found if r.base_id is not None} - by_id.keys()
         cache = packs if packs is not None else {}
