@@ -36,6 +36,9 @@ class Connection:
     def __init__(self, path: Path, *, readonly: bool, create: bool, timeout: float) -> None:
         self.path = path
         self.lock_file = _pins.lock_path(path)  # lazy readers' pins
+        # The file the worker threads' connections open and sync_ahead looks for, made
+        # absolute now, as the main connection's was: the working folder may change.
+        self._absolute = path.absolute()
         self.readonly = readonly
         self.timeout = timeout
         # One connection serves every thread: a save interleaved with another thread's
@@ -263,7 +266,7 @@ class Connection:
         by COMMIT.
         """
         if self._syncer is None:
-            descriptor = _descriptor(self.path)
+            descriptor = _descriptor(self._absolute)
             if descriptor is None:
                 return
             self._syncer = _Syncer(descriptor)
@@ -304,7 +307,7 @@ class Connection:
     def _slicer(self) -> sqlite3.Connection:
         # No busy wait: a writer waiting for our read lock to commit holds off new readers
         # until it gives up (see read_slice).
-        slicer = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+        slicer = sqlite3.connect(f"{self._absolute.as_uri()}?mode=ro", uri=True,
                                  isolation_level=None, timeout=0, check_same_thread=False)
         slicer.execute("PRAGMA trusted_schema = OFF")
         slicer.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _schema.MAX_VALUE)

@@ -209,11 +209,13 @@ class PackStore:
 
     def ids(self, hashes: list[str]) -> dict[str, int]:
         """The row ids of the chunks with these hashes that the vault holds."""
-        if not hashes:
-            return {}
-        marks = ",".join("?" * len(hashes))
-        return dict(self._connection.db.execute(
-            f"SELECT hash, id FROM chunks WHERE hash IN ({marks})", hashes))
+        found: dict[str, int] = {}
+        for first in range(0, len(hashes), 500):  # a save's batch holds up to 1024
+            some = hashes[first:first + 500]
+            found.update(self._connection.db.execute(
+                f"SELECT hash, id FROM chunks WHERE hash IN ({','.join('?' * len(some))})",
+                some))
+        return found
 
     def rows(self, hashes: list[str]) -> dict[str, ChunkRow]:
         """The chunk rows the vault holds of these hashes, by hash."""

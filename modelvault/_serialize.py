@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import BuiltinFunctionType, FunctionType
+from types import FunctionType
 from typing import Any, NamedTuple
 
 from . import _json, _torch, _trust
@@ -239,6 +239,7 @@ def array_part(array: np.ndarray) -> Part:
 
 
 def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
+    import copyreg
     import pickle  # here, as in unpickle: `import modelvault` and loads of arrays need none
 
     buffers: list[Part] = []
@@ -255,18 +256,36 @@ def _pickle(obj: Any, parts: list[Part], what: str) -> dict[str, Any]:
     # for "__main__" took 10 ms, replaying it 14.
     named: set[str] = set()
 
+    def module_of(found: Any, name: str) -> str:
+        # pickle.whichmodule lets through what a module's __getattr__ raises but
+        # AttributeError (torch.classes: RuntimeError), where the pickler's own lookup
+        # goes on to the next module. __main__ if unsure: cloudpickle then reads the stream.
+        try:
+            return getattr(found, "__module__", None) or pickle.whichmodule(found, name)
+        except Exception:
+            return "__main__"
+
     class NamingPickler(pickle.Pickler):
         def reducer_override(self, found: Any) -> Any:
             # Called once for every object but None, booleans, numbers, str, bytes and
             # the built-in containers, before the pickler saves it.
-            if isinstance(found, (type, FunctionType, BuiltinFunctionType)):
+            # Classes and Python functions the pickler saves by name; a built-in function
+            # reduces to its name (a bound method of one: to getattr on its object).
+            if isinstance(found, (type, FunctionType)):
                 name = getattr(found, "__qualname__", None) or getattr(found, "__name__", "?")
-                module = getattr(found, "__module__", None) or pickle.whichmodule(found, name)
-                named.add(f"{module}.{name}")
+                named.add(f"{module_of(found, name)}.{name}")
+                return NotImplemented
+            # Reduced here as the pickler would (copyreg's table, else __reduce_ex__), and
+            # the pickler saves what this returns: a reduction to a name is a global the
+            # stream imports too (numpy and SciPy ufuncs, torch dtypes).
+            reduce = copyreg.dispatch_table.get(type(found))
+            value = (reduce(found) if reduce is not None
+                     else found.__reduce_ex__(PICKLE_PROTOCOL))
+            if isinstance(value, str):
+                named.add(f"{module_of(found, value)}.{value}")
             elif getattr(found, "__module__", None) == "__main__":
-                # An object of a class of __main__ may reduce to its own name there.
                 named.add(f"__main__.{type(found).__qualname__}")
-            return NotImplemented
+            return value
 
     # The standard pickler first: on a 20 MB forest it takes half the time of cloudpickle,
     # whose Python-level hook runs for every object. cloudpickle is needed only for what

@@ -139,9 +139,14 @@ class ChunkReader:
             if not wanted:
                 break
             ids = sorted(wanted)
-            found = [ChunkRow._make(r) for r in db.execute(
-                f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
-                f"({','.join('?' * len(ids))})", ids)]
+            # In groups under SQLite's variable limit (999 before 3.32): a save's
+            # batch of delta bases may hold 1024.
+            found: list[ChunkRow] = []
+            for first in range(0, len(ids), 500):
+                some = ids[first:first + 500]
+                found.extend(map(ChunkRow._make, db.execute(
+                    f"SELECT {CHUNK_COLUMNS} FROM chunks c WHERE c.id IN "
+                    f"({','.join('?' * len(some))})", some)))
             by_id.update((r.id, r) for r in found)
             wanted = {r.base_id for r in found if r.base_id is not None} - by_id.keys()
         cache = packs if packs is not None else {}
@@ -159,14 +164,18 @@ class ChunkReader:
 
     def _raw_sizes(self, ids: list[int]) -> dict[int, int]:
         """The stored sizes of the packs of ``ids`` stored raw and whole (size as declared).
-        Left out, to be fetched whole: compressed packs, and any whose row is damaged."""
+        Left out, to be fetched whole: compressed packs, and any whose row is damaged or
+        that ``_chunks.pack_content`` would refuse (a size above MAX_PACK: refused, not
+        sliced, whatever a worker could read of it)."""
         found: dict[int, int] = {}
         try:
             for first in range(0, len(ids), 500):
                 some = ids[first:first + 500]
                 found.update((pid, size) for pid, size in self._connection.db.execute(
                     "SELECT id, size FROM packs WHERE codec = 'raw' AND typeof(data) = 'blob' "
-                    f"AND length(data) = size AND id IN ({','.join('?' * len(some))})", some))
+                    "AND typeof(size) = 'integer' AND size BETWEEN 0 AND ? "
+                    f"AND length(data) = size AND id IN ({','.join('?' * len(some))})",
+                    [_chunks.MAX_PACK, *some]))
         except sqlite3.DatabaseError as exc:
             if not _schema.is_damage(exc):
                 raise

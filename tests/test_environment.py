@@ -147,3 +147,13 @@ def test_env_refuses_a_version_changed_after_saving(vault, vault_path):
     assert refused.returncode == 1 and "signature does not match" in refused.stderr
     forced = subprocess.run([*run, "--trust"], capture_output=True, text=True)
     assert forced.returncode == 0 and "numpy==0.1" in forced.stdout
+
+
+def test_a_package_a_pickle_names_only_through_an_object_reduced_to_its_name(vault):
+    """Some objects pickle as a global name (``__reduce__`` returns a string): numpy and
+    SciPy ufuncs, torch dtypes. Their packages are what the stream imports too."""
+    special = pytest.importorskip("scipy.special")
+    packages = vault.save("p", {"link": special.expit}).environment["packages"]
+    assert "scipy" in packages
+    torch = pytest.importorskip("torch")
+    assert "torch" in vault.save("q", {"dtype": torch.float32}).environment["packages"]

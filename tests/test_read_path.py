@@ -299,3 +299,40 @@ def test_put_no_compress_stores_files_as_they_are(vault_path, tmp_path):
     with modelvault.open(vault_path) as vault:
         assert vault.get("f").added_bytes >= 900_000
         assert vault.load("f")["weights.bin"] == blob.read_bytes()
+
+
+def test_a_raw_pack_declaring_more_than_readers_accept_is_refused_not_sliced(vault_path):
+    """docs/format.md: a reader refuses a pack whose size is above 8 MiB before it reads it.
+    A worker's slice must not accept what a read of the whole pack refuses (nor read a
+    chunk row's length, up to 4 bytes per item of its itemsize, out of such a pack)."""
+    with modelvault.open(vault_path) as vault:
+        vault.save("m", {"a": _weights()["a"]})
+    with sqlite3.connect(vault_path) as db:
+        pack_id, data = db.execute("SELECT id, data FROM packs WHERE codec = 'raw' "
+                                   "ORDER BY id LIMIT 1").fetchone()
+        big = data + bytes(9 * 1024 * 1024)
+        db.execute("UPDATE packs SET data = ?, size = ? WHERE id = ?", (big, len(big), pack_id))
+    with modelvault.open(vault_path) as vault:
+        with pytest.raises(IntegrityError, match="malformed"):
+            vault.load("m")
+        with pytest.raises(IntegrityError, match="malformed"):
+            vault.load("m", keys="a")
+
+
+def test_worker_connections_open_the_vault_opened_not_one_the_working_folder_now_names(
+        tmp_path, monkeypatch, sliced):
+    calls, _ = sliced
+    model = _weights()
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with modelvault.open("m.vault") as vault:
+        vault.save("m", model)
+        monkeypatch.chdir(tmp_path / "there")  # where another vault of that name lies
+        with modelvault.open("m.vault") as other:
+            other.save("m", _weights(1))
+        calls.clear()
+        assert _equal(vault.load("m"), model)
+        opened = {slicer.execute("PRAGMA database_list").fetchone()[2]
+                  for slicer in vault._connection._slicers.values()}
+    assert calls and opened == {str(tmp_path / "here" / "m.vault")}

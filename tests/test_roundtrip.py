@@ -357,6 +357,17 @@ def test_a_class_of_the_saving_script_loads_where_the_script_is_not(vault_path, 
     assert modelvault.load(vault_path, "thing", trust=True).answer() == 10
 
 
+def test_a_bound_builtin_method_pickles_as_the_pickler_reduces_it(vault):
+    # {}.get pickles as getattr(the dict, "get"): no module is looked for it. Looked for
+    # all the same, every module in sys.modules is searched, and torch.classes raises
+    # RuntimeError for any name asked of it (the save failed with it).
+    pytest.importorskip("torch")
+    table = {"a": 1}
+    vault.save("m", {"get": table.get, "size": len})
+    loaded = vault.load("m", trust=True)
+    assert loaded["get"]("a") == 1 and loaded["size"]([1, 2]) == 2
+
+
 def test_a_model_pickle_refuses_names_what_in_it_is_refused(vault, vault_path):
     import threading
 

@@ -154,3 +154,24 @@ def test_syncing_ahead_keeps_sqlites_locks(vault_path):
         assert subprocess.run([sys.executable, "-c", _TAKE_WRITE_LOCK, str(vault_path)],
                               check=False).returncode == 0
         assert _equal(vault.load("m"), _small_arrays(3))
+
+
+def test_a_save_batch_stays_under_old_sqlites_variable_limit(vault_path):
+    """SQLite before 3.32 (Ubuntu 20.04's 3.31, for one) binds at most 999 variables in a
+    statement; a save batch holds up to 1024 new chunks, looked up by hash."""
+    model = _small_arrays(1100)
+    with modelvault.open(vault_path) as vault:
+        vault._connection.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        vault.save("m", model)
+        assert _equal(vault.load("m"), model)
+        # Fine-tunes: each chunk a delta of its parent's, which is a delta in turn (the
+        # bases of a batch's bases are looked up by id).
+        for step in (1, 2):
+            model = {k: v.copy() for k, v in model.items()}
+            for v in model.values():
+                v[step] += 1
+            vault.save("m", model)
+        assert _equal(vault.load("m"), model)
+    with sqlite3.connect(vault_path) as db:
+        assert db.execute("SELECT count(*) FROM chunks WHERE base_id IN "
+                          "(SELECT id FROM chunks WHERE base_id IS NOT NULL)").fetchone()[0] > 999
