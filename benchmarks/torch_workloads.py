@@ -46,6 +46,14 @@ def touch(weights: dict[str, Any]) -> dict[str, Any]:
     return weights
 
 
+def summed(weights: dict[str, Any]) -> dict[str, Any]:
+    """Sum every tensor, as issue #20's torch figure was measured: a loader that maps the
+    file reads all of it here, and both sides pay the same sums."""
+    for value in weights.values():
+        float(value.sum())
+    return weights
+
+
 def _torch_uint8() -> Any:
     import torch
 
@@ -90,11 +98,16 @@ def w6_torch(ctx: Context) -> Section:
         section.add(f"{precision} modelvault load / torch.load, throughput",
                     ratio(r[f"{precision} modelvault load"], r[f"{precision} torch.load"]), "x")
         if has_safetensors:
-            # Issue #20's goal is for fp32, like its numpy-dict one below.
             section.add(f"{precision} modelvault load / safetensors.torch load_file, throughput",
                         ratio(r[f"{precision} modelvault load"],
-                              r[f"{precision} safetensors.torch load_file"]), "x",
-                        target=Target(">=", 0.3) if precision == "fp32" else None)
+                              r[f"{precision} safetensors.torch load_file"]), "x")
+    if has_safetensors:
+        # Issue #20's goal, for fp32 like its numpy-dict one below, as it was measured:
+        # each tensor summed after the load.
+        section.add("fp32 modelvault load / safetensors.torch load_file, each tensor summed, "
+                    "throughput", ratio(median(times["fp32 safetensors.torch load_file, summed"]),
+                                        median(times["fp32 modelvault load, summed"])),
+                    "x", target=Target(">=", 0.3))
         stored = (work / f"{precision}.vault").stat().st_size
         section.add(f"{precision} vault file", stored, "B")
         section.add(f"{precision} raw / vault file bytes", raw[precision] / stored, "x",
@@ -105,7 +118,8 @@ def w6_torch(ctx: Context) -> Section:
     _fine_tune_forms(ctx, section, work, shape)
     section.note("loads read from the OS page cache; torch.load with weights_only=True (its "
                  "default); every load then reads one byte of each page of each tensor, so "
-                 "a loader that maps the file pays for its reads")
+                 "a loader that maps the file pays for its reads; the summed rows sum every "
+                 "tensor instead")
     return section
 
 
@@ -133,9 +147,14 @@ def _torch_ops(ops: dict[str, Op], work: Path, precision: str, weights: Any,
         ops[f"{precision} safetensors.torch save_file+fsync"] = Op(
             safetensors_save, setup=lambda: clear(tensors))
         ops[f"{precision} safetensors.torch load_file"] = Op(lambda: touch(load_file(tensors)))
+        if precision == "fp32":
+            ops["fp32 safetensors.torch load_file, summed"] = Op(
+                lambda: summed(load_file(tensors)))
     ops[f"{precision} modelvault save"] = Op(lambda: vault_save(vault, "bert", weights),
                                              setup=lambda: new_vault(vault))
     ops[f"{precision} modelvault load"] = Op(lambda: touch(vault_load(vault, "bert")))
+    if precision == "fp32":
+        ops["fp32 modelvault load, summed"] = Op(lambda: summed(vault_load(vault, "bert")))
 
 
 def _fine_tune_forms(ctx: Context, section: Section, work: Path, shape: Any) -> None:
