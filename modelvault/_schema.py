@@ -185,6 +185,11 @@ CREATE TABLE remotes (
 SMALL_PAGE = 4096
 PAGE_SIZE = 16384
 GROW_AT = 32 * 1024 * 1024
+# SQLite's page cache, per connection, in KiB: more than a pack (PACK_SIZE), whose pages
+# are made as zeros (INSERT of zeroblob) and then filled through a blob handle; in a
+# smaller cache (SQLite's default is 2000 KiB) they leave it, zeros written to the file,
+# before they are filled, and the pack is written twice.
+CACHE_KIB = 8192
 # The longest string or blob SQLite may hand us (SQLITE_LIMIT_LENGTH).
 MAX_VALUE = 64 * 1024 * 1024
 
@@ -306,6 +311,7 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
     try:
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         # Nothing we read or write comes near this (packs are at most 8 MiB): a damaged
         # or hostile file declaring a gigabyte string gets an error, not our memory.
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE)
