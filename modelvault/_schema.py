@@ -311,7 +311,6 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
     try:
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         # Nothing we read or write comes near this (packs are at most 8 MiB): a damaged
         # or hostile file declaring a gigabyte string gets an error, not our memory.
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE)
@@ -320,6 +319,9 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
             # writes through a read-only connection, its schema above all.
             conn.execute("PRAGMA writable_schema = ON")
         check(conn, path)
+        # After the checks: this pragma reads the schema, which a file cut short may not
+        # give before writable_schema is on (damaged) or before check() names the problem.
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         if not readonly:
             _remove_cold_journal(conn, path, timeout)
     except sqlite3.Error as exc:
