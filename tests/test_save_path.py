@@ -107,8 +107,8 @@ def test_a_save_that_fails_while_encoding_adds_nothing(vault_path, monkeypatch):
 
 
 def test_after_the_move_to_big_pages_sqlite_caches_no_more_bytes_than_before(vault_path):
-    """SQLite keeps its cache's number of pages when VACUUM changes their size: 2 MB of
-    small pages became 32 MB of big ones, each held (dirty) until the commit."""
+    """SQLite keeps its cache's number of pages when VACUUM changes their size: 8 MiB of
+    small pages would become 32 MiB of big ones, each held (dirty) until the commit."""
     mib = 1024 * 1024
     with modelvault.open(vault_path) as vault:
         connection = vault._connection
@@ -119,7 +119,8 @@ def test_after_the_move_to_big_pages_sqlite_caches_no_more_bytes_than_before(vau
             for _ in range(16):
                 db.execute("INSERT INTO packs (codec, size, data) VALUES ('raw', ?, "
                            "randomblob(?))", (mib, mib))
-            assert vault_path.stat().st_size - size >= 12 * mib  # out of the cache
+            # All but the cache's worth is out of the cache, in the file.
+            assert vault_path.stat().st_size - size >= 15 * mib - _schema.CACHE_KIB * 1024
             raise KeyboardInterrupt
         assert vault.models() == []
 
