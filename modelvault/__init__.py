@@ -49,6 +49,7 @@ __all__ = [
     "NotAVaultError",
     "NotFoundError",
     "Problem",
+    "PruneReport",
     "PushReport",
     "ReadOnlyError",
     "Remote",
@@ -106,7 +107,8 @@ def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None,
 # Imported when first asked for: `import modelvault` stays quick for the scripts and apps
 # that only load (Remote would bring obstore and the network stack).
 _LATER = {"Changes": "_diff", "Diff": "_diff", "EntryChange": "_diff", "Remote": "_remote",
-          "SelftestResult": "_selftest", "MergeReport": "_reports", "PushReport": "_reports",
+          "SelftestResult": "_selftest", "MergeReport": "_reports", "PruneReport": "_reports",
+          "PushReport": "_reports",
           "RemoteGcReport": "_reports", "RemoteVersion": "_reports"}
 
 

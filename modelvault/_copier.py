@@ -337,7 +337,10 @@ def _chunks(db: sqlite3.Connection, store: PackStore, nothing: str, *, check: bo
     store.flatten(store.delta_depths(offsets.chunks, 2 * _packs.DELTA_DEPTH))
     db.execute("DELETE FROM packs WHERE id > ? AND NOT EXISTS "
                "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)", (offsets.packs,))
-    store.repack(after=offsets.packs)
+    # Packs come whole, with the chunks here already that share them (a save's array
+    # packs run across parts): whatever they hold that nothing here uses is rewritten out
+    # now, not left as dead space until they are mostly dead.
+    store.repack(after=offsets.packs, dead=0)
     return offsets
 
 

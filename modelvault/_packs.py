@@ -355,13 +355,13 @@ class PackStore:
                    "(SELECT 1 FROM chunks c WHERE c.pack_id = packs.id)")
         self.repack()
 
-    def repack(self, *, after: int = 0) -> None:
-        """Move the live chunks of packs (with ids above ``after``) that are mostly dead
-        space into new packs."""
+    def repack(self, *, after: int = 0, dead: float = 0.5) -> None:
+        """Move the live chunks of packs (with ids above ``after``) that are more than
+        ``dead`` dead space into new packs (0: any)."""
         db = self._connection.db
         sparse = [r[0] for r in db.execute(
             "SELECT p.id FROM packs p JOIN chunks c ON c.pack_id = p.id WHERE p.id > ? "
-            "GROUP BY p.id HAVING 2 * sum(c.length) < p.size", (after,))]
+            "GROUP BY p.id HAVING sum(c.length) < (1 - ?) * p.size", (after, dead))]
         for first in range(0, len(sparse), 4):  # at most 4 solid packs' content at a time
             ids = sparse[first:first + 4]
             marks = ",".join("?" * len(ids))

@@ -1,4 +1,4 @@
-"""What merge, push, pull and a remote's gc report: frozen dataclasses, as the records.
+"""What merge, prune, push, pull and a remote's gc report: frozen dataclasses, as the records.
 
 Apart from ``_records``: only those operations make them, and ``import modelvault``
 need not build their classes.
@@ -28,6 +28,24 @@ class MergeReport:
                     if self.conflicts else "")]
         lines += [f"  {name}:{old} is {name}:{new} here" for name, old, new in self.renumbered]
         lines += [f"  conflict: {c}" for c in self.conflicts]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``Vault.prune`` deleted (or, in a dry run, would delete), how many versions it
+    kept, and the stored bytes ``gc()`` frees after it."""
+
+    deleted: tuple[ModelVersion, ...]
+    kept: int
+    freed_bytes: int  # stored bytes of the chunks no version uses once these are gone
+    dry_run: bool = False
+
+    def __str__(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        lines = [f"{verb} {len(self.deleted)} version(s), kept {self.kept}; gc "
+                 f"{'would free' if self.dry_run else 'frees'} {self.freed_bytes:,} bytes"]
+        lines += [f"  {mv.ref}" for mv in self.deleted]
         return "\n".join(lines)
 
 

@@ -38,8 +38,10 @@ from ._refs import as_ref as _as_ref
 # What only saves, merges, diffs, selftests, gc and verify use is imported by them: a
 # process that opens a vault to load pays for none of it.
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from . import _diff, _selftest
-    from ._reports import MergeReport, PushReport
+    from ._reports import MergeReport, PruneReport, PushReport
     from ._writer import Writer
 
 class Vault:
@@ -386,6 +388,31 @@ class Vault:
         target = _as_ref(ref)
         with self._connection.write():
             return self._catalog.delete(target)
+
+    @api
+    def prune(self, name: str | None = None, *, keep_last: int | None = None,
+              keep_aliased: bool = True, keep_tagged: bool = False,
+              keep_since: datetime | str | None = None, dry_run: bool = False) -> PruneReport:
+        """Delete the versions (of model ``name``, or of every model) that no rule keeps.
+
+        A version is kept if it is one of its model's ``keep_last`` newest, if an alias
+        points at it (unless ``keep_aliased=False``), if it has tags and ``keep_tagged``,
+        or if it was saved at or after ``keep_since`` (a datetime, naive meaning UTC, or
+        an ISO 8601 date or time in UTC). Each model's latest version is always kept.
+        At least one of ``keep_last``, ``keep_since`` and ``keep_tagged`` must be given.
+        The report lists what went (``dry_run``: what would go, deleting nothing) and
+        the stored bytes ``gc()`` then frees; until gc the file keeps its size.
+
+        >>> vault.prune("demo", keep_last=1).deleted
+        ()
+        """
+        from ._prune import prune
+
+        if name is not None:
+            check_name(name)
+        return prune(self._connection, self._catalog, self._packs, name,
+                     keep_last=keep_last, keep_aliased=keep_aliased, keep_tagged=keep_tagged,
+                     keep_since=keep_since, dry_run=dry_run)
 
     # -- copies -----------------------------------------------------------------
 

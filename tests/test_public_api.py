@@ -20,7 +20,8 @@ EXPORTS = [
     "EnvironmentWarning",
     "FormatVersionError", "IntegrityError", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
-    "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport", "RemoteVersion",
+    "PruneReport", "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport",
+    "RemoteVersion",
     "SelftestResult", "TooLargeError", "UnpicklableError", "UntrustedError", "Vault",
     "VaultError", "VaultStats", "clone", "load", "open", "save",
 ]
@@ -58,6 +59,10 @@ VAULT_METHODS = {
     "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None, "
             "keys: 'str | Sequence[str] | None' = None, lazy: 'bool' = False) -> 'Any'",
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
+    "prune": "(self, name: 'str | None' = None, *, keep_last: 'int | None' = None, "
+             "keep_aliased: 'bool' = True, keep_tagged: 'bool' = False, "
+             "keep_since: 'datetime | str | None' = None, dry_run: 'bool' = False) "
+             "-> 'PruneReport'",
     "models": "(self) -> 'list[ModelInfo]'",
     "pull": "(self, url: 'str', refs: 'Sequence[str] | None' = None, *, endpoint_url: "
             "'str | None' = None) -> 'MergeReport'",
@@ -88,6 +93,7 @@ RECORDS = {
                    "file_bytes"],
     "Problem": ["message", "model", "version", "chunk"],
     "MergeReport": ["added", "renumbered", "conflicts"],
+    "PruneReport": ["deleted", "kept", "freed_bytes", "dry_run"],
     "PushReport": ["added", "chunks", "uploaded_bytes"],
     "RemoteVersion": ["name", "version", "id", "created_at", "kind", "size", "aliases", "tags"],
     "RemoteGcReport": ["objects", "bytes"],
@@ -134,6 +140,8 @@ COMMANDS = {
     "merge": ["vault", "other"],
     "put": ["vault", "name", "paths", "--meta", "--tag", "--alias", "-m/--description",
             "--no-compress", "--json"],
+    "prune": ["vault", "name", "--keep-last", "--keep-aliased", "--keep-tagged",
+              "--keep-since", "--dry-run", "--json"],
     "pull": ["vault", "url", "refs", "--endpoint-url"],
     "push": ["vault", "url", "refs", "--endpoint-url", "--single-writer"],
     "remote add": ["vault", "name", "url"],
