@@ -286,7 +286,7 @@ class Connection:
         worker thread through its own read-only connection; or why they could not be.
 
         One blob handle per chunk reads just the chunk's bytes with the GIL released
-        (~0.1 ms per MiB against ~0.7 for a SELECT of the whole pack on the one connection,
+        (~0.3 ms per MiB against ~0.7 for a SELECT of the whole pack on the one connection,
         whose copy into ``bytes`` holds the GIL). Callers use this only inside a read
         transaction of this connection: in the rollback journal that keeps every writer
         from committing, so the worker sees the same file; whatever goes wrong here (a

@@ -316,8 +316,9 @@ class PackStore:
         # Room made first and filled through a blob handle: the bytes go straight into
         # SQLite's pages, where binding them would copy them twice more (and a pack
         # would first be joined from its chunks). The pack's pages must stay in SQLite's
-        # cache in between, or their zeros are written and read back: 1 MiB packs fit
-        # its default 2 MB; 4 MiB ones wrote a MiniLM save's 77 MB twice.
+        # cache in between, or their zeros are written and read back (4 MiB packs in
+        # SQLite's default 2 MB cache wrote a MiniLM save's 77 MB twice): the cache is
+        # _schema.CACHE_KIB, more than PACK_SIZE.
         pack_id = db.execute("INSERT INTO packs (codec, size, data) VALUES (?, ?, zeroblob(?))",
                              (codec, sum(lengths), stored)).lastrowid
         if stored:
@@ -342,12 +343,16 @@ class PackStore:
 
     # -- housekeeping ------------------------------------------------------------------
 
+    def unused(self) -> list[int]:
+        """The ids of the chunks no version uses, nor any chunk as its delta base."""
+        return [r[0] for r in self._connection.db.execute(
+            f"{live_chunks()} SELECT id FROM chunks WHERE id NOT IN live")]
+
     def sweep(self) -> None:
         """Drop chunks no version uses (nor any chunk as its delta base), and repack
         (inside a write transaction)."""
         db = self._connection.db
-        unused = [r[0] for r in db.execute(
-            f"{live_chunks()} SELECT id FROM chunks WHERE id NOT IN live")]
+        unused = self.unused()
         pinned = _pins.held(self._connection.lock_file, unused)  # by lazy mappings
         db.execute(f"{live_chunks('SELECT value FROM json_each(?)')} "
                    "DELETE FROM chunks WHERE id NOT IN live", (json.dumps(sorted(pinned)),))

@@ -67,7 +67,6 @@ def prune(connection: Connection, catalog: Catalog, packs: PackStore,
           dry_run: bool) -> PruneReport:
     """Delete the versions (of model ``name``, or of every model) no rule keeps, in one
     write; with ``dry_run``, only say which and what gc would free."""
-    from ._packs import live_chunks
     from ._reports import PruneReport
 
     if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
@@ -88,10 +87,8 @@ def prune(connection: Connection, catalog: Catalog, packs: PackStore,
                           keep_tagged=keep_tagged, keep_since=when)
             for mv in gone:
                 catalog.delete(Ref(mv.name, version=mv.version))
-            unused = [r[0] for r in connection.db.execute(
-                f"{live_chunks()} SELECT id FROM chunks WHERE id NOT IN live")]
             report = PruneReport(tuple(gone), len(listed) - len(gone),
-                                 int(packs.stored_bytes(unused)), dry_run)
+                                 int(packs.stored_bytes(packs.unused())), dry_run)
             if dry_run:
                 raise _DryRun
     except _DryRun:
