@@ -1,23 +1,25 @@
 """Retention: which versions a set of keep-rules keeps, and deleting the others.
 
 A version is kept when any rule keeps it; every model's latest version is always kept,
-so a rule set can never empty a model (delete it by name for that). What gc would then
+so a rule set can never empty a model (delete it by name for that). The rules judge a
+vault's versions here and a remote's (``_remote/_retention``) alike. What gc would then
 free is measured by deleting inside the write and asking the pack store which chunks no
 version uses any more; a dry run rolls that write back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from ._catalog import parse_time
 from ._refs import Ref
 
 if TYPE_CHECKING:
     from ._catalog import Catalog
     from ._connection import Connection
     from ._packs import PackStore
-    from ._records import ModelVersion
     from ._reports import PruneReport
 
 
@@ -43,10 +45,47 @@ def since(value: datetime | str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def doomed(versions: list[ModelVersion], *, keep_last: int | None, keep_aliased: bool,
-           keep_tagged: bool, keep_since: datetime | None) -> list[ModelVersion]:
+def rules(keep_last: int | None, keep_tagged: bool, keep_since: datetime | str | None
+          ) -> datetime | None:
+    """Check a rule set before anything is deleted (ValueError, TypeError); returns
+    ``keep_since`` as ``since`` gives it."""
+    if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
+        raise ValueError(f"keep_last must be a whole number of at least 1, not {keep_last!r}")
+    when = since(keep_since)
+    if keep_last is None and when is None and not keep_tagged:
+        raise ValueError("prune needs a rule that says what to keep besides aliases: "
+                         "keep_last, keep_since or keep_tagged")
+    return when
+
+
+class Labelled(Protocol):
+    """A version as the rules see it: a vault's ModelVersion or a remote's RemoteVersion
+    (whose ``created_at`` is the log's ISO 8601 text)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def created_at(self) -> datetime | str: ...
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+    @property
+    def tags(self) -> Mapping[str, str]: ...
+
+
+V = TypeVar("V", bound=Labelled)
+
+
+def _saved(mv: Labelled) -> datetime:
+    at = mv.created_at
+    return parse_time(at) if isinstance(at, str) else at  # IntegrityError if not a time
+
+
+def doomed(versions: Sequence[V], *, keep_last: int | None, keep_aliased: bool,
+           keep_tagged: bool, keep_since: datetime | None) -> list[V]:
     """The versions no rule keeps, oldest first per model."""
-    by_model: dict[str, list[ModelVersion]] = {}
+    by_model: dict[str, list[V]] = {}
     for mv in versions:
         by_model.setdefault(mv.name, []).append(mv)
     out = []
@@ -55,7 +94,7 @@ def doomed(versions: list[ModelVersion], *, keep_last: int | None, keep_aliased:
         for rank, mv in enumerate(newest_first):
             keep = (rank == 0 or (keep_last is not None and rank < keep_last)
                     or (keep_aliased and bool(mv.aliases)) or (keep_tagged and bool(mv.tags))
-                    or (keep_since is not None and mv.created_at >= keep_since))
+                    or (keep_since is not None and _saved(mv) >= keep_since))
             if not keep:
                 out.append(mv)
     return sorted(out, key=lambda mv: (mv.name, mv.version))
@@ -69,12 +108,7 @@ def prune(connection: Connection, catalog: Catalog, packs: PackStore,
     write; with ``dry_run``, only say which and what gc would free."""
     from ._reports import PruneReport
 
-    if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
-        raise ValueError(f"keep_last must be a whole number of at least 1, not {keep_last!r}")
-    when = since(keep_since)
-    if keep_last is None and when is None and not keep_tagged:
-        raise ValueError("prune needs a rule that says what to keep besides aliases: "
-                         "keep_last, keep_since or keep_tagged")
+    when = rules(keep_last, keep_tagged, keep_since)
     report: PruneReport | None = None
     try:
         with connection.write():

@@ -33,12 +33,18 @@ class MergeReport:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """What ``Vault.prune`` deleted (or, in a dry run, would delete), how many versions it
-    kept, and the stored bytes ``gc()`` frees after it."""
+    """What ``Vault.prune`` or ``Remote.prune`` deleted (or, in a dry run, would delete),
+    how many versions it kept, and the bytes ``gc`` frees after it.
 
-    deleted: tuple[ModelVersion, ...]
+    From a vault: ModelVersion records, and the stored bytes of the chunks no version
+    uses once these are gone. From a remote: RemoteVersion records, and the bytes of the
+    pack objects, indexes and manifests no version there uses once these are gone
+    (what a remote gc deletes when its grace period has passed).
+    """
+
+    deleted: tuple[ModelVersion, ...] | tuple[RemoteVersion, ...]
     kept: int
-    freed_bytes: int  # stored bytes of the chunks no version uses once these are gone
+    freed_bytes: int
     dry_run: bool = False
 
     def __str__(self) -> str:

@@ -147,6 +147,8 @@ COMMANDS = {
     "remote add": ["vault", "name", "url"],
     "remote gc": ["url", "--endpoint-url", "--grace", "--single-writer"],
     "remote ls": ["url", "--endpoint-url", "--json"],
+    "remote prune": ["url", "name", "--keep-last", "--keep-aliased", "--keep-tagged",
+                     "--keep-since", "--dry-run", "--json", "--endpoint-url", "--single-writer"],
     "remote remove": ["vault", "name"],
     "remote rm": ["url", "ref", "--endpoint-url", "--single-writer"],
     "remotes": ["vault", "--json"],

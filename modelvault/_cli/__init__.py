@@ -23,12 +23,14 @@ from .._version import __version__
 from . import _remote
 from ._common import (
     _echo_json,
+    _echo_prune,
     _Group,
     _open,
     _pairs,
     _table,
     _version_json,
     json_option,
+    prune_options,
     vault_path,
 )
 
@@ -519,14 +521,7 @@ def gc_command(vault: Path) -> None:
 @cli.command("prune")
 @vault_path
 @click.argument("name", required=False)
-@click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
-              help="Keep each model's N newest versions.")
-@click.option("--keep-aliased/--drop-aliased", default=True, show_default=True,
-              help="Keep the versions an alias points at.")
-@click.option("--keep-tagged", is_flag=True, help="Keep the versions that have tags.")
-@click.option("--keep-since", metavar="DATE",
-              help="Keep the versions saved at or after DATE (ISO 8601, UTC: 2026-12-01).")
-@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@prune_options
 @json_option
 def prune_command(vault: Path, name: str | None, keep_last: int | None, keep_aliased: bool,
                   keep_tagged: bool, keep_since: str | None, dry_run: bool,
@@ -539,16 +534,7 @@ def prune_command(vault: Path, name: str | None, keep_last: int | None, keep_ali
     with _open(vault) as v:
         report = v.prune(name, keep_last=keep_last, keep_aliased=keep_aliased,
                          keep_tagged=keep_tagged, keep_since=keep_since, dry_run=dry_run)
-    if as_json:
-        _echo_json({"deleted": [_version_json(mv) for mv in report.deleted],
-                    "kept": report.kept, "freed_bytes": report.freed_bytes,
-                    "dry_run": report.dry_run})
-        return
-    verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {len(report.deleted)} version(s), kept {report.kept}; `modelvault gc` "
-               f"{'would free' if dry_run else 'frees'} {human_bytes(report.freed_bytes)}")
-    for mv in report.deleted:
-        click.echo(f"  {mv.ref}  {mv.created_at:%Y-%m-%d %H:%M}  {human_bytes(mv.size)}")
+    _echo_prune(report, "modelvault gc", as_json)
 
 
 @cli.command("verify")

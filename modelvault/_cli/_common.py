@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .._errors import VaultError
-from .._records import ModelVersion
+from .._records import ModelVersion, human_bytes
 from .._vault import Vault
+
+if TYPE_CHECKING:
+    from .._reports import PruneReport
 
 
 class _Group(click.Group):
@@ -98,3 +102,37 @@ single_writer_option = click.option(
     "--single-writer", is_flag=True,
     help="Use a store that ignores create-only writes: only if no other process ever "
          "writes to it.")
+
+
+def prune_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The keep-rules of `prune` and `remote prune` (Vault.prune's), and --dry-run."""
+    for option in reversed([
+            click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
+                         help="Keep each model's N newest versions."),
+            click.option("--keep-aliased/--drop-aliased", default=True, show_default=True,
+                         help="Keep the versions an alias points at."),
+            click.option("--keep-tagged", is_flag=True,
+                         help="Keep the versions that have tags."),
+            click.option("--keep-since", metavar="DATE",
+                         help="Keep the versions saved at or after DATE (ISO 8601, UTC: "
+                              "2026-12-01)."),
+            click.option("--dry-run", is_flag=True,
+                         help="Say what would be deleted; delete nothing.")]):
+        command = option(command)
+    return command
+
+
+def _echo_prune(report: PruneReport, gc: str, as_json: bool) -> None:
+    """Print what a prune deleted (or would) and what the command ``gc`` then frees."""
+    if as_json:
+        _echo_json({"deleted": [_version_json(v) if isinstance(v, ModelVersion) else asdict(v)
+                                for v in report.deleted],
+                    "kept": report.kept, "freed_bytes": report.freed_bytes,
+                    "dry_run": report.dry_run})
+        return
+    verb, frees = ("would delete", "would free") if report.dry_run else ("deleted", "frees")
+    click.echo(f"{verb} {len(report.deleted)} version(s), kept {report.kept}; `{gc}` "
+               f"{frees} {human_bytes(report.freed_bytes)}")
+    for v in report.deleted:
+        at = v.created_at if isinstance(v.created_at, str) else v.created_at.isoformat()
+        click.echo(f"  {v.ref}  {at[:16].replace('T', ' ')}  {human_bytes(v.size)}")

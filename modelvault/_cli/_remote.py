@@ -10,10 +10,12 @@ import click
 from .._records import human_bytes
 from ._common import (
     _echo_json,
+    _echo_prune,
     _open,
     _table,
     endpoint_option,
     json_option,
+    prune_options,
     single_writer_option,
     vault_path,
 )
@@ -73,7 +75,7 @@ def clone_command(url: str, vault: Path, refs: tuple[str, ...], endpoint_url: st
 
 @click.group("remote")
 def remote_group() -> None:
-    """A remote on object storage: list, delete, collect."""
+    """A remote on object storage: list, delete, prune, collect."""
 
 
 @remote_group.command("add")
@@ -140,6 +142,31 @@ def remote_rm_command(url: str, ref: str, endpoint_url: str | None, single_write
 
     gone = Remote(url, endpoint_url=endpoint_url, single_writer=single_writer).delete(ref)
     click.echo(f"deleted {gone.ref} on the remote")
+
+
+@remote_group.command("prune")
+@click.argument("url")
+@click.argument("name", required=False)
+@prune_options
+@json_option
+@endpoint_option
+@single_writer_option
+def remote_prune_command(url: str, name: str | None, keep_last: int | None,
+                         keep_aliased: bool, keep_tagged: bool, keep_since: str | None,
+                         dry_run: bool, as_json: bool, endpoint_url: str | None,
+                         single_writer: bool) -> None:
+    """Delete the versions on the remote URL (of NAME, or of every model) no --keep rule
+    keeps, in one log entry.
+
+    Each model's latest version always stays. Their bytes go at the next
+    `modelvault remote gc URL`, once its grace period has passed.
+    """
+    from .._remote import Remote
+
+    report = Remote(url, endpoint_url=endpoint_url, single_writer=single_writer).prune(
+        name, keep_last=keep_last, keep_aliased=keep_aliased, keep_tagged=keep_tagged,
+        keep_since=keep_since, dry_run=dry_run)
+    _echo_prune(report, "modelvault remote gc", as_json)
 
 
 @remote_group.command("gc")

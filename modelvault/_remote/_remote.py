@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from .._catalog import Catalog
 from .._connection import Connection
 from .._errors import IntegrityError, NotFoundError, RemoteError
 from .._packs import PackStore
-from .._reports import RemoteGcReport, RemoteVersion
+from .._reports import PruneReport, RemoteGcReport, RemoteVersion
 from ._log import Log, State
 from ._objects import PackObjects
+from ._retention import chunks, garbage, prune
 from ._store import Store, dumps
 
 FORMAT = 1  # of the remote's layout: docs/remote.md
@@ -174,6 +176,22 @@ class Remote:
         self.log.commit(make)
         return found[0]
 
+    def prune(self, name: str | None = None, *, keep_last: int | None = None,
+              keep_aliased: bool = True, keep_tagged: bool = False,
+              keep_since: datetime | str | None = None, dry_run: bool = False) -> PruneReport:
+        """Delete the versions on the remote (of model ``name``, or of every model) that
+        no rule keeps, in one log entry: the rules and the report of ``Vault.prune``,
+        whose ``deleted`` then holds RemoteVersion records and ``freed_bytes`` the bytes
+        a remote ``gc`` frees after it, once its grace period has passed. A dry run
+        writes nothing.
+
+        >>> _ = vault.push("memory://prune-doc")
+        >>> Remote("memory://prune-doc").prune(keep_last=1).deleted
+        ()
+        """
+        return prune(self, name, keep_last=keep_last, keep_aliased=keep_aliased,
+                     keep_tagged=keep_tagged, keep_since=keep_since, dry_run=dry_run)
+
     def gc(self, grace: float = GRACE) -> RemoteGcReport:
         """Delete pack objects no version on the remote uses, and manifests of deleted
         versions, that are older than ``grace`` seconds; a push in flight stops it."""
@@ -182,43 +200,12 @@ class Remote:
         lock = self.lock("gc")
         try:
             state = self.log.state()
-            self.packs.index()
-            live: set[str] = set()
-            for uuid in state.versions:
-                for hashes in self.manifest(uuid)["chunks"]:
-                    live.update(hashes)
-            todo = list(live)
-            while todo:  # and their delta bases, those of every copy of a chunk
-                for base in self.packs.bases_of.get(todo.pop(), ()):
-                    if base not in live:
-                        live.add(base)
-                        todo.append(base)
-            used = {pack for pack, hashes in self.packs.packs_of.items() if hashes & live}
-            cutoff = time.time() - grace
-            listed = {m["path"]: m for m in self.store.list("packs/")}
-            doomed: list[str] = []
-            for key in sorted(listed):  # a pack object with its index, judged as a pair
-                name, kind = key.rsplit("/", 1)[1].rsplit(".", 1)
-                if kind != "pack" or name in used:
-                    continue
-                pair = [m for m in (listed.get(key), listed.get(f"packs/{name}.idx")) if m]
-                if max(m["last_modified"].timestamp() for m in pair) <= cutoff:
-                    doomed += [f"packs/{name}.idx", key]  # the index first: never a
-                    # listed index without its pack
-            doomed += [key for key in listed if key.endswith(".idx")
-                       and f"{key[:-4]}.pack" not in listed
-                       and listed[key]["last_modified"].timestamp() <= cutoff]
-            doomed += [m["path"] for m in self.store.list("versions/")
-                       if m["path"].rsplit("/", 1)[1][:-5] not in state.versions
-                       and m["last_modified"].timestamp() <= cutoff]
-            sizes = {m["path"]: m["size"] for m in self.store.list("versions/")}
-            sizes.update({k: m["size"] for k, m in listed.items()})
+            doomed = garbage(self.packs, chunks(self, state.versions), time.time() - grace)
             # Last look before deleting: a push whose lock had expired may be back.
             self.renew(lock)
             self.others(lock, ("locks/push-", "locks/gc-"))
             for key in doomed:
                 self.store.delete(key)
-            return RemoteGcReport(len([k for k in doomed if k in sizes]),
-                                  sum(sizes.get(k, 0) for k in doomed))
+            return RemoteGcReport(len(doomed), sum(doomed.values()))
         finally:
             self.store.delete(lock)
