@@ -37,14 +37,18 @@ def _refs(vault: modelvault.Vault) -> list[str]:
     return [v.ref for v in vault.versions()]
 
 
-@pytest.mark.parametrize(("rules", "left"), [
+# Rules and what they leave of `series` (tests/test_remote_prune.py: of a remote's too).
+RULES = [
     ({"keep_last": 2}, ["m:2", "m:5", "m:6", "n:1", "n:2"]),
     ({"keep_last": 1}, ["m:2", "m:6", "n:2"]),
     ({"keep_last": 1, "keep_aliased": False}, ["m:6", "n:2"]),
     ({"keep_last": 1, "keep_tagged": True}, ["m:2", "m:3", "m:6", "n:2"]),
     ({"keep_tagged": True, "keep_aliased": False}, ["m:3", "m:6", "n:2"]),
     ({"keep_last": 10}, ["m:1", "m:2", "m:3", "m:4", "m:5", "m:6", "n:1", "n:2"]),
-])
+]
+
+
+@pytest.mark.parametrize(("rules", "left"), RULES)
 def test_the_rules_keep_what_they_say_and_every_models_latest(series, rules, left):
     with modelvault.open(series) as vault:
         report = vault.prune(**rules)

@@ -12,6 +12,7 @@ from datetime import timezone
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_prune import RULES
 
 import modelvault
 from modelvault import IntegrityError, NotFoundError, Remote
@@ -59,14 +60,7 @@ def _log_keys(remote: Remote) -> list[str]:
     return [m["path"] for m in remote.store.list("log/")]
 
 
-@pytest.mark.parametrize(("rules", "left"), [
-    ({"keep_last": 2}, ["m:2", "m:5", "m:6", "n:1", "n:2"]),
-    ({"keep_last": 1}, ["m:2", "m:6", "n:2"]),
-    ({"keep_last": 1, "keep_aliased": False}, ["m:6", "n:2"]),
-    ({"keep_last": 1, "keep_tagged": True}, ["m:2", "m:3", "m:6", "n:2"]),
-    ({"keep_tagged": True, "keep_aliased": False}, ["m:3", "m:6", "n:2"]),
-    ({"keep_last": 10}, ALL),
-])
+@pytest.mark.parametrize(("rules", "left"), RULES)
 def test_the_rules_keep_what_they_keep_in_a_vault_in_one_log_entry(series, rules, left):
     path, url = series
     remote = Remote(url)
