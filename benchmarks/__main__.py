@@ -23,12 +23,14 @@ from pathlib import Path
 from .models import FULL, QUICK
 from .report import REPO, Section, as_json, machine_facts, markdown
 from .timing import cold_allocations
+from .app_workloads import w10_app_update
 from .remote_workloads import w9_remote
 from .torch_workloads import w6_torch, w7_checkpoints
 from .workloads import WORKLOADS as _NUMPY_WORKLOADS
 from .workloads import Context
 
-WORKLOADS = {**_NUMPY_WORKLOADS, "W6": w6_torch, "W7": w7_checkpoints, "W9": w9_remote}
+WORKLOADS = {**_NUMPY_WORKLOADS, "W6": w6_torch, "W7": w7_checkpoints, "W9": w9_remote,
+             "W10": w10_app_update}
 
 
 def _workload_list(text: str) -> list[str]:
