@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import modelvault
-from modelvault import IntegrityError, ReadOnlyError, UntrustedError, VaultError
+from modelvault import IntegrityError, UntrustedError, VaultError
 
 EVERY = 0.05
 # Checks a change may take to be served: the one in progress when it committed may
@@ -373,11 +373,6 @@ def test_a_vault_in_a_read_only_folder_is_watched(churn, tmp_path):
     finally:
         churn.parent.chmod(0o755)
     assert not list(churn.parent.glob("*-journal"))
-
-
-def test_a_remote_with_a_read_only_vault_is_refused(churn):
-    with pytest.raises(ValueError, match="read-only"):
-        modelvault.follow(churn, "churn@production", remote="file:///x", readonly=True)
 
 
 # -- remotes ----------------------------------------------------------------------
