@@ -87,6 +87,7 @@ class LiveModel:
         self._failures = 0
         self._retry_at = 0.0  # time.monotonic() before which a failed check is not repeated
         self._logged: set[str] = set()  # the errors logged since the last check that worked
+        self._conflicts: set[str] = set()  # what the last pull reported (logged once)
         self._closed = False
         if remote is not None and not self.path.exists():
             if "://" not in remote:
@@ -102,7 +103,9 @@ class LiveModel:
         except BaseException:
             self._file.close()
             raise
-        self._checking = threading.Lock()  # one check at a time: the thread's or refresh()'s
+        # One check at a time, the thread's or refresh()'s; reentrant for an on_change
+        # that calls close() or refresh().
+        self._checking = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start()
@@ -149,13 +152,12 @@ class LiveModel:
         return swapped
 
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
-                                        name=f"modelvault follow {self.ref}")
+        # The thread holds the handle weakly: a handle dropped without close() is
+        # collected, and its thread ends at its next tick.
+        self._thread = threading.Thread(target=_run, args=(weakref.ref(self), self._stop,
+                                                           self.every),
+                                        daemon=True, name=f"modelvault follow {self.ref}")
         self._thread.start()
-
-    def _run(self, stop: threading.Event) -> None:
-        while not stop.wait(self.every):
-            self._check(force=False)
 
     def _check(self, *, force: bool) -> bool:
         with self._checking:
@@ -197,8 +199,10 @@ class LiveModel:
             return self._swap(serving)
         if self.remote is not None and due:
             report = file.vault.pull(self.remote, [self.ref], endpoint_url=self._endpoint_url)
-            for conflict in report.conflicts:
-                self._log_once(f"pull from {self.remote}: {conflict}", None)
+            for conflict in set(report.conflicts) - self._conflicts:
+                logger.warning("following %s in %s: pull from %s: %s", self.ref, self.path,
+                               self.remote, conflict)
+            self._conflicts = set(report.conflicts)
         if file.data_version() == file.seen and not force \
                 and not (self.error is not None and due):
             return False
@@ -226,7 +230,9 @@ class LiveModel:
                        None if isinstance(exc, VaultError) else exc)
         # The traceback would keep the failed load's frames, and what they held, alive.
         cause: BaseException | None = exc
-        while cause is not None:
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
             cause.__traceback__ = None
             cause = cause.__cause__ or cause.__context__
         self.error = exc
@@ -274,7 +280,7 @@ class LiveModel:
     def _after_fork(self) -> None:
         """In a fork child: the parent's thread is gone and its locks may have been held
         at the fork. Keep serving; follow again only from ``refresh()``."""
-        self._checking = threading.Lock()
+        self._checking = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
         # Closing the parent's connections here could roll back and delete a journal of
@@ -331,6 +337,17 @@ class _File:
     def close(self) -> None:
         self.watcher.close()
         self.vault.close()
+
+
+def _run(live: weakref.ref[LiveModel], stop: threading.Event, every: float) -> None:
+    """The checking thread: a check every ``every`` seconds until ``stop`` is set or
+    the handle is gone."""
+    while not stop.wait(every):
+        handle = live()
+        if handle is None:
+            return
+        handle._check(force=False)
+        del handle
 
 
 def _identity(path: Path) -> tuple[int, int]:

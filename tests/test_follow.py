@@ -180,6 +180,17 @@ def test_close_stops_the_thread_and_releases_the_vault(churn):
     live.close()  # twice is harmless
 
 
+def test_a_handle_dropped_without_close_ends_its_thread(churn):
+    live = modelvault.follow(churn, "churn@production", every=EVERY)
+    (thread,) = _follow_threads()
+    handle = weakref.ref(live)
+    del live
+    gc.collect()
+    assert handle() is None
+    thread.join(PATIENCE)
+    assert not thread.is_alive()
+
+
 def test_a_replaced_model_is_released(churn):
     with modelvault.follow(churn, "churn@production", every=3600) as live:
         old = weakref.ref(live.model["a0"])
@@ -419,6 +430,28 @@ def test_each_check_pulls_the_ref_and_a_remote_that_is_down_keeps_serving(tmp_pa
         with pytest.raises(VaultError):
             live.refresh()
         assert isinstance(live.error, VaultError) and live.model is not None
+
+
+def test_a_pull_conflict_is_logged_once(tmp_path, churn, remote, caplog):
+    """@production moved in the app's vault and on the remote: the pull's conflict is
+    logged once, not at every check, and the app serves its own choice."""
+    app = tmp_path / "app.vault"
+    with modelvault.follow(app, "churn@production", remote=remote, every=3600) as live, \
+            caplog.at_level(logging.WARNING, logger="modelvault"):
+        with modelvault.open(app) as vault:
+            _save(vault, 5, aliases=["production"])
+        with modelvault.open(churn) as vault:
+            _save(vault, 2, aliases=["production"])
+            vault.push(remote)
+        for _ in range(3):
+            live.refresh()
+        assert _seq(live.model) == 5 and live.error is None
+    conflicts = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                 and "churn@production:" in r.getMessage()]
+    # Once per wording: before pull remembered the remote's aliases, a second pull
+    # worded the same conflict differently (issue #21).
+    assert conflicts and len(set(conflicts)) == len(conflicts)
+    assert all(remote in message for message in conflicts)
 
 
 @follows_remote_aliases
