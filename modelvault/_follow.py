@@ -4,8 +4,8 @@
 name follows the latest version) and hands back a ``LiveModel``. A daemon thread then
 checks every ``every`` seconds: with a remote, it pulls the ref first; then it asks
 SQLite whether any other connection committed to the file since the last check
-(``PRAGMA data_version`` on a read-only connection of its own, a few microseconds) and
-whether the file at the path was replaced (its inode); only then does it resolve the
+(``PRAGMA data_version`` on a connection of its own, a few microseconds) and whether
+the file at the path was replaced (its inode); only then does it resolve the
 ref (one query) and, if it names another version, load that version beside the one
 serving and swap the one reference both hang on.
 
@@ -291,9 +291,9 @@ class LiveModel:
 
 
 class _File:
-    """The vault file being followed: the vault that loads and pulls, a read-only
-    connection of its own whose ``PRAGMA data_version`` changes when anyone else
-    commits (the vault's own pulls included), and the file's identity."""
+    """The vault file being followed: the vault that loads and pulls, a connection of
+    its own whose ``PRAGMA data_version`` changes when anyone else commits (the
+    vault's own pulls included), and the file's identity."""
 
     def __init__(self, vault: Any, watcher: Connection, identity: tuple[int, int]) -> None:
         self.vault = vault
@@ -308,7 +308,11 @@ class _File:
         identity = _identity(path)
         vault = Vault(path, create=False, timeout=TIMEOUT, **options)
         try:
-            watcher = Connection(path, readonly=True, create=False, timeout=TIMEOUT)
+            # Writable if the vault is, though it never writes: a writer killed mid-write
+            # leaves a hot journal, which only a connection that may write rolls back,
+            # and this is the one that reads first.
+            watcher = Connection(path, readonly=vault.readonly, create=False,
+                                 timeout=TIMEOUT)
         except BaseException:
             vault.close()
             raise

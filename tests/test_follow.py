@@ -337,6 +337,32 @@ def test_a_file_overwritten_in_place_with_garbage_keeps_serving(churn):
         assert _seq(live.model) == 1 and live.version.ref == "churn:1"
 
 
+_KILLED_WRITER = textwrap.dedent("""
+    import os, sqlite3, sys
+    db = sqlite3.connect(sys.argv[1], isolation_level=None)
+    db.execute("PRAGMA cache_size = 1")  # spill to the file mid-write: the journal is hot
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("UPDATE packs SET data = zeroblob(length(data))")
+    os._exit(0)  # killed before COMMIT
+""")
+
+
+def test_a_writer_killed_mid_write_is_rolled_back_and_following_goes_on(churn):
+    """Hostile case: a writer dies mid-write and leaves a hot journal. The handle's
+    first read rolls it back (a read-only connection would fail on it at every check
+    until some other process opened the file to write), and the next move serves."""
+    with modelvault.open(churn) as vault:  # pages enough to spill before the kill
+        vault.save("other", {"w": np.random.default_rng(0).random(300_000)})
+    with modelvault.follow(churn, "churn@production", every=EVERY) as live:
+        subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(churn)], check=True)
+        journal = Path(f"{churn}-journal")
+        assert journal.read_bytes()[:1] not in (b"", b"\0")  # hot
+        assert _wait(live, lambda: not journal.exists())
+        assert live.error is None and _seq(live.model) == 1
+        _move(churn, 2)
+        assert _wait(live, lambda: _seq(live.model) == 2)
+
+
 # -- read-only vaults -------------------------------------------------------------
 
 _READ_ONLY_APP = textwrap.dedent("""
