@@ -62,6 +62,10 @@ class LiveModel:
     ``model`` is always a whole loaded model, ``version`` the ``ModelVersion`` it came
     from; ``current`` gives both from one moment (read ``model`` and then ``version``,
     and a swap may fall between). Calling the handle calls the model.
+
+    Attributes: ``path``, ``ref``, ``remote`` and ``every`` as given to ``follow``;
+    ``error``, why the last check failed (None once one works: a health probe's
+    answer); ``checks``, how many checks ran, failed ones too.
     """
 
     def __init__(self, path: str | os.PathLike[str], ref: str, *, remote: str | None = None,
@@ -78,8 +82,8 @@ class LiveModel:
         self.ref = ref
         self.remote = remote
         self.every = float(every)
-        self.error: Exception | None = None  # why the last check failed; None once one works
-        self.checks = 0  # checks done, failed ones too: a health probe's counter
+        self.error: Exception | None = None
+        self.checks = 0
         self._endpoint_url = endpoint_url
         self._trust, self._require, self._device = trust, require, device
         self._readonly = readonly
