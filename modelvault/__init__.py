@@ -42,6 +42,7 @@ __all__ = [
     "EnvironmentWarning",
     "FormatVersionError",
     "IntegrityError",
+    "LiveModel",
     "LockTimeout",
     "MergeReport",
     "ModelInfo",
@@ -64,6 +65,7 @@ __all__ = [
     "VaultError",
     "VaultStats",
     "clone",
+    "follow",
     "load",
     "open",
     "save",
@@ -105,8 +107,9 @@ def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None,
 
 
 # Imported when first asked for: `import modelvault` stays quick for the scripts and apps
-# that only load (Remote would bring obstore and the network stack).
+# that only load (Remote would bring obstore and the network stack; follow, logging).
 _LATER = {"Changes": "_diff", "Diff": "_diff", "EntryChange": "_diff", "Remote": "_remote",
+          "LiveModel": "_follow", "follow": "_follow",
           "SelftestResult": "_selftest", "MergeReport": "_reports", "PruneReport": "_reports",
           "PushReport": "_reports",
           "RemoteGcReport": "_reports", "RemoteVersion": "_reports"}

@@ -18,12 +18,12 @@ from modelvault._cli import cli
 EXPORTS = [
     "Changes", "CorruptVaultError", "DamagedVaultWarning", "Diff", "DiskFullError", "EntryChange",
     "EnvironmentWarning",
-    "FormatVersionError", "IntegrityError", "LockTimeout",
+    "FormatVersionError", "IntegrityError", "LiveModel", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PruneReport", "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport",
     "RemoteVersion",
     "SelftestResult", "TooLargeError", "UnpicklableError", "UntrustedError", "Vault",
-    "VaultError", "VaultStats", "clone", "load", "open", "save",
+    "VaultError", "VaultStats", "clone", "follow", "load", "open", "save",
 ]
 
 PATHLIKE = "str | os.PathLike[str]"
@@ -39,7 +39,14 @@ FUNCTIONS = {
             "-> 'Any'",
     "clone": f"(url: 'str', path: '{PATHLIKE}', refs: 'list[str] | None' = None, *, "
              "endpoint_url: 'str | None' = None) -> 'Vault'",
+    "follow": f"(path: '{PATHLIKE}', ref: 'str', *, remote: 'str | None' = None, "
+              "every: 'float' = 30.0, endpoint_url: 'str | None' = None, trust: 'bool' = "
+              "False, require: 'str | None' = None, device: 'Any' = None, readonly: 'bool' = "
+              "False, on_change: 'Callable[[ModelVersion, ModelVersion], Any] | None' = None) "
+              "-> 'LiveModel'",
 }
+# What an app reads and calls on the handle follow() returns.
+LIVE_MODEL = {"model", "version", "current", "refresh", "close"}
 VAULT_METHODS = {
     "__init__": f"(self, path: '{PATHLIKE}', *, readonly: 'bool' = False, create: 'bool' = "
                 "True, timeout: 'float' = 60.0, progress: 'bool | None' = None, require: "
@@ -180,6 +187,12 @@ def test_vault_has_exactly_its_public_methods_with_their_signatures():
     assert public == VAULT_METHODS.keys() - {"__init__"}
     assert {name: str(inspect.signature(getattr(modelvault.Vault, name)))
             for name in VAULT_METHODS} == VAULT_METHODS
+
+
+def test_live_model_has_exactly_its_public_methods_and_properties():
+    assert {name for name in vars(modelvault.LiveModel) if not name.startswith("_")} \
+        == LIVE_MODEL
+    assert str(inspect.signature(modelvault.LiveModel.refresh)) == "(self) -> 'bool'"
 
 
 def test_vault_attributes_and_context_manager(tmp_path):
