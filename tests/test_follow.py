@@ -519,57 +519,80 @@ def test_an_app_following_a_trainer_serves_only_whole_production_models(tmp_path
     context = multiprocessing.get_context("spawn")
     moved, served = context.Queue(), context.Queue()
     trainer = context.Process(target=_trainer, args=(path, rounds, moved, served))
-    counts: Counter[str] = Counter(wrong=0)
-    announced = {0}
-    polls: list[int] = []
-    models: dict[int, weakref.ref] = {}
     with modelvault.follow(path, "churn@production", every=EVERY) as live:
         trainer.start()
         try:
-            waiting: tuple[int, int] | None = None  # (seq moved to, checks by then)
-            done = False
-            deadline = time.monotonic() + PATIENCE * 5
-            while not done and time.monotonic() < deadline:
-                serving = live.current
-                seq = _seq(serving.model)
-                counts["predictions"] += 1
-                if seq is None or seq != serving.version.metadata["seq"]:
-                    counts["wrong"] += 1
-                models.setdefault(seq, weakref.ref(serving.model["a0"]))
-                del serving
-                if waiting is not None and seq == waiting[0]:
-                    polls.append(live.checks - waiting[1])
-                    served.put(seq)
-                    waiting = None
-                elif waiting is not None and live.checks - waiting[1] > 10 * POLLS:
-                    break  # not served: the assertion below says so
-                with contextlib.suppress(queue.Empty):
-                    message = moved.get_nowait()
-                    if message is None:
-                        done = True
-                    else:
-                        announced.add(message)
-                        counts["moves"] += 1
-                        waiting = (message, live.checks)
-                time.sleep(0.001)
-            final = _seq(live.model)
+            counts = serve(live, moved, served)
         finally:
             served.put(-1)  # a trainer still waiting gives up
             trainer.join(PATIENCE)
             if trainer.is_alive():
                 trainer.kill()
-        served_seqs = {seq for seq in models}
-        gc.collect()
-        alive = sorted(seq for seq, ref in models.items() if ref() is not None)
-    counts["most checks to serve a move"] = max(polls, default=0)
-    counts["models still in memory"] = len(alive)
     _report("app following a trainer (local vault)", rounds, counts)
-    assert done and counts["moves"] == rounds and len(polls) == rounds
-    assert counts["wrong"] == 0
-    assert served_seqs <= announced  # never a checkpoint that was not @production
-    assert max(polls) <= POLLS
-    assert alive == [final] == [2 * rounds]  # every replaced model released
+    check_trial(counts, rounds)
     assert trainer.exitcode == 0
+
+
+def serve(live, moved, served) -> Counter[str]:
+    """Serve predictions from ``live`` in a loop until the trainer says it is done (None
+    on ``moved``); each seq it announces on ``moved`` is answered on ``served`` once
+    served. Returns the trial's counts: predictions, wrong ones (a mix of versions, or
+    a model that is not the version it says), moves, the most checks a move took to be
+    served, served seqs that were never announced, and models still in memory at the end
+    (each replaced one should be released)."""
+    counts: Counter[str] = Counter(wrong=0, moves=0)
+    announced = {0}
+    polls: list[int] = []
+    models: dict[int | None, weakref.ref] = {}
+    waiting: tuple[int, int] | None = None  # (seq moved to, checks by then)
+    done = False
+    deadline = time.monotonic() + PATIENCE * 5
+    while not done and time.monotonic() < deadline:
+        serving = live.current
+        seq = _seq(serving.model)
+        counts["predictions"] += 1
+        if seq is None or seq != serving.version.metadata["seq"]:
+            counts["wrong"] += 1
+        models.setdefault(seq, weakref.ref(serving.model["a0"]))
+        del serving
+        if live.error is not None:
+            counts[f"checks failed: {type(live.error).__name__}"] += 1
+            counts["errors not VaultError"] += not isinstance(live.error, VaultError)
+        if waiting is not None and seq == waiting[0]:
+            polls.append(live.checks - waiting[1])
+            served.put(seq)
+            waiting = None
+        elif waiting is not None and live.checks - waiting[1] > 10 * POLLS:
+            break  # not served: check_trial says so
+        with contextlib.suppress(queue.Empty):
+            message = moved.get_nowait()
+            if message is None:
+                done = True
+            else:
+                announced.add(message)
+                counts["moves"] += 1
+                waiting = (message, live.checks)
+        time.sleep(0.001)
+    counts["done"] = done
+    counts["final"] = _seq(live.model)
+    counts["moves served"] = len(polls)
+    counts["most checks to serve a move"] = max(polls, default=0)
+    counts["served but never @production"] = len(set(models) - announced)
+    gc.collect()
+    alive = [seq for seq, ref in models.items() if ref() is not None]
+    counts["models still in memory"] = len(alive)
+    counts["the one in memory is the final one"] = alive == [counts["final"]]
+    return counts
+
+
+def check_trial(counts: Counter[str], rounds: int) -> None:
+    """The trial's promises, on the counts ``serve`` gave."""
+    assert counts["done"] and counts["moves"] == rounds and counts["moves served"] == rounds
+    assert counts["wrong"] == 0 and counts["served but never @production"] == 0
+    assert counts["most checks to serve a move"] <= POLLS
+    assert counts["models still in memory"] == 1 and counts["the one in memory is the final one"]
+    assert counts["final"] == 2 * rounds
+    assert counts["errors not VaultError"] == 0
 
 
 def _report(title: str, rounds: int, counts: Counter[str]) -> None:
