@@ -176,20 +176,23 @@ class LiveModel:
                 return False
             finally:
                 self.checks += 1
+            if swapped is None:  # a tick that only waited out the backoff: still failing
+                return False
             if self.error is not None:
                 logger.info("following %s in %s works again", self.ref, self.path)
             self.error, self._failures, self._retry_at = None, 0, 0.0
             self._logged.clear()
             return swapped
 
-    def _check_once(self, force: bool) -> bool:
+    def _check_once(self, force: bool) -> bool | None:
+        """One check; None if it tried nothing, waiting out the backoff of a failure."""
         due = force or time.monotonic() >= self._retry_at
         file = self._file
         if file is None or file.identity != _identity(self.path):
             # Replaced (a new export renamed over it), or not yet opened in a fork child.
             # The file in use serves until the new one has given a whole model.
             if not due and file is not None:
-                return False
+                return None
             new = _File.open(self.path, self._opening())
             try:
                 serving = new.fetch(self.ref, self._serving.version, trust=self._trust,
@@ -207,9 +210,11 @@ class LiveModel:
                 logger.warning("following %s in %s: pull from %s: %s", self.ref, self.path,
                                self.remote, conflict)
             self._conflicts = set(report.conflicts)
-        if file.data_version() == file.seen and not force \
-                and not (self.error is not None and due):
-            return False
+        if file.data_version() == file.seen and not force:
+            if self.error is None:
+                return False
+            if not due:
+                return None
         return self._swap(file.fetch(self.ref, self._serving.version, trust=self._trust,
                                      device=self._device))
 

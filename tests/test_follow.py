@@ -285,6 +285,28 @@ def test_a_damaged_version_is_passed_by_when_the_alias_moves_on(churn, flip_chun
         assert live.error is None
 
 
+def test_a_check_that_keeps_failing_stays_failed_and_is_retried(churn, flip_chunk_byte,
+                                                                 loads, caplog):
+    """While the version at the alias cannot be loaded, ``error`` stays set (a health
+    probe reads it) and the load is tried again at growing intervals with no commit to
+    the file. A tick that only waits out the backoff is not a check that worked: it
+    cleared the error, logged "works again", and the version was never tried again."""
+    with modelvault.open(churn) as vault:
+        _save(vault, 2)
+    with contextlib.closing(sqlite3.connect(churn)) as db, db:
+        for chunk in _only_chunks_of(churn, "churn:2"):
+            flip_chunk_byte(db, chunk)
+    with modelvault.follow(churn, "churn@production", every=EVERY) as live, \
+            caplog.at_level(logging.INFO, logger="modelvault"):
+        with modelvault.open(churn) as vault:
+            vault.alias("churn:2", "production")
+        assert _wait(live, lambda: live.error is not None)
+        tried = loads["load"]
+        assert not _wait(live, lambda: live.error is None, polls=12)
+        assert loads["load"] > tried and _seq(live.model) == 1
+        assert not [r for r in caplog.records if "works again" in r.getMessage()]
+
+
 def test_a_signed_only_handle_refuses_an_unsigned_version(churn, caplog):
     with modelvault.follow(churn, "churn@production", every=EVERY, require="trusted") as live, \
             caplog.at_level(logging.WARNING, logger="modelvault"):
