@@ -233,7 +233,10 @@ class LiveModel:
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
-        delay = min(self.every * 2 ** (self._failures - 1), max(self.every, MAX_BACKOFF))
+        # The exponent capped: 2 ** 1024 is no float, and a vault gone for a night fails
+        # that many times.
+        delay = min(self.every * 2 ** min(self._failures - 1, 64),
+                    max(self.every, MAX_BACKOFF))
         self._retry_at = time.monotonic() + delay
         self._log_once(f"{type(exc).__name__}: {exc}",
                        None if isinstance(exc, VaultError) else exc)

@@ -307,6 +307,22 @@ def test_a_check_that_keeps_failing_stays_failed_and_is_retried(churn, flip_chun
         assert not [r for r in caplog.records if "works again" in r.getMessage()]
 
 
+def test_a_vault_gone_for_many_checks_is_followed_again_when_it_is_back(churn, tmp_path):
+    """Hostile case: the file is gone for a long while (1,100 checks: 9 hours at the
+    default ``every``). Every check fails with a VaultError, the thread lives on, and the
+    vault put back is followed again. The backoff's 2**failures once overflowed a float
+    at the 1,025th failure, killing the thread."""
+    with modelvault.follow(churn, "churn@production", every=EVERY) as live:
+        os.replace(churn, tmp_path / "away.vault")
+        for _ in range(1100):
+            with pytest.raises(VaultError, match="gone"):
+                live.refresh()
+        os.replace(tmp_path / "away.vault", churn)
+        _move(churn, 2)
+        assert _wait(live, lambda: _seq(live.model) == 2, polls=10)
+        assert live.error is None and len(_follow_threads()) == 1
+
+
 def test_a_signed_only_handle_refuses_an_unsigned_version(churn, caplog):
     with modelvault.follow(churn, "churn@production", every=EVERY, require="trusted") as live, \
             caplog.at_level(logging.WARNING, logger="modelvault"):
