@@ -164,7 +164,11 @@ class LiveModel:
         self._thread.start()
 
     def _check(self, *, force: bool) -> bool:
-        with self._checking:
+        # The thread's tick passes while refresh() checks, rather than wait for it: an
+        # on_change run by refresh() may call close(), which waits for the thread.
+        if not self._checking.acquire(blocking=force):
+            return False
+        try:
             if self._closed:
                 return False
             try:
@@ -183,6 +187,8 @@ class LiveModel:
             self.error, self._failures, self._retry_at = None, 0, 0.0
             self._logged.clear()
             return swapped
+        finally:
+            self._checking.release()
 
     def _check_once(self, force: bool) -> bool | None:
         """One check; None if it tried nothing, waiting out the backoff of a failure."""

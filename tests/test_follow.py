@@ -180,6 +180,23 @@ def test_close_stops_the_thread_and_releases_the_vault(churn):
     live.close()  # twice is harmless
 
 
+def test_an_on_change_run_by_refresh_may_close_the_handle(churn):
+    """on_change, run by refresh() on the caller's thread, closes the handle while the
+    checking thread's tick waits for that check: close() waited for that thread, which
+    waited for the check close() was called from, and both hung."""
+    def on_change(old, new):
+        time.sleep(5 * EVERY)  # the thread's next tick comes while this check runs
+        live.close()
+
+    live = modelvault.follow(churn, "churn@production", every=EVERY, on_change=on_change)
+    _move(churn, 2)
+    caller = threading.Thread(target=live.refresh, daemon=True)
+    caller.start()
+    caller.join(PATIENCE)
+    assert not caller.is_alive(), "close() from on_change hung"
+    assert _seq(live.model) == 2 and _follow_threads() == []
+
+
 def test_a_handle_dropped_without_close_ends_its_thread(churn):
     live = modelvault.follow(churn, "churn@production", every=EVERY)
     (thread,) = _follow_threads()
