@@ -364,6 +364,7 @@ class _File:
 def _run(live: weakref.ref[LiveModel], stop: threading.Event, every: float) -> None:
     """The checking thread: a check every ``every`` seconds until ``stop`` is set or
     the handle is gone."""
+    every = min(every, threading.TIMEOUT_MAX)  # a longer wait (math.inf) raises
     while not stop.wait(every):
         handle = live()
         if handle is None:

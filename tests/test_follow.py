@@ -12,6 +12,7 @@ import functools
 import gc
 import inspect
 import logging
+import math
 import multiprocessing
 import operator
 import os
@@ -195,6 +196,18 @@ def test_an_on_change_run_by_refresh_may_close_the_handle(churn):
     caller.join(PATIENCE)
     assert not caller.is_alive(), "close() from on_change hung"
     assert _seq(live.model) == 2 and _follow_threads() == []
+
+
+def test_every_may_be_longer_than_a_thread_can_wait(churn):
+    """every=math.inf (only refresh() checks) or any more than threading.TIMEOUT_MAX:
+    the thread's wait raised OverflowError and the thread died with a traceback."""
+    with modelvault.follow(churn, "churn@production", every=math.inf) as live:
+        (thread,) = _follow_threads()
+        thread.join(20 * EVERY)  # long enough for a wait that raises to have raised
+        assert thread.is_alive()
+        _move(churn, 2)
+        assert live.refresh() and _seq(live.model) == 2
+    assert not thread.is_alive()
 
 
 def test_a_handle_dropped_without_close_ends_its_thread(churn):
