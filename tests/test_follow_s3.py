@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import time
 from collections import Counter
 
@@ -131,8 +132,16 @@ def test_an_app_following_a_trainer_through_s3_survives_a_server_restart(tmp_pat
     counts: Counter[str] = Counter()
     try:
         restarted = False
+        deadline = time.monotonic() + PATIENCE * 5
         while True:
-            message = progress.get(timeout=PATIENCE * 5)
+            try:
+                message = progress.get(timeout=1.0)
+            except queue.Empty:
+                failed = [p for p in (trainer, app) if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    pytest.fail(f"the trial stopped: trainer exit {trainer.exitcode}, app "
+                                f"exit {app.exitcode} (their tracebacks are in the output)")
+                continue
             if isinstance(message, dict):  # the trainer's last word: its failures
                 counts.update(message)
                 break
