@@ -1,0 +1,274 @@
+"""Following a remote's labels, the way git follows a remote's branches.
+
+Each label (an alias of a model, a tag of a version) has three positions: ours (this
+vault's), theirs (the remote's, as its log tells it) and seen (where it was on the remote
+when this vault last took it or matched it: the tables ``remote_aliases`` and
+``remote_tags``, by the remote's URL). After a pull has merged the versions, ``follow``
+settles every label in scope:
+
+* ours == theirs: nothing to do; seen := theirs.
+* ours == seen (nobody moved it here since): take theirs, if it is a version this vault
+  has (or the label is gone there); seen := theirs.
+* theirs == seen (moved here only): keep ours, for a push to send.
+* otherwise (moved on both sides, or never seen and different): a conflict, reported in
+  the same words at every pull; ``prefer="theirs"`` takes theirs, ``prefer="ours"``
+  keeps ours and records theirs as seen (settled until the remote moves it again).
+
+A push records seen := theirs where it leaves ours == theirs (``record``), never a
+position this vault does not hold: a vault that is behind keeps following. The tables
+are advisory state in a file anyone may have written: a row that fails its checks counts
+as absent (docs/remote.md, "Labels").
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .._catalog import VersionRow
+from .._errors import ReadOnlyError
+from .._refs import Ref, check_alias, check_name
+from ._log import State, _passes
+from ._remote import Local
+from ._store import limit
+
+PREFER = (None, "theirs", "ours")
+_SETTLE = "pull with --theirs to take the remote's, --ours to keep this one"
+_SHOWN = 60  # characters of a tag value a report line shows
+_NAME, _ALIAS = _passes(check_name), _passes(check_alias)
+
+
+class _Version(NamedTuple):
+    """A version of this vault, in scope."""
+
+    model: str
+    number: int
+
+
+class _Positions(NamedTuple):
+    """One label's three positions (None: absent)."""
+
+    ours: str | None
+    theirs: str | None
+    seen: str | None
+
+
+@dataclass
+class _Plan:
+    """What settling the labels writes, and what it reports."""
+
+    aliases: list[tuple[str, str, str | None]] = field(default_factory=list)  # here
+    tags: list[tuple[str, str, str | None]] = field(default_factory=list)  # here
+    seen_aliases: list[tuple[str, str, str | None]] = field(default_factory=list)
+    seen_tags: list[tuple[str, str, str | None]] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # versions no longer there: seen dropped
+    moved: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+    def writes(self) -> bool:
+        return bool(self.aliases or self.tags or self.seen_aliases or self.seen_tags
+                    or self.gone)
+
+
+def follow(local: Local, url: str, state: State, models: set[str] | None,
+           prefer: str | None, added: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Settle the labels of ``models`` (None: every model on the remote and every model
+    this vault saw there) by the rule above; returns the lines for the labels moved and
+    the conflicts left. ``added``: the versions this pull brought, whose tags are not
+    reported as moved (they came with the version)."""
+    return _settle(local, url, state, models, prefer, follow=True, added=set(added))
+
+
+def record(local: Local, url: str, state: State, models: set[str]) -> None:
+    """After a push: seen := theirs for every label of ``models`` where ours == theirs.
+    A vault opened read-only, or on a read-only file, records nothing: the next pull
+    records what is still equal then."""
+    connection = local.connection
+    if connection.readonly or connection.damage is not None:
+        return
+    try:
+        _settle(local, url, state, models, None, follow=False, added=set())
+    except ReadOnlyError:
+        pass
+
+
+def _settle(local: Local, url: str, state: State, models: set[str] | None,
+            prefer: str | None, *, follow: bool, added: set[str]
+            ) -> tuple[list[str], list[str]]:
+    connection = local.connection
+    # Planned in a read, and again in the write that carries it out (if it writes
+    # anything): a pull that changes nothing writes nothing.
+    with connection.lock, connection.read() as db:
+        plan = _plan(db, url, state, models, prefer, follow, added)
+    if plan.writes():
+        with connection.lock, connection.write() as db:
+            plan = _plan(db, url, state, models, prefer, follow, added)
+            _apply(local, url, plan)
+    return plan.moved, plan.conflicts
+
+
+def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | None,
+          prefer: str | None, follow: bool, added: set[str]) -> _Plan:
+    tracked = db.execute("PRAGMA user_version").fetchone()[0] >= 7
+    seen_aliases = _tracked(db, "remote_aliases", ("model", "alias", "uuid"), url) \
+        if tracked else []
+    scope = models if models is not None else (
+        set(state.aliases) | {e["model"] for e in state.versions.values()}
+        | {m for m, _, _ in seen_aliases})
+    here = {u: _Version(m, n) for u, m, n in db.execute(
+        "SELECT v.uuid, m.name, v.version FROM versions v JOIN models m ON m.id = v.model_id")
+        if m in scope}
+    # Versions both here and there, of one model on both sides: the ones whose tags
+    # follow, and the positions an alias may take.
+    both = {u for u, v in here.items() if state.versions.get(u, {}).get("model") == v.model}
+    plan = _Plan()
+
+    def at(model: str, uuid: str | None) -> str:
+        return "unset" if uuid is None else f"{model}:{here[uuid].number}"
+
+    # Aliases, by (model, alias).
+    ours = {(m, a): u for m, a, u in db.execute(
+        "SELECT m.name, a.alias, v.uuid FROM aliases a JOIN models m ON m.id = a.model_id "
+        "JOIN versions v ON v.id = a.version_id AND v.model_id = a.model_id") if m in scope}
+    theirs = {(m, a): u for m in scope for a, u in state.aliases.get(m, {}).items()}
+    # A seen position must be a version of that model, here or there (else the row is
+    # a stranger's, or its version was deleted on both sides: absent either way).
+    seen = {(m, a): u for m, a, u in _unique(seen_aliases)
+            if m in scope and _NAME(m) and _ALIAS(a)
+            and m in ((here[u].model if u in here else None),
+                      state.versions.get(u, {}).get("model"))}
+    for (model, alias) in sorted(ours.keys() | theirs.keys() | seen.keys()):
+        where = _Positions(ours.get((model, alias)), theirs.get((model, alias)),
+                           seen.get((model, alias)))
+        if where.theirs is not None and where.theirs not in both:
+            continue  # a version this vault lacks: followed once it has it
+        take, settled, conflict = _decide(where, prefer, follow)
+        if take:
+            plan.aliases.append((model, alias, where.theirs))
+            plan.moved.append(f"{model}@{alias}: {at(model, where.ours)} -> "
+                              f"{at(model, where.theirs)} (from {url})")
+        if conflict:
+            plan.conflicts.append(
+                f"{model}@{alias}: {at(model, where.ours)} here, {at(model, where.theirs)} "
+                f"on {url} ({_why(where, 'moved')}; {_SETTLE})")
+        if settled and where.seen != where.theirs:
+            plan.seen_aliases.append((model, alias, where.theirs))
+
+    # Tags, by (version, key), of the versions both here and there.
+    rows = _tracked(db, "remote_tags", ("uuid", "key", "value"), url) if tracked else []
+    if models is None:
+        plan.gone = sorted({u for u, _, _ in rows} - set(state.versions))
+    seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both and k}
+    mine = {(u, k): v for u, k, v in db.execute(
+        "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id")
+        if u in both}
+    there = {(u, k): v for u in both for k, v in state.versions[u]["tags"].items()}
+    for (uuid, key) in sorted(mine.keys() | there.keys() | seen_tags.keys(),
+                              key=lambda k: (*here[k[0]], k[1])):
+        where = _Positions(mine.get((uuid, key)), there.get((uuid, key)),
+                           seen_tags.get((uuid, key)))
+        version = at(here[uuid].model, uuid)
+        take, settled, conflict = _decide(where, prefer, follow)
+        if take:
+            plan.tags.append((uuid, key, where.theirs))
+            if uuid not in added:
+                plan.moved.append(f"{version} tag {key}: {_shown(where.ours)} -> "
+                                  f"{_shown(where.theirs)} (from {url})")
+        if conflict:
+            plan.conflicts.append(
+                f"{version} tag {key}: {_shown(where.ours)} here, {_shown(where.theirs)} on "
+                f"{url} ({_why(where, 'changed')}; {_SETTLE})")
+        if settled and where.seen != where.theirs:
+            plan.seen_tags.append((uuid, key, where.theirs))
+    return plan
+
+
+def _decide(where: _Positions, prefer: str | None, follow: bool
+            ) -> tuple[bool, bool, bool]:
+    """(take theirs here, record theirs as seen, report a conflict) for one label; a
+    push (not ``follow``) only records what it leaves equal."""
+    if where.ours == where.theirs:
+        return False, True, False
+    if not follow or where.theirs == where.seen:  # moved here only: a push sends it
+        return False, False, False
+    if where.ours == where.seen or prefer == "theirs":
+        return True, True, False
+    return False, prefer == "ours", prefer is None
+
+
+def _why(where: _Positions, verb: str) -> str:
+    if where.seen is None:
+        return "set differently on both sides before any pull from there"
+    return f"{verb} on both sides since the last pull"
+
+
+def _shown(value: str | None) -> str:
+    if value is None:
+        return "unset"
+    return repr(value) if len(value) <= _SHOWN else f"{value[:_SHOWN]!r}..."
+
+
+def _apply(local: Local, url: str, plan: _Plan) -> None:
+    """Carry out ``plan`` (inside the write that planned it)."""
+    db, catalog = local.connection.db, local.catalog
+    for model, alias, uuid in plan.aliases:
+        if uuid is None:
+            catalog.remove_alias(model, alias)
+        else:
+            catalog.set_alias(_row(local, uuid), alias)
+    for uuid, key, value in plan.tags:
+        catalog.set_tags(_row(local, uuid), [(key, value)])
+    for model, alias, uuid in plan.seen_aliases:
+        db.execute("DELETE FROM remote_aliases WHERE remote = ? AND model = ? AND alias = ?",
+                   (url, model, alias))
+        if uuid is not None:
+            db.execute("INSERT INTO remote_aliases (remote, model, alias, uuid) "
+                       "VALUES (?, ?, ?, ?)", (url, model, alias, uuid))
+    for uuid, key, value in plan.seen_tags:
+        db.execute("DELETE FROM remote_tags WHERE remote = ? AND uuid = ? AND key = ?",
+                   (url, uuid, key))
+        if value is not None:
+            db.execute("INSERT INTO remote_tags (remote, uuid, key, value) VALUES "
+                       "(?, ?, ?, ?)", (url, uuid, key, value))
+    db.executemany("DELETE FROM remote_tags WHERE remote = ? AND uuid = ?",
+                   [(url, uuid) for uuid in plan.gone])
+
+
+def _row(local: Local, uuid: str) -> VersionRow:
+    """The catalog's row of the version ``uuid`` here (checked, as every resolve is)."""
+    model, number = local.connection.db.execute(
+        "SELECT m.name, v.version FROM versions v JOIN models m ON m.id = v.model_id "
+        "WHERE v.uuid = ?", (uuid,)).fetchone()
+    return local.catalog.resolve(Ref(model, version=number))
+
+
+def _tracked(db: sqlite3.Connection, table: str, columns: tuple[str, str, str], url: str
+             ) -> list[tuple[str, str, str]]:
+    """The rows of ``table`` for the remote ``url`` whose columns are all UTF-8 text no
+    longer than a log entry (a remote's label cannot be longer). Read as bytes: a row of
+    another type or encoding counts as absent, never as an error."""
+    cast = ", ".join(f"CAST({c} AS BLOB)" for c in columns)
+    text = " AND ".join(f"typeof({c}) = 'text' AND length(CAST({c} AS BLOB)) <= :most"
+                        for c in columns)
+    found = []
+    for row in db.execute(f"SELECT {cast} FROM {table} WHERE remote = :url AND {text}",
+                          {"url": url, "most": limit("log")}):
+        try:
+            found.append(tuple(bytes(value).decode("utf-8") for value in row))
+        except UnicodeDecodeError:
+            continue
+    return found  # type: ignore[return-value]
+
+
+def _unique(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """``rows`` but those whose key (the first two columns) is given more than once: a
+    file whose key index was edited may list one label twice, and neither counts."""
+    count: dict[tuple[str, str], int] = {}
+    for a, b, _ in rows:
+        count[a, b] = count.get((a, b), 0) + 1
+    return [r for r in rows if count[r[0], r[1]] == 1]
+
+
+
