@@ -276,7 +276,8 @@ def test_a_format_5_vault_is_read_as_it_is_and_upgraded_by_its_first_write(tmp_p
     db.close()
     with modelvault.open(path) as vault:
         vault.add_remote("origin", "s3://bucket/models")
-        assert user_version(path) == 6 and vault.remotes() == {"origin": "s3://bucket/models"}
+        assert user_version(path) == FORMAT_VERSION
+        assert vault.remotes() == {"origin": "s3://bucket/models"}
         check_contents5(vault)
     fresh = tmp_path / "fresh.vault"
     modelvault.open(fresh).close()
@@ -295,14 +296,70 @@ def test_its_signer_still_trusts_the_format_5_fixture_after_the_upgrade(tmp_path
     path = fixture_copy(tmp_path, "format5")
     with modelvault.open(path) as vault:
         vault.tag("net:1", checked="yes")
+        assert user_version(path) == FORMAT_VERSION
+        assert vault.get("obj").signature == "trusted"
+        assert vault.load("obj")["set"] == {1, 2, 3}
+
+
+# -- format 6 -> 7: what the vault last saw on each remote --------------------------------------
+# tests/fixtures/format6.vault was written by the code at 8e3990d, the last that wrote
+# format 6 (tests/fixtures/make_format6.py), and signed with the private key in format6.key.
+
+def check_contents6(vault):
+    """Every version of the format-6 fixture, as make_format6.py saved it."""
+    check_contents5(vault)
+    assert {"clf:1", "files:1", "net:1", "net:2", "obj:1", "raw:1"} <= {
+        v.ref for v in vault.versions()}
+    assert vault.get("raw@production").version == 1
+    raw = vault.load("raw")["w"]
+    assert raw.shape == (256, 64) and raw.dtype == np.float32
+
+
+def test_a_format_6_vault_is_read_as_it_is_and_upgraded_by_its_first_write(tmp_path):
+    path = fixture_copy(tmp_path, "format6")
+    with modelvault.open(path, readonly=True) as vault:
+        check_contents6(vault)
+        assert vault.remotes() == {"origin": "s3://bucket/models"}  # not carried by merge
+    assert user_version(path) == 6 and "remote_aliases" not in tables(path)
+    with sqlite3.connect(path) as db:
+        before = db.execute("SELECT uuid, digest, key_id, signature FROM versions").fetchall()
+    db.close()
+    with modelvault.open(path) as vault:
+        with pytest.raises(modelvault.NotFoundError):
+            vault.alias("net:3", "x")  # deleted: the write rolls back, upgrade and all
         assert user_version(path) == 6
+        vault.alias("raw:1", "staging")
+        assert user_version(path) == FORMAT_VERSION
+        check_contents6(vault)
+        assert vault.save("net", {"w": np.ones(3)}).ref == "net:4"  # net:3's is given out
+    assert {"remote_aliases", "remote_tags"} <= tables(path)
+    fresh = tmp_path / "fresh.vault"
+    modelvault.open(fresh).close()
+    with sqlite3.connect(path) as a, sqlite3.connect(fresh) as b:
+        schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+        assert a.execute("SELECT count(*) FROM remote_aliases").fetchone() == (0,)
+        assert sorted(a.execute("SELECT uuid, digest, key_id, signature FROM versions "
+                                f"WHERE uuid IN ({','.join('?' * len(before))})",
+                                [r[0] for r in before]).fetchall()) == sorted(before)
+    a.close()
+    b.close()
+
+
+def test_its_signer_still_trusts_the_format_6_fixture_after_the_upgrade(tmp_path,
+                                                                       _private_key_home):
+    (_private_key_home / "private.key").write_text((FIXTURES / "format6.key").read_text())
+    path = fixture_copy(tmp_path, "format6")
+    with modelvault.open(path) as vault:
+        vault.tag("net:1", checked="yes")
+        assert user_version(path) == FORMAT_VERSION
         assert vault.get("obj").signature == "trusted"
         assert vault.load("obj")["set"] == {1, 2, 3}
 
 
 @pytest.mark.parametrize("name, old_format, check, count", [
     ("format3", 3, check_contents, 4), ("format4", 4, check_contents4, 5),
-    ("format5", 5, check_contents5, 5)])
+    ("format5", 5, check_contents5, 5), ("format6", 6, check_contents6, 6)])
 def test_merge_and_export_take_an_older_vault_in(tmp_path, name, old_format, check, count):
     old = fixture_copy(tmp_path, name)
     copy = tmp_path / "copy.vault"
