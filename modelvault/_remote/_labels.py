@@ -23,7 +23,7 @@ as absent (docs/remote.md, "Labels").
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,6 +38,9 @@ PREFER = (None, "theirs", "ours")
 _SETTLE = "pull with --theirs to take the remote's, --ours to keep this one"
 _SHOWN = 60  # characters of a tag value a report line shows
 _NAME, _ALIAS = _passes(check_name), _passes(check_alias)
+# Each table's columns besides ``remote``: a label's key (two), and its position there.
+_COLUMNS = {"remote_aliases": ("model", "alias", "uuid"),
+            "remote_tags": ("uuid", "key", "value")}
 
 
 class _Version(NamedTuple):
@@ -112,8 +115,7 @@ def _settle(local: Local, url: str, state: State, models: set[str] | None,
 def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | None,
           prefer: str | None, follow: bool, added: set[str]) -> _Plan:
     tracked = db.execute("PRAGMA user_version").fetchone()[0] >= 7
-    seen_aliases = _tracked(db, "remote_aliases", ("model", "alias", "uuid"), url) \
-        if tracked else []
+    seen_aliases = _tracked(db, "remote_aliases", url) if tracked else []
     scope = models if models is not None else (
         set(state.aliases) | {e["model"] for e in state.versions.values()}
         | {m for m, _, _ in seen_aliases})
@@ -125,8 +127,8 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
     both = {u for u, v in here.items() if state.versions.get(u, {}).get("model") == v.model}
     plan = _Plan()
 
-    def at(model: str, uuid: str | None) -> str:
-        return "unset" if uuid is None else f"{model}:{here[uuid].number}"
+    def at(uuid: str | None) -> str:  # a version here, as report lines give it
+        return "unset" if uuid is None else f"{here[uuid].model}:{here[uuid].number}"
 
     # Aliases, by (model, alias).
     ours = {(m, a): u for m, a, u in db.execute(
@@ -139,25 +141,17 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
             if m in scope and _NAME(m) and _ALIAS(a)
             and m in ((here[u].model if u in here else None),
                       state.versions.get(u, {}).get("model"))}
-    for (model, alias) in sorted(ours.keys() | theirs.keys() | seen.keys()):
-        where = _Positions(ours.get((model, alias)), theirs.get((model, alias)),
-                           seen.get((model, alias)))
-        if where.theirs is not None and where.theirs not in both:
-            continue  # a version this vault lacks: followed once it has it
-        take, settled, conflict = _decide(where, prefer, follow)
-        if take:
-            plan.aliases.append((model, alias, where.theirs))
-            plan.moved.append(f"{model}@{alias}: {at(model, where.ours)} -> "
-                              f"{at(model, where.theirs)} (from {url})")
-        if conflict:
-            plan.conflicts.append(
-                f"{model}@{alias}: {at(model, where.ours)} here, {at(model, where.theirs)} "
-                f"on {url} ({_why(where, 'moved')}; {_SETTLE})")
-        if settled and where.seen != where.theirs:
-            plan.seen_aliases.append((model, alias, where.theirs))
+    plan.aliases, plan.seen_aliases = _judge(
+        [_Label((m, a), f"{m}@{a}", _Positions(ours.get((m, a)), theirs.get((m, a)),
+                                              seen.get((m, a))),
+                at, "moved", True)
+         for m, a in sorted(ours.keys() | theirs.keys() | seen.keys())
+         # at a version this vault lacks: followed once it has it
+         if theirs.get((m, a)) is None or theirs[m, a] in both],
+        plan, url, prefer, follow)
 
     # Tags, by (version, key), of the versions both here and there.
-    rows = _tracked(db, "remote_tags", ("uuid", "key", "value"), url) if tracked else []
+    rows = _tracked(db, "remote_tags", url) if tracked else []
     if models is None:
         plan.gone = sorted({u for u, _, _ in rows} - set(state.versions))
     seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both and k}
@@ -165,24 +159,48 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
         "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id")
         if u in both}
     there = {(u, k): v for u in both for k, v in state.versions[u]["tags"].items()}
-    for (uuid, key) in sorted(mine.keys() | there.keys() | seen_tags.keys(),
-                              key=lambda k: (*here[k[0]], k[1])):
-        where = _Positions(mine.get((uuid, key)), there.get((uuid, key)),
-                           seen_tags.get((uuid, key)))
-        version = at(here[uuid].model, uuid)
+    plan.tags, plan.seen_tags = _judge(
+        [_Label((u, k), f"{at(u)} tag {k}",
+                _Positions(mine.get((u, k)), there.get((u, k)), seen_tags.get((u, k))),
+                _shown, "changed", u not in added)
+         for u, k in sorted(mine.keys() | there.keys() | seen_tags.keys(),
+                            key=lambda k: (*here[k[0]], k[1]))],
+        plan, url, prefer, follow)
+    return plan
+
+
+class _Label(NamedTuple):
+    """One label, as the rule sees it."""
+
+    key: tuple[str, str]  # (model, alias) or (version uuid, tag key)
+    name: str  # as report lines give it: churn@production, churn:1 tag stage
+    where: _Positions
+    shown: Callable[[str | None], str]  # a position, as report lines give it
+    verb: str  # what a label does: an alias "moved", a tag "changed"
+    reported: bool  # whether a move of it is reported
+
+
+def _judge(labels: list[_Label], plan: _Plan, url: str, prefer: str | None, follow: bool
+           ) -> tuple[list[tuple[str, str, str | None]], list[tuple[str, str, str | None]]]:
+    """The rule, for ``labels``: (those to take, as (*key, theirs)), (those whose seen
+    position becomes theirs, likewise); their report lines go to ``plan``."""
+    taken, seen = [], []
+    for label in labels:
+        where = label.where
         take, settled, conflict = _decide(where, prefer, follow)
         if take:
-            plan.tags.append((uuid, key, where.theirs))
-            if uuid not in added:
-                plan.moved.append(f"{version} tag {key}: {_shown(where.ours)} -> "
-                                  f"{_shown(where.theirs)} (from {url})")
+            taken.append((*label.key, where.theirs))
+            if label.reported:
+                plan.moved.append(f"{label.name}: {label.shown(where.ours)} -> "
+                                  f"{label.shown(where.theirs)} (from {url})")
         if conflict:
-            plan.conflicts.append(
-                f"{version} tag {key}: {_shown(where.ours)} here, {_shown(where.theirs)} on "
-                f"{url} ({_why(where, 'changed')}; {_SETTLE})")
+            why = ("set differently on both sides before any pull from there"
+                   if where.seen is None else f"{label.verb} on both sides since the last pull")
+            plan.conflicts.append(f"{label.name}: {label.shown(where.ours)} here, "
+                                  f"{label.shown(where.theirs)} on {url} ({why}; {_SETTLE})")
         if settled and where.seen != where.theirs:
-            plan.seen_tags.append((uuid, key, where.theirs))
-    return plan
+            seen.append((*label.key, where.theirs))
+    return taken, seen
 
 
 def _decide(where: _Positions, prefer: str | None, follow: bool
@@ -196,12 +214,6 @@ def _decide(where: _Positions, prefer: str | None, follow: bool
     if where.ours == where.seen or prefer == "theirs":
         return True, True, False
     return False, prefer == "ours", prefer is None
-
-
-def _why(where: _Positions, verb: str) -> str:
-    if where.seen is None:
-        return "set differently on both sides before any pull from there"
-    return f"{verb} on both sides since the last pull"
 
 
 def _shown(value: str | None) -> str:
@@ -220,20 +232,22 @@ def _apply(local: Local, url: str, plan: _Plan) -> None:
             catalog.set_alias(_row(local, uuid), alias)
     for uuid, key, value in plan.tags:
         catalog.set_tags(_row(local, uuid), [(key, value)])
-    for model, alias, uuid in plan.seen_aliases:
-        db.execute("DELETE FROM remote_aliases WHERE remote = ? AND model = ? AND alias = ?",
-                   (url, model, alias))
-        if uuid is not None:
-            db.execute("INSERT INTO remote_aliases (remote, model, alias, uuid) "
-                       "VALUES (?, ?, ?, ?)", (url, model, alias, uuid))
-    for uuid, key, value in plan.seen_tags:
-        db.execute("DELETE FROM remote_tags WHERE remote = ? AND uuid = ? AND key = ?",
-                   (url, uuid, key))
-        if value is not None:
-            db.execute("INSERT INTO remote_tags (remote, uuid, key, value) VALUES "
-                       "(?, ?, ?, ?)", (url, uuid, key, value))
+    _record(db, "remote_aliases", url, plan.seen_aliases)
+    _record(db, "remote_tags", url, plan.seen_tags)
     db.executemany("DELETE FROM remote_tags WHERE remote = ? AND uuid = ?",
                    [(url, uuid) for uuid in plan.gone])
+
+
+def _record(db: sqlite3.Connection, table: str, url: str,
+            rows: list[tuple[str, str, str | None]]) -> None:
+    """Set the seen positions ``rows`` (key, key, position; None: absent) in ``table``."""
+    first, second, position = _COLUMNS[table]
+    for row in rows:
+        db.execute(f"DELETE FROM {table} WHERE remote = ? AND {first} = ? AND {second} = ?",
+                   (url, *row[:2]))
+        if row[2] is not None:
+            db.execute(f"INSERT INTO {table} (remote, {first}, {second}, {position}) "
+                       "VALUES (?, ?, ?, ?)", (url, *row))
 
 
 def _row(local: Local, uuid: str) -> VersionRow:
@@ -244,14 +258,13 @@ def _row(local: Local, uuid: str) -> VersionRow:
     return local.catalog.resolve(Ref(model, version=number))
 
 
-def _tracked(db: sqlite3.Connection, table: str, columns: tuple[str, str, str], url: str
-             ) -> list[tuple[str, str, str]]:
+def _tracked(db: sqlite3.Connection, table: str, url: str) -> list[tuple[str, str, str]]:
     """The rows of ``table`` for the remote ``url`` whose columns are all UTF-8 text no
     longer than a log entry (a remote's label cannot be longer). Read as bytes: a row of
     another type or encoding counts as absent, never as an error."""
-    cast = ", ".join(f"CAST({c} AS BLOB)" for c in columns)
+    cast = ", ".join(f"CAST({c} AS BLOB)" for c in _COLUMNS[table])
     text = " AND ".join(f"typeof({c}) = 'text' AND length(CAST({c} AS BLOB)) <= :most"
-                        for c in columns)
+                        for c in _COLUMNS[table])
     found = []
     for row in db.execute(f"SELECT {cast} FROM {table} WHERE remote = :url AND {text}",
                           {"url": url, "most": limit("log")}):
