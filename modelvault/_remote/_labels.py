@@ -81,7 +81,7 @@ def follow(local: Local, url: str, state: State, models: set[str] | None,
     this vault saw there) by the rule above; returns the lines for the labels moved and
     the conflicts left. ``added``: the versions this pull brought, whose tags are not
     reported as moved (they came with the version)."""
-    return _settle(local, url, state, models, prefer, follow=True, added=set(added))
+    return _settle(local, url, state, models, prefer, pulling=True, added=set(added))
 
 
 def record(local: Local, url: str, state: State, models: set[str]) -> None:
@@ -92,28 +92,28 @@ def record(local: Local, url: str, state: State, models: set[str]) -> None:
     if connection.readonly or connection.damage is not None:
         return
     try:
-        _settle(local, url, state, models, None, follow=False, added=set())
+        _settle(local, url, state, models, None, pulling=False, added=set())
     except ReadOnlyError:
         pass
 
 
 def _settle(local: Local, url: str, state: State, models: set[str] | None,
-            prefer: str | None, *, follow: bool, added: set[str]
+            prefer: str | None, *, pulling: bool, added: set[str]
             ) -> tuple[list[str], list[str]]:
     connection = local.connection
     # Planned in a read, and again in the write that carries it out (if it writes
     # anything): a pull that changes nothing writes nothing.
     with connection.lock, connection.read() as db:
-        plan = _plan(db, url, state, models, prefer, follow, added)
+        plan = _plan(db, url, state, models, prefer, pulling, added)
     if plan.writes():
         with connection.lock, connection.write() as db:
-            plan = _plan(db, url, state, models, prefer, follow, added)
+            plan = _plan(db, url, state, models, prefer, pulling, added)
             _apply(local, url, plan)
     return plan.moved, plan.conflicts
 
 
 def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | None,
-          prefer: str | None, follow: bool, added: set[str]) -> _Plan:
+          prefer: str | None, pulling: bool, added: set[str]) -> _Plan:
     tracked = db.execute("PRAGMA user_version").fetchone()[0] >= 7
     seen_aliases = _tracked(db, "remote_aliases", url) if tracked else []
     scope = models if models is not None else (
@@ -148,7 +148,7 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
          for m, a in sorted(ours.keys() | theirs.keys() | seen.keys())
          # at a version this vault lacks: followed once it has it
          if theirs.get((m, a)) is None or theirs[m, a] in both],
-        plan, url, prefer, follow)
+        plan, url, prefer, pulling)
 
     # Tags, by (version, key), of the versions both here and there.
     rows = _tracked(db, "remote_tags", url) if tracked else []
@@ -165,7 +165,7 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
                 _shown, "changed", u not in added)
          for u, k in sorted(mine.keys() | there.keys() | seen_tags.keys(),
                             key=lambda k: (*here[k[0]], k[1]))],
-        plan, url, prefer, follow)
+        plan, url, prefer, pulling)
     return plan
 
 
@@ -180,14 +180,14 @@ class _Label(NamedTuple):
     reported: bool  # whether a move of it is reported
 
 
-def _judge(labels: list[_Label], plan: _Plan, url: str, prefer: str | None, follow: bool
+def _judge(labels: list[_Label], plan: _Plan, url: str, prefer: str | None, pulling: bool
            ) -> tuple[list[tuple[str, str, str | None]], list[tuple[str, str, str | None]]]:
     """The rule, for ``labels``: (those to take, as (*key, theirs)), (those whose seen
     position becomes theirs, likewise); their report lines go to ``plan``."""
     taken, seen = [], []
     for label in labels:
         where = label.where
-        take, settled, conflict = _decide(where, prefer, follow)
+        take, settled, conflict = _decide(where, prefer, pulling)
         if take:
             taken.append((*label.key, where.theirs))
             if label.reported:
@@ -203,13 +203,13 @@ def _judge(labels: list[_Label], plan: _Plan, url: str, prefer: str | None, foll
     return taken, seen
 
 
-def _decide(where: _Positions, prefer: str | None, follow: bool
+def _decide(where: _Positions, prefer: str | None, pulling: bool
             ) -> tuple[bool, bool, bool]:
-    """(take theirs here, record theirs as seen, report a conflict) for one label; a
-    push (not ``follow``) only records what it leaves equal."""
+    """(take theirs here, record theirs as seen, report a conflict) for one label; after
+    a push (not ``pulling``), only what it leaves equal is recorded."""
     if where.ours == where.theirs:
         return False, True, False
-    if not follow or where.theirs == where.seen:  # moved here only: a push sends it
+    if not pulling or where.theirs == where.seen:  # moved here only: a push sends it
         return False, False, False
     if where.ours == where.seen or prefer == "theirs":
         return True, True, False
