@@ -15,18 +15,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MergeReport:
-    """What ``Vault.merge`` did: versions brought in, numbers changed, conflicts left."""
+    """What ``Vault.merge`` or ``Vault.pull`` did: versions brought in, numbers changed,
+    labels moved (a pull's), conflicts left."""
 
     added: tuple[ModelVersion, ...]  # the versions brought in, as numbered here
     renumbered: tuple[tuple[str, int, int], ...]  # (name, number there, number here)
     conflicts: tuple[str, ...]  # aliases and tags that differ, kept as they are here
+    moved: tuple[str, ...] = ()  # aliases and tags a pull moved here, as the remote has them
 
     def __str__(self) -> str:
         lines = [f"added {len(self.added)} version(s)"
                  + (f", {len(self.renumbered)} renumbered" if self.renumbered else "")
+                 + (f", moved {len(self.moved)} label(s)" if self.moved else "")
                  + (f", {len(self.conflicts)} conflict(s) kept as they are here"
                     if self.conflicts else "")]
         lines += [f"  {name}:{old} is {name}:{new} here" for name, old, new in self.renumbered]
+        lines += [f"  moved: {m}" for m in self.moved]
         lines += [f"  conflict: {c}" for c in self.conflicts]
         return "\n".join(lines)
 

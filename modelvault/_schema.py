@@ -30,7 +30,7 @@ from ._errors import (
 
 # PRAGMA application_id: the bytes "MVLT", so `file` and SQLite tools can tell a vault apart.
 APPLICATION_ID = 0x4D564C54
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 # The oldest format this modelvault reads (and upgrades on the first write). Formats 1
 # and 2 were development snapshots of 0.1.0, never released.
 OLDEST_FORMAT = 3
@@ -170,6 +170,27 @@ TABLES_6 = """
 CREATE TABLE remotes (
     name TEXT PRIMARY KEY,
     url  TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+# Format 7's tables: what this vault last saw on each remote (by its URL, as
+# ``Remote.url`` gives it): where each alias pointed, and each version's tags. A pull
+# follows what moved there since, unless it moved here too (docs/remote.md, "Labels").
+# Advisory: a row that fails its checks counts as absent, never as an error.
+TABLES_7 = """
+CREATE TABLE remote_aliases (
+    remote TEXT NOT NULL,
+    model  TEXT NOT NULL,
+    alias  TEXT NOT NULL,
+    uuid   TEXT NOT NULL,
+    PRIMARY KEY (remote, model, alias)
+) WITHOUT ROWID;
+CREATE TABLE remote_tags (
+    remote TEXT NOT NULL,
+    uuid   TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,
+    PRIMARY KEY (remote, uuid, key)
 ) WITHOUT ROWID;
 """
 
@@ -475,9 +496,7 @@ def _format_3_to_4(db: sqlite3.Connection) -> None:
 def _format_4_to_5(db: sqlite3.Connection) -> None:
     """Format 5 adds the lineage and packages tables and fills packages from every
     environment. Versions keep their signatures (see docs/format.md)."""
-    for statement in TABLES_5.split(";"):
-        if statement.strip():
-            db.execute(statement)
+    _run(db, TABLES_5)
     # Read as bytes: one damaged text must not make the vault unwritable (a write may
     # be the delete of the damaged version).
     for env_id, raw in db.execute(
@@ -503,13 +522,25 @@ def add_packages(db: sqlite3.Connection, env_id: int, text: object) -> None:
 
 def _format_5_to_6(db: sqlite3.Connection) -> None:
     """Format 6 adds the remotes table, empty."""
-    for statement in TABLES_6.split(";"):
+    _run(db, TABLES_6)
+
+
+def _format_6_to_7(db: sqlite3.Connection) -> None:
+    """Format 7 adds the tables of what the vault last saw on its remotes, empty: a
+    first pull from a remote then takes the labels this vault lacks and records those
+    equal on both sides, and reports those that differ as conflicts (as pulls did before
+    format 7) until one side is chosen."""
+    _run(db, TABLES_7)
+
+
+def _run(db: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
         if statement.strip():
             db.execute(statement)
 
 
 # From each format, the step to the next one, run inside the upgrading write.
-MIGRATIONS = {3: _format_3_to_4, 4: _format_4_to_5, 5: _format_5_to_6}
+MIGRATIONS = {3: _format_3_to_4, 4: _format_4_to_5, 5: _format_5_to_6, 6: _format_6_to_7}
 
 
 def upgrade(db: sqlite3.Connection) -> None:
@@ -543,7 +574,7 @@ def _schema_of(conn: sqlite3.Connection, schema: str = "main") -> dict[str, tupl
 def ddl(version: int) -> str:
     """The schema of a vault of format ``version`` (3 and up), as SQL."""
     return (TABLES + (TABLES_5 if version >= 5 else "") + (TABLES_6 if version >= 6 else "")
-            + VIEWS)
+            + (TABLES_7 if version >= 7 else "") + VIEWS)
 
 
 @functools.cache

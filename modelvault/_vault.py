@@ -491,21 +491,30 @@ class Vault:
 
     @api
     def pull(self, url: str, refs: Sequence[str] | None = None, *,
-             endpoint_url: str | None = None) -> MergeReport:
+             endpoint_url: str | None = None, prefer: str | None = None) -> MergeReport:
         """Bring in every version of the remote at ``url``, or those ``refs`` name
-        there, that this vault lacks, downloading only the chunks it lacks.
+        there, that this vault lacks, downloading only the chunks it lacks; then follow
+        the remote's aliases and tags (of every model, or of those ``refs`` name).
 
         As ``merge``: every chunk's hash and every version's digest and signature are
         checked before it is added (IntegrityError naming the remote object at fault,
-        and nothing of that version added); numbers that clash here are renumbered;
-        aliases and tags come along unless they differ here. A pickle from the remote
-        still loads only with trust. Versions are added one by one, so a pull that was
-        interrupted, run again, fetches only what had not arrived.
+        and nothing of that version added); numbers that clash here are renumbered. A
+        pickle from the remote still loads only with trust. Versions are added one by
+        one, so a pull that was interrupted, run again, fetches only what had not
+        arrived.
+
+        Labels follow the remote the way git follows a remote's branches: the vault
+        remembers where each alias and tag was on that remote when it last pulled. One
+        that nobody moved here since moves to the remote's position (``moved`` in the
+        report); one moved here only stays, for a push to send; one moved on both sides
+        is a conflict, reported in the same words at every pull and left as it is here,
+        unless ``prefer`` is "theirs" (take the remote's) or "ours" (keep this one, and
+        stop reporting it until the remote moves it again).
         """
         from . import _remote
 
         return _remote.pull(self._local(), _remote.Remote(self._remote_url(url),
-                                                  endpoint_url=endpoint_url), refs)
+                                                  endpoint_url=endpoint_url), refs, prefer)
 
     def _local(self) -> Any:
         """The pieces push and pull work on (``_remote.Local``), with today's settings."""

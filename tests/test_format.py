@@ -417,11 +417,11 @@ def test_file_settings_and_one_file_at_rest(tmp_path):
     header = path.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert header[68:72] == b"MVLT"
-    assert header[60:64] == (6).to_bytes(4, "big")
+    assert header[60:64] == (7).to_bytes(4, "big")
     assert header[18:20] == b"\x01\x01"  # rollback journal, not WAL
     with opened(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 7
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # small: see test_pages
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
@@ -444,6 +444,7 @@ def test_schema_in_the_file_is_the_documented_ddl(tmp_path):
         ("table", "part_chunks"), ("table", "aliases"), ("table", "tags"),
         ("table", "packs"), ("table", "environments"), ("table", "lineage"),
         ("table", "packages"), ("index", "packages_by_name"), ("table", "remotes"),
+        ("table", "remote_aliases"), ("table", "remote_tags"),
         ("index", "part_chunks_by_chunk"), ("index", "aliases_by_version"),
         ("view", "model_versions"), ("view", "model_summary"), ("view", "pack_sizes")}
     for obj in objects:

@@ -6,6 +6,7 @@ format 3 (tests/fixtures/make_format3.py), and signed with tests/fixtures/format
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -150,6 +151,23 @@ def tables(path):
     return found
 
 
+def assert_schema_of_a_new_vault(path, tmp_path):
+    """An upgraded file's schema is a new one's: a fresh vault's, object for object."""
+    fresh = tmp_path / "fresh.vault"
+    modelvault.open(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    with contextlib.closing(sqlite3.connect(path)) as a, \
+            contextlib.closing(sqlite3.connect(fresh)) as b:
+        assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+
+
+def signatures(path, uuids=None):
+    """(uuid, digest, key_id, signature) of the versions of ``path`` (or of ``uuids``)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT uuid, digest, key_id, signature FROM versions").fetchall()
+    return sorted(r for r in rows if uuids is None or r[0] in uuids)
+
+
 def test_a_format_4_vault_is_read_as_it_is(vault4):
     with modelvault.open(vault4, readonly=True) as vault:
         check_contents4(vault)
@@ -172,18 +190,13 @@ def test_the_first_write_upgrades_format_4_to_the_current_format(vault4, tmp_pat
         assert [v.ref for v in vault.lineage(mv)] == ["net:2"]
         check_contents4(vault)
     assert {"lineage", "packages", "packages_by_name"} <= tables(vault4)
-    # An upgraded file's schema is a new one's: a fresh vault's schema, object for object.
-    fresh = tmp_path / "fresh.vault"
-    modelvault.open(fresh).close()
-    with sqlite3.connect(vault4) as a, sqlite3.connect(fresh) as b:
-        schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
-        assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+    assert_schema_of_a_new_vault(vault4, tmp_path)
+    with sqlite3.connect(vault4) as a:
         # Every environment's packages became rows.
         rows = a.execute("SELECT p.name FROM packages p JOIN versions v ON "
                          "v.environment_id = p.environment_id JOIN models m ON "
                          "m.id = v.model_id WHERE m.name = 'xgb'").fetchall()
     a.close()
-    b.close()
     assert {"numpy", "scikit-learn", "xgboost-cpu"} <= {r[0] for r in rows}
 
 
@@ -271,38 +284,67 @@ def test_a_format_5_vault_is_read_as_it_is_and_upgraded_by_its_first_write(tmp_p
         check_contents5(vault)
         assert vault.remotes() == {}
     assert user_version(path) == 5 and "remotes" not in tables(path)
-    with sqlite3.connect(path) as db:
-        before = db.execute("SELECT uuid, digest, key_id, signature FROM versions").fetchall()
-    db.close()
+    before = signatures(path)
     with modelvault.open(path) as vault:
         vault.add_remote("origin", "s3://bucket/models")
-        assert user_version(path) == 6 and vault.remotes() == {"origin": "s3://bucket/models"}
+        assert user_version(path) == FORMAT_VERSION
+        assert vault.remotes() == {"origin": "s3://bucket/models"}
         check_contents5(vault)
-    fresh = tmp_path / "fresh.vault"
-    modelvault.open(fresh).close()
-    with sqlite3.connect(path) as a, sqlite3.connect(fresh) as b:
-        schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
-        assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
-        assert sorted(a.execute("SELECT uuid, digest, key_id, signature FROM versions")
-                      .fetchall()) == sorted(before)
-    a.close()
-    b.close()
+    assert_schema_of_a_new_vault(path, tmp_path)
+    assert signatures(path) == before
 
 
-def test_its_signer_still_trusts_the_format_5_fixture_after_the_upgrade(tmp_path,
-                                                                       _private_key_home):
-    (_private_key_home / "private.key").write_text((FIXTURES / "format5.key").read_text())
-    path = fixture_copy(tmp_path, "format5")
+# -- format 6 -> 7: what the vault last saw on each remote --------------------------------------
+# tests/fixtures/format6.vault was written by the code at 8e3990d, the last that wrote
+# format 6 (tests/fixtures/make_format6.py), and signed with the private key in format6.key.
+
+def check_contents6(vault):
+    """Every version of the format-6 fixture, as make_format6.py saved it."""
+    check_contents5(vault)
+    assert {"clf:1", "files:1", "net:1", "net:2", "obj:1", "raw:1"} <= {
+        v.ref for v in vault.versions()}
+    assert vault.get("raw@production").version == 1
+    raw = vault.load("raw")["w"]
+    assert raw.shape == (256, 64) and raw.dtype == np.float32
+
+
+def test_a_format_6_vault_is_read_as_it_is_and_upgraded_by_its_first_write(tmp_path):
+    path = fixture_copy(tmp_path, "format6")
+    with modelvault.open(path, readonly=True) as vault:
+        check_contents6(vault)
+        assert vault.remotes() == {"origin": "s3://bucket/models"}  # not carried by merge
+    assert user_version(path) == 6 and "remote_aliases" not in tables(path)
+    before = signatures(path)
+    with modelvault.open(path) as vault:
+        with pytest.raises(modelvault.NotFoundError):
+            vault.alias("net:3", "x")  # deleted: the write rolls back, upgrade and all
+        assert user_version(path) == 6
+        vault.alias("raw:1", "staging")
+        assert user_version(path) == FORMAT_VERSION
+        check_contents6(vault)
+        assert vault.save("net", {"w": np.ones(3)}).ref == "net:4"  # net:3's is given out
+    assert {"remote_aliases", "remote_tags"} <= tables(path)
+    assert_schema_of_a_new_vault(path, tmp_path)
+    assert signatures(path, {r[0] for r in before}) == before
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM remote_aliases").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("name", ["format5", "format6"])
+def test_its_signer_still_trusts_a_key_pair_fixture_after_the_upgrade(tmp_path,
+                                                                      _private_key_home, name):
+    (_private_key_home / "private.key").write_text((FIXTURES / f"{name}.key").read_text())
+    path = fixture_copy(tmp_path, name)
     with modelvault.open(path) as vault:
         vault.tag("net:1", checked="yes")
-        assert user_version(path) == 6
+        assert user_version(path) == FORMAT_VERSION
         assert vault.get("obj").signature == "trusted"
         assert vault.load("obj")["set"] == {1, 2, 3}
 
 
 @pytest.mark.parametrize("name, old_format, check, count", [
     ("format3", 3, check_contents, 4), ("format4", 4, check_contents4, 5),
-    ("format5", 5, check_contents5, 5)])
+    ("format5", 5, check_contents5, 5), ("format6", 6, check_contents6, 6)])
 def test_merge_and_export_take_an_older_vault_in(tmp_path, name, old_format, check, count):
     old = fixture_copy(tmp_path, name)
     copy = tmp_path / "copy.vault"

@@ -72,7 +72,7 @@ VAULT_METHODS = {
              "-> 'PruneReport'",
     "models": "(self) -> 'list[ModelInfo]'",
     "pull": "(self, url: 'str', refs: 'Sequence[str] | None' = None, *, endpoint_url: "
-            "'str | None' = None) -> 'MergeReport'",
+            "'str | None' = None, prefer: 'str | None' = None) -> 'MergeReport'",
     "push": "(self, url: 'str', refs: 'Sequence[str | ModelVersion] | None' = None, *, "
             "endpoint_url: 'str | None' = None, single_writer: 'bool' = False) -> 'PushReport'",
     "remotes": "(self) -> 'dict[str, str]'",
@@ -99,7 +99,7 @@ RECORDS = {
     "VaultStats": ["models", "versions", "chunks", "raw_bytes", "unique_bytes", "stored_bytes",
                    "file_bytes"],
     "Problem": ["message", "model", "version", "chunk"],
-    "MergeReport": ["added", "renumbered", "conflicts"],
+    "MergeReport": ["added", "renumbered", "conflicts", "moved"],
     "PruneReport": ["deleted", "kept", "freed_bytes", "dry_run"],
     "PushReport": ["added", "chunks", "uploaded_bytes"],
     "RemoteVersion": ["name", "version", "id", "created_at", "kind", "size", "aliases", "tags"],
@@ -149,7 +149,7 @@ COMMANDS = {
             "--no-compress", "--json"],
     "prune": ["vault", "name", "--keep-last", "--keep-aliased", "--keep-tagged",
               "--keep-since", "--dry-run", "--json"],
-    "pull": ["vault", "url", "refs", "--endpoint-url"],
+    "pull": ["vault", "url", "refs", "--endpoint-url", "--theirs", "--ours"],
     "push": ["vault", "url", "refs", "--endpoint-url", "--single-writer"],
     "remote add": ["vault", "name", "url"],
     "remote gc": ["url", "--endpoint-url", "--grace", "--single-writer"],

@@ -133,10 +133,19 @@ def test_aliases_and_tags_move_with_a_push(tmp_path, url):
             a.tag("m:1", owner="ann")
             a.alias("m:1", "prod")
             a.push(url, ["m:1"])
-        report = b.pull(url)  # versions b has: labels it lacks come, ones it has stay
+        report = b.pull(url)  # nobody moved b's prod since its clone: it follows
         assert report.added == () and b.get("m@stable").version == 1
-        assert b.get("m:1").tags == {"owner": "ann"} and b.get("m@prod").version == 2
-        assert [c for c in report.conflicts if "m@prod" in c]
+        assert b.get("m:1").tags == {"owner": "ann"} and b.get("m@prod").version == 1
+        assert f"m@prod: m:2 -> m:1 (from {url})" in report.moved
+        assert report.conflicts == ()
+        b.alias("m:2", "prod")  # moved here only: it stays, for a push to send
+        with modelvault.open(tmp_path / "a.vault") as a:
+            a.alias("m:2", "stable")
+            a.push(url, ["m:2"])
+        report = b.pull(url)
+        assert b.get("m@prod").version == 2 and b.get("m@stable").version == 2
+        assert report.moved == (f"m@stable: m:1 -> m:2 (from {url})",)
+        assert report.conflicts == ()
 
 
 def test_remote_rm_and_gc_drop_only_what_no_version_uses(tmp_path, url):

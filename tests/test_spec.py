@@ -2,7 +2,7 @@
 ``<!-- spec:run -->`` are a reader written from it. These tests take the blocks out of the
 documents and run them (the Python ones in one namespace, in document order; the shell
 one with bash, where the sqlite3 and zstd commands are installed) against the fixture
-vaults of formats 3, 4 and 5, a format-6 vault made here with every kind of version, and
+vaults of formats 3 to 6, a format-7 vault made here with every kind of version, and
 a remote pushed to; what they read must be what modelvault's own load gives (bit for bit
 for arrays, tensors and files). So the documents cannot drift from the code. The DDL
 blocks (``<!-- spec:ddl N -->``) must be each format's schema exactly, and the limits,
@@ -164,7 +164,7 @@ def check_example(spec, path: Path, name: str, keys: dict) -> None:
         np.testing.assert_allclose(saved["output"], answer, rtol=1e-5, atol=1e-8)
 
 
-# -- the format-6 vault and the remote ----------------------------------------------------
+# -- the format-7 vault and the remote ----------------------------------------------------
 
 
 def describe(frame):
@@ -328,7 +328,7 @@ FRAMEWORKS = {"xgboost": _xgboost, "lightgbm": _lightgbm, "onnx": _onnx,
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """(vault path, its signing key's file, what was skipped, remote folder): a format-6
+    """(vault path, its signing key's file, what was skipped, remote folder): a format-7
     vault with every kind, pushed whole to a file:// remote."""
     home = tmp_path_factory.mktemp("spec-home")
     with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse home comes later
@@ -350,13 +350,13 @@ def fixture_copy(tmp_path: Path, fmt: int) -> Path:
 # -- the tests ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", [3, 4, 5, 6])
+@pytest.mark.parametrize("fmt", [3, 4, 5, 6, 7])
 def test_the_ddl_blocks_are_each_formats_schema(tmp_path, fmt):
     ddl = {int(n): code for n, code in re.findall(
         r"^<!-- spec:ddl (\d) -->\n```sql\n(.*?)\n```$",
         FORMAT.read_text(encoding="utf-8"), re.S | re.M)}
-    assert sorted(ddl) == [3, 5, 6]
-    if fmt == 6:
+    assert sorted(ddl) == [3, 5, 6, 7]
+    if fmt == 7:
         path = tmp_path / "new.vault"
         modelvault.open(path).close()
     else:
@@ -410,7 +410,7 @@ def test_the_readers_tables_and_limits_are_modelvaults(spec):
     del torch
 
 
-@pytest.mark.parametrize("fmt", [3, 4, 5])
+@pytest.mark.parametrize("fmt", [3, 4, 5, 6])
 def test_the_spec_reads_every_version_of_the_old_formats(spec, tmp_path, fmt):
     path = fixture_copy(tmp_path, fmt)
     keys = keys_of(spec, FIXTURES / f"format{fmt}.key")
@@ -434,11 +434,11 @@ def test_the_spec_reads_every_version_of_the_old_formats(spec, tmp_path, fmt):
             identical(spec["load"](path, "net", keys=keys), vault.load("net", trust=True))
             identical(spec["load"](path, "net", alias="production", keys=keys),
                       vault.load("net@production", trust=True))
-    if fmt == 5:
+    if fmt >= 5:
         check_example(spec, path, "clf", keys)
 
 
-def test_the_spec_reads_every_kind_of_format_6(spec, made):
+def test_the_spec_reads_every_kind_of_the_current_format(spec, made):
     path, key, skipped, _ = made
     keys = keys_of(spec, key)
     found = versions_of(path)
@@ -590,13 +590,13 @@ def shell_parts(spec, path: Path) -> list[tuple[str, int, int, bool]]:
                     "JOIN models m ON m.id = v.model_id WHERE p.kind IN ('file', 'pickle')")]
 
 
-@pytest.mark.parametrize("fmt", [3, 4, 5, 6])
+@pytest.mark.parametrize("fmt", [3, 4, 5, 6, 7])
 def test_the_shell_recipe_reads_files_and_pickle_streams(spec, made, tmp_path, fmt):
     missing = [tool for tool in ("sqlite3", "zstd", "bash") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"no {' or '.join(missing)} command here (apt-get install sqlite3 zstd)")
     (recipe,) = marked(FORMAT, "sh")
-    path = made[0] if fmt == 6 else fixture_copy(tmp_path, fmt)
+    path = made[0] if fmt == 7 else fixture_copy(tmp_path, fmt)
     parts = shell_parts(spec, path)
     assert any(readable for *_, readable in parts)
     with contextlib.closing(spec["open_vault"](path)) as db:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -64,11 +65,32 @@ class Model:
 
     def __init__(self):
         # name -> {"next": int, "versions": {number: value}, "aliases": {alias: number},
-        #          "tags": {number: {key: value}}}
+        #          "tags": {number: {key: value}}, "ids": {number: version uuid}}
         self.models = {}
+        # What the vault last saw on its remote: (name, alias) -> uuid, (uuid, key) -> value.
+        self.seen = {}
+        self.seen_tags = {}
 
     def live(self):
         return {name: m for name, m in self.models.items() if m["versions"]}
+
+
+def follow(ours, theirs, seen, prefer):
+    """One label after a pull, by docs/remote.md's "Labels": (ours, seen, a conflict)."""
+    if ours == theirs:
+        return ours, theirs, False
+    if theirs == seen:
+        return ours, seen, False
+    if ours == seen or prefer == "theirs":
+        return theirs, theirs, False
+    return ours, theirs if prefer == "ours" else seen, prefer is None
+
+
+def set_or_drop(mapping, key, value):
+    if value is None:
+        mapping.pop(key, None)
+    else:
+        mapping[key] = value
 
 
 def assert_same(loaded, expected):
@@ -123,13 +145,14 @@ class VaultMachine(RuleBasedStateMachine):
           alias=st.none() | st.sampled_from(ALIASES))
     def save(self, name, value, alias):
         entry = self.model.models.setdefault(
-            name, {"next": 1, "versions": {}, "aliases": {}, "tags": {}})
+            name, {"next": 1, "versions": {}, "aliases": {}, "tags": {}, "ids": {}})
         mv = self.vault.save(name, value, aliases=[alias] if alias else ())
         assert mv.version == entry["next"]
         assert mv.name == name
         entry["next"] += 1
         entry["versions"][mv.version] = value
         entry["tags"][mv.version] = {}
+        entry["ids"][mv.version] = mv.id
         if alias:
             entry["aliases"][alias] = mv.version
 
@@ -160,6 +183,7 @@ class VaultMachine(RuleBasedStateMachine):
         entry = self.model.models[name]
         del entry["versions"][number]
         del entry["tags"][number]
+        del entry["ids"][number]
         entry["aliases"] = {a: n for a, n in entry["aliases"].items() if n != number}
         with pytest.raises(NotFoundError):
             self.vault.get(f"{name}:{number}")
@@ -235,6 +259,7 @@ class VaultMachine(RuleBasedStateMachine):
         self.vault = modelvault.open(self.path)
         assert {v.ref: (v.id, v.digest, v.aliases, v.tags)
                 for v in self.vault.versions()} == before
+        self.model.seen, self.model.seen_tags = {}, {}  # a copy of the versions only
 
     @rule(data=st.data(), name=st.sampled_from(NAMES), theirs=VALUES, ours=st.none() | VALUES,
           alias=st.none() | st.sampled_from(ALIASES), forget=st.booleans())
@@ -245,13 +270,14 @@ class VaultMachine(RuleBasedStateMachine):
         side_path = self.folder / "side.vault"
         self.vault.export(side_path)
         with modelvault.open(side_path) as side:
-            number = side.save(name, theirs, aliases=[alias] if alias else ()).version
+            mine = side.save(name, theirs, aliases=[alias] if alias else ())
+            number = mine.version
         forgotten = None
         if forget and self._has_versions():
             forgotten = self._pick_version(data)
             self.vault.delete("{}:{}".format(*forgotten))  # the model keeps it: it comes back
         entry = self.model.models.setdefault(
-            name, {"next": 1, "versions": {}, "aliases": {}, "tags": {}})
+            name, {"next": 1, "versions": {}, "aliases": {}, "tags": {}, "ids": {}})
         if ours is not None:
             self.save(name, ours, None)
         report = self.vault.merge(side_path)
@@ -262,6 +288,7 @@ class VaultMachine(RuleBasedStateMachine):
         entry["next"] = expected + 1
         entry["versions"][expected] = theirs
         entry["tags"][expected] = {}
+        entry["ids"][expected] = mine.id
         if alias:
             ours_kept = alias in entry["aliases"] and (name, entry["aliases"][alias]) != forgotten
             if not ours_kept:
@@ -273,11 +300,8 @@ class VaultMachine(RuleBasedStateMachine):
     def push_and_clone(self):
         # Everything pushed so far is on the remote (versions deleted here since stay
         # there), byte for byte; a clone holds each of this vault's versions whole.
-        if not hasattr(self, "remote"):
-            self.remote, self.pushed = f"memory://{self.folder.name}", {}
-        self.vault.push(self.remote)
+        self._push()
         here = {v.id: v.digest for v in self.vault.versions()}
-        self.pushed.update(here)
         on_remote = {v.id for v in modelvault.Remote(self.remote).versions()}
         assert on_remote == set(self.pushed)
         clone_path = self.folder / "clone.vault"
@@ -290,7 +314,119 @@ class VaultMachine(RuleBasedStateMachine):
                 assert_same(clone.load(mine), self.vault.load(some))
         os.unlink(clone_path)
 
+    def _push(self):
+        """Push every version; the push records where the remote now has the labels it
+        left equal on both sides."""
+        if not hasattr(self, "remote"):
+            self.remote, self.pushed = f"memory://{self.folder.name}", {}
+        self.vault.push(self.remote)
+        self.pushed.update({v.id: v.digest for v in self.vault.versions()})
+        for name in self.model.live():
+            for key, ours, theirs, _ in self._labels(name, self.model.seen, aliases=True):
+                if ours == theirs:
+                    set_or_drop(self.model.seen, key, theirs)
+            for key, ours, theirs, _ in self._labels(name, self.model.seen_tags,
+                                                     aliases=False):
+                if ours == theirs:
+                    set_or_drop(self.model.seen_tags, key, theirs)
+
+    def _remote_labels(self):
+        """The remote's aliases ((name, alias) -> uuid) and tags ((uuid, key) -> value),
+        and its versions by uuid, as it lists them."""
+        listed = modelvault.Remote(self.remote).versions()
+        aliases = {(v.name, a): v.id for v in listed for a in v.aliases}
+        tags = {(v.id, k): t for v in listed for k, t in v.tags.items()}
+        return aliases, tags, {v.id: v for v in listed}
+
+    def _labels(self, name, seen, *, aliases):
+        """(key, ours, theirs, seen) of each alias of ``name`` (or each tag of its versions
+        both here and on the remote) that any of the three has."""
+        entry = self.model.models[name]
+        number_of = {u: n for n, u in entry["ids"].items()}
+        their_aliases, their_tags, there = self._remote_labels()
+        if aliases:
+            ours = {(name, a): entry["ids"][n] for a, n in entry["aliases"].items()}
+            theirs = {k: u for k, u in their_aliases.items() if k[0] == name}
+        else:
+            both = {u for u in number_of if u in there}
+            ours = {(u, k): v for u in both for k, v in entry["tags"][number_of[u]].items()}
+            theirs = {k: v for k, v in their_tags.items() if k[0] in both}
+        mine = {k: v for k, v in seen.items()
+                if (k[0] == name if aliases else k[0] in number_of and k[0] in there)}
+        return [(k, ours.get(k), theirs.get(k), mine.get(k))
+                for k in sorted(ours.keys() | theirs.keys() | mine.keys())]
+
+    @precondition(_has_versions)
+    @rule(data=st.data(), alias=st.sampled_from(ALIASES), key=st.sampled_from(TAG_KEYS),
+          value=st.none() | st.sampled_from(["a", "b"]),
+          prefer=st.sampled_from([None, "theirs", "ours"]), push=st.booleans(),
+          here=st.booleans())
+    def pull_after_the_remote_moves_labels(self, data, alias, key, value, prefer, push,
+                                           here):
+        # Another writer moves (or removes) an alias and sets (or removes) a tag of a model
+        # this vault shares with the remote; a pull of that model then follows each label
+        # nobody moved here since, keeps those moved here only, and reports the others.
+        if push or not hasattr(self, "remote"):
+            self._push()
+        _, _, there = self._remote_labels()
+        shared = {name: sorted(n for n, u in entry["ids"].items() if u in there)
+                  for name, entry in self.model.live().items()}
+        shared = {name: numbers for name, numbers in shared.items() if numbers}
+        if not shared:
+            return
+        name = data.draw(st.sampled_from(sorted(shared)), label="shared model")
+        entry = self.model.models[name]
+        target = data.draw(st.none() | st.sampled_from(shared[name]), label="alias there")
+        tagged = data.draw(st.sampled_from(shared[name]), label="tagged there")
+        elsewhere = sorted(n for n in entry["versions"] if n != target)
+        if here and elsewhere:  # and this vault moves it too, elsewhere: a conflict, mostly
+            number = data.draw(st.sampled_from(elsewhere), label="alias here")
+            self.vault.alias(f"{name}:{number}", alias)
+            entry["aliases"][alias] = number
+        modelvault.Remote(self.remote).log.commit(lambda state: [
+            {"op": "alias", "model": name, "alias": alias,
+             "uuid": None if target is None else entry["ids"][target]},
+            {"op": "tag", "uuid": entry["ids"][tagged], "key": key, "value": value}])
+        number_of = {u: n for n, u in entry["ids"].items()}
+        moved, conflicts = 0, 0
+        for (_, name_alias), ours, theirs, seen in self._labels(name, self.model.seen,
+                                                                aliases=True):
+            if theirs is not None and theirs not in number_of:
+                continue  # a version deleted here: left as it is
+            now, seen_now, conflict = follow(ours, theirs, seen, prefer)
+            moved += now != ours
+            conflicts += conflict
+            set_or_drop(entry["aliases"], name_alias,
+                        None if now is None else number_of[now])
+            set_or_drop(self.model.seen, (name, name_alias), seen_now)
+        for (uuid, tag), ours, theirs, seen in self._labels(name, self.model.seen_tags,
+                                                            aliases=False):
+            now, seen_now, conflict = follow(ours, theirs, seen, prefer)
+            moved += now != ours
+            conflicts += conflict
+            set_or_drop(entry["tags"][number_of[uuid]], tag, now)
+            set_or_drop(self.model.seen_tags, (uuid, tag), seen_now)
+        report = self.vault.pull(self.remote, [f"{name}:{there[entry['ids'][tagged]].version}"],
+                                 prefer=prefer)
+        assert report.added == ()
+        assert (len(report.moved), len(report.conflicts)) == (moved, conflicts)
+        assert all(self.remote in line for line in report.moved + report.conflicts)
+
     # -- invariants ----------------------------------------------------------------
+
+    @invariant()
+    def what_was_seen_on_the_remote_matches(self):
+        if not hasattr(self, "remote"):
+            return
+        with sqlite3.connect(self.path) as db:
+            aliases = {(m, a): u for m, a, u in db.execute(
+                "SELECT model, alias, uuid FROM remote_aliases WHERE remote = ?",
+                (self.remote,))}
+            tags = {(u, k): v for u, k, v in db.execute(
+                "SELECT uuid, key, value FROM remote_tags WHERE remote = ?", (self.remote,))}
+        db.close()
+        assert aliases == self.model.seen
+        assert tags == self.model.seen_tags
 
     @invariant()
     def healthy(self):

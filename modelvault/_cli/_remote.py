@@ -45,15 +45,25 @@ def push_command(vault: Path, url: str, refs: tuple[str, ...], endpoint_url: str
 @click.argument("url")
 @click.argument("refs", nargs=-1)
 @endpoint_option
-def pull_command(vault: Path, url: str, refs: tuple[str, ...], endpoint_url: str | None
-                 ) -> None:
-    """Bring the remote's versions (or REFS there) that VAULT lacks into VAULT.
+@click.option("--theirs", is_flag=True,
+              help="Settle aliases and tags moved on both sides by taking the remote's.")
+@click.option("--ours", is_flag=True,
+              help="Settle aliases and tags moved on both sides by keeping VAULT's.")
+def pull_command(vault: Path, url: str, refs: tuple[str, ...], endpoint_url: str | None,
+                 theirs: bool, ours: bool) -> None:
+    """Bring the remote's versions (or REFS there) that VAULT lacks into VAULT, and
+    follow its aliases and tags.
 
     Every chunk, digest and signature is checked first; numbers that clash are
-    renumbered, as merge does.
+    renumbered, as merge does. An alias or tag nobody moved in VAULT since the last pull
+    moves to where the remote has it; one moved on both sides is listed as a conflict
+    and kept, unless --theirs or --ours settles it.
     """
+    if theirs and ours:
+        raise click.UsageError("--theirs and --ours are exclusive: give one")
     with _open(vault) as v:
-        report = v.pull(url, list(refs) or None, endpoint_url=endpoint_url)
+        report = v.pull(url, list(refs) or None, endpoint_url=endpoint_url,
+                        prefer="theirs" if theirs else "ours" if ours else None)
     click.echo(str(report))
 
 

@@ -16,8 +16,9 @@ docs/remote.md is the layout and protocol. The pieces, one concept each:
     _remote   a remote as a whole (Remote): descriptor, locks, delete and gc; and
               Local, the vault's pieces that push and pull work on
     _push     push
-    _pull     pull and clone, through the copier (so numbers, labels and checks are
-              merge's)
+    _pull     pull and clone, through the copier (so numbers and checks are merge's)
+    _labels   the aliases and tags a pull follows: what the vault last saw on each
+              remote, and the rule that settles them
 """
 
 from ._names import check_remote, confirm, named

@@ -5,8 +5,9 @@ Each version is gathered in a vault file of its own beside the vault
 committed as they come (a pull interrupted and run again fetches only what had not
 arrived), and the version's rows, checked against its digest and signature. Then the
 copier merges it in, taking the chunk lists from the manifest and the chunks the vault
-has by hash, so numbers, labels and checks are merge's. Clone is a pull into a new
-vault, put in place when complete.
+has by hash, so numbers and checks are merge's. The labels come last, once, by the
+remote's log (``_labels``), not through these files. Clone is a pull into a new vault,
+put in place when complete.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from .._catalog import Contents
 from .._errors import (
     IntegrityError,
     LockTimeout,
-    NotFoundError,
     RemoteError,
     UntrustedError,
     VaultError,
@@ -33,6 +33,7 @@ from .._packs import ChunkRow
 from .._progress import progress
 from .._refs import Ref
 from .._reports import MergeReport
+from . import _labels
 from ._log import State
 from ._names import locked
 from ._objects import by_object, spans
@@ -49,9 +50,13 @@ class _BadPack(IntegrityError):
         self.why = why
 
 
-def pull(local: Local, remote: Remote, refs: Sequence[str] | None) -> MergeReport:
+def pull(local: Local, remote: Remote, refs: Sequence[str] | None,
+         prefer: str | None = None) -> MergeReport:
     """Bring in the versions ``refs`` name on the remote (every one if None) that the
-    vault lacks, and the labels it lacks of those it has."""
+    vault lacks; then settle the labels of their models (of every model, if None) as
+    ``_labels`` does, ``prefer`` deciding the conflicts."""
+    if prefer not in _labels.PREFER:
+        raise ValueError(f"prefer={prefer!r}: None, 'theirs' or 'ours'")
     remote.check_descriptor(create=False)
     state = remote.log.state()
     wanted = ([state.resolve(r) for r in refs] if refs is not None
@@ -80,43 +85,13 @@ def pull(local: Local, remote: Remote, refs: Sequence[str] | None) -> MergeRepor
         added += report.added
         renumbered += report.renumbered
         conflicts += report.conflicts
-    # Labels of versions already here: aliases and tags the remote has and we lack.
-    for uuid in wanted:
-        if uuid in here:
-            conflicts += _labels(local, state, uuid)
-    return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts))
-
-
-def _labels(local: Local, state: State, uuid: str) -> list[str]:
-    """Bring in the aliases and tags the remote gives the version ``uuid``, which the
-    vault has, where the vault has none of that name; returns those that differ."""
-    entry = state.versions[uuid]
-    record = state.record(uuid)
-    conflicts, aliases = [], []
-    catalog = local.catalog
-    with local.connection.read():
-        (mine,) = catalog.records("WHERE v.uuid = ?", (uuid,))
-        for alias in record.aliases:
-            try:
-                current = catalog.resolve(Ref(entry["model"], alias=alias)).uuid
-            except NotFoundError:
-                current = None
-            if current is None:
-                aliases.append(alias)
-            elif current != uuid:
-                conflicts.append(f"{entry['model']}@{alias}: another version here than on "
-                                 "the remote (kept this one)")
-    new = [(k, v) for k, v in record.tags.items() if k not in mine.tags]
-    if aliases or new:
-        with local.connection.write():
-            row = catalog.resolve(Ref(mine.name, version=mine.version))
-            for alias in aliases:
-                catalog.set_alias(row, alias)
-            catalog.set_tags(row, new)
-    conflicts += [f"{mine.name}:{mine.version} tag {k}: {mine.tags[k]!r} here, {v!r} on "
-                  "the remote" for k, v in record.tags.items()
-                  if k in mine.tags and mine.tags[k] != v]
-    return conflicts
+    # The labels once, after the versions: those of a version pulled are theirs unless
+    # it was here already (a merge from another source).
+    models = None if refs is None else {state.versions[u]["model"] for u in wanted}
+    moved, left = _labels.follow(local, remote.url, state, models, prefer,
+                                 added=[v.id for v in added])
+    return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts + left),
+                       tuple(moved))
 
 
 def _pull_from_good_copies(local: Local, remote: Remote, state: State, uuid: str
@@ -286,7 +261,7 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
 
 # Every table of a pull's file but the fetched chunks' (packs, chunks), children first.
 _ROWS = ("part_chunks", "parts", "aliases", "tags", "lineage", "versions", "models",
-         "packages", "environments", "remotes")
+         "packages", "environments", "remotes", "remote_aliases", "remote_tags")
 
 
 def _reset(into: Local, missing: list[str]) -> None:
@@ -398,12 +373,6 @@ def _rows(into: Local, remote: Remote, state: State, uuid: str, manifest: dict[s
             f"INSERT INTO parts (version_id, {', '.join(PART_FIELDS)}) VALUES "
             f"(?, {','.join('?' * len(PART_FIELDS))})",
             [(version_id, *(p[f] for f in PART_FIELDS)) for p in manifest["parts"]])
-        db.executemany("INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)",
-                       [(version_id, k, v) for k, v in entry["tags"].items()])
-        db.executemany(
-            "INSERT INTO aliases (model_id, alias, version_id) VALUES (?, ?, ?)",
-            [(model_id, a, version_id)
-             for a, u in state.aliases.get(entry["model"], {}).items() if u == uuid])
         # The version as the manifest gives it must be the one signed and digested.
         row = into.catalog.resolve(Ref(entry["model"], version=entry["number"]))
         chunks = {**into.packs.rows(list(ids)), **here}

@@ -17,6 +17,7 @@ from .._errors import IntegrityError, RemoteError
 from .._progress import progress
 from .._refs import Ref
 from .._reports import PushReport
+from . import _labels
 from ._log import State
 from ._objects import PackWriter, Placed, Sent, by_object, spans
 from ._remote import FORMAT, PART_FIELDS, VERSION_FIELDS, Local, Remote
@@ -173,6 +174,10 @@ def _push(local: Local, remote: Remote, refs: Sequence[Ref] | None,
         return events
 
     state, _ = remote.log.commit(make)
+    # What this push leaves equal on both sides is where the remote is, as a pull would
+    # record it; what differs (this vault is behind, or ahead on a version not sent)
+    # stays as the last pull saw it, so that the next pull still follows the remote.
+    _labels.record(local, remote.url, state, {r.name for r in rows})
     added = tuple(state.record(r.uuid) for r in new if r.uuid in state.versions)
     return PushReport(added, sent.chunks, sent.bytes)
 
