@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import inspect
 import logging
 import math
 import multiprocessing
@@ -482,13 +481,6 @@ def test_a_vault_in_a_read_only_folder_is_watched(churn, tmp_path):
 
 # -- remotes ----------------------------------------------------------------------
 
-# Pull moves a local alias to the remote's position only once the vault remembers where
-# the remote's aliases were (format 7's labels, with the `prefer` option).
-follows_remote_aliases = pytest.mark.xfail(
-    "prefer" not in inspect.signature(modelvault.Vault.pull).parameters, strict=True,
-    reason="pull does not yet follow the remote's aliases")
-
-
 @pytest.fixture
 def remote(tmp_path, churn):
     """A file:// remote holding churn:1 as churn@production, pushed from ``churn``."""
@@ -548,7 +540,6 @@ def test_a_pull_conflict_is_logged_once(tmp_path, churn, remote, caplog):
     assert all(remote in message for message in conflicts)
 
 
-@follows_remote_aliases
 def test_it_serves_the_remotes_alias_once_pulled(tmp_path, churn, remote):
     app = tmp_path / "app.vault"
     with modelvault.follow(app, "churn@production", remote=remote, every=EVERY) as live:
