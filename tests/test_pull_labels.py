@@ -243,6 +243,19 @@ def test_a_push_from_a_vault_that_is_behind_does_not_move_the_alias_back(app, ur
     assert report.conflicts == () and labels(vault)[0] == {"prod": 2}
 
 
+def test_a_push_naming_a_version_it_is_behind_on_moves_no_label_back(app, url, tmp_path):
+    """Named, m:1 goes along with its labels only where this vault moved them since it
+    last saw the remote: m@prod and m:1's tag, moved there meanwhile, stay there."""
+    vault, ids = app
+    apply_there(url, ids, {"@prod": 2, "stage": "tuned"})
+    vault.push(url, ["m:1"])  # behind on both: its m@prod and stage are as it saw them
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["m:2"].aliases == ("prod",) and listed["m:1"].tags == {"stage": "tuned"}
+    vault.alias("m:3", "prod")  # moved here since: now the push sends it
+    vault.push(url, ["m:3"])
+    assert {v.ref: v for v in modelvault.Remote(url).versions()}["m:3"].aliases == ("prod",)
+
+
 def test_a_clone_records_the_remotes_labels(app, url):
     vault, ids = app
     with sqlite3.connect(vault.path) as db:

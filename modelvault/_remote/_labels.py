@@ -258,6 +258,18 @@ def _row(local: Local, uuid: str) -> VersionRow:
     return local.catalog.resolve(Ref(model, version=number))
 
 
+def seen(db: sqlite3.Connection, url: str
+         ) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
+    """Where this vault last saw the remote ``url``'s labels: aliases by (model, alias)
+    and tags by (version uuid, key). A push leaves alone a label still at its seen
+    position here while the remote has moved it: this vault is behind on it, and
+    sending it would move the remote's back."""
+    if db.execute("PRAGMA user_version").fetchone()[0] < 7:
+        return {}, {}
+    return ({(m, a): u for m, a, u in _unique(_tracked(db, "remote_aliases", url))},
+            {(u, k): v for u, k, v in _unique(_tracked(db, "remote_tags", url))})
+
+
 def _tracked(db: sqlite3.Connection, table: str, url: str) -> list[tuple[str, str, str]]:
     """The rows of ``table`` for the remote ``url`` whose columns are all UTF-8 text no
     longer than a log entry (a remote's label cannot be longer). Read as bytes: a row of

@@ -103,7 +103,9 @@ def _push(local: Local, remote: Remote, refs: Sequence[Ref] | None,
                 raise RemoteError(f"{row.where}: its manifest would be {size} bytes, more "
                                   f"than the {limit('manifest')} readers take")
         # Labels go along for the versions sent, and for those named: a vault that is
-        # behind must not move back the remote's aliases of versions it did not push.
+        # behind must not move back the remote's aliases of versions it did not push,
+        # nor those it names but has not moved since it last saw the remote (below).
+        seen_aliases, seen_tags = _labels.seen(db, remote.url)
         labels = {r.uuid: r.name for r in (rows if refs is not None else new)}
         aliases = {(name, a): uuid for uuid, name in labels.items()
                    for (a,) in db.execute(
@@ -164,12 +166,14 @@ def _push(local: Local, remote: Remote, refs: Sequence[Ref] | None,
                            "kind": row.kind, "size": row.size, "digest": row.digest})
         known = {e["uuid"] for e in events} | set(state.versions)
         for (name, alias), uuid in sorted(aliases.items()):
-            if uuid in known and state.aliases.get(name, {}).get(alias) != uuid:
+            if (uuid in known and state.aliases.get(name, {}).get(alias) != uuid
+                    and seen_aliases.get((name, alias)) != uuid):
                 events.append({"op": "alias", "model": name, "alias": alias, "uuid": uuid})
         for uuid, mine in sorted(tags.items()):
             theirs = state.versions.get(uuid, {}).get("tags", {})
             for key, value in sorted(mine.items()):
-                if uuid in known and theirs.get(key) != value:
+                if (uuid in known and theirs.get(key) != value
+                        and seen_tags.get((uuid, key)) != value):
                     events.append({"op": "tag", "uuid": uuid, "key": key, "value": value})
         return events
 
