@@ -71,9 +71,12 @@ class LiveModel:
     def __init__(self, path: str | os.PathLike[str], ref: str, *, remote: str | None = None,
                  every: float = 30.0, endpoint_url: str | None = None, trust: bool = False,
                  require: str | None = None, device: Any = None, readonly: bool = False,
+                 prefer: str | None = None,
                  on_change: Callable[[ModelVersion, ModelVersion], Any] | None = None
                  ) -> None:
         parse_ref(ref)  # a bad ref is refused before anything is opened
+        if prefer not in (None, "theirs", "ours"):
+            raise ValueError(f"prefer must be None, 'theirs' or 'ours', not {prefer!r}")
         if not every > 0:
             raise ValueError(f"every must be a positive number of seconds, not {every!r}")
         if remote is not None and readonly:
@@ -88,6 +91,7 @@ class LiveModel:
         self._trust, self._require, self._device = trust, require, device
         self._readonly = readonly
         self._on_change = on_change
+        self._prefer = prefer
         self._failures = 0
         self._retry_at = 0.0  # time.monotonic() before which a failed check is not repeated
         self._logged: set[str] = set()  # the errors logged since the last check that worked
@@ -97,7 +101,10 @@ class LiveModel:
             if "://" not in remote:
                 raise NotAVaultError(f"{self.path}: no such vault; a remote named {remote!r} "
                                      "is looked up in the vault, so give its URL to clone it")
-            clone(remote, self.path, [ref], endpoint_url=endpoint_url).close()
+            try:
+                clone(remote, self.path, [ref], endpoint_url=endpoint_url).close()
+            except FileExistsError:
+                pass  # another process following it cloned it meanwhile: open theirs
         self._file: _File | None = _File.open(self.path, self._opening())
         try:
             if remote is not None and self._file.vault.readonly:
@@ -211,7 +218,8 @@ class LiveModel:
                 file.close()
             return self._swap(serving)
         if self.remote is not None and due:
-            report = file.vault.pull(self.remote, [self.ref], endpoint_url=self._endpoint_url)
+            report = file.vault.pull(self.remote, [self.ref], endpoint_url=self._endpoint_url,
+                                     prefer=self._prefer)
             for conflict in set(report.conflicts) - self._conflicts:
                 logger.warning("following %s in %s: pull from %s: %s", self.ref, self.path,
                                self.remote, conflict)
@@ -385,6 +393,7 @@ def _identity(path: Path) -> tuple[int, int]:
 def follow(path: str | os.PathLike[str], ref: str, *, remote: str | None = None,
            every: float = 30.0, endpoint_url: str | None = None, trust: bool = False,
            require: str | None = None, device: Any = None, readonly: bool = False,
+           prefer: str | None = None,
            on_change: Callable[[ModelVersion, ModelVersion], Any] | None = None
            ) -> LiveModel:
     """Load the model ``ref`` names in the vault at ``path`` and keep it current.
@@ -401,7 +410,9 @@ def follow(path: str | os.PathLike[str], ref: str, *, remote: str | None = None,
     first cloned from it (URL only). ``trust``, ``device``: as for ``Vault.load``;
     ``require="trusted"``: only versions a trusted key signed are served (see
     ``Vault``). ``readonly`` (also when the file or its folder is not writable): only
-    watch, never write; a remote is then refused. ``on_change(old, new)`` is called on
+    watch, never write; a remote is then refused. ``prefer``: as for ``Vault.pull``;
+    ``"theirs"`` lets the remote decide where an alias moved on both sides (an app's
+    vault where nobody moves aliases by hand). ``on_change(old, new)`` is called on
     the checking thread after each swap, with the two ``ModelVersion``s.
 
     >>> import modelvault
@@ -412,7 +423,7 @@ def follow(path: str | os.PathLike[str], ref: str, *, remote: str | None = None,
     """
     return LiveModel(path, ref, remote=remote, every=every, endpoint_url=endpoint_url,
                      trust=trust, require=require, device=device, readonly=readonly,
-                     on_change=on_change)
+                     prefer=prefer, on_change=on_change)
 
 
 # Every open handle, for the fork hook; and what fork children keep of their parent's.

@@ -323,6 +323,8 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: boo
         _create(path)
     if path.is_dir():
         raise NotAVaultError(f"{path}: is a directory, not a vault file")
+    if not path.is_file():  # a FIFO or a device: SQLite's open would wait on it forever
+        raise NotAVaultError(f"{path}: not a regular file, so not a vault file")
     uri = f"{path.absolute().as_uri()}?mode={'ro' if readonly else 'rw'}"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout,

@@ -340,6 +340,33 @@ def _damaged_reads(path, contents, folder):
 
 
 @pytest.mark.sweep
+def test_a_fifo_at_the_path_is_refused_not_waited_on(tmp_path):
+    """SQLite's open of a named pipe waits for a writer forever; a vault path that is
+    not a regular file is refused before SQLite sees it."""
+    import threading
+
+    path = tmp_path / "pipe.vault"
+    os.mkfifo(path)
+    outcomes: list[object] = []
+
+    def attempt(how):
+        try:
+            how()
+            outcomes.append("opened")
+        except BaseException as exc:  # noqa: BLE001 - the type is the finding
+            outcomes.append(exc)
+
+    for how in (lambda: modelvault.open(path).close(),
+                lambda: modelvault.open(path, readonly=True).close(),
+                lambda: modelvault.load(path, "arr")):
+        thread = threading.Thread(target=attempt, args=(how,), daemon=True)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "the open waited on the pipe"
+    assert all(isinstance(o, modelvault.NotAVaultError) for o in outcomes), outcomes
+    assert all("not a regular file" in str(o) for o in outcomes)
+
+
 def test_a_vault_truncated_anywhere_is_refused_or_opened_read_only_for_salvage(tmp_path, full):
     healthy, contents = _healthy(tmp_path, big=True)
     data = healthy.read_bytes()

@@ -490,6 +490,39 @@ def remote(tmp_path, churn):
     return url
 
 
+def test_prefer_theirs_lets_the_remote_decide_an_alias_moved_on_both_sides(tmp_path, churn,
+                                                                         remote):
+    app = tmp_path / "app.vault"
+    with modelvault.follow(app, "churn@production", remote=remote, every=3600,
+                           prefer="theirs") as live:
+        with modelvault.open(app) as vault:  # moved here by hand...
+            _save(vault, 5, aliases=["production"])
+        with modelvault.open(churn) as vault:  # ...and on the remote: a conflict
+            _save(vault, 2, aliases=["production"])
+            vault.push(remote)
+        live.refresh()
+        assert live.version.metadata["seq"] == 2 and live.error is None
+    with pytest.raises(ValueError, match="prefer"):
+        modelvault.follow(app, "churn@production", remote=remote, prefer="mine")
+
+
+def test_two_apps_starting_together_both_serve_the_clone(tmp_path, churn, remote,
+                                                         monkeypatch):
+    """The second to clone a missing vault finds the first one's file in place."""
+    import modelvault._follow as following
+
+    app = tmp_path / "app.vault"
+    real = following.clone
+
+    def raced(url, path, refs, **options):
+        real(url, path, refs, **options).close()  # the other app got there first
+        raise FileExistsError(f"{path} exists; clone makes a new vault")
+
+    monkeypatch.setattr(following, "clone", raced)
+    with modelvault.follow(app, "churn@production", remote=remote, every=3600) as live:
+        assert live.version.ref == "churn:1"
+
+
 def test_a_missing_vault_is_cloned_with_just_the_ref(tmp_path, churn, remote):
     with modelvault.open(churn) as vault:
         _save(vault, 2)  # not in the clone: not what the ref names
