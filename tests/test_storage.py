@@ -177,7 +177,7 @@ def test_file_header_pragmas(saved):
     path, _ = saved
     with _db(path) as db:
         assert db.execute("PRAGMA application_id").fetchone()[0] == 0x4D564C54
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 7
         assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # small: see test_pages
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental: gc shrinks
