@@ -38,6 +38,7 @@ from ._log import State
 from ._names import locked
 from ._objects import by_object, spans
 from ._remote import PART_FIELDS, VERSION_FIELDS, Local, Remote
+from ._store import HASH, is_text
 
 
 class _BadPack(IntegrityError):
@@ -228,7 +229,7 @@ def _remove(bundle: Path) -> None:
 
 def _scalar(value: Any) -> bool:
     """Whether ``value`` fits a column as is: text, null, or an integer SQLite holds."""
-    return value is None or isinstance(value, str) or (
+    return value is None or is_text(value) or (
         type(value) is int and -2**63 <= value < 2**63)
 
 
@@ -245,7 +246,8 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
             and len(parts) == len(chunks)
             and all(isinstance(p, dict) and all(_scalar(p.get(f)) for f in PART_FIELDS)
                     for p in parts)
-            and all(isinstance(c, list) and all(isinstance(h, str) for h in c) for c in chunks)
+            and all(isinstance(c, list) and all(isinstance(h, str) and HASH.fullmatch(h)
+                                                for h in c) for c in chunks)
             and _scalar(manifest.get("environment"))
             and (manifest.get("lineage") is None or (
                 isinstance(manifest["lineage"], dict)
