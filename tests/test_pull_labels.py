@@ -341,3 +341,14 @@ def test_a_pull_that_changes_nothing_writes_nothing(app, url):
     with modelvault.open(vault.path, readonly=True) as readonly:
         assert readonly.pull(url).moved == ()
     assert (vault.path.stat().st_mtime_ns, vault.path.read_bytes()) == before
+    # Nor does a read-only one with no record of the remote (filled by a merge): it would
+    # only record what is equal, and raised ReadOnlyError for that.
+    with sqlite3.connect(vault.path) as db:
+        db.execute("DELETE FROM remote_aliases")
+        db.execute("DELETE FROM remote_tags")
+    db.close()
+    before = vault.path.stat().st_mtime_ns, vault.path.read_bytes()
+    with modelvault.open(vault.path, readonly=True) as readonly:
+        report = readonly.pull(url)
+        assert report.moved == report.conflicts == ()
+    assert (vault.path.stat().st_mtime_ns, vault.path.read_bytes()) == before

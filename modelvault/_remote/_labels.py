@@ -105,7 +105,9 @@ def _settle(local: Local, url: str, state: State, models: set[str] | None,
     # anything): a pull that changes nothing writes nothing.
     with connection.lock, connection.read() as db:
         plan = _plan(db, url, state, models, prefer, pulling, added)
-    if plan.writes():
+    # A read-only vault takes no label (the write refuses), and records nothing: as
+    # after a push, the next pull that can write records what is equal then.
+    if plan.aliases or plan.tags or (plan.writes() and not connection.readonly):
         with connection.lock, connection.write() as db:
             plan = _plan(db, url, state, models, prefer, pulling, added)
             _apply(local, url, plan)
