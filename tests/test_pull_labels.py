@@ -278,6 +278,18 @@ def test_a_version_deleted_on_the_remote_leaves_no_record(app, url):
     db.close()
 
 
+def test_a_version_deleted_here_comes_back_with_its_tags(app, url):
+    """A pull that brings back a version deleted here (a prune, a delete) brings its
+    tags with it, as with any version it adds: what was last seen of them describes the
+    copy deleted, not a change made here (they stayed behind, unset)."""
+    vault, ids = app
+    vault.delete("m:1")
+    report = vault.pull(url)
+    assert [v.id for v in report.added] == [ids[1]] and report.conflicts == ()
+    assert vault.get("m:1").tags == {"stage": "base"} and report.moved == ()
+    assert vault.pull(url).moved == ()
+
+
 HOSTILE = [
     ("an integer uuid", "INSERT INTO remote_aliases VALUES (:url, 'm', 'prod', 12345)"),
     ("a blob uuid", "INSERT INTO remote_aliases VALUES (:url, 'm', 'prod', x'00ff')"),

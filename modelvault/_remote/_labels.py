@@ -156,7 +156,9 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
     rows = _tracked(db, "remote_tags", url) if tracked else []
     if models is None:
         plan.gone = sorted({u for u, _, _ in rows} - set(state.versions))
-    seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both and k}
+    # Of a version this pull added, what was seen describes a copy deleted here since:
+    # its tags come with it, as any added version's do.
+    seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both - added and k}
     mine = {(u, k): v for u, k, v in db.execute(
         "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id")
         if u in both}
