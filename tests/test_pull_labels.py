@@ -178,6 +178,21 @@ def test_a_conflict_is_one_line_in_the_same_words_at_every_pull_naming_the_remot
         vault.pull(url, prefer="mine")
 
 
+def test_a_tag_key_that_is_no_plain_word_is_quoted_and_cut_short_in_report_lines(app, url):
+    """Keys are any non-empty text, here as on a remote: a newline or a terminal escape in
+    one made two lines of one conflict (or wrote to the terminal), a 1 MB one a 1 MB line."""
+    vault, ids = app
+    odd, long = "a\n\x1b[2Jconflict: b", "k" * 1_000_000
+    vault.tag("m:1", {odd: "here", long: "here"})
+    apply_there(url, ids, {odd: "there", long: "there", "owner\tx": "ann"})
+    report = vault.pull(url)
+    lines = report.conflicts + report.moved
+    assert len(lines) == 3 and all(line.isprintable() and len(line) < 400 for line in lines)
+    assert report.moved == (f"m:1 tag 'owner\\tx': unset -> 'ann' (from {url})",)
+    assert f"m:1 tag {odd!r}: 'here' here, 'there' on {url}" in report.conflicts[0]
+    assert len(str(report).splitlines()) == 4
+
+
 def test_never_seen_labels_that_differ_are_a_conflict_until_settled(app, url):
     """A vault with no record of the remote (upgraded from format 6, or filled by a
     merge): labels equal on both sides are recorded, those that differ are conflicts."""

@@ -164,7 +164,7 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
         if u in both}
     there = {(u, k): v for u in both for k, v in state.versions[u]["tags"].items()}
     plan.tags, plan.seen_tags = _judge(
-        [_Label((u, k), f"{at(u)} tag {k}",
+        [_Label((u, k), f"{at(u)} tag {_word(k)}",
                 _Positions(mine.get((u, k)), there.get((u, k)), seen_tags.get((u, k))),
                 _shown, "changed", u not in added)
          for u, k in sorted(mine.keys() | there.keys() | seen_tags.keys(),
@@ -218,6 +218,12 @@ def _decide(where: _Positions, prefer: str | None, pulling: bool
     if where.ours == where.seen or prefer == "theirs":
         return True, True, False
     return False, prefer == "ours", prefer is None
+
+
+def _word(key: str) -> str:
+    """A tag's key, as report lines give it: as it is if short and printable, else
+    as ``_shown`` gives a value (a key may hold a newline, or a terminal's escapes)."""
+    return key if key.isprintable() and len(key) <= _SHOWN else _shown(key)
 
 
 def _shown(value: str | None) -> str:
