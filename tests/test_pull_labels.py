@@ -271,6 +271,33 @@ def test_a_push_naming_a_version_it_is_behind_on_moves_no_label_back(app, url, t
     assert {v.ref: v for v in modelvault.Remote(url).versions()}["m:3"].aliases == ("prod",)
 
 
+def test_a_pull_that_ran_long_does_not_take_back_what_a_later_pull_followed(
+        app, url, tmp_path, monkeypatch):
+    """Two pulls into one vault: the first reads the log, then gathers a version for a
+    while; meanwhile the remote moves m@prod and a second pull follows it. The first then
+    settles by the log as it is now: judged by the one it read, m@prod was moved here
+    since (to where the other pull put it) and not there, so it moved it back."""
+    from modelvault._remote import _pull
+
+    vault, ids = app
+    with modelvault.open(tmp_path / "trainer.vault") as trainer:
+        trainer.save("m", {"w": np.full(3, 4.0)})
+        trainer.push(url)
+    gather, calls = _pull._pull_from_good_copies, []
+
+    def meanwhile(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            apply_there(url, ids, {"@prod": 2})
+            with modelvault.open(vault.path) as other:
+                assert other.pull(url).moved == (f"m@prod: m:1 -> m:2 (from {url})",)
+        return gather(*args)
+
+    monkeypatch.setattr(_pull, "_pull_from_good_copies", meanwhile)
+    report = vault.pull(url)
+    assert report.moved == report.conflicts == () and labels(vault)[0] == {"prod": 2}
+
+
 def test_a_clone_records_the_remotes_labels(app, url):
     vault, ids = app
     with sqlite3.connect(vault.path) as db:

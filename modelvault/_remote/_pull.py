@@ -87,8 +87,11 @@ def pull(local: Local, remote: Remote, refs: Sequence[str] | None,
         renumbered += report.renumbered
         conflicts += report.conflicts
     # The labels once, after the versions: those of a version pulled are theirs unless
-    # it was here already (a merge from another source).
+    # it was here already (a merge from another source). By the log as it is now: a
+    # pull that ran meanwhile may have followed a later move, which the log as this pull
+    # first read it would take back (the same State, read on from where it was).
     models = None if refs is None else {state.versions[u]["model"] for u in wanted}
+    state = remote.log.state()
     moved, left = _labels.follow(local, remote.url, state, models, prefer,
                                  added=[v.id for v in added])
     return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts + left),
