@@ -298,6 +298,18 @@ def test_a_pull_that_ran_long_does_not_take_back_what_a_later_pull_followed(
     assert report.moved == report.conflicts == () and labels(vault)[0] == {"prod": 2}
 
 
+def test_a_version_pushed_again_after_a_delete_there_takes_its_tags_along(app, url):
+    """Named, a version deleted on the remote goes back with its tags: what was last
+    seen of them was of the copy deleted there. (They stayed behind, and the next pull
+    took their absence there for a removal and removed them here.)"""
+    vault, ids = app
+    modelvault.Remote(url).delete("m:1")
+    vault.push(url, ["m:1"])
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["m:4"].id == ids[1] and listed["m:4"].tags == {"stage": "base"}
+    assert vault.pull(url).conflicts == () and vault.get("m:1").tags == {"stage": "base"}
+
+
 def test_a_clone_records_the_remotes_labels(app, url):
     vault, ids = app
     with sqlite3.connect(vault.path) as db:

@@ -172,8 +172,11 @@ def _push(local: Local, remote: Remote, refs: Sequence[Ref] | None,
         for uuid, mine in sorted(tags.items()):
             theirs = state.versions.get(uuid, {}).get("tags", {})
             for key, value in sorted(mine.items()):
+                # Of a version this entry adds (again), what was seen is of a copy since
+                # deleted there: its tags go along.
                 if (uuid in known and theirs.get(key) != value
-                        and seen_tags.get((uuid, key)) != value):
+                        and (uuid not in state.versions
+                             or seen_tags.get((uuid, key)) != value)):
                     events.append({"op": "tag", "uuid": uuid, "key": key, "value": value})
         return events
 
