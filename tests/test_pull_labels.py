@@ -386,6 +386,43 @@ def test_a_hostile_record_counts_as_absent(app, url, monkeypatch, case, sql):
     assert labels(vault) == ({"prod": 1}, {"stage": "dev"}) and vault.verify() == []
 
 
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO aliases (model_id, alias, version_id) SELECT model_id, x'70726f64', id "
+    "FROM versions WHERE uuid = :m3",
+    "INSERT INTO tags (version_id, key, value) SELECT id, x'6b', 'v' FROM versions "
+    "WHERE uuid = :m1",
+    "INSERT INTO tags (version_id, key, value) SELECT id, 'k', x'76' FROM versions "
+    "WHERE uuid = :m1"], ids=["a blob alias", "a blob tag key", "a blob tag value"])
+def test_labels_of_a_stranger_that_are_not_text_are_passed_by(app, url, sql):
+    """The vault's own aliases and tags tables are the file's maker's too: a label that
+    is a blob is no label to follow or send (sorting it among text ones, or writing it
+    into a log entry, raised TypeError)."""
+    vault, ids = app
+    with sqlite3.connect(vault.path) as db:
+        db.execute(sql, {"m1": ids[1], "m3": ids[3]})
+    db.close()
+    apply_there(url, ids, {"@prod": 2, "stage": "live"})
+    report = vault.pull(url)
+    assert report.conflicts == () and labels(vault)[0]["prod"] == 2
+    assert vault.get("m:1").tags["stage"] == "live"
+    vault.alias("m:3", "prod")
+    vault.push(url, ["m:1", "m:3"])
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["m:3"].aliases == ("prod",) and listed["m:1"].tags == {"stage": "live"}
+
+
+def test_an_alias_row_of_another_model_than_its_version_is_not_pushed(app, url):
+    vault, ids = app
+    vault.save("n", {"w": np.zeros(1)})
+    with sqlite3.connect(vault.path) as db:  # n@canary, on m:3 (the file's maker's row)
+        db.execute("INSERT INTO aliases (model_id, alias, version_id) SELECT "
+                   "(SELECT id FROM models WHERE name = 'n'), 'canary', id FROM versions "
+                   "WHERE uuid = ?", (ids[3],))
+    db.close()
+    vault.push(url, ["m:3"])  # it sent m@canary, an alias m has nowhere
+    assert {v.ref: v for v in modelvault.Remote(url).versions()}["m:3"].aliases == ()
+
+
 def test_alias_records_with_names_that_are_not_aliases_are_passed_by(app, url):
     vault, ids = app
     with sqlite3.connect(vault.path) as db:

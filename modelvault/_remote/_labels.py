@@ -132,10 +132,12 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
     def at(uuid: str | None) -> str:  # a version here, as report lines give it
         return "unset" if uuid is None else f"{here[uuid].model}:{here[uuid].number}"
 
-    # Aliases, by (model, alias).
+    # Aliases, by (model, alias). Here too a label that is not text (the file's maker
+    # wrote it) is none.
     ours = {(m, a): u for m, a, u in db.execute(
         "SELECT m.name, a.alias, v.uuid FROM aliases a JOIN models m ON m.id = a.model_id "
-        "JOIN versions v ON v.id = a.version_id AND v.model_id = a.model_id") if m in scope}
+        "JOIN versions v ON v.id = a.version_id AND v.model_id = a.model_id "
+        "WHERE typeof(a.alias) = 'text'") if m in scope}
     theirs = {(m, a): u for m in scope for a, u in state.aliases.get(m, {}).items()}
     # A seen position must be a version of that model, here or there (else the row is
     # a stranger's, or its version was deleted on both sides: absent either way).
@@ -160,8 +162,8 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
     # its tags come with it, as any added version's do.
     seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both - added and k}
     mine = {(u, k): v for u, k, v in db.execute(
-        "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id")
-        if u in both}
+        "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id "
+        "WHERE typeof(t.key) = 'text' AND typeof(t.value) = 'text'") if u in both}
     there = {(u, k): v for u in both for k, v in state.versions[u]["tags"].items()}
     plan.tags, plan.seen_tags = _judge(
         [_Label((u, k), f"{at(u)} tag {_word(k)}",
