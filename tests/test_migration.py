@@ -330,6 +330,29 @@ def test_a_format_6_vault_is_read_as_it_is_and_upgraded_by_its_first_write(tmp_p
         assert db.execute("SELECT count(*) FROM remote_aliases").fetchone() == (0,)
 
 
+def test_a_push_or_pull_is_a_first_write_and_a_read_only_pull_stays_format_6(tmp_path):
+    """A push records what it leaves equal there, and a pull what it finds equal: each
+    upgrades the file in its write. Opened read-only, a pull that takes nothing writes
+    nothing (it failed on the format-6 file's missing remote_aliases table)."""
+    pytest.importorskip("obstore")
+    url = f"file://{tmp_path / 'remote'}"
+    pusher = fixture_copy(tmp_path, "format6")
+    with modelvault.open(pusher) as vault:
+        vault.push(url, ["raw@production"])
+    assert user_version(pusher) == FORMAT_VERSION
+    puller = shutil.copyfile(FIXTURES / "format6.vault", tmp_path / "puller.vault")
+    with modelvault.open(puller, readonly=True) as vault:
+        report = vault.pull(url)
+        assert report.added == report.moved == report.conflicts == ()
+    assert user_version(puller) == 6
+    with modelvault.open(puller) as vault:
+        assert vault.pull(url).moved == ()
+    assert user_version(puller) == FORMAT_VERSION
+    with contextlib.closing(sqlite3.connect(puller)) as db:
+        assert db.execute("SELECT model, alias FROM remote_aliases").fetchall() == [
+            ("raw", "production")]
+
+
 @pytest.mark.parametrize("name", ["format5", "format6"])
 def test_its_signer_still_trusts_a_key_pair_fixture_after_the_upgrade(tmp_path,
                                                                       _private_key_home, name):

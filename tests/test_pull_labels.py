@@ -178,6 +178,21 @@ def test_a_conflict_is_one_line_in_the_same_words_at_every_pull_naming_the_remot
         vault.pull(url, prefer="mine")
 
 
+def test_a_tag_key_that_is_no_plain_word_is_quoted_and_cut_short_in_report_lines(app, url):
+    """Keys are any non-empty text, here as on a remote: a newline or a terminal escape in
+    one made two lines of one conflict (or wrote to the terminal), a 1 MB one a 1 MB line."""
+    vault, ids = app
+    odd, long = "a\n\x1b[2Jconflict: b", "k" * 1_000_000
+    vault.tag("m:1", {odd: "here", long: "here"})
+    apply_there(url, ids, {odd: "there", long: "there", "owner\tx": "ann"})
+    report = vault.pull(url)
+    lines = report.conflicts + report.moved
+    assert len(lines) == 3 and all(line.isprintable() and len(line) < 400 for line in lines)
+    assert report.moved == (f"m:1 tag 'owner\\tx': unset -> 'ann' (from {url})",)
+    assert f"m:1 tag {odd!r}: 'here' here, 'there' on {url}" in report.conflicts[0]
+    assert len(str(report).splitlines()) == 4
+
+
 def test_never_seen_labels_that_differ_are_a_conflict_until_settled(app, url):
     """A vault with no record of the remote (upgraded from format 6, or filled by a
     merge): labels equal on both sides are recorded, those that differ are conflicts."""
@@ -256,6 +271,45 @@ def test_a_push_naming_a_version_it_is_behind_on_moves_no_label_back(app, url, t
     assert {v.ref: v for v in modelvault.Remote(url).versions()}["m:3"].aliases == ("prod",)
 
 
+def test_a_pull_that_ran_long_does_not_take_back_what_a_later_pull_followed(
+        app, url, tmp_path, monkeypatch):
+    """Two pulls into one vault: the first reads the log, then gathers a version for a
+    while; meanwhile the remote moves m@prod and a second pull follows it. The first then
+    settles by the log as it is now: judged by the one it read, m@prod was moved here
+    since (to where the other pull put it) and not there, so it moved it back."""
+    from modelvault._remote import _pull
+
+    vault, ids = app
+    with modelvault.open(tmp_path / "trainer.vault") as trainer:
+        trainer.save("m", {"w": np.full(3, 4.0)})
+        trainer.push(url)
+    gather, calls = _pull._pull_from_good_copies, []
+
+    def meanwhile(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            apply_there(url, ids, {"@prod": 2})
+            with modelvault.open(vault.path) as other:
+                assert other.pull(url).moved == (f"m@prod: m:1 -> m:2 (from {url})",)
+        return gather(*args)
+
+    monkeypatch.setattr(_pull, "_pull_from_good_copies", meanwhile)
+    report = vault.pull(url)
+    assert report.moved == report.conflicts == () and labels(vault)[0] == {"prod": 2}
+
+
+def test_a_version_pushed_again_after_a_delete_there_takes_its_tags_along(app, url):
+    """Named, a version deleted on the remote goes back with its tags: what was last
+    seen of them was of the copy deleted there. (They stayed behind, and the next pull
+    took their absence there for a removal and removed them here.)"""
+    vault, ids = app
+    modelvault.Remote(url).delete("m:1")
+    vault.push(url, ["m:1"])
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["m:4"].id == ids[1] and listed["m:4"].tags == {"stage": "base"}
+    assert vault.pull(url).conflicts == () and vault.get("m:1").tags == {"stage": "base"}
+
+
 def test_a_clone_records_the_remotes_labels(app, url):
     vault, ids = app
     with sqlite3.connect(vault.path) as db:
@@ -276,6 +330,18 @@ def test_a_version_deleted_on_the_remote_leaves_no_record(app, url):
         assert db.execute("SELECT count(*) FROM remote_tags").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM remote_aliases").fetchone() == (0,)
     db.close()
+
+
+def test_a_version_deleted_here_comes_back_with_its_tags(app, url):
+    """A pull that brings back a version deleted here (a prune, a delete) brings its
+    tags with it, as with any version it adds: what was last seen of them describes the
+    copy deleted, not a change made here (they stayed behind, unset)."""
+    vault, ids = app
+    vault.delete("m:1")
+    report = vault.pull(url)
+    assert [v.id for v in report.added] == [ids[1]] and report.conflicts == ()
+    assert vault.get("m:1").tags == {"stage": "base"} and report.moved == ()
+    assert vault.pull(url).moved == ()
 
 
 HOSTILE = [
@@ -320,6 +386,43 @@ def test_a_hostile_record_counts_as_absent(app, url, monkeypatch, case, sql):
     assert labels(vault) == ({"prod": 1}, {"stage": "dev"}) and vault.verify() == []
 
 
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO aliases (model_id, alias, version_id) SELECT model_id, x'70726f64', id "
+    "FROM versions WHERE uuid = :m3",
+    "INSERT INTO tags (version_id, key, value) SELECT id, x'6b', 'v' FROM versions "
+    "WHERE uuid = :m1",
+    "INSERT INTO tags (version_id, key, value) SELECT id, 'k', x'76' FROM versions "
+    "WHERE uuid = :m1"], ids=["a blob alias", "a blob tag key", "a blob tag value"])
+def test_labels_of_a_stranger_that_are_not_text_are_passed_by(app, url, sql):
+    """The vault's own aliases and tags tables are the file's maker's too: a label that
+    is a blob is no label to follow or send (sorting it among text ones, or writing it
+    into a log entry, raised TypeError)."""
+    vault, ids = app
+    with sqlite3.connect(vault.path) as db:
+        db.execute(sql, {"m1": ids[1], "m3": ids[3]})
+    db.close()
+    apply_there(url, ids, {"@prod": 2, "stage": "live"})
+    report = vault.pull(url)
+    assert report.conflicts == () and labels(vault)[0]["prod"] == 2
+    assert vault.get("m:1").tags["stage"] == "live"
+    vault.alias("m:3", "prod")
+    vault.push(url, ["m:1", "m:3"])
+    listed = {v.ref: v for v in modelvault.Remote(url).versions()}
+    assert listed["m:3"].aliases == ("prod",) and listed["m:1"].tags == {"stage": "live"}
+
+
+def test_an_alias_row_of_another_model_than_its_version_is_not_pushed(app, url):
+    vault, ids = app
+    vault.save("n", {"w": np.zeros(1)})
+    with sqlite3.connect(vault.path) as db:  # n@canary, on m:3 (the file's maker's row)
+        db.execute("INSERT INTO aliases (model_id, alias, version_id) SELECT "
+                   "(SELECT id FROM models WHERE name = 'n'), 'canary', id FROM versions "
+                   "WHERE uuid = ?", (ids[3],))
+    db.close()
+    vault.push(url, ["m:3"])  # it sent m@canary, an alias m has nowhere
+    assert {v.ref: v for v in modelvault.Remote(url).versions()}["m:3"].aliases == ()
+
+
 def test_alias_records_with_names_that_are_not_aliases_are_passed_by(app, url):
     vault, ids = app
     with sqlite3.connect(vault.path) as db:
@@ -340,4 +443,15 @@ def test_a_pull_that_changes_nothing_writes_nothing(app, url):
     before = vault.path.stat().st_mtime_ns, vault.path.read_bytes()
     with modelvault.open(vault.path, readonly=True) as readonly:
         assert readonly.pull(url).moved == ()
+    assert (vault.path.stat().st_mtime_ns, vault.path.read_bytes()) == before
+    # Nor does a read-only one with no record of the remote (filled by a merge): it would
+    # only record what is equal, and raised ReadOnlyError for that.
+    with sqlite3.connect(vault.path) as db:
+        db.execute("DELETE FROM remote_aliases")
+        db.execute("DELETE FROM remote_tags")
+    db.close()
+    before = vault.path.stat().st_mtime_ns, vault.path.read_bytes()
+    with modelvault.open(vault.path, readonly=True) as readonly:
+        report = readonly.pull(url)
+        assert report.moved == report.conflicts == ()
     assert (vault.path.stat().st_mtime_ns, vault.path.read_bytes()) == before

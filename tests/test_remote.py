@@ -256,11 +256,16 @@ def test_an_index_that_does_not_match_its_pack_object_counts_for_nothing(tmp_pat
     bogus = {"a" * 64: ({"pack": "f" * 64, "blobs": [[0, 10, "raw", 10]]}, 10),
              "b" * 64: ({"pack": "b" * 64, "blobs": [[0, 10, "raw", 10]]}, 3),
              "c" * 64: (None, 10),
-             "d" * 64: ({"pack": "../../x", "blobs": [[0, 10, "raw", 10]]}, 10)}
+             "d" * 64: ({"pack": "../../x", "blobs": [[0, 10, "raw", 10]]}, 10),
+             # codecs that are lone surrogates (SQLite cannot hold them: a pull raised
+             # UnicodeEncodeError writing the blob's or the chunk's row)
+             "e" * 64: ({"pack": "e" * 64, "blobs": [[0, 10, "\ud800", 10]]}, 10),
+             "0" * 64: ({"pack": "0" * 64, "blobs": [[0, 10, "raw", 10]],
+                         "chunks": [[*c[:2], "\ud800", *c[3:]] for c in chunks]}, 10)}
     for name, (idx, size) in bogus.items():
         (packs / f"{name}.pack").write_bytes(b"x" * size)
         (packs / f"{name}.idx").write_text("{" if idx is None else json.dumps(
-            {**idx, "chunks": chunks}))
+            {"chunks": chunks, **idx}))
     with modelvault.open(tmp_path / "a.vault") as a:
         a.save("m", weights(3))
         assert a.push(url).chunks >= len(chunks)  # sent, not skipped
@@ -755,7 +760,12 @@ def test_malformed_events_are_skipped_by_every_reader_and_stop_nothing(tmp_path,
               {"op": "alias", "model": "m", "alias": "7", "uuid": first.id},
               {**add, "model": "../x"}, {**add, "uuid": "../../x"}, {**add, "size": 2**63},
               {**add, "number": True}, {"op": "tag", "uuid": first.id, "key": "k", "value": 5},
-              {"op": "delete", "uuid": ["not", "a", "uuid"]}]
+              {"op": "delete", "uuid": ["not", "a", "uuid"]},
+              # Lone surrogates: JSON spells them, SQLite cannot hold them (every pull and
+              # clone raised UnicodeEncodeError at setting the tag, or adding the version).
+              {"op": "tag", "uuid": first.id, "key": "k", "value": "\ud800"},
+              {"op": "tag", "uuid": first.id, "key": "\udfff", "value": "v"},
+              {**add, "kind": "arrays\ud800"}]
     log = tmp_path / "remote" / "log"
     (log / "000000000002.json").write_text(json.dumps({"events": events}))
     # And a checkpoint saying the same: ignored, the log alone decides.
@@ -779,12 +789,19 @@ def test_a_manifest_with_values_of_the_wrong_type_is_refused_by_name(tmp_path, u
         a.push(url)
     path = tmp_path / "remote" / "versions" / f"{mv.id}.json"
     saved = json.loads(path.read_text())
-    # An object where the row holds text; a number past SQLite's integers (OverflowError).
-    for field, value in (("metadata", {"acc": 1}), ("added_bytes", 2**64)):
+    # An object where the row holds text; a number past SQLite's integers (OverflowError);
+    # a lone surrogate, which JSON spells and SQLite cannot hold (UnicodeEncodeError).
+    for field, value in (("metadata", {"acc": 1}), ("added_bytes", 2**64),
+                         ("description", "\ud800")):
         path.write_text(json.dumps({**saved, "version": {**saved["version"], field: value}}))
         with modelvault.open(tmp_path / "b.vault") as b:
             with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
                 b.pull(url)
+    # A chunk "hash" that is no hash (it reached SQLite as a lone surrogate, as above).
+    path.write_text(json.dumps({**saved, "chunks": [["\ud800"]]}))
+    with modelvault.open(tmp_path / "b.vault") as b:
+        with pytest.raises(modelvault.IntegrityError, match=f"versions/{mv.id}.json"):
+            b.pull(url)
 
 
 def _sparse(path, size):

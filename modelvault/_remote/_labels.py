@@ -105,7 +105,9 @@ def _settle(local: Local, url: str, state: State, models: set[str] | None,
     # anything): a pull that changes nothing writes nothing.
     with connection.lock, connection.read() as db:
         plan = _plan(db, url, state, models, prefer, pulling, added)
-    if plan.writes():
+    # A read-only vault takes no label (the write refuses), and records nothing: as
+    # after a push, the next pull that can write records what is equal then.
+    if plan.aliases or plan.tags or (plan.writes() and not connection.readonly):
         with connection.lock, connection.write() as db:
             plan = _plan(db, url, state, models, prefer, pulling, added)
             _apply(local, url, plan)
@@ -130,10 +132,12 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
     def at(uuid: str | None) -> str:  # a version here, as report lines give it
         return "unset" if uuid is None else f"{here[uuid].model}:{here[uuid].number}"
 
-    # Aliases, by (model, alias).
+    # Aliases, by (model, alias). Here too a label that is not text (the file's maker
+    # wrote it) is none.
     ours = {(m, a): u for m, a, u in db.execute(
         "SELECT m.name, a.alias, v.uuid FROM aliases a JOIN models m ON m.id = a.model_id "
-        "JOIN versions v ON v.id = a.version_id AND v.model_id = a.model_id") if m in scope}
+        "JOIN versions v ON v.id = a.version_id AND v.model_id = a.model_id "
+        "WHERE typeof(a.alias) = 'text'") if m in scope}
     theirs = {(m, a): u for m in scope for a, u in state.aliases.get(m, {}).items()}
     # A seen position must be a version of that model, here or there (else the row is
     # a stranger's, or its version was deleted on both sides: absent either way).
@@ -154,13 +158,15 @@ def _plan(db: sqlite3.Connection, url: str, state: State, models: set[str] | Non
     rows = _tracked(db, "remote_tags", url) if tracked else []
     if models is None:
         plan.gone = sorted({u for u, _, _ in rows} - set(state.versions))
-    seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both and k}
+    # Of a version this pull added, what was seen describes a copy deleted here since:
+    # its tags come with it, as any added version's do.
+    seen_tags = {(u, k): v for u, k, v in _unique(rows) if u in both - added and k}
     mine = {(u, k): v for u, k, v in db.execute(
-        "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id")
-        if u in both}
+        "SELECT v.uuid, t.key, t.value FROM tags t JOIN versions v ON v.id = t.version_id "
+        "WHERE typeof(t.key) = 'text' AND typeof(t.value) = 'text'") if u in both}
     there = {(u, k): v for u in both for k, v in state.versions[u]["tags"].items()}
     plan.tags, plan.seen_tags = _judge(
-        [_Label((u, k), f"{at(u)} tag {k}",
+        [_Label((u, k), f"{at(u)} tag {_word(k)}",
                 _Positions(mine.get((u, k)), there.get((u, k)), seen_tags.get((u, k))),
                 _shown, "changed", u not in added)
          for u, k in sorted(mine.keys() | there.keys() | seen_tags.keys(),
@@ -214,6 +220,12 @@ def _decide(where: _Positions, prefer: str | None, pulling: bool
     if where.ours == where.seen or prefer == "theirs":
         return True, True, False
     return False, prefer == "ours", prefer is None
+
+
+def _word(key: str) -> str:
+    """A tag's key, as report lines give it: as it is if short and printable, else
+    as ``_shown`` gives a value (a key may hold a newline, or a terminal's escapes)."""
+    return key if key.isprintable() and len(key) <= _SHOWN else _shown(key)
 
 
 def _shown(value: str | None) -> str:

@@ -21,7 +21,7 @@ from .._catalog import check_number, now, parse_time
 from .._errors import IntegrityError, NotFoundError, RemoteError
 from .._refs import UUID, check_alias, check_name, parse_ref
 from .._reports import RemoteVersion
-from ._store import HASH, Store, dumps, limit
+from ._store import HASH, Store, dumps, is_text, limit
 
 CHECKPOINT_EVERY = 100  # log entries between checkpoints of the replayed state
 
@@ -47,10 +47,10 @@ _FIELDS: dict[str, Callable[[Any], bool]] = {
     "alias": _passes(check_alias),
     "number": _passes(lambda v: check_number(v, "number")),
     "created_at": _passes(parse_time),
-    "kind": lambda v: isinstance(v, str),
+    "kind": is_text,
     "size": lambda v: type(v) is int and 0 <= v < 2**63,
-    "key": lambda v: isinstance(v, str) and v != "",
-    "value": lambda v: isinstance(v, str),
+    "key": lambda v: is_text(v) and v != "",
+    "value": is_text,
     "digest": lambda v: isinstance(v, str) and HASH.fullmatch(v) is not None,
 }
 _EVENTS = {"add": ("model", "uuid", "number", "created_at", "kind", "size"),

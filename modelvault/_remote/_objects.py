@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from .. import _chunks, _json
 from .._errors import IntegrityError
-from ._store import HASH, Store, dumps, limit
+from ._store import HASH, Store, dumps, is_text, limit
 
 PACK_OBJECT = 64 * 1024 * 1024  # a pack object's bytes, about
 INDEX_ROWS = 100_000  # chunks in one pack object at most: its index stays far below its cap
@@ -74,7 +74,7 @@ def _read_index(name: str, data: bytes, size: int) -> list[dict[str, Any]] | Non
         for blob in blobs:
             offset, stop, codec, content = blob
             if not (offset == at and type(stop) is int and at <= stop
-                    <= at + 2 * _chunks.MAX_PACK and isinstance(codec, str)
+                    <= at + 2 * _chunks.MAX_PACK and is_text(codec)
                     and type(content) is int and 0 <= content <= _chunks.MAX_PACK):
                 return None
             at = stop
@@ -86,7 +86,8 @@ def _read_index(name: str, data: bytes, size: int) -> list[dict[str, Any]] | Non
             _chunks.check_row(entry["size"], entry["codec"], entry["itemsize"], 0,
                               entry["start"], entry["length"])
             blob = entry["blob"]
-            if not (isinstance(entry["hash"], str) and HASH.fullmatch(entry["hash"])
+            if not (is_text(entry["codec"]) and isinstance(entry["hash"], str)
+                    and HASH.fullmatch(entry["hash"])
                     and (entry["base"] is None or (isinstance(entry["base"], str)
                                                    and HASH.fullmatch(entry["base"])))
                     and type(blob) is int and 0 <= blob < len(blobs)

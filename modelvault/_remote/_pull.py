@@ -38,6 +38,7 @@ from ._log import State
 from ._names import locked
 from ._objects import by_object, spans
 from ._remote import PART_FIELDS, VERSION_FIELDS, Local, Remote
+from ._store import HASH, is_text
 
 
 class _BadPack(IntegrityError):
@@ -86,8 +87,11 @@ def pull(local: Local, remote: Remote, refs: Sequence[str] | None,
         renumbered += report.renumbered
         conflicts += report.conflicts
     # The labels once, after the versions: those of a version pulled are theirs unless
-    # it was here already (a merge from another source).
+    # it was here already (a merge from another source). By the log as it is now: a
+    # pull that ran meanwhile may have followed a later move, which the log as this pull
+    # first read it would take back (the same State, read on from where it was).
     models = None if refs is None else {state.versions[u]["model"] for u in wanted}
+    state = remote.log.state()
     moved, left = _labels.follow(local, remote.url, state, models, prefer,
                                  added=[v.id for v in added])
     return MergeReport(tuple(added), tuple(renumbered), tuple(conflicts + left),
@@ -228,7 +232,7 @@ def _remove(bundle: Path) -> None:
 
 def _scalar(value: Any) -> bool:
     """Whether ``value`` fits a column as is: text, null, or an integer SQLite holds."""
-    return value is None or isinstance(value, str) or (
+    return value is None or is_text(value) or (
         type(value) is int and -2**63 <= value < 2**63)
 
 
@@ -245,7 +249,8 @@ def _check_manifest(manifest: Any, entry: dict[str, Any]) -> None:
             and len(parts) == len(chunks)
             and all(isinstance(p, dict) and all(_scalar(p.get(f)) for f in PART_FIELDS)
                     for p in parts)
-            and all(isinstance(c, list) and all(isinstance(h, str) for h in c) for c in chunks)
+            and all(isinstance(c, list) and all(isinstance(h, str) and HASH.fullmatch(h)
+                                                for h in c) for c in chunks)
             and _scalar(manifest.get("environment"))
             and (manifest.get("lineage") is None or (
                 isinstance(manifest["lineage"], dict)

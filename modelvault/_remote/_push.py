@@ -107,12 +107,17 @@ def _push(local: Local, remote: Remote, refs: Sequence[Ref] | None,
         # nor those it names but has not moved since it last saw the remote (below).
         seen_aliases, seen_tags = _labels.seen(db, remote.url)
         labels = {r.uuid: r.name for r in (rows if refs is not None else new)}
+        # Labels that are not text, or an alias row of another model than its version's
+        # (the file's maker wrote them), are none.
         aliases = {(name, a): uuid for uuid, name in labels.items()
                    for (a,) in db.execute(
                        "SELECT a.alias FROM aliases a JOIN versions v ON v.id = a.version_id "
-                       "WHERE v.uuid = ?", (uuid,))}
+                       "AND v.model_id = a.model_id WHERE v.uuid = ? "
+                       "AND typeof(a.alias) = 'text'", (uuid,))}
         tags = {uuid: dict(db.execute("SELECT t.key, t.value FROM tags t JOIN versions v "
-                                      "ON v.id = t.version_id WHERE v.uuid = ?", (uuid,)))
+                                      "ON v.id = t.version_id WHERE v.uuid = ? AND "
+                                      "typeof(t.key) = 'text' AND typeof(t.value) = 'text'",
+                                      (uuid,)))
                 for uuid in labels}
         # The chunks and their delta bases, by id, pinned so that no gc here takes them
         # while they upload (after this read, which may end before the upload does).
@@ -172,8 +177,11 @@ def _push(local: Local, remote: Remote, refs: Sequence[Ref] | None,
         for uuid, mine in sorted(tags.items()):
             theirs = state.versions.get(uuid, {}).get("tags", {})
             for key, value in sorted(mine.items()):
+                # Of a version this entry adds (again), what was seen is of a copy since
+                # deleted there: its tags go along.
                 if (uuid in known and theirs.get(key) != value
-                        and seen_tags.get((uuid, key)) != value):
+                        and (uuid not in state.versions
+                             or seen_tags.get((uuid, key)) != value)):
                     events.append({"op": "tag", "uuid": uuid, "key": key, "value": value})
         return events
 

@@ -55,6 +55,19 @@ def store_url(url: object) -> str | None:
 HASH = re.compile(r"[0-9a-f]{64}")  # a chunk's or pack object's name: hex BLAKE3
 
 
+def is_text(value: object) -> bool:
+    """Whether ``value`` is text SQLite can hold: a str without a lone surrogate, which
+    JSON's ``\\u`` escapes can spell and UTF-8 cannot (binding one raises
+    UnicodeEncodeError). modelvault never writes one: its text comes from SQLite."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def dumps(value: Any) -> bytes:
     """``value`` as a remote's objects hold JSON: sorted keys, no spaces (docs/remote.md)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
