@@ -42,8 +42,8 @@ FUNCTIONS = {
     "follow": f"(path: '{PATHLIKE}', ref: 'str', *, remote: 'str | None' = None, "
               "every: 'float' = 30.0, endpoint_url: 'str | None' = None, trust: 'bool' = "
               "False, require: 'str | None' = None, device: 'Any' = None, readonly: 'bool' = "
-              "False, prefer: 'str | None' = None, on_change: 'Callable[[ModelVersion, ModelVersion], Any] | None' = None) "
-              "-> 'LiveModel'",
+              "False, prefer: 'str | None' = None, on_change: "
+              "'Callable[[ModelVersion, ModelVersion], Any] | None' = None) -> 'LiveModel'",
 }
 # What an app reads and calls on the handle follow() returns.
 LIVE_MODEL = {"model", "version", "current", "refresh", "close"}
