@@ -40,6 +40,9 @@ from ._refs import as_ref as _as_ref
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from . import _diff, _selftest
     from ._reports import MergeReport, PruneReport, PushReport
     from ._writer import Writer
@@ -321,6 +324,21 @@ class Vault:
 
         return _diff.diff(self._connection, self._catalog, self._reader,
                           [_as_ref(a), _as_ref(b)])
+
+    def plot(self, name: str, metric: str | Sequence[str], *, x: str = "version",
+             ax: Axes | None = None, path: str | os.PathLike[str] | None = None) -> Figure:
+        """A matplotlib Figure of metadata ``metric`` (a key, a dotted path into nested
+        metadata as "eval.loss", or a list of them) across the versions of model ``name``,
+        by version number (``x="created"``: by time saved), aliases written at their
+        points; drawn into ``ax`` if given, saved to ``path`` if given (its suffix picks
+        the format). Versions without a plain finite number for it are skipped and
+        counted in the title or legend. Needs matplotlib (``pip install
+        'modelvault[plot]'``), else ImportError; NotFoundError for an unknown model or
+        metric, naming the model's metrics.
+        """
+        from . import _plot
+
+        return _plot.plot(name, self.versions(name), metric, x=x, ax=ax, path=path)
 
     @api
     @snapshot

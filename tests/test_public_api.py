@@ -66,6 +66,9 @@ VAULT_METHODS = {
     "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None, "
             "keys: 'str | Sequence[str] | None' = None, lazy: 'bool' = False) -> 'Any'",
     "merge": f"(self, other: '{PATHLIKE} | Vault') -> 'MergeReport'",
+    "plot": "(self, name: 'str', metric: 'str | Sequence[str]', *, x: 'str' = 'version', "
+            "ax: 'Axes | None' = None, path: 'str | os.PathLike[str] | None' = None) "
+            "-> 'Figure'",
     "prune": "(self, name: 'str | None' = None, *, keep_last: 'int | None' = None, "
              "keep_aliased: 'bool' = True, keep_tagged: 'bool' = False, "
              "keep_since: 'datetime | str | None' = None, dry_run: 'bool' = False) "
@@ -147,6 +150,7 @@ COMMANDS = {
     "merge": ["vault", "other"],
     "put": ["vault", "name", "paths", "--meta", "--tag", "--alias", "-m/--description",
             "--no-compress", "--json"],
+    "plot": ["vault", "name", "metrics", "-o/--output", "--x"],
     "prune": ["vault", "name", "--keep-last", "--keep-aliased", "--keep-tagged",
               "--keep-since", "--dry-run", "--json"],
     "pull": ["vault", "url", "refs", "--endpoint-url", "--theirs", "--ours"],

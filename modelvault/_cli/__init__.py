@@ -232,6 +232,27 @@ def lineage_command(vault: Path, ref: str, as_json: bool) -> None:
         click.echo(f"{'  ' * len(chain)}{chain[-1].parent} (not in this vault)")
 
 
+@cli.command("plot")
+@vault_path
+@click.argument("name")
+@click.argument("metrics", nargs=-1, required=True, metavar="METRIC...")
+@click.option("-o", "--output", "out", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The image to write; its suffix picks the format (.png, .svg, .pdf).")
+@click.option("--x", "x", type=click.Choice(["version", "created"]), default="version",
+              show_default=True, help="The x axis: version number or time saved.")
+def plot_command(vault: Path, name: str, metrics: tuple[str, ...], out: Path, x: str) -> None:
+    """Plot metadata METRICs (nested ones as eval.loss) across the versions of NAME,
+    aliases marked, into an image; prints its path. Needs `pip install
+    'modelvault[plot]'`."""
+    with _open(vault) as v:
+        try:
+            v.plot(name, list(metrics), x=x, path=out)
+        except ImportError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(out)
+
+
 @cli.command("selftest")
 @vault_path
 @click.argument("refs", nargs=-1)
