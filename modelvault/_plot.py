@@ -204,7 +204,5 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> None:
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
         try:
             figure.savefig(os.fspath(path))
-        except OSError:
-            raise
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise ValueError(f"cannot draw the plot to {os.fspath(path)}: {exc}") from exc
