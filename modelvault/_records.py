@@ -83,6 +83,14 @@ class ModelVersion:
         """The reference that names exactly this version, e.g. ``churn:3``."""
         return f"{self.name}:{self.version}"
 
+    def __repr__(self) -> str:  # one line: the dataclass's held the whole description
+        return f"<ModelVersion {self.ref!r} {self.kind} {human_bytes(self.size)}>"
+
+    def _repr_html_(self) -> str:  # a notebook's card of the version
+        from ._html import version
+
+        return version(self)
+
     @cached_property
     def metadata(self) -> dict[str, Any]:
         """What was saved with the version (metrics, parameters); immutable."""
@@ -150,6 +158,18 @@ class ModelVersion:
             raise IntegrityError(f"{self.ref}: {column} is not a JSON object",
                                  model=self.name, version=self.version)
         return value
+
+
+class VersionList(list):  # type: ignore[type-arg]
+    """The list ``Vault.versions`` returns: a plain list of ModelVersion, shown in a
+    notebook as a table of one row per version."""
+
+    __slots__ = ()
+
+    def _repr_html_(self) -> str:
+        from ._html import versions
+
+        return versions(self)
 
 
 @dataclass(frozen=True)
