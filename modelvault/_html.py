@@ -1,5 +1,5 @@
-"""Notebook views: the HTML Jupyter shows for a vault, a version, a list of versions and
-a diff (``_repr_html_``).
+"""How a vault shows to people: sizes in human units, and the notebook views, the HTML
+Jupyter shows for a vault, a version, a list of versions and a diff (``_repr_html_``).
 
 Everything shown comes from a vault file, which a stranger may have made: every text is
 escaped (a ``<script>`` in a tag shows as text), control and direction-changing
@@ -17,14 +17,12 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._errors import VaultError
-from ._records import ModelVersion, human_bytes
 
-if TYPE_CHECKING:
-    from ._catalog import ModelSummary
-    from ._diff import Changes, Diff
+# The records, the diff and the vault import this module when first shown, so it
+# imports none of them: their types are Any below.
 
 ROWS = 200  # rows of a table shown; the rest are counted
 TEXT = 200  # characters of a value shown; the rest cut with an ellipsis
@@ -37,6 +35,15 @@ ALIASES = 10  # aliases shown per model of a vault
 _HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 _TABLE = '<table style="border-collapse:collapse;text-align:left">'
 _GONE = "\u2014"  # the side of a change that lacks it
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``950 B``, ``4.3 MB`` (powers of 1000)."""
+    units = ["B", "KB", "MB", "GB"]
+    while abs(n) >= 1000 and len(units) > 1:
+        n /= 1000
+        units.pop(0)
+    return f"{n:.0f} B" if units[0] == "B" else f"{n:.1f} {units[0]}"
 
 
 def text(value: Any, limit: int = TEXT) -> str:
@@ -116,7 +123,7 @@ def _shown(value: Any) -> str:
 
 # -- a version ----------------------------------------------------------------------------
 
-def version(mv: ModelVersion) -> str:
+def version(mv: Any) -> str:
     """A version's card: what it is, its labels, lineage, signature, metadata and
     environment."""
     rows = [["kind", text(mv.kind, SHORT)],
@@ -169,7 +176,7 @@ def _environment(environment: Any) -> str:
     return f"<details><summary>{summary}</summary>{table((), rows)}{more}</details>"
 
 
-def versions(records: Sequence[ModelVersion]) -> str:
+def versions(records: Sequence[Any]) -> str:
     """One row per version (the first ``ROWS``)."""
     rows = ([text(mv.ref, SHORT), text(mv.kind, SHORT),
              text(f"{mv.created_at:%Y-%m-%d %H:%M}"), size(mv.size), size(mv.added_bytes),
@@ -190,7 +197,7 @@ def _short(value: Any) -> str:
 
 # -- a vault ------------------------------------------------------------------------------
 
-def vault(path: Path, read: Callable[[int, int], tuple[list[ModelSummary], int, int]]
+def vault(path: Path, read: Callable[[int, int], tuple[list[Any], int, int]]
           ) -> str:
     """A vault's file, its size and its models; ``read(models, aliases)`` reads them. A
     closed or damaged vault says so instead."""
@@ -211,7 +218,7 @@ def vault(path: Path, read: Callable[[int, int], tuple[list[ModelSummary], int, 
 
 # -- a diff -------------------------------------------------------------------------------
 
-def diff(d: Diff) -> str:
+def diff(d: Any) -> str:
     """What changed between two versions: labels, metadata and environment, then each
     entry that is not the same."""
     head = (f"<div><strong>{text(d.a, SHORT)} \u2192 {text(d.b, SHORT)}</strong> "
@@ -240,7 +247,7 @@ def diff(d: Diff) -> str:
     return "".join(parts) + "</div>"
 
 
-def _changes(what: str, changes: Changes) -> list[list[str]]:
+def _changes(what: str, changes: Any) -> list[list[str]]:
     """Rows of one group of changes, the first ``ROWS`` of each kind."""
     return ([[what, text(k, SHORT), _GONE, text(v)] for k, v in islice(
                 changes.added.items(), ROWS)]

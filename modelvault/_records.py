@@ -11,15 +11,6 @@ from . import _json
 from ._errors import IntegrityError
 
 
-def human_bytes(n: float) -> str:
-    """A byte count for people: ``950 B``, ``4.3 MB`` (powers of 1000)."""
-    units = ["B", "KB", "MB", "GB"]
-    while abs(n) >= 1000 and len(units) > 1:
-        n /= 1000
-        units.pop(0)
-    return f"{n:.0f} B" if units[0] == "B" else f"{n:.1f} {units[0]}"
-
-
 class Columns(NamedTuple):
     """A version's stored text behind ``metadata``, ``environment`` and ``signature``."""
 
@@ -84,6 +75,8 @@ class ModelVersion:
         return f"{self.name}:{self.version}"
 
     def __repr__(self) -> str:  # one line: the dataclass's held the whole description
+        from ._html import human_bytes
+
         return f"<ModelVersion {self.ref!r} {self.kind} {human_bytes(self.size)}>"
 
     def _repr_html_(self) -> str:  # a notebook's card of the version
