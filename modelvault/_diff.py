@@ -91,8 +91,8 @@ class Diff:
         return tuple(e for e in self.entries if e.change != "same")
 
     def __repr__(self) -> str:  # one line: the dataclass's listed every entry
-        return (f"<Diff {self.a!r} -> {self.b!r}: {len(self.changed)} of "
-                f"{len(self.entries)} entries changed>")
+        return (f"<Diff {self.a!r} -> {self.b!r}: {'differ' if self else 'the same'}, "
+                f"{len(self.changed)} of {len(self.entries)} entries changed>")
 
     def _repr_html_(self) -> str:  # a notebook's table of what changed
         from ._html import diff

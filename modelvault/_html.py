@@ -92,11 +92,14 @@ def _items(mapping: Any, limit: int = TEXT) -> list[list[str]]:
     return [[text(k, SHORT), text(v, limit)] for k, v in islice(mapping.items(), ROWS)]
 
 
-def _listed(values: Iterable[Any], total: int, limit: int = SHORT) -> str:
-    """Values joined with commas, the first few of ``total``."""
-    shown = [text(v, limit) for v in islice(values, ALIASES)]
-    more = f", \u2026 and {total - len(shown)} more" if total > len(shown) else ""
-    return ", ".join(shown) + more
+def _listed(values: Iterable[Any], total: int | None, limit: int = SHORT) -> str:
+    """The first few values joined with commas, and how many more of ``total`` there are
+    (None: unknown, an ellipsis if there are any)."""
+    shown = [text(v, limit) for v in islice(values, ALIASES + 1)]
+    if len(shown) <= ALIASES:
+        return ", ".join(shown)
+    more = "" if total is None else f" and {total - ALIASES} more"
+    return ", ".join(shown[:ALIASES]) + f", \u2026{more}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -202,12 +205,12 @@ def vault(path: Path, read: Callable[[int, int], tuple[list[Any], int, int]]
     """A vault's file, its size and its models; ``read(models, aliases)`` reads them. A
     closed or damaged vault says so instead."""
     try:
-        models, total, file_bytes = read(ROWS, ALIASES)
+        models, total, file_bytes = read(ROWS, ALIASES + 1)  # one more: are there more?
     except VaultError as exc:
         return f"<div><strong>Vault</strong> {text(str(exc))}</div>"
     rows = ([text(m.name, SHORT), text(m.versions, SHORT), text(m.latest, SHORT),
              _listed((f"@{alias} \u2192 {number}" for alias, number in m.aliases),
-                     len(m.aliases)) + (", \u2026" if len(m.aliases) >= ALIASES else ""),
+                     None),
              size(m.stored)]
             for m in models)
     return (f"<div><strong>Vault</strong> {text(str(path))} ({size(file_bytes)}, "

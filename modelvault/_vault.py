@@ -298,7 +298,7 @@ class Vault:
         """The versions ``ref`` came from, nearest first: its parent (``save(...,
         parent=...)``), that version's parent, and so on. The chain stops early at a
         parent this vault lacks; the last version's ``parent`` then names its id."""
-        return self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)).id)
+        return VersionList(self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)).id))
 
     @api
     @snapshot

@@ -107,6 +107,8 @@ def test_versions_list_is_a_plain_list_with_a_table_view(vault, saved):
     assert [v.ref for v in listed] == ["churn:1", "churn:2", "team/weights:1"]
     assert listed[1:] == list(listed)[1:] and listed[-1].ref == "team/weights:1"
     assert isinstance(vault.versions("churn"), VersionList)
+    assert isinstance(vault.lineage("churn:2"), VersionList)
+    assert "churn:1" in page(vault.lineage("churn:2")._repr_html_()).text
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         assert pickle.loads(pickle.dumps(listed, protocol)) == listed
     assert copy.copy(listed) == listed and copy.deepcopy(listed) == listed
@@ -179,12 +181,13 @@ def test_many_versions_models_and_labels_are_bounded(vault):
                tags={f"t{i}": "v" for i in range(5000)})
     with edit(vault.path) as db:  # 5,000 models of 2 versions and 50 aliases each
         model = db.execute("SELECT * FROM models").fetchone()
-        version = db.execute("SELECT * FROM versions").fetchone()
         db.executemany("INSERT INTO models VALUES (?, ?, ?, ?)",
                        [(10 + i, f"n{i:05}", model[2], 2) for i in range(5000)])
-        db.executemany("INSERT INTO versions VALUES (" + ", ".join("?" * len(version)) + ")",
-                       [(100 + 2 * i + n, f"uuid-{i}-{n}", 10 + i, n + 1,
-                         *version[4:]) for i in range(5000) for n in range(2)])
+        db.executemany("INSERT INTO versions SELECT ?, ?, ?, ?, created_at, kind, layout, "
+                       "size, added_bytes, digest, description, '{}', environment_id, "
+                       "key_id, signature FROM versions WHERE id = 1",
+                       [(100 + 2 * i + n, f"uuid-{i}-{n}", 10 + i, n + 1)
+                        for i in range(5000) for n in range(2)])
         db.executemany("INSERT INTO aliases VALUES (?, ?, ?)",
                        [(10, f"a{j}", 100) for j in range(50)])
     listed = vault.versions()
@@ -196,7 +199,14 @@ def test_many_versions_models_and_labels_are_bounded(vault):
         assert more in shown, shown[-300:]
         assert len(markup) < 200_000, len(markup)
     assert "5001 models" in page(vault._repr_html_()).text
-    assert page(vault._repr_html_()).text.count("@a") == _html.ALIASES
+    shown = page(vault._repr_html_()).text
+    assert shown.count("@a") == _html.ALIASES and "\u2026" in shown.split("n00001")[0]
+
+
+def test_a_model_with_just_the_aliases_shown_has_no_ellipsis(vault):
+    vault.save("m", {"w": np.zeros(3)}, aliases=[f"a{i}" for i in range(_html.ALIASES)])
+    shown = page(vault._repr_html_()).text
+    assert shown.count("@a") == _html.ALIASES and "\u2026" not in shown
 
 
 def test_damaged_columns_show_as_unreadable(vault):
