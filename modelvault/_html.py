@@ -74,8 +74,11 @@ def size(n: Any) -> str:
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], total: int | None = None
           ) -> str:
     """A table of cells already HTML, at most ``ROWS`` rows; ``total``, the number of rows
-    there are when ``rows`` holds only some, for the "... and N more" line."""
-    shown = [("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>")
+    there are when ``rows`` holds only some, for the "... and N more" line. Without a
+    header, the first cell of each row is its label."""
+    first = "td" if header else "th"
+    shown = [(f"<tr><{first}>{row[0]}</{first}>" + "".join(f"<td>{cell}</td>"
+                                                        for cell in row[1:]) + "</tr>")
              for row in islice(rows, ROWS)]
     head = ("<tr>" + "".join(f"<th>{text(h, SHORT)}</th>" for h in header) + "</tr>"
             if header else "")
