@@ -153,7 +153,7 @@ class ModelVersion:
         return value
 
 
-class VersionList(list):  # type: ignore[type-arg]
+class VersionList(list[ModelVersion]):
     """The list ``Vault.versions`` returns: a plain list of ModelVersion, shown in a
     notebook as a table of one row per version."""
 
