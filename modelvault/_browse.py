@@ -16,7 +16,7 @@ from ._catalog import Catalog
 from ._connection import Connection
 from ._errors import CorruptVaultError, DamagedVaultWarning
 from ._guard import translated
-from ._records import human_bytes
+from ._html import human_bytes
 from ._refs import UUID
 
 # Views allowed to read packs.data: they ask only its length, which SQLite takes from

@@ -95,6 +95,17 @@ class PartRow(NamedTuple):
     size: int
 
 
+class ModelSummary(NamedTuple):
+    """A model at a glance: its versions, latest number, the stored bytes its saves
+    added, and some of its aliases as (alias, version number)."""
+
+    name: str
+    versions: int
+    latest: int
+    stored: float  # total(): a float, and whatever a damaged file holds
+    aliases: tuple[tuple[str, int], ...]
+
+
 class Contents(NamedTuple):
     """A version's parts and, per part, its chunks in order."""
 
@@ -371,6 +382,28 @@ class Catalog:
             "JOIN versions v ON v.model_id = m.id GROUP BY m.id ORDER BY m.name").fetchall()
         return [ModelInfo(name, count, latest, parse_time(updated))
                 for name, count, latest, updated in rows]
+
+    def summaries(self, limit: int, aliases: int) -> tuple[list[ModelSummary], int]:
+        """The first ``limit`` models by name, each with up to ``aliases`` of its aliases,
+        and the number of models: a notebook's view of a vault of any size (two queries,
+        bounded whatever the file holds)."""
+        db = self._connection.db
+        # total(): a float that cannot overflow, where sum() of a damaged size would raise.
+        rows = db.execute(
+            "SELECT m.id, m.name, count(*), max(v.version), total(v.added_bytes), "
+            "count(*) OVER () FROM models m JOIN versions v ON v.model_id = m.id "
+            "GROUP BY m.id ORDER BY m.name LIMIT ?", (limit,)).fetchall()
+        labels: dict[int, list[tuple[str, int]]] = {}
+        ids = [r[0] for r in rows]
+        for model_id, alias, number in db.execute(
+                "SELECT model_id, alias, version FROM (SELECT a.model_id, a.alias, v.version, "
+                "row_number() OVER (PARTITION BY a.model_id ORDER BY a.alias) AS n FROM "
+                "aliases a JOIN versions v ON v.id = a.version_id WHERE a.model_id IN "
+                f"({','.join('?' * len(ids))})) WHERE n <= ?", (*ids, aliases)):
+            labels.setdefault(model_id, []).append((alias, number))
+        return ([ModelSummary(name, count, latest, stored, tuple(labels.get(i, ())))
+                 for i, name, count, latest, stored, _ in rows],
+                rows[0][5] if rows else 0)
 
     # -- what a version is made of -----------------------------------------------------
 

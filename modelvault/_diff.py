@@ -90,6 +90,15 @@ class Diff:
         """The entries that are not "same"."""
         return tuple(e for e in self.entries if e.change != "same")
 
+    def __repr__(self) -> str:  # one line: the dataclass's listed every entry
+        return (f"<Diff {self.a!r} -> {self.b!r}: {'differ' if self else 'the same'}, "
+                f"{len(self.changed)} of {len(self.entries)} entries changed>")
+
+    def _repr_html_(self) -> str:  # a notebook's table of what changed
+        from ._html import diff
+
+        return diff(self)
+
     def __bool__(self) -> bool:
         """True if anything differs."""
         return bool(self.metadata or self.tags or self.aliases or self.environment

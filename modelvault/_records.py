@@ -11,15 +11,6 @@ from . import _json
 from ._errors import IntegrityError
 
 
-def human_bytes(n: float) -> str:
-    """A byte count for people: ``950 B``, ``4.3 MB`` (powers of 1000)."""
-    units = ["B", "KB", "MB", "GB"]
-    while abs(n) >= 1000 and len(units) > 1:
-        n /= 1000
-        units.pop(0)
-    return f"{n:.0f} B" if units[0] == "B" else f"{n:.1f} {units[0]}"
-
-
 class Columns(NamedTuple):
     """A version's stored text behind ``metadata``, ``environment`` and ``signature``."""
 
@@ -82,6 +73,16 @@ class ModelVersion:
     def ref(self) -> str:
         """The reference that names exactly this version, e.g. ``churn:3``."""
         return f"{self.name}:{self.version}"
+
+    def __repr__(self) -> str:  # one line: the dataclass's held the whole description
+        from ._html import human_bytes
+
+        return f"<ModelVersion {self.ref!r} {self.kind} {human_bytes(self.size)}>"
+
+    def _repr_html_(self) -> str:  # a notebook's card of the version
+        from ._html import version
+
+        return version(self)
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
@@ -150,6 +151,18 @@ class ModelVersion:
             raise IntegrityError(f"{self.ref}: {column} is not a JSON object",
                                  model=self.name, version=self.version)
         return value
+
+
+class VersionList(list[ModelVersion]):
+    """The list ``Vault.versions`` returns: a plain list of ModelVersion, shown in a
+    notebook as a table of one row per version."""
+
+    __slots__ = ()
+
+    def _repr_html_(self) -> str:
+        from ._html import versions
+
+        return versions(self)
 
 
 @dataclass(frozen=True)

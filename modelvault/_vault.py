@@ -31,6 +31,7 @@ from ._records import (
     ModelVersion,
     Problem,
     VaultStats,
+    VersionList,
 )
 from ._refs import Ref, check_alias, check_name
 from ._refs import as_ref as _as_ref
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from . import _diff, _selftest
+    from ._catalog import ModelSummary
     from ._reports import MergeReport, PruneReport, PushReport
     from ._writer import Writer
 
@@ -121,6 +123,17 @@ class Vault:
 
     def __repr__(self) -> str:
         return f"<Vault {str(self.path)!r}>"
+
+    def _repr_html_(self) -> str:  # a notebook's view: the file, its models and sizes
+        from ._html import vault
+
+        return vault(self.path, self._summaries)
+
+    @api
+    @snapshot
+    def _summaries(self, models: int, aliases: int) -> tuple[list[ModelSummary], int, int]:
+        """The first ``models`` models at a glance, their number and the file's size."""
+        return (*self._catalog.summaries(models, aliases), self._connection.file_bytes())
 
     # -- saving -----------------------------------------------------------------
 
@@ -238,12 +251,12 @@ class Vault:
         [1]
         """
         if name is None:
-            return self._catalog.every_record()
+            return VersionList(self._catalog.every_record())
         check_name(name)
         records = self._catalog.records("WHERE m.name = ? ORDER BY v.version", (name,))
         if not records:
             self._catalog.resolve(Ref(name))  # raises NotFoundError naming what exists
-        return records
+        return VersionList(records)
 
     @api
     @snapshot
@@ -288,7 +301,7 @@ class Vault:
         """The versions ``ref`` came from, nearest first: its parent (``save(...,
         parent=...)``), that version's parent, and so on. The chain stops early at a
         parent this vault lacks; the last version's ``parent`` then names its id."""
-        return self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)).id)
+        return VersionList(self._catalog.ancestors(self._catalog.resolve(_as_ref(ref)).id))
 
     @api
     @snapshot

@@ -17,7 +17,8 @@ import click
 
 from .. import _trust
 from .._errors import IntegrityError
-from .._records import ModelVersion, human_bytes
+from .._html import human_bytes
+from .._records import ModelVersion
 from .._vault import Vault
 from .._version import __version__
 from . import _remote

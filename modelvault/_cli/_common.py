@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .._errors import VaultError
-from .._records import ModelVersion, human_bytes
+from .._html import human_bytes
+from .._records import ModelVersion
 from .._vault import Vault
 
 if TYPE_CHECKING:

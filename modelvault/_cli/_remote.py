@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .._records import human_bytes
+from .._html import human_bytes
 from ._common import (
     _echo_json,
     _echo_prune,
