@@ -51,12 +51,26 @@ def text(value: Any, limit: int = TEXT) -> str:
     ``limit`` characters."""
     if not isinstance(value, str):
         try:
-            value = json.dumps(value, ensure_ascii=False, default=str)
+            value = json.dumps(_rounded(value), ensure_ascii=False, default=str)
         except (TypeError, ValueError, RecursionError):
             value = object.__repr__(value)
     if len(value) > limit:
         value = value[:limit] + "\u2026"
     return html.escape(_HIDDEN.sub(_escape, value))
+
+
+def _rounded(value: Any, depth: int = 0) -> Any:
+    """``value`` with its floats cut to 7 significant digits, for reading: 0.79, not
+    0.7899999999999999. (The vault keeps them whole; JSON and the API give them so.)"""
+    if type(value) is float and math.isfinite(value):
+        return float(f"{value:.7g}")
+    if depth > 20:  # _json bounds what a file may nest; this only bounds the walk
+        return value
+    if isinstance(value, dict):
+        return {k: _rounded(v, depth + 1) for k, v in islice(value.items(), ROWS)}
+    if isinstance(value, list):
+        return [_rounded(v, depth + 1) for v in islice(value, ROWS)]
+    return value
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -66,8 +80,8 @@ def _escape(match: re.Match[str]) -> str:
 
 def size(n: Any) -> str:
     """A byte count in human units; anything a damaged file holds instead, as text."""
-    if type(n) in (int, float) and math.isfinite(n):
-        return html.escape(human_bytes(n))
+    if type(n) in (int, float) and math.isfinite(n):  # one line: "24\u00a0B", never "24 / B"
+        return html.escape(human_bytes(n)).replace(" ", "\u00a0")
     return text(n, SHORT)
 
 

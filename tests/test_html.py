@@ -84,7 +84,7 @@ def test_a_version_card_shows_its_fields(vault, saved):
     for field in ("churn:1", "arrays", "first try", "production", "team=growth", "auc",
                   "0.91", "epochs", first.id, "signature", "trusted",
                   f"{first.created_at:%Y-%m-%d %H:%M:%S}",
-                  human_bytes(first.size), "environment: Python",
+                  human_bytes(first.size).replace(" ", "\u00a0"), "environment: Python",
                   "numpy"):
         assert field in shown, field
     assert "parent" in page(saved._repr_html_()).text and first.id in page(
@@ -125,9 +125,19 @@ def test_versions_list_is_a_plain_list_with_a_table_view(vault, saved):
 def test_a_vault_shows_its_models_sizes_and_aliases(vault, saved):
     shown = page(vault._repr_html_()).text
     for field in (str(vault.path), "2 models", "churn", "team/weights", "@production → 1",
-                  human_bytes(vault.stats().file_bytes)):
+                  human_bytes(vault.stats().file_bytes).replace(" ", "\u00a0")):
         assert field in shown, field
     assert page(modelvault.open(vault.path.with_name("empty.vault"))._repr_html_())
+
+
+def test_floats_read_as_people_write_them_and_sizes_stay_on_one_line(vault):
+    mv = vault.save("sums", {"w": np.zeros(3)},
+                    metadata={"auc": 0.1 + 0.2, "nested": {"loss": 2 / 3}, "big": 1e300})
+    shown = vault.versions("sums")._repr_html_() + mv._repr_html_()
+    assert "0.3" in shown and "0.30000000000000004" not in shown
+    assert "0.6666667" in shown and "0.6666666666666666" not in shown
+    assert "1e+300" in shown
+    assert "24\u00a0B" in shown and "24 B" not in shown
 
 
 def test_a_closed_vault_says_so(vault, saved):
