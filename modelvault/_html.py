@@ -33,7 +33,7 @@ ALIASES = 10  # aliases shown per model of a vault
 # C0 and C1 controls, zero-width and bidirectional marks: shown as escapes, so a name
 # cannot hide text or reorder what follows it.
 _HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
-_TABLE = '<table style="border-collapse:collapse;text-align:left">'
+_TABLE = '<table cellpadding="3" style="border-collapse:collapse;text-align:left">'
 _GONE = "\u2014"  # the side of a change that lacks it
 
 

@@ -21,7 +21,7 @@ from modelvault._records import VersionList
 
 # Every element and attribute the views write: anything else came from the file.
 ELEMENTS = {"div", "strong", "em", "table", "tr", "th", "td", "details", "summary"}
-ATTRIBUTES = {"style", "colspan"}
+ATTRIBUTES = {"style", "colspan", "cellpadding"}
 HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>',
            "bell\x07 escape\x1b[31m nul\x00 rtl\u202eevil", "x" * 1_000_000]
 
