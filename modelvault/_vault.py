@@ -217,9 +217,8 @@ class Vault:
     @api
     def import_(self, source: str | os.PathLike[str], *, name: str | None = None
                 ) -> ImportReport:
-        """Import a folder of ``checkpoint-N`` folders or a Hugging Face cache folder
-        (``models--org--name``) as versions of ``name`` (default: from the folder);
-        what an earlier import saved is skipped. See ``_importers``."""
+        """Import a folder of ``checkpoint-N`` folders or a Hugging Face cache folder as
+        versions of ``name``, skipping what an earlier import saved (``_importers``)."""
         from ._importers import import_source
 
         return import_source(self, source, name)

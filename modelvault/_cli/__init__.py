@@ -21,7 +21,7 @@ from .._html import human_bytes
 from .._records import ModelVersion
 from .._vault import Vault
 from .._version import __version__
-from . import _remote
+from . import _import, _remote
 from ._common import (
     _echo_json,
     _echo_prune,
@@ -355,32 +355,6 @@ def put_command(vault: Path, name: str, paths: tuple[Path, ...], meta: tuple[str
         click.echo(f"saved {mv.ref}: {human_bytes(mv.size)}, added {human_bytes(mv.added_bytes)}")
 
 
-@cli.command("import")
-@vault_path
-@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--name", help="The model to import into (default: from SOURCE's name).")
-@json_option
-def import_command(vault: Path, source: Path, name: str | None, as_json: bool) -> None:
-    """Import SOURCE into VAULT: a training output folder of checkpoint-N folders (one
-    version per checkpoint, in step order, each the parent of the next) or a Hugging
-    Face cache folder models--org--name (one version per snapshot revision). Run again,
-    it adds only what is new."""
-    with Vault(vault) as v:
-        report = v.import_(source, name=name)
-    if as_json:
-        _echo_json({"name": report.name, "added": [_version_json(mv) for mv in report.added],
-                    "existing": [mv.ref for mv in report.existing]})
-        return
-    for mv in report.added:
-        label = " ".join(f"{k}={mv.metadata[k]}" for k in ("step", "revision")
-                         if k in mv.metadata)
-        click.echo(f"added {mv.ref} ({label}): {human_bytes(mv.size)}, added "
-                   f"{human_bytes(mv.added_bytes)}" + (f" @{', @'.join(mv.aliases)}"
-                                                       if mv.aliases else ""))
-    click.echo(f"imported {len(report.added)} version(s) of {report.name}; "
-               f"{len(report.existing)} already there")
-
-
 @cli.command("get")
 @vault_path
 @click.argument("ref")
@@ -693,8 +667,8 @@ def demo_command(vault: Path) -> None:
     run(vault, echo=click.echo)
 
 
-for command in (_remote.push_command, _remote.pull_command, _remote.clone_command,
-                _remote.remote_group, _remote.remotes_command):
+for command in (_import.import_command, _remote.push_command, _remote.pull_command,
+                _remote.clone_command, _remote.remote_group, _remote.remotes_command):
     cli.add_command(command)
 
 
