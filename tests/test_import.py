@@ -206,3 +206,29 @@ def test_the_command_imports_and_reports(run, tmp_path, run_dir, cache_dir):
     assert found["name"] == "tiny" and [v["version"] for v in found["added"]] == [1, 2]
     result = run("import", path, tmp_path / "hub")  # neither kind of source
     assert result.exit_code == 1 and "nothing to import" in result.output
+
+
+def test_a_progress_bar_follows_the_import_when_asked(vault_path, run_dir, capsys):
+    with modelvault.open(vault_path, progress=True) as vault:
+        vault.import_(run_dir)
+    assert "import my-run" in capsys.readouterr().err
+
+
+def test_the_readme_section_runs_as_written(tmp_path, run_dir, monkeypatch, run):
+    """The README's "Bring models in": its first command and its Python, as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Bring models in", 1)[1].split("\n## ", 1)[0]
+    command = section.split("```bash\n", 1)[1].splitlines()[0].split("#")[0].split()
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    run_dir.rename(tmp_path / "runs" / "my-run")
+    assert command[:2] == ["modelvault", "import"]
+    assert run(*command[1:]).exit_code == 0
+    with modelvault.open("other.vault") as vault:
+        exec(code, {"vault": vault})  # noqa: S102 - our own README
+        assert [v.metadata["step"] for v in vault.versions("my-run")] == STEPS
+    with modelvault.open("models.vault") as vault:
+        assert [v.metadata["step"] for v in vault.versions("my-run")] == STEPS
