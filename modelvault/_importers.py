@@ -64,21 +64,23 @@ def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) 
     root = Path(source)
     if not root.is_dir():
         raise NotFoundError(f"{root}: no such folder")
-    if root.name.startswith("models--") and (root / "snapshots").is_dir():
-        default, items = root.name[len("models--"):].replace("--", "/"), _snapshots(root)
+    folder = root.resolve().name  # "." names the folder it is
+    if folder.startswith("models--") and (root / "snapshots").is_dir():
+        default, items = folder[len("models--"):].replace("--", "/"), _snapshots(root)
     else:
-        default, items = root.resolve().name, _checkpoints(root)
+        default, items = folder, _checkpoints(root)
     name = check_name(default if name is None else name)
     for item in items:  # every link checked before the first save
         _check_contained(item.folder, root)
-    try:
-        existing = {v.metadata.get(items[0].key): v for v in vault.versions(name)}
+    try:  # a user's own metadata may hold anything under that key
+        existing = {v.metadata[items[0].key]: v for v in vault.versions(name)
+                    if type(v.metadata.get(items[0].key)) in (int, str)}
     except NotFoundError:
         existing = {}
     added, found, parent = [], [], None
-    with progress(sum(_size(i.folder) for i in items), f"import {name}",
-                  vault.progress) as advance:
-        for item in items:
+    sizes = [_size(item.folder) for item in items]
+    with progress(sum(sizes), f"import {name}", vault.progress) as advance:
+        for item, size in zip(items, sizes, strict=True):
             version = existing.get(item.value)
             if version is None:
                 version = vault.save_files(name, item.folder, metadata=item.metadata,
@@ -90,7 +92,8 @@ def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) 
             for alias in item.aliases:
                 vault.alias(version, alias)
             parent = version
-            advance(_size(item.folder))
+            advance(size)
+    # Read again: an alias set after its save is not in the record save returned.
     return ImportReport(name=name, added=tuple(vault.get(v) for v in added),
                         existing=tuple(found))
 

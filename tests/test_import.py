@@ -232,3 +232,9 @@ def test_the_readme_section_runs_as_written(tmp_path, run_dir, monkeypatch, run)
         assert [v.metadata["step"] for v in vault.versions("my-run")] == STEPS
     with modelvault.open("models.vault") as vault:
         assert [v.metadata["step"] for v in vault.versions("my-run")] == STEPS
+
+
+def test_a_version_with_other_metadata_under_step_does_not_stop_the_import(vault, run_dir):
+    vault.save("my-run", {"w": np.zeros(3)}, metadata={"step": [500]})
+    vault.save("my-run", {"w": np.zeros(3)}, metadata={"step": True})
+    assert len(vault.import_(run_dir).added) == 3
