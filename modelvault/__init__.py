@@ -41,6 +41,7 @@ __all__ = [
     "EntryChange",
     "EnvironmentWarning",
     "FormatVersionError",
+    "ImportReport",
     "IntegrityError",
     "LiveModel",
     "LockTimeout",
@@ -110,8 +111,8 @@ def clone(url: str, path: str | os.PathLike[str], refs: list[str] | None = None,
 # that only load (Remote would bring obstore and the network stack; follow, logging).
 _LATER = {"Changes": "_diff", "Diff": "_diff", "EntryChange": "_diff", "Remote": "_remote",
           "LiveModel": "_follow", "follow": "_follow",
-          "SelftestResult": "_selftest", "MergeReport": "_reports", "PruneReport": "_reports",
-          "PushReport": "_reports",
+          "SelftestResult": "_selftest", "ImportReport": "_reports",
+          "MergeReport": "_reports", "PruneReport": "_reports", "PushReport": "_reports",
           "RemoteGcReport": "_reports", "RemoteVersion": "_reports"}
 
 

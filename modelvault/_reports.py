@@ -102,3 +102,12 @@ class RemoteGcReport:
 
     def __str__(self) -> str:
         return f"deleted {self.objects} object(s), {self.bytes:,} bytes"
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What ``Vault.import_`` did: the versions it added and those already imported."""
+
+    name: str  # the model imported into
+    added: tuple[ModelVersion, ...]  # the versions saved, oldest first
+    existing: tuple[ModelVersion, ...]  # checkpoints or revisions an earlier import saved

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from . import _diff, _selftest
     from ._catalog import ModelSummary
-    from ._reports import MergeReport, PruneReport, PushReport
+    from ._reports import ImportReport, MergeReport, PruneReport, PushReport
     from ._writer import Writer
 
 class Vault:
@@ -213,6 +213,15 @@ class Vault:
         return self._writer().save_files(name, paths, metadata=metadata, tags=tags,
                                          aliases=aliases, description=description,
                                          parent=parent, source=source, compress=compress)
+
+    @api
+    def import_(self, source: str | os.PathLike[str], *, name: str | None = None
+                ) -> ImportReport:
+        """Import a folder of ``checkpoint-N`` folders or a Hugging Face cache folder as
+        versions of ``name``, skipping what an earlier import saved (``_importers``)."""
+        from ._importers import import_source
+
+        return import_source(self, source, name)
 
     def _writer(self) -> Writer:
         from ._writer import Writer

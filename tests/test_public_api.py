@@ -18,7 +18,7 @@ from modelvault._cli import cli
 EXPORTS = [
     "Changes", "CorruptVaultError", "DamagedVaultWarning", "Diff", "DiskFullError", "EntryChange",
     "EnvironmentWarning",
-    "FormatVersionError", "IntegrityError", "LiveModel", "LockTimeout",
+    "FormatVersionError", "ImportReport", "IntegrityError", "LiveModel", "LockTimeout",
     "MergeReport", "ModelInfo", "ModelVersion", "NotAVaultError", "NotFoundError", "Problem",
     "PruneReport", "PushReport", "ReadOnlyError", "Remote", "RemoteError", "RemoteGcReport",
     "RemoteVersion",
@@ -61,6 +61,8 @@ VAULT_METHODS = {
     "extract": f"(self, ref: '{REF}', out_dir: '{PATHLIKE}', *, trust: 'bool' = False) "
                "-> 'list[Path]'",
     "gc": "(self) -> 'int'",
+    "import_": f"(self, source: '{PATHLIKE}', *, name: 'str | None' = None) "
+               "-> 'ImportReport'",
     "get": f"(self, ref: '{REF}') -> 'ModelVersion'",
     "lineage": f"(self, ref: '{REF}') -> 'list[ModelVersion]'",
     "load": f"(self, ref: '{REF}', *, trust: 'bool' = False, device: 'Any' = None, "
@@ -102,6 +104,7 @@ RECORDS = {
     "VaultStats": ["models", "versions", "chunks", "raw_bytes", "unique_bytes", "stored_bytes",
                    "file_bytes"],
     "Problem": ["message", "model", "version", "chunk"],
+    "ImportReport": ["name", "added", "existing"],
     "MergeReport": ["added", "renumbered", "conflicts", "moved"],
     "PruneReport": ["deleted", "kept", "freed_bytes", "dry_run"],
     "PushReport": ["added", "chunks", "uploaded_bytes"],
@@ -141,6 +144,7 @@ COMMANDS = {
     "selftest": ["vault", "refs", "--trust", "--json"],
     "export": ["vault", "dest", "refs", "--skip-damaged"],
     "gc": ["vault"],
+    "import": ["vault", "source", "--name", "--json"],
     "get": ["vault", "ref", "-o/--output", "--trust", "--keys", "--format"],
     "key export": ["-o/--output", "--name"],
     "keys": ["--json"],

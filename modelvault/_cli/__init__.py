@@ -21,7 +21,7 @@ from .._html import human_bytes
 from .._records import ModelVersion
 from .._vault import Vault
 from .._version import __version__
-from . import _remote
+from . import _import, _remote
 from ._common import (
     _echo_json,
     _echo_prune,
@@ -667,8 +667,8 @@ def demo_command(vault: Path) -> None:
     run(vault, echo=click.echo)
 
 
-for command in (_remote.push_command, _remote.pull_command, _remote.clone_command,
-                _remote.remote_group, _remote.remotes_command):
+for command in (_import.import_command, _remote.push_command, _remote.pull_command,
+                _remote.clone_command, _remote.remote_group, _remote.remotes_command):
     cli.add_command(command)
 
 

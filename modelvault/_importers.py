@@ -1,0 +1,213 @@
+"""Importers: models already stored elsewhere, brought into a vault as versions.
+
+Two sources, told apart by their shape:
+
+- a training output folder of ``checkpoint-N`` folders (as a Hugging Face ``Trainer``
+  writes them): one files version per checkpoint in step order, each the child of the
+  one before (so its tensors are stored as deltas), its step and that step's logged
+  metrics (``trainer_state.json``) as metadata, ``@best`` on ``best_model_checkpoint``;
+- a Hugging Face cache folder (``models--org--name`` with ``snapshots/<rev>/``): one
+  version per snapshot revision, oldest download first, each a child of the one before;
+  the revision as metadata and each ``refs/`` name as an alias. A blob two snapshots
+  share is stored once by the vault's own dedup.
+
+A version already imported is recognised by its metadata (``step`` of a checkpoint,
+``revision`` of a snapshot), not by hashing its files: metadata cannot change after a
+save (a tag could be edited away), checking it reads nothing from the source, and a
+version the Trainer callback saved with the same step counts as imported too.
+
+Everything read from the source is a stranger's: a file (or a link to one) outside the
+source folder is refused with a VaultError naming it, before anything is saved; a
+``trainer_state.json`` that is too big or not the Trainer's is ignored with a warning;
+folder names that are not ``checkpoint-<digits>`` are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _json
+from ._errors import NotFoundError, VaultError
+from ._progress import progress
+from ._refs import check_alias, check_name
+from ._reports import ImportReport
+
+_CHECKPOINT = re.compile(r"checkpoint-([0-9]{1,18})")  # below 2**63: SQLite's integers
+_REVISION = re.compile(r"[0-9A-Za-z._-]{1,100}")
+# A Trainer's state of a long run is a few MB; beyond this it is not one we read.
+MAX_TRAINER_STATE = 32 * 1024 * 1024
+MAX_REF = 200  # bytes of a refs/ file: a commit hash and a newline
+MAX_METRICS = 200  # metrics kept per step
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One version to import: its folder, what identifies it, its metadata and aliases."""
+
+    folder: Path
+    key: str  # "step" or "revision": the metadata that recognises it once imported
+    value: int | str
+    metadata: dict[str, Any]
+    aliases: tuple[str, ...]
+
+
+def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) -> ImportReport:
+    """Import the checkpoint folder or Hugging Face cache folder ``source`` into
+    ``vault`` as versions of ``name`` (default: from the folder's name)."""
+    root = Path(source)
+    if not root.is_dir():
+        raise NotFoundError(f"{root}: no such folder")
+    folder = root.resolve().name  # "." names the folder it is
+    if folder.startswith("models--") and (root / "snapshots").is_dir():
+        default, items = folder[len("models--"):].replace("--", "/"), _snapshots(root)
+    else:
+        default, items = folder, _checkpoints(root)
+    name = check_name(default if name is None else name)
+    for item in items:  # every link checked before the first save
+        _check_contained(item.folder, root)
+    try:  # a user's own metadata may hold anything under that key
+        existing = {v.metadata[items[0].key]: v for v in vault.versions(name)
+                    if type(v.metadata.get(items[0].key)) in (int, str)}
+    except NotFoundError:
+        existing = {}
+    added, found, parent = [], [], None
+    sizes = [_size(item.folder) for item in items]
+    with progress(sum(sizes), f"import {name}", vault.progress) as advance:
+        for item, size in zip(items, sizes, strict=True):
+            version = existing.get(item.value)
+            if version is None:
+                version = vault.save_files(name, item.folder, metadata=item.metadata,
+                                           parent=False if parent is None else parent,
+                                           source=False)
+                added.append(version)
+            else:
+                found.append(version)
+            for alias in item.aliases:
+                vault.alias(version, alias)
+            parent = version
+            advance(size)
+    # Read again: an alias set after its save is not in the record save returned.
+    return ImportReport(name=name, added=tuple(vault.get(v) for v in added),
+                        existing=tuple(found))
+
+
+def _checkpoints(root: Path) -> list[_Item]:
+    """The checkpoint folders of a training output folder, in step order."""
+    steps: dict[int, Path] = {}
+    for child in sorted(root.iterdir()):
+        if not child.name.startswith("checkpoint-") or not child.is_dir():
+            continue  # the final model's files, logs, runs/: not checkpoints
+        match = _CHECKPOINT.fullmatch(child.name)
+        if match is None:
+            warnings.warn(f"{child}: not a checkpoint-<step> folder; skipped", stacklevel=3)
+            continue
+        steps[int(match.group(1))] = child
+    if not steps:
+        raise VaultError(f"{root}: no checkpoint-<step> folders and not a Hugging Face "
+                         "cache folder (models--org--name); nothing to import")
+    last = _trainer_state(steps[max(steps)]) or _trainer_state(root)
+    best = None
+    if last is not None and isinstance(last.get("best_model_checkpoint"), str):
+        match = _CHECKPOINT.fullmatch(Path(last["best_model_checkpoint"]).name)
+        best = int(match.group(1)) if match else None
+    items = []
+    for step in sorted(steps):
+        state = _trainer_state(steps[step]) or last
+        items.append(_Item(steps[step], "step", step,
+                           {**_metrics(state, step), "step": step},
+                           ("best",) if step == best else ()))
+    return items
+
+
+def _trainer_state(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``trainer_state.json``, or None if it has none or it is not one
+    (warned): a metric less is better than an import refused."""
+    path = folder / "trainer_state.json"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_TRAINER_STATE + 1)
+        if len(text) > MAX_TRAINER_STATE:
+            raise ValueError(f"over {MAX_TRAINER_STATE:,} bytes")
+        state = _json.loads(text)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path}: ignored ({exc})", stacklevel=4)
+        return None
+    return state
+
+
+def _metrics(state: dict[str, Any] | None, step: int) -> dict[str, Any]:
+    """The numbers ``log_history`` logged at ``step`` (loss, eval_loss, epoch, ...)."""
+    history = state.get("log_history") if state else None
+    found: dict[str, Any] = {}
+    for entry in history if isinstance(history, list) else []:
+        if not isinstance(entry, dict) or entry.get("step") != step:
+            continue
+        for key, value in entry.items():
+            if (isinstance(key, str) and len(key) <= 100 and key != "step"
+                    and len(found) < MAX_METRICS
+                    and type(value) in (int, float) and math.isfinite(value)):
+                found[key] = value
+    return found
+
+
+def _snapshots(root: Path) -> list[_Item]:
+    """The snapshot revisions of a cache folder, oldest download first, with the
+    ``refs/`` names pointing at each as aliases."""
+    names: dict[str, list[str]] = {}
+    refs = root / "refs"
+    for path in sorted(refs.rglob("*")) if refs.is_dir() else []:
+        _check_contained(path, root)
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            revision = f.read(MAX_REF).decode("ascii", "replace").strip()
+        ref = path.relative_to(refs).as_posix()
+        alias = ref.replace("/", "-")
+        try:
+            check_alias(alias)
+        except ValueError:
+            warnings.warn(f"{path}: {ref!r} cannot be an alias; left out", stacklevel=3)
+            continue
+        names.setdefault(revision, []).append(alias)
+    folders = []
+    for child in (root / "snapshots").iterdir():
+        if not (_REVISION.fullmatch(child.name) and child.is_dir()):
+            warnings.warn(f"{child}: not a snapshot revision folder; skipped", stacklevel=3)
+            continue
+        folders.append(child)
+    if not folders:
+        raise VaultError(f"{root}: no snapshots; nothing to import")
+    folders.sort(key=lambda f: (f.stat().st_mtime, f.name))
+    return [_Item(f, "revision", f.name, {"revision": f.name},
+                  tuple(names.get(f.name, ()))) for f in folders]
+
+
+def _check_contained(folder: Path, root: Path) -> None:
+    """VaultError naming the first link below ``folder`` (or ``folder`` itself) that
+    leads outside ``root``: a cache's snapshot links into its blobs, never to
+    /etc/passwd."""
+    inside = root.resolve()
+    for path in [folder, *_walk(folder)]:
+        if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            raise VaultError(f"{path} links outside {root} (to {os.readlink(path)}); "
+                             "refusing to import it")
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """What ``rglob`` walks below ``folder`` (what ``save_files`` will read)."""
+    yield from folder.rglob("*") if folder.is_dir() and not folder.is_symlink() else ()
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in _walk(folder) if p.is_file())
