@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,3 +191,16 @@ def test_importing_modelvault_imports_no_framework():
     code = "import sys, modelvault; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_the_readme_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Train with it", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("bert:")]
+    assert [line[:2] for line in lines] == [["bert:1", "2"], ["bert:2", "4"],
+                                            ["bert:3", "6"], ["bert:4", "8"]]
+    assert sum("'best'" in " ".join(line) for line in lines) == 1
