@@ -3,6 +3,7 @@ on CPU, each checkpoint the Trainer writes kept as a version of one model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -46,7 +47,7 @@ class Arm(TrainerCallback):  # runs before the vault's callback, as it is listed
         global ARMED
         ARMED = state.global_step == ARM_AT
 
-def train(out, vault, arm_at=None):
+def train(out, vault, arm_at=None, remote=None):
     global ARM_AT
     ARM_AT = arm_at
     if arm_at is not None:
@@ -69,7 +70,8 @@ def train(out, vault, arm_at=None):
         load_best_model_at_end=True, report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=BertForSequenceClassification(config), args=args,
                       train_dataset=Data(64, 1), eval_dataset=Data(16, 2),
-                      callbacks=[Arm(), VaultCallback(vault, "bert", tags={"run": "t"})])
+                      callbacks=[Arm(), VaultCallback(vault, "bert", tags={"run": "t"},
+                                                          remote=remote)])
     trainer.train()
     return trainer
 
@@ -96,8 +98,9 @@ def run(train, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:  # keys in a temporary home, as conftest's
         patch.setenv("MODELVAULT_HOME", str(tmp / "home"))
-        trainer = train[1](tmp / "out", tmp / "runs.vault")
-    return tmp / "out", tmp / "runs.vault", trainer
+        remote = (tmp / "remote").as_uri() if importlib.util.find_spec("obstore") else None
+        trainer = train[1](tmp / "out", tmp / "runs.vault", remote=remote)
+    return tmp / "out", tmp / "runs.vault", trainer, remote
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -105,7 +108,7 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def test_every_checkpoint_is_a_version_whose_parent_is_the_one_before(run, tmp_path):
-    out, path, _ = run
+    out, path, *_ = run
     checkpoints = _checkpoints(out)
     with modelvault.open(path) as vault:
         versions = vault.versions("bert")
@@ -128,13 +131,36 @@ def test_later_checkpoints_are_stored_as_deltas(run):
 
 
 def test_best_follows_the_lowest_eval_loss(run):
-    out, path, trainer = run
+    out, path, trainer, _ = run
     with modelvault.open(path) as vault:
         versions = vault.versions("bert")
         losses = {v.version: v.metadata["metrics"]["eval_loss"] for v in versions}
         best = vault.get("bert@best")
     assert losses[best.version] == min(losses.values())
     assert best.metadata["step"] == int(Path(trainer.state.best_model_checkpoint).name[11:])
+
+
+def test_each_version_is_pushed_with_its_alias(run, tmp_path):
+    remote = run[3]
+    if remote is None:
+        pytest.skip("pushing needs obstore")
+    with modelvault.clone(remote, tmp_path / "clone.vault") as clone:
+        assert [v.ref for v in clone.versions("bert")] == [f"bert:{n}" for n in (1, 2, 3, 4)]
+        with modelvault.open(run[1]) as vault:
+            assert clone.get("bert@best").id == vault.get("bert@best").id
+
+
+def test_best_is_the_trainers_best_checkpoint_by_step_or_by_folder():
+    from transformers import TrainerState
+
+    from modelvault.integrations.transformers import is_best
+
+    state = TrainerState(global_step=6, best_model_checkpoint="out/checkpoint-4")
+    assert not is_best(state, Path("out/checkpoint-6"))
+    state.best_model_checkpoint = "out/checkpoint-6"  # transformers before best_global_step
+    assert is_best(state, Path("out/checkpoint-6"))
+    state.best_global_step = 4  # a greater_is_better metric fell: the Trainer kept step 4
+    assert not is_best(state, Path("out/checkpoint-6"))
 
 
 def test_metadata_holds_the_step_metrics_and_the_run_arguments(run):
