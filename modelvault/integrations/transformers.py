@@ -1,0 +1,132 @@
+"""A Hugging Face ``Trainer`` callback that keeps each checkpoint as a vault version.
+
+>>> from modelvault.integrations.transformers import VaultCallback
+>>> trainer = Trainer(model, args, ..., callbacks=[VaultCallback("runs.vault", "bert")])
+... # doctest: +SKIP
+
+Each ``checkpoint-N/`` the Trainer writes becomes the next version of the model: its
+model files (weights, config, tokenizer), not the optimizer and scheduler state only a
+resumed run needs. The files the Trainer has just written are stored as they are, so
+the weights are not serialized a second time; each ``.safetensors`` tensor is stored as
+its XOR with the previous checkpoint's where that is smaller (measured on a tiny BERT:
+the same bytes added as saving its state dict, and the version extracts to a folder
+``from_pretrained`` opens).
+
+A save is one vault transaction: a process killed mid-save leaves every checkpoint saved
+before it whole (tests/test_trainer_callback.py kills one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+import modelvault
+
+from .._refs import check_alias, check_name
+
+# What a checkpoint folder holds for resuming the run rather than for the model: left
+# out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
+RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
+                "training_args.bin")
+RESUME_PREFIXES = ("rng_state",)
+# log_history entries' bookkeeping, kept as the version's own step and epoch instead.
+BOOKKEEPING = ("step", "epoch")
+
+
+class VaultCallback(TrainerCallback):
+    """Save each checkpoint the Trainer writes as the next version of ``name`` in the
+    vault at ``vault_path``.
+
+    The version's parent is the one the previous checkpoint of this run became (so its
+    lineage is the run's and its tensors are stored as deltas). Its metadata holds the
+    step, the epoch, the latest logged training and eval metrics (finite numbers only)
+    and the run's ``TrainingArguments``. ``best_alias`` (``None`` for none) moves to the
+    version the Trainer calls its best (``metric_for_best_model``, ``greater_is_better``).
+    ``remote`` (a URL or a remote's name, see ``Vault.push``): each version is pushed
+    there once saved. Only the main process saves.
+
+    Raises ValueError for an invalid name, alias or tag, and the vault's errors
+    (``NotAVaultError``, ``LockTimeout``, ...) when it is created, before training starts.
+    """
+
+    def __init__(self, vault_path: str | os.PathLike[str], name: str, *,
+                 remote: str | None = None, best_alias: str | None = "best",
+                 tags: Mapping[str, Any] | None = None, description: str = "") -> None:
+        check_name(name)
+        if best_alias is not None:
+            check_alias(best_alias)
+        self.vault_path = Path(vault_path)
+        self.name = name
+        self.remote = remote
+        self.best_alias = best_alias
+        self.tags = dict(tags or {})
+        self.description = description
+        self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
+        with modelvault.open(self.vault_path):  # a wrong path fails now, not at step N
+            pass
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        with modelvault.open(self.vault_path) as vault:
+            version = vault.save_files(
+                self.name, model_files(folder), metadata=checkpoint_metadata(args, state),
+                tags=self.tags, description=self.description,
+                parent=self.saved[-1] if self.saved else None)
+            if self.best_alias and is_best(state, folder):
+                version = vault.alias(version, self.best_alias)
+            if self.remote is not None:
+                vault.push(self.remote, [version])
+        self.saved.append(version)
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of checkpoint ``folder`` that make the model, in name order."""
+    return sorted(path for path in folder.iterdir()
+                  if path.is_file() and path.name not in RESUME_STATE
+                  and not path.name.startswith(RESUME_PREFIXES))
+
+
+def checkpoint_metadata(args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
+    """Step, epoch, latest metrics and the run's arguments, as JSON a vault accepts."""
+    metrics: dict[str, float] = {}
+    for entry in logged(state.log_history, state.global_step):
+        metrics.update(entry)
+    return {"step": state.global_step, "epoch": _finite(state.epoch),
+            "metrics": metrics, "training_args": json.loads(args.to_json_string())}
+
+
+def logged(history: Sequence[Mapping[str, Any]], step: int) -> list[dict[str, float]]:
+    """The last training log and the last eval log at or before ``step``, their finite
+    numbers only: a NaN loss must not make the save refuse its metadata."""
+    latest: dict[bool, dict[str, float]] = {}
+    for entry in history:
+        if entry.get("step", 0) <= step:
+            numbers = {k: v for k, v in entry.items()
+                       if k not in BOOKKEEPING and _finite(v) is not None}
+            latest[any(k.startswith("eval_") for k in entry)] = numbers
+    return [latest[key] for key in (False, True) if key in latest]
+
+
+def is_best(state: TrainerState, folder: Path) -> bool:
+    """Whether the Trainer holds this checkpoint for its best so far."""
+    best_step = getattr(state, "best_global_step", None)  # transformers >= 4.51
+    if best_step is not None:
+        return bool(best_step == state.global_step)
+    best = state.best_model_checkpoint
+    return best is not None and Path(best).name == folder.name
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
