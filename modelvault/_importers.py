@@ -108,28 +108,30 @@ def _checkpoints(root: Path) -> list[_Item]:
         if match is None:
             warnings.warn(f"{child}: not a checkpoint-<step> folder; skipped", stacklevel=3)
             continue
+        _check_inside(child, root)  # named itself, before its trainer_state.json is read
         steps[int(match.group(1))] = child
     if not steps:
         raise VaultError(f"{root}: no checkpoint-<step> folders and not a Hugging Face "
                          "cache folder (models--org--name); nothing to import")
-    last = _trainer_state(steps[max(steps)]) or _trainer_state(root)
+    last = _trainer_state(steps[max(steps)], root) or _trainer_state(root, root)
     best = None
     if last is not None and isinstance(last.get("best_model_checkpoint"), str):
         match = _CHECKPOINT.fullmatch(Path(last["best_model_checkpoint"]).name)
         best = int(match.group(1)) if match else None
     items = []
     for step in sorted(steps):
-        state = _trainer_state(steps[step]) or last
+        state = _trainer_state(steps[step], root) or last
         items.append(_Item(steps[step], "step", step,
                            {**_metrics(state, step), "step": step},
                            ("best",) if step == best else ()))
     return items
 
 
-def _trainer_state(folder: Path) -> dict[str, Any] | None:
+def _trainer_state(folder: Path, root: Path) -> dict[str, Any] | None:
     """The folder's ``trainer_state.json``, or None if it has none or it is not one
     (warned): a metric less is better than an import refused."""
     path = folder / "trainer_state.json"
+    _check_inside(path, root)  # read before the checkpoints' links are checked
     if not path.is_file():
         return None
     try:
@@ -166,8 +168,9 @@ def _snapshots(root: Path) -> list[_Item]:
     ``refs/`` names pointing at each as aliases."""
     names: dict[str, list[str]] = {}
     refs = root / "refs"
+    _check_contained(refs, root)
+    _check_inside(root / "snapshots", root)  # else its listing is of another folder
     for path in sorted(refs.rglob("*")) if refs.is_dir() else []:
-        _check_contained(path, root)
         if not path.is_file():
             continue
         with open(path, "rb") as f:
@@ -194,19 +197,30 @@ def _snapshots(root: Path) -> list[_Item]:
 
 
 def _check_contained(folder: Path, root: Path) -> None:
-    """VaultError naming the first link below ``folder`` (or ``folder`` itself) that
-    leads outside ``root``: a cache's snapshot links into its blobs, never to
-    /etc/passwd."""
-    inside = root.resolve()
-    for path in [folder, *_walk(folder)]:
-        if path.is_symlink() and not path.resolve().is_relative_to(inside):
-            raise VaultError(f"{path} links outside {root} (to {os.readlink(path)}); "
-                             "refusing to import it")
+    """VaultError naming the first path at or below ``folder`` that leads outside
+    ``root``: a cache's snapshot links into its blobs, never to /etc/passwd."""
+    _check_inside(folder, root)  # first, so a link out is never walked
+    for path in _walk(folder):
+        _check_inside(path, root)
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """VaultError if ``path`` is, or is reached through, a link leading outside
+    ``root``. Every path is resolved, not only links: a linked folder on the way
+    (``snapshots`` -> /etc) makes a plain file in it an outside one."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise VaultError(f"{path}: cannot follow its links ({exc}); refusing to import it"
+                         ) from None
+    if not target.is_relative_to(root.resolve()):
+        raise VaultError(f"{path} links outside {root} (to {target}); refusing to import it")
 
 
 def _walk(folder: Path) -> Iterator[Path]:
-    """What ``rglob`` walks below ``folder`` (what ``save_files`` will read)."""
-    yield from folder.rglob("*") if folder.is_dir() and not folder.is_symlink() else ()
+    """What ``rglob`` walks below ``folder``, a linked one too (what ``save_files`` will
+    read)."""
+    yield from folder.rglob("*") if folder.is_dir() else ()
 
 
 def _size(folder: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -146,6 +147,83 @@ def test_a_checkpoint_link_out_of_the_run_folder_is_refused(vault, run_dir, tmp_
     (run_dir / "checkpoint-2000").symlink_to(outside)
     with pytest.raises(modelvault.VaultError, match="checkpoint-2000 links outside"):
         vault.import_(run_dir)
+
+
+def _outside(tmp_path):
+    """A folder beside the source, with a file no import may read."""
+    outside = tmp_path / "outside"
+    (outside / ("c" * 40)).mkdir(parents=True)
+    (outside / "secret.txt").write_text("root:x:0:0")
+    (outside / ("c" * 40) / "secret.txt").write_text("root:x:0:0")
+    return outside
+
+
+def _snapshots_link_out(cache, outside):
+    shutil.rmtree(cache / "snapshots")
+    (cache / "snapshots").symlink_to(outside)
+
+
+def _refs_link_out(cache, outside):
+    shutil.rmtree(cache / "refs")
+    (cache / "refs").symlink_to(outside)
+
+
+def _linked_folder_links_out(cache, outside):
+    """A snapshot that is a link to a folder inside the cache, and in that folder a
+    link out: the snapshot's own link is fine, what is below it is not."""
+    (cache / "data").mkdir()
+    (cache / "data" / "secret.txt").symlink_to(outside / "secret.txt")
+    (cache / "snapshots" / ("c" * 40)).symlink_to("../data")
+
+
+@pytest.mark.parametrize("escape", [_snapshots_link_out, _refs_link_out,
+                                    _linked_folder_links_out])
+def test_a_link_out_of_the_cache_anywhere_on_the_way_is_refused(
+        vault, cache_dir, tmp_path, escape):
+    escape(cache_dir, _outside(tmp_path))
+    with pytest.raises(modelvault.VaultError, match="links outside"):
+        vault.import_(cache_dir)
+    assert vault.models() == []
+
+
+def test_a_checkpoint_linked_to_a_folder_with_a_link_out_is_refused(vault, run_dir, tmp_path):
+    outside = _outside(tmp_path)
+    (run_dir / "real").mkdir()
+    (run_dir / "real" / "secret.txt").symlink_to(outside / "secret.txt")
+    (run_dir / "checkpoint-2000").symlink_to("real")
+    with pytest.raises(modelvault.VaultError, match="links outside"):
+        vault.import_(run_dir)
+    assert vault.models() == []
+
+
+def test_a_trainer_state_linked_from_outside_is_not_read(vault, run_dir, tmp_path):
+    outside = _outside(tmp_path)
+    (outside / "state.json").write_text(json.dumps(
+        {"log_history": [{"step": 500, "leaked": 42}]}))
+    for step in STEPS:
+        (run_dir / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    (run_dir / "trainer_state.json").symlink_to(outside / "state.json")
+    with pytest.raises(modelvault.VaultError, match="links outside"):
+        vault.import_(run_dir)
+    assert vault.models() == []
+
+
+@pytest.mark.parametrize("where", ["snapshots/" + "a" * 40 + "/loop", "refs/loop"])
+def test_a_symlink_loop_in_the_cache_is_a_vault_error(vault, cache_dir, where):
+    (cache_dir / where).symlink_to("loop")
+    try:
+        vault.import_(cache_dir)  # Python 3.13 resolves a loop to itself: skipped
+    except modelvault.VaultError as exc:
+        assert "loop" in str(exc)
+
+
+def test_a_symlink_loop_in_a_checkpoint_is_a_vault_error(vault, run_dir):
+    (run_dir / "checkpoint-500" / "trainer_state.json").unlink()
+    (run_dir / "checkpoint-500" / "trainer_state.json").symlink_to("trainer_state.json")
+    try:
+        vault.import_(run_dir)
+    except modelvault.VaultError as exc:
+        assert "loop" in str(exc)
 
 
 @pytest.mark.parametrize("state", [b"{not json", b"[1, 2]", b"[" * 100_000,
