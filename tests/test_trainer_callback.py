@@ -208,6 +208,10 @@ def test_a_bad_vault_or_name_fails_before_training(tmp_path):
         VaultCallback(tmp_path / "v.vault", "bad name!")
     with pytest.raises(ValueError):
         VaultCallback(tmp_path / "v.vault", "bert", best_alias="no good")
+    with pytest.raises(ValueError, match="tag keys"):
+        VaultCallback(tmp_path / "v.vault", "bert", tags={"": "empty key"})
+    with pytest.raises(TypeError):  # as save_files would raise it at the first checkpoint
+        VaultCallback(tmp_path / "v.vault", "bert", tags={"run": ["not", "a", "scalar"]})
     (tmp_path / "not.vault").write_bytes(b"hostile: not a SQLite file" * 100)
     with pytest.raises(modelvault.NotAVaultError):
         VaultCallback(tmp_path / "not.vault", "bert")
@@ -230,3 +234,16 @@ def test_the_readme_section_runs_as_written(tmp_path, monkeypatch, capsys):
     assert [line[:2] for line in lines] == [["bert:1", "2"], ["bert:2", "4"],
                                             ["bert:3", "6"], ["bert:4", "8"]]
     assert sum("'best'" in " ".join(line) for line in lines) == 1
+
+
+def test_infinite_run_arguments_do_not_make_the_save_refuse_its_metadata(tmp_path):
+    """max_grad_norm=inf (clipping off) is a real setting; JSON has no infinity."""
+    from transformers import TrainerState, TrainingArguments
+
+    from modelvault.integrations.transformers import checkpoint_metadata
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_grad_norm=float("inf"),
+                             report_to=[], use_cpu=True)
+    metadata = checkpoint_metadata(args, TrainerState(global_step=2, epoch=0.5))
+    json.dumps(metadata, allow_nan=False)
+    assert metadata["training_args"]["max_grad_norm"] == "Infinity"

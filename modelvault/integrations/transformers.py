@@ -30,6 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 import modelvault
 
 from .._refs import check_alias, check_name
+from .._writer import tag_changes
 
 # What a checkpoint folder holds for resuming the run rather than for the model: left
 # out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
@@ -67,6 +68,7 @@ class VaultCallback(TrainerCallback):
         self.remote = remote
         self.best_alias = best_alias
         self.tags = dict(tags or {})
+        tag_changes(self.tags)  # a bad tag fails now, not at the first checkpoint
         self.description = description
         self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
         with modelvault.open(self.vault_path):  # a wrong path fails now, not at step N
@@ -102,7 +104,9 @@ def checkpoint_metadata(args: TrainingArguments, state: TrainerState) -> dict[st
     for entry in logged(state.log_history, state.global_step):
         metrics.update(entry)
     return {"step": state.global_step, "epoch": _finite(state.epoch),
-            "metrics": metrics, "training_args": json.loads(args.to_json_string())}
+            "metrics": metrics,
+            # max_grad_norm=inf is written as Infinity, which no JSON holds: kept as its name
+            "training_args": json.loads(args.to_json_string(), parse_constant=str)}
 
 
 def logged(history: Sequence[Mapping[str, Any]], step: int) -> list[dict[str, float]]:
