@@ -4,10 +4,11 @@ import importlib.util
 
 import pytest
 
-# Imports transformers when imported, as it must: --doctest-modules may only collect it
-# where transformers is installed (tests/test_fresh_machine.py runs the suite without).
-collect_ignore = ([] if importlib.util.find_spec("transformers")
-                  else ["modelvault/integrations/transformers.py"])
+# Each imports its framework when imported, as it must: --doctest-modules may only collect
+# it where that is installed (tests/test_fresh_machine.py runs the suite without).
+collect_ignore = [f"modelvault/integrations/{module}.py"
+                  for module in ("transformers", "lightning")
+                  if not importlib.util.find_spec(module)]
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,8 @@ FRAMEWORKS = {"torch": "torch", "transformers": "transformers",
               "sentence-transformers": "sentence_transformers", "diffusers": "diffusers",
               "safetensors": "safetensors", "ml_dtypes": "ml_dtypes", "onnx": "onnx",
               "lightgbm": "lightgbm", "xgboost-cpu": "xgboost", "xgboost": "xgboost",
-              "pandas": "pandas", "accelerate": "accelerate"}
+              "pandas": "pandas", "accelerate": "accelerate",
+              "lightning": "lightning"}
 
 # pytest.main(argv[2:]) where the modules named in argv[1] cannot be imported. With
 # --only-importorskip it runs only the tests that can skip for a missing package: those
