@@ -3,9 +3,12 @@ CPU, each checkpoint Lightning saves kept as a version of one model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,12 +79,13 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lightning")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MODELVAULT_HOME", str(tmp / "home"))
-        module, checkpoint = _train(tmp, monitor="val_loss")
-    return tmp / "runs.vault", module, tmp / "ckpt"
+        remote = (tmp / "remote").as_uri() if importlib.util.find_spec("obstore") else None
+        module, checkpoint = _train(tmp, monitor="val_loss", remote=remote)
+    return tmp / "runs.vault", module, tmp / "ckpt", remote
 
 
 def test_every_checkpoint_is_a_version_whose_parent_is_the_one_before(run):
-    path, module, folder = run
+    path, module, folder, _ = run
     with modelvault.open(path) as vault:
         versions = vault.versions("net")
         assert len(versions) == len(list(folder.glob("*.ckpt"))) == 4
@@ -136,6 +140,70 @@ def test_a_second_save_of_the_same_step_adds_no_version(tmp_path, monkeypatch):
     with modelvault.open(tmp_path / "runs.vault") as vault:
         assert len(vault.versions("net")) == 4
         assert all(not v.aliases for v in vault.versions("net"))  # nothing monitored
+
+
+def test_each_version_is_pushed_with_its_alias(run, tmp_path):
+    remote = run[3]
+    if remote is None:
+        pytest.skip("pushing needs obstore")
+    with modelvault.clone(remote, tmp_path / "clone.vault") as clone:
+        assert [v.ref for v in clone.versions("net")] == [f"net:{n}" for n in (1, 2, 3, 4)]
+        with modelvault.open(run[0]) as vault:
+            assert clone.get("net@best").id == vault.get("net@best").id
+
+
+# A run whose save at step 6 dies (SIGKILL) as the version's row goes in, the last write
+# of its transaction, after all its chunks.
+KILLED = r"""
+import os, signal, sqlite3, sys
+import lightning.pytorch as pl, torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from modelvault.integrations.lightning import VaultCallback
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 64)
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+class Dying(VaultCallback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        connect = sqlite3.connect
+        def dying_connect(*a, **k):
+            connection = connect(*a, **k)
+            connection.set_trace_callback(
+                lambda sql: sql.lstrip().startswith("INSERT INTO versions")
+                and os.kill(os.getpid(), signal.SIGKILL))
+            return connection
+        if trainer.global_step == 6:
+            sqlite3.connect = dying_connect
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 64)),
+                                   batch_size=8)
+pl.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+           accelerator="cpu", default_root_dir=sys.argv[1],
+           callbacks=[ModelCheckpoint(sys.argv[1], every_n_train_steps=2, save_top_k=-1),
+                      Dying(sys.argv[2], "net")]).fit(Net(), data)
+"""
+
+
+def test_a_process_killed_mid_save_keeps_every_finished_checkpoint(tmp_path):
+    (tmp_path / "killed.py").write_text(KILLED)
+    env = {**os.environ, "MODELVAULT_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join([str(Path(modelvault.__file__).parent.parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "ckpt"),
+                            str(tmp_path / "runs.vault")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    with modelvault.open(tmp_path / "runs.vault") as vault:
+        assert vault.verify() == []
+        assert [v.metadata["step"] for v in vault.versions("net")] == [2, 4]
+        assert vault.load("net:2").keys() == {"layer.weight", "layer.bias"}
 
 
 def test_hyperparameters_are_made_json_safe():
