@@ -225,7 +225,7 @@ def test_importing_modelvault_imports_no_framework():
 
 def test_the_readme_section_runs_as_written(tmp_path, monkeypatch, capsys):
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Train with it", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Train with it", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})

@@ -19,16 +19,12 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-import modelvault
-
-from .._refs import check_alias, check_name
-from .._writer import tag_changes
+from ._run import VaultRun
 
 MODES = ("min", "max")
 
@@ -55,46 +51,30 @@ class VaultCallback(Callback):
                  monitor: str | None = None, mode: str = "min", remote: str | None = None,
                  best_alias: str | None = "best", tags: Mapping[str, Any] | None = None,
                  description: str = "") -> None:
-        check_name(name)
-        if best_alias is not None:
-            check_alias(best_alias)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.vault_path = Path(vault_path)
-        self.name = name
+        self.run = VaultRun(vault_path, name, remote=remote, best_alias=best_alias, tags=tags,
+                            description=description)
+        self.saved = self.run.saved  # this run's versions, in order
         self.monitor = monitor
         self.mode = mode
-        self.remote = remote
-        self.best_alias = best_alias
-        self.tags = dict(tags or {})
-        tag_changes(self.tags)  # a bad tag fails now, not at the first checkpoint
-        self.description = description
-        self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
         self.best: float | None = None  # the monitored value of the run's best version
         self.seen: tuple[str, float | None] | None = None  # ModelCheckpoint's best, last looked
-        with modelvault.open(self.vault_path):  # a wrong path fails now, not at step N
-            pass
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
             return
-        if self.saved and self.saved[-1].metadata.get("step") == trainer.global_step:
+        run = self.run
+        if run.saved and run.saved[-1].metadata.get("step") == trainer.global_step:
             return  # a second save of the same weights (save_last, a second ModelCheckpoint)
         metrics = finite_metrics(trainer.callback_metrics)
-        best = self.is_best(trainer, metrics)
-        with modelvault.open(self.vault_path) as vault:
-            version = vault.save(
-                self.name, pl_module.state_dict(),
-                metadata={"step": trainer.global_step, "epoch": trainer.current_epoch,
-                          "metrics": metrics, "hparams": json_safe(pl_module.hparams)},
-                tags=self.tags, description=self.description,
-                parent=self.saved[-1] if self.saved else None)
-            if self.best_alias and best:
-                version = vault.alias(version, self.best_alias)
-            if self.remote is not None:
-                vault.push(self.remote, [version])
-        self.saved.append(version)
+        run.keep(lambda vault, parent: vault.save(
+            run.name, pl_module.state_dict(),
+            metadata={"step": trainer.global_step, "epoch": trainer.current_epoch,
+                      "metrics": metrics, "hparams": json_safe(pl_module.hparams)},
+            tags=run.tags, description=run.description, parent=parent),
+            self.is_best(trainer, metrics))
 
     def is_best(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> bool:
         """Whether the checkpoint being saved is the run's best so far (and note it)."""

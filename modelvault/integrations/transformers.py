@@ -27,10 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-import modelvault
-
-from .._refs import check_alias, check_name
-from .._writer import tag_changes
+from ._run import VaultRun
 
 # What a checkpoint folder holds for resuming the run rather than for the model: left
 # out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
@@ -60,35 +57,20 @@ class VaultCallback(TrainerCallback):
     def __init__(self, vault_path: str | os.PathLike[str], name: str, *,
                  remote: str | None = None, best_alias: str | None = "best",
                  tags: Mapping[str, Any] | None = None, description: str = "") -> None:
-        check_name(name)
-        if best_alias is not None:
-            check_alias(best_alias)
-        self.vault_path = Path(vault_path)
-        self.name = name
-        self.remote = remote
-        self.best_alias = best_alias
-        self.tags = dict(tags or {})
-        tag_changes(self.tags)  # a bad tag fails now, not at the first checkpoint
-        self.description = description
-        self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
-        with modelvault.open(self.vault_path):  # a wrong path fails now, not at step N
-            pass
+        self.run = VaultRun(vault_path, name, remote=remote, best_alias=best_alias, tags=tags,
+                            description=description)
+        self.saved = self.run.saved  # this run's versions, in order
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        with modelvault.open(self.vault_path) as vault:
-            version = vault.save_files(
-                self.name, model_files(folder), metadata=checkpoint_metadata(args, state),
-                tags=self.tags, description=self.description,
-                parent=self.saved[-1] if self.saved else None)
-            if self.best_alias and is_best(state, folder):
-                version = vault.alias(version, self.best_alias)
-            if self.remote is not None:
-                vault.push(self.remote, [version])
-        self.saved.append(version)
+        run = self.run
+        run.keep(lambda vault, parent: vault.save_files(
+            run.name, model_files(folder), metadata=checkpoint_metadata(args, state),
+            tags=run.tags, description=run.description, parent=parent),
+            is_best(state, folder))
 
 
 def model_files(folder: Path) -> list[Path]:
