@@ -20,9 +20,6 @@ from ._catalog import (
     Catalog,
 )
 from ._connection import Connection
-from ._errors import (
-    NotFoundError,
-)
 from ._guard import api, snapshot
 from ._packs import PackStore
 from ._reader import Reader
@@ -564,12 +561,11 @@ class Vault:
                              self.progress, self.require)
 
     @api
-    @snapshot
     def remotes(self) -> dict[str, str]:
         """The remotes this vault remembers: URL by name (``add_remote``)."""
-        if self._connection.format < 6:
-            return {}
-        return dict(self._connection.db.execute("SELECT name, url FROM remotes ORDER BY name"))
+        from . import _remote
+
+        return _remote.listed(self._connection)
 
     @api
     def add_remote(self, name: str, url: str) -> None:
@@ -579,34 +575,21 @@ class Vault:
         machine (docs/remote.md): adding it again confirms one the file came with."""
         from . import _remote
 
-        _remote.check_remote(name, url)
-        with self._connection.write() as db:
-            db.execute("INSERT OR REPLACE INTO remotes (name, url) VALUES (?, ?)", (name, url))
-        _remote.confirm(self.path, name, url)
+        _remote.add(self._connection, self.path, name, url)
 
     @api
     def remove_remote(self, name: str) -> None:
         """Forget the remote ``name`` (nothing on the remote changes)."""
         from . import _remote
 
-        with self._connection.write() as db:
-            if not db.execute("DELETE FROM remotes WHERE name = ?", (name,)).rowcount:
-                raise NotFoundError(f"no remote named {name!r} in {self.path.name}")
-        _remote.confirm(self.path, name, None)
+        _remote.remove(self._connection, self.path, name)
 
     def _remote_url(self, url: str) -> str:
         """``url`` itself, or the URL of the remote this vault remembers as ``url``, if
         this user added it here (RemoteError otherwise)."""
         from . import _remote
 
-        if "://" in url:
-            return url
-        found = self.remotes().get(url)
-        if found is None:
-            raise NotFoundError(f"{url!r} is neither a URL (s3://, gs://, az://, file://) nor "
-                                f"a remote {self.path.name} remembers (add_remote)")
-        return _remote.named(self.path, url, found)
-
+        return _remote.url_of(self._connection, self.path, url)
 
     # -- housekeeping -----------------------------------------------------------
 

@@ -10,7 +10,7 @@ other reads it and takes the next. No lock server, no server of our own.
 docs/remote.md is the layout and protocol. The pieces, one concept each:
 
     _store    the object-store client: reads, writes, size limits, URLs, credentials
-    _names    the remote names this user confirmed for a vault file
+    _names    the vault's remotes by name, and the ones this user confirmed
     _log      the log and its replay (State), checkpoints, appending an entry
     _objects  pack objects and their indexes: reading, the checked cache, the writer
     _remote   a remote as a whole (Remote): descriptor, locks, delete and gc; and
@@ -21,11 +21,11 @@ docs/remote.md is the layout and protocol. The pieces, one concept each:
               remote, and the rule that settles them
 """
 
-from ._names import check_remote, confirm, named
+from ._names import add, check_remote, confirm, listed, named, remove, url_of
 from ._pull import clone, pull
 from ._push import push
 from ._remote import DESCRIPTOR, Local, Remote
 from ._store import LIMITS, Store
 
-__all__ = ["DESCRIPTOR", "LIMITS", "Local", "Remote", "Store", "check_remote", "clone",
-           "confirm", "named", "pull", "push"]
+__all__ = ["DESCRIPTOR", "LIMITS", "Local", "Remote", "Store", "add", "check_remote",
+           "clone", "confirm", "listed", "named", "pull", "push", "remove", "url_of"]

@@ -13,10 +13,14 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import _json, _trust
-from .._errors import RemoteError
+from .._errors import NotFoundError, RemoteError
 from ._store import SCHEMES, dumps, store_url
+
+if TYPE_CHECKING:
+    from .._connection import Connection
 
 
 def check_remote(name: str, url: str) -> None:
@@ -29,6 +33,42 @@ def check_remote(name: str, url: str) -> None:
     if "@" in url.split("://", 1)[1].split("/", 1)[0]:
         raise ValueError("a remote URL must not hold credentials: they come from the "
                          "environment, never the vault file")
+
+
+def listed(connection: Connection) -> dict[str, str]:
+    """The remotes table of the vault: URL by name (none before format 6)."""
+    with connection.read():
+        if connection.format < 6:
+            return {}
+        return dict(connection.db.execute("SELECT name, url FROM remotes ORDER BY name"))
+
+
+def add(connection: Connection, vault: Path, name: str, url: str) -> None:
+    """Store ``name`` = ``url`` in the vault's remotes table and confirm it as this user's."""
+    check_remote(name, url)
+    with connection.write() as db:
+        db.execute("INSERT OR REPLACE INTO remotes (name, url) VALUES (?, ?)", (name, url))
+    confirm(vault, name, url)
+
+
+def remove(connection: Connection, vault: Path, name: str) -> None:
+    """Drop the remote ``name`` from the vault's table and from this user's confirmed ones."""
+    with connection.write() as db:
+        if not db.execute("DELETE FROM remotes WHERE name = ?", (name,)).rowcount:
+            raise NotFoundError(f"no remote named {name!r} in {vault.name}")
+    confirm(vault, name, None)
+
+
+def url_of(connection: Connection, vault: Path, url: str) -> str:
+    """``url`` itself, or the URL of the vault's remote named ``url`` if this user added
+    it there (``named``); NotFoundError for a name the vault does not have."""
+    if "://" in url:
+        return url
+    found = listed(connection).get(url)
+    if found is None:
+        raise NotFoundError(f"{url!r} is neither a URL (s3://, gs://, az://, file://) nor "
+                            f"a remote {vault.name} remembers (add_remote)")
+    return named(vault, url, found)
 
 
 # A vault's remotes table travels inside the file: a name in it is what whoever made the
