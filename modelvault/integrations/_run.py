@@ -1,16 +1,25 @@
 """What every training callback keeps between checkpoints: the vault, the model's name,
-what each version gets, and the run's versions so far. Imports no framework."""
+what each version gets, and the run's versions so far. Imports no framework.
+
+A checkpoint the vault cannot take (locked past its timeout, a full disk, a file gone)
+or a push the remote refuses warns and lets training go on: hours of training are worth
+more than one version, and the framework's own checkpoint stays where it wrote it. A
+push that failed is tried again with the next checkpoint's.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import modelvault
 
+from .._errors import VaultError
 from .._refs import check_alias, check_name
+from .._remote._store import store_url
 from .._writer import tag_changes
 
 
@@ -32,19 +41,44 @@ class VaultRun:
         tag_changes(self.tags)  # as save would raise it at the first checkpoint
         self.description = description
         self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
-        with modelvault.open(self.vault_path):
-            pass
+        self.unpushed: list[modelvault.ModelVersion] = []  # saved, their push failed
+        with modelvault.open(self.vault_path) as vault:
+            if remote is not None:  # a name the vault lacks, or no store's URL: fail now
+                url = vault._remote_url(remote)
+                if store_url(url) is None:
+                    raise ValueError(f"remote {remote!r}: not a remote URL (s3://, gs://, "
+                                     f"az://, file://)")
 
     def keep(self, save: Callable[[modelvault.Vault, modelvault.ModelVersion | None],
                                   modelvault.ModelVersion],
-             best: bool) -> modelvault.ModelVersion:
+             best: bool, what: str) -> modelvault.ModelVersion | None:
         """Save the next version (``save(vault, parent)``, parent the run's previous
-        version), move ``best_alias`` to it when ``best``, push it to ``remote``."""
-        with modelvault.open(self.vault_path) as vault:
-            version = save(vault, self.saved[-1] if self.saved else None)
-            if self.best_alias and best:
-                version = vault.alias(version, self.best_alias)
-            if self.remote is not None:
-                vault.push(self.remote, [version])
+        version), move ``best_alias`` to it when ``best``, push it and any version whose
+        push failed before to ``remote``. None, with a RuntimeWarning naming ``what`` (the
+        checkpoint), if the vault could not take it."""
+        try:
+            with modelvault.open(self.vault_path) as vault:
+                version = save(vault, self.saved[-1] if self.saved else None)
+                if self.best_alias and best:
+                    version = vault.alias(version, self.best_alias)
+        except (VaultError, OSError) as exc:
+            warnings.warn(f"modelvault: {what} not saved to {self.vault_path}, training "
+                          f"goes on: {exc}", RuntimeWarning, stacklevel=3)
+            return None
         self.saved.append(version)
+        if self.remote is not None:
+            self.unpushed.append(version)
+            self.push()
         return version
+
+    def push(self) -> None:
+        """Push the run's versions not yet on ``remote``; warn if the remote refuses."""
+        try:
+            with modelvault.open(self.vault_path) as vault:
+                vault.push(self.remote, self.unpushed)
+        except (VaultError, OSError) as exc:
+            warnings.warn(f"modelvault: {', '.join(v.ref for v in self.unpushed)} not "
+                          f"pushed to {self.remote} yet (tried again at the next "
+                          f"checkpoint): {exc}", RuntimeWarning, stacklevel=4)
+            return
+        self.unpushed.clear()

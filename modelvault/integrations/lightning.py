@@ -41,9 +41,12 @@ class VaultCallback(Callback):
     best so far (lower for ``mode="min"``, higher for ``"max"``); with ``monitor=None``, to
     the one saved when the trainer's monitoring ``ModelCheckpoint`` (if any) found a new
     best. ``remote`` (a URL or a remote's name, see ``Vault.push``): each version is pushed
-    there once saved. Only the global-zero process saves.
+    there once saved. A checkpoint the vault cannot take (locked past its timeout, a full
+    disk) or a push the remote refuses gives a RuntimeWarning and training goes on; a
+    failed push is tried again with the next checkpoint. Only the global-zero process saves.
 
-    Raises ValueError for an invalid name, alias, tag or mode, and the vault's errors
+    Raises ValueError for an invalid name, alias, tag, mode or remote URL, NotFoundError
+    for a remote name the vault lacks, and the vault's errors
     (``NotAVaultError``, ``LockTimeout``, ...) when it is created, before training starts.
     """
 
@@ -74,7 +77,7 @@ class VaultCallback(Callback):
             metadata={"step": trainer.global_step, "epoch": trainer.current_epoch,
                       "metrics": metrics, "hparams": json_safe(pl_module.hparams)},
             tags=run.tags, description=run.description, parent=parent),
-            self.is_best(trainer, metrics))
+            self.is_best(trainer, metrics), f"the checkpoint of step {trainer.global_step}")
 
     def is_best(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> bool:
         """Whether the checkpoint being saved is the run's best so far (and note it)."""

@@ -48,9 +48,12 @@ class VaultCallback(TrainerCallback):
     and the run's ``TrainingArguments``. ``best_alias`` (``None`` for none) moves to the
     version the Trainer calls its best (``metric_for_best_model``, ``greater_is_better``).
     ``remote`` (a URL or a remote's name, see ``Vault.push``): each version is pushed
-    there once saved. Only the main process saves.
+    there once saved. A checkpoint the vault cannot take (locked past its timeout, a full
+    disk) or a push the remote refuses gives a RuntimeWarning and training goes on; a
+    failed push is tried again with the next checkpoint. Only the main process saves.
 
-    Raises ValueError for an invalid name, alias or tag, and the vault's errors
+    Raises ValueError for an invalid name, alias, tag or remote URL, NotFoundError for a
+    remote name the vault lacks, and the vault's errors
     (``NotAVaultError``, ``LockTimeout``, ...) when it is created, before training starts.
     """
 
@@ -70,7 +73,7 @@ class VaultCallback(TrainerCallback):
         run.keep(lambda vault, parent: vault.save_files(
             run.name, model_files(folder), metadata=checkpoint_metadata(args, state),
             tags=run.tags, description=run.description, parent=parent),
-            is_best(state, folder))
+            is_best(state, folder), folder.name)
 
 
 def model_files(folder: Path) -> list[Path]:

@@ -1,0 +1,72 @@
+"""What the training callbacks share (integrations/_run.py), without a framework: a
+checkpoint the vault cannot take, or a push the remote refuses, warns and lets training
+go on; the next checkpoint's parent is the last one saved, and a failed push is tried
+again with the next checkpoint's."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import modelvault
+from modelvault.integrations._run import VaultRun
+
+
+def run(vault_path, remote=None):
+    return VaultRun(vault_path, "net", remote=remote, best_alias="best", tags={"run": "a"},
+                    description="")
+
+
+def saving(step):
+    return lambda vault, parent: vault.save(
+        "net", {"w": np.full(1000, step, dtype=np.float32)}, metadata={"step": step},
+        parent=parent)
+
+
+def test_a_checkpoint_the_vault_cannot_take_warns_and_the_next_one_follows_the_last_saved(
+        vault_path, tmp_path):
+    r = run(vault_path)
+    assert r.keep(saving(1), True, "step 1").ref == "net:1"
+    with pytest.warns(RuntimeWarning, match="checkpoint-2 not saved .*training goes on"):
+        missing = r.keep(lambda vault, parent: vault.save_files(
+            "net", tmp_path / "gone", parent=parent), True, "checkpoint-2")
+    assert missing is None
+    third = r.keep(saving(3), False, "step 3")
+    assert [v.ref for v in r.saved] == ["net:1", "net:2"]
+    with modelvault.open(vault_path) as vault:
+        assert [p.ref for p in vault.lineage(third)] == ["net:1"]
+        assert vault.get("net@best").ref == "net:1"
+
+
+def test_a_refused_push_warns_keeps_the_version_and_is_tried_again(vault_path, tmp_path):
+    blocker = tmp_path / "remote"
+    blocker.write_text("a file where the remote's folder should be")
+    r = run(vault_path, remote=f"file://{blocker}/r")
+    with pytest.warns(RuntimeWarning, match=r"net:1 not pushed .*tried again"):
+        assert r.keep(saving(1), True, "step 1").ref == "net:1"
+    assert [v.ref for v in r.unpushed] == ["net:1"]
+    blocker.unlink()
+    blocker.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.keep(saving(2), False, "step 2")
+    assert r.unpushed == []
+    with modelvault.open(tmp_path / "clone.vault") as clone:
+        clone.pull(f"file://{blocker}/r")
+        assert [v.ref for v in clone.versions("net")] == ["net:1", "net:2"]
+        assert clone.get("net@best").ref == "net:1"
+
+
+def test_a_bug_in_the_save_itself_still_raises(vault_path):
+    r = run(vault_path)
+    with pytest.raises(ZeroDivisionError):
+        r.keep(lambda vault, parent: 1 / 0, False, "step 1")
+
+
+@pytest.mark.parametrize("remote", ["nowhere", "s4://bucket/runs"])
+def test_a_remote_that_cannot_be_reached_by_name_or_scheme_fails_before_training(
+        vault_path, remote):
+    with pytest.raises((modelvault.NotFoundError, ValueError), match="remote"):
+        run(vault_path, remote=remote)
