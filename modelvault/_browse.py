@@ -1,5 +1,6 @@
 """Browsing a vault in Datasette (``modelvault browse``): read-only, with foreign keys
-labelled, canned queries, and pack bytes never read on a table page.
+labelled, canned queries, pack bytes never read on a table page, and each model's name
+linked to its metrics page (``_browse_metrics``).
 
 Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported only here.
 """
