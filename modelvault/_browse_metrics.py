@@ -131,11 +131,12 @@ def routes(path: Path, reading: Callable[[Path], Any]) -> list[tuple[str, Any]]:
         return datasette.urls.path(f"/-/metrics/{quote(name, safe='')}{tail}")
 
     async def read(datasette: Any, work: Callable[[], Any]) -> tuple[Any, Any]:
-        """(work's result, None), or (None, an error page) if the vault cannot be read."""
+        """(work's result, None), or (None, an error page) if the vault cannot be read:
+        422, as the file is at fault, where a 5xx would say the server failed."""
         try:
             return await asyncio.to_thread(work), None
         except VaultError as exc:
-            return None, await page(datasette, "This vault cannot be read", 500,
+            return None, await page(datasette, "This vault cannot be read", 422,
                                     notes=[str(exc)[:2000]])
 
     async def index(datasette: Any) -> Any:
@@ -192,7 +193,7 @@ def routes(path: Path, reading: Callable[[Path], Any]) -> list[tuple[str, Any]]:
         try:
             body = await asyncio.to_thread(png, model, metric[0])
         except (VaultError, ValueError) as exc:
-            return Response.text(f"cannot draw this chart: {exc}"[:2000], status=500)
+            return Response.text(f"cannot draw this chart: {exc}"[:2000], status=422)
         return Response(body, content_type="image/png")
 
     return [(r"^/-/metrics/?$", index),

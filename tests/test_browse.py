@@ -251,7 +251,7 @@ def test_a_damaged_vault_gets_an_error_page(charted):
                 ("/-/metrics/churn", "/-/metrics/churn/chart.png?metric=loss")]
 
     for response in asyncio.run(fetch()):
-        assert response.status_code == 500
+        assert response.status_code == 422
         assert "This vault cannot be read" in response.text
         assert "churn:4: metadata is not valid JSON" in response.text
         assert "Traceback" not in response.text
