@@ -1,5 +1,6 @@
 """Browsing a vault in Datasette (``modelvault browse``): read-only, with foreign keys
-labelled, canned queries, and pack bytes never read on a table page.
+labelled, canned queries, pack bytes never read on a table page, and each model's name
+linked to its metrics page (``_browse_metrics``).
 
 Datasette is an optional extra (``pip install 'modelvault[browse]'``): imported only here.
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import sqlite3
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from . import _json
 from ._catalog import Catalog
@@ -68,6 +72,15 @@ def queries(signed: list[str]) -> dict[str, Any]:
 
 def _signed(path: Path) -> list[str]:
     """The uuids of the versions whose signature a key trusted here verifies."""
+    with reading(path) as connection:
+        records = Catalog(connection).every_record()
+    return [mv.id for mv in records if mv.signature == "trusted"]
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Connection]:
+    """A read-only connection to the vault at ``path``, in a read transaction; a damaged
+    vault raises CorruptVaultError, every failure a VaultError."""
     with warnings.catch_warnings(record=True) as seen, translated(path):
         warnings.simplefilter("always", DamagedVaultWarning)
         connection = Connection(path, readonly=True, create=True, timeout=60.0)
@@ -77,10 +90,9 @@ def _signed(path: Path) -> list[str]:
             if damaged:  # its pages would fail one by one, as HTTP 500s
                 raise CorruptVaultError(f"browse reads whole vaults: {damaged[0]}")
             with connection.read():
-                records = Catalog(connection).every_record()
+                yield connection
         finally:
             connection.close()
-    return [mv.id for mv in records if mv.signature == "trusted"]
 
 
 def metadata(path: Path) -> dict[str, Any]:
@@ -124,10 +136,20 @@ _BYTE_COLUMNS = frozenset({"size", "stored_size", "added_bytes", "raw_bytes", "s
 _ENVIRONMENT_COLUMNS = frozenset({("model_versions", "environment"), ("environments", "json")})
 
 
-def render_cell(value: Any, column: str, table: str | None) -> Any:
-    """How an HTML page shows a cell of a vault, or None for Datasette's own way."""
+# Tables and views whose name column is a model's name: linked to its metrics page.
+_MODEL_TABLES = frozenset({"models", "model_versions", "model_summary"})
+
+
+def render_cell(value: Any, column: str, table: str | None,
+                link: Callable[[str], str] = lambda path: path) -> Any:
+    """How an HTML page shows a cell of a vault, or None for Datasette's own way;
+    ``link`` makes a path of this site a URL (Datasette's base_url)."""
     from markupsafe import Markup, escape
 
+    if table in _MODEL_TABLES and column == "name" and isinstance(value, str):
+        href = link(f"/-/metrics/{quote(value, safe='')}")
+        return Markup(f'<a href="{escape(href)}" title="its metrics across versions">'
+                      f"{escape(value)}</a>")
     if column in _BYTE_COLUMNS and type(value) is int:
         return Markup(f'<span title="{value:,} bytes">{human_bytes(value)}</span>')
     if (table, column) in _ENVIRONMENT_COLUMNS and isinstance(value, str):
@@ -163,8 +185,17 @@ class _Plugin:
         conn.set_authorizer(authorizer)
 
     @staticmethod
-    def render_cell(value: Any, column: str, table: str | None, database: str) -> Any:
-        return render_cell(value, column, table)
+    def render_cell(value: Any, column: str, table: str | None, database: str,
+                    datasette: Any) -> Any:
+        return render_cell(value, column, table, datasette.urls.path)
+
+    @staticmethod
+    def register_routes(datasette: Any) -> list[tuple[str, Any]]:
+        from . import _browse_metrics
+
+        # One vault per browse: the file Datasette serves is the one charted.
+        paths = [db.path for db in datasette.databases.values() if db.path]
+        return _browse_metrics.routes(Path(paths[0]), reading) if len(paths) == 1 else []
 
 
 def datasette(path: str | Path) -> Any:
@@ -176,6 +207,7 @@ def datasette(path: str | Path) -> Any:
     if pm.get_plugin("modelvault-browse") is None:
         _Plugin.prepare_connection = hookimpl(_Plugin.prepare_connection)  # type: ignore[method-assign]
         _Plugin.render_cell = hookimpl(_Plugin.render_cell)  # type: ignore[method-assign]
+        _Plugin.register_routes = hookimpl(_Plugin.register_routes)  # type: ignore[method-assign]
         pm.register(_Plugin, name="modelvault-browse")
     path = Path(path)
     return Datasette([str(path)], metadata=metadata(path),

@@ -9,9 +9,11 @@ alias or key would otherwise be parsed, and a crafted one makes the parser raise
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -88,11 +90,16 @@ def collect(versions: Sequence[ModelVersion], metric: str, x: str = "version") -
 def metric_names(versions: Sequence[ModelVersion]) -> list[str]:
     """Every metadata key (nested ones dotted, as "eval.loss") that holds a number in
     some version, sorted."""
-    names: set[str] = set()
+    return sorted(metric_counts(versions))
+
+
+def metric_counts(versions: Sequence[ModelVersion]) -> Counter[str]:
+    """How many of ``versions`` hold a number for each metadata key (nested ones dotted)."""
+    counts: Counter[str] = Counter()
     for mv in versions:
-        names.update(key for key, value in _leaves(mv.metadata, "", MAX_DEPTH)
-                     if _number(value) is not None)
-    return sorted(names)
+        counts.update({key for key, value in _leaves(mv.metadata, "", MAX_DEPTH)
+                       if _number(value) is not None})
+    return counts
 
 
 def _found(metadata: Mapping[str, Any], key: str) -> tuple[bool, Any]:
@@ -198,11 +205,24 @@ def _mark_aliases(ax: Axes, series: list[Series]) -> None:
                     ha="center", fontsize=8)
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> None:
+def png(figure: Figure) -> bytes:
+    """``figure`` drawn as PNG bytes (by Agg, whatever the user's backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    _save(figure, buffer)
+    return buffer.getvalue()
+
+
+def _save(figure: Figure, path: str | os.PathLike[str] | io.BytesIO) -> None:
+    buffer = isinstance(path, io.BytesIO)
+    target = path if isinstance(path, io.BytesIO) else os.fspath(path)
     with warnings.catch_warnings():
         # A label in a script the default font lacks draws as boxes; no need to say so.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
         try:
-            figure.savefig(os.fspath(path))
+            figure.savefig(target, format="png" if buffer else None)
         except (ValueError, RuntimeError, OverflowError) as exc:
-            raise ValueError(f"cannot draw the plot to {os.fspath(path)}: {exc}") from exc
+            where = "" if buffer else f" to {target}"
+            raise ValueError(f"cannot draw the plot{where}: {exc}") from exc

@@ -129,3 +129,152 @@ def test_a_trusted_key_id_beside_a_garbage_signature_is_not_signed(browsed):
     (unsigned,) = (r.json() for r in get_all(browsed, [
         f"/{name}/not_signed_by_a_trusted_key.json"]))
     assert sorted((r[0], r[1]) for r in unsigned["rows"]) == [("churn", 2), ("foreign", 1)]
+
+
+# Metric pages (issue #22, item 4): a chart of a model's metrics across its versions.
+
+@pytest.fixture
+def charted(vault_path):
+    """churn:1..8 with accuracy and loss (and a text note), @production on 6, @staging on 8."""
+    with modelvault.open(vault_path) as vault:
+        for i in range(8):
+            vault.save("churn", {"w": np.full(3, float(i))}, metadata={
+                "accuracy": 0.7 + 0.03 * i, "loss": 0.9 - 0.08 * i, "note": "text"})
+        vault.alias("churn:6", "production")
+        vault.alias("churn:8", "staging")
+        vault.save("team/iris", {"w": np.zeros(3)}, metadata={"auc": 0.9})
+    return vault_path
+
+
+def decoded(response):
+    import io
+
+    image = pytest.importorskip("matplotlib.image", reason="charts need matplotlib")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    return image.imread(io.BytesIO(response.content), format="png")
+
+
+def test_a_models_metrics_page_charts_each_chosen_metric(charted):
+    import html
+    import re
+
+    index, default, chosen, accuracy, iris = get_all(charted, [
+        "/-/metrics", "/-/metrics/churn", "/-/metrics/churn?metric=loss&metric=loss",
+        "/-/metrics/churn/chart.png?metric=accuracy", "/-/metrics/team%2Firis"])
+    assert [r.status_code for r in (index, default, chosen, iris)] == [200] * 4
+    assert 'href="/-/metrics/churn"' in index.text and "team%2Firis" in index.text
+    # Every metric offered, the most common first; the text one is no metric.
+    offered = re.findall(r'name="metric" value="([^"]*)"( checked)?', default.text)
+    assert offered == [("accuracy", " checked"), ("loss", " checked")]
+    charts = re.findall(r'<img src="([^"]*)"', chosen.text)
+    assert [html.unescape(c) for c in charts] == ["/-/metrics/churn/chart.png?metric=loss"]
+    assert "/-/metrics/team%2Firis/chart.png?metric=auc" in iris.text
+    pixels = decoded(accuracy)
+    assert pixels.shape[:2] == (450, 800)
+    assert (pixels[..., :3] < 0.5).any()  # drawn on, not a blank image
+
+
+def test_model_names_link_to_their_metrics_pages(charted):
+    name = _browse.database_name(charted)
+    pages = get_all(charted, [f"/{name}/models", f"/{name}/model_summary",
+                              f"/{name}/model_versions", f"/{name}/models.json"])
+    for page in pages[:3]:
+        assert '<a href="/-/metrics/churn"' in page.text
+        assert '<a href="/-/metrics/team%2Firis"' in page.text
+    assert "/-/metrics" not in pages[3].text  # JSON keeps the names
+
+
+def test_metric_pages_refuse_what_is_not_the_models(charted, monkeypatch):
+    """Hostile case: names and metrics from the URL that the vault does not have."""
+    import re
+
+    from modelvault import _browse_metrics
+
+    long = "a" * 5000
+    page, too_many, no_model, chart_of_none, no_metric, two, text, bad = get_all(charted, [
+        f"/-/metrics/churn?metric=nope&metric=%3Cscript%3E&metric={long}",
+        "/-/metrics/churn?" + "&".join(f"metric=m{i}" for i in range(100)) + "&metric=loss",
+        "/-/metrics/nope", "/-/metrics/nope/chart.png?metric=loss",
+        "/-/metrics/churn/chart.png?metric=nope",
+        "/-/metrics/churn/chart.png?metric=loss&metric=accuracy",
+        "/-/metrics/churn/chart.png?metric=note", f"/-/metrics/churn/chart.png?metric={long}"])
+    assert page.status_code == 200 and "<img" not in page.text
+    assert "Not metrics of this model: nope, &lt;script&gt;" in page.text
+    assert long not in page.text
+    # A hundred unknown names: loss charted, six of them named.
+    assert re.findall(r'<img src="([^"]*)"', too_many.text) == [
+        "/-/metrics/churn/chart.png?metric=loss"]
+    assert "m5" in too_many.text and "m6" not in too_many.text
+    assert [r.status_code for r in (no_model, chart_of_none, no_metric, two, text, bad)] == [
+        404, 404, 404, 400, 404, 400]
+    assert "no model named &#39;nope&#39;" in no_model.text
+    monkeypatch.setattr(_browse_metrics, "MAX_CHARTS", 1)
+    (capped,) = get_all(charted, ["/-/metrics/churn?metric=loss&metric=accuracy"])
+    assert re.findall(r'<img src="([^"]*)"', capped.text) == [
+        "/-/metrics/churn/chart.png?metric=loss"]
+
+
+def test_hostile_names_and_values_from_the_file(charted):
+    """Hostile case: a model name of HTML, values NaN, inf, huge and text."""
+    with sqlite3.connect(charted) as db:
+        db.execute("UPDATE models SET name = '<b>x</b>\"&' WHERE name = 'team/iris'")
+        db.execute("""UPDATE versions SET metadata = '{"loss": NaN, "accuracy": "0.9"}'
+                      WHERE version = 2 AND model_id = (SELECT id FROM models
+                      WHERE name = 'churn')""")
+        db.execute("""UPDATE versions SET metadata = '{"loss": 1e999, "accuracy": 1e308}'
+                      WHERE version = 3 AND model_id = (SELECT id FROM models
+                      WHERE name = 'churn')""")
+    db.close()
+    quoted = "%3Cb%3Ex%3C%2Fb%3E%22%26"
+    name = _browse.database_name(charted)
+    index, page, models, loss = get_all(charted, [
+        "/-/metrics", f"/-/metrics/{quoted}", f"/{name}/models",
+        "/-/metrics/churn/chart.png?metric=loss"])
+    for response in (index, page, models):
+        assert response.status_code == 200
+        assert "<b>x" not in response.text and "&lt;b&gt;x&lt;/b&gt;" in response.text
+        assert f'href="/-/metrics/{quoted}"' in response.text or quoted in response.text
+    assert decoded(loss).shape[:2] == (450, 800)  # the bad values skipped
+
+
+def test_a_damaged_vault_gets_an_error_page(charted):
+    """Hostile case: a version's metadata no longer JSON, after browse started."""
+    ds = _browse.datasette(charted)
+
+    async def fetch():
+        await ds.invoke_startup()
+        with sqlite3.connect(charted) as db:
+            db.execute("UPDATE versions SET metadata = '{not json' WHERE version = 4")
+        db.close()
+        return [await ds.client.get(p) for p in
+                ("/-/metrics/churn", "/-/metrics/churn/chart.png?metric=loss")]
+
+    for response in asyncio.run(fetch()):
+        assert response.status_code == 422
+        assert "This vault cannot be read" in response.text
+        assert "churn:4: metadata is not valid JSON" in response.text
+        assert "Traceback" not in response.text
+
+
+def test_a_model_of_many_versions_charts_its_newest(charted, monkeypatch):
+    from modelvault import _browse_metrics
+
+    monkeypatch.setattr(_browse_metrics, "MAX_VERSIONS", 3)
+    page, chart = get_all(charted, ["/-/metrics/churn",
+                                    "/-/metrics/churn/chart.png?metric=loss"])
+    assert "The newest 3 of its 8 versions are charted." in page.text
+    assert decoded(chart).shape[:2] == (450, 800)
+
+
+def test_without_matplotlib_the_page_says_how_to_install_it(charted, monkeypatch):
+    import sys
+
+    for module in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    page, chart = get_all(charted, ["/-/metrics/churn",
+                                    "/-/metrics/churn/chart.png?metric=loss"])
+    assert page.status_code == 200 and "<img" not in page.text
+    assert "pip install &#39;modelvault[plot]&#39;" in page.text
+    assert chart.status_code == 501 and "modelvault[plot]" in chart.text

@@ -195,20 +195,33 @@ _BROWSE = """
 import asyncio
 from modelvault import _browse
 
-with modelvault.open(V, create=False):  # as `modelvault browse` does first
-    pass
+import html
+import os
+import re
+from urllib.parse import quote
+
+# The metrics pages import matplotlib, which keeps its font cache in its own folder (in
+# HOME by default): here one the trial may write.
+os.environ["MPLCONFIGDIR"] = WORK + "/matplotlib"
+with modelvault.open(V, create=False) as v:  # as `modelvault browse` does first
+    models = [m.name for m in v.models()][:3]
 name = _browse.database_name(__import__("pathlib").Path(V))
 pages = ["/", f"/{name}"] + [f"/{name}/{t}" for t in (
     "models", "versions", "parts", "chunks", "part_chunks", "packs", "aliases", "tags",
     "environments", "packages", "lineage", "model_versions", "model_summary",
     "pack_sizes")] + [f"/{name}/model_versions.json", f"/{name}/storage_per_model",
                       f"/{name}/not_signed_by_a_trusted_key",
-                      f"/{name}/versions_by_package?package=numpy&version=1"]
+                      f"/{name}/versions_by_package?package=numpy&version=1",
+                      "/-/metrics"] + [f"/-/metrics/{quote(m, safe='')}" for m in models]
 ds = _browse.datasette(V)
 
 async def fetch():
     await ds.invoke_startup()
-    return [(page, (await ds.client.get(page)).status_code) for page in pages]
+    answers = [(page, await ds.client.get(page)) for page in pages]
+    charts = [html.unescape(src) for _, answer in answers
+              for src in re.findall(r'<img src="([^"]*)"', answer.text)]
+    answers += [(chart, await ds.client.get(chart)) for chart in charts]
+    return [(page, answer.status_code) for page, answer in answers]
 
 for page, status in asyncio.run(fetch()):
     if status >= 500:
@@ -262,7 +275,7 @@ COMMANDS = {
                "    check(c, HONEST, V)", "vault", ("export.vault",)),
     "cli export": ("cli", ["export", "{V}", "{WORK}/export.vault"], "vault",
                    ("export.vault",)),
-    "browse": ("lib", _BROWSE, "vault", ()),
+    "browse": ("lib", _BROWSE, "vault", ("matplotlib",)),
     "remote ls": ("cli", ["remote", "ls", "{URL}"], "bucket", ("home/keys/cache",)),
     # Twice: the second pull meets the versions the first brought (and their labels).
     "pull": ("lib", "with modelvault.open(WORK + '/target.vault') as t:\n"
