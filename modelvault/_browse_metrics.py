@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from ._errors import VaultError
 from ._records import ModelVersion
 
 MAX_VERSIONS = 1000  # newest versions charted: a model of 100,000 draws as fast as this
-MAX_METRICS = 20  # metrics listed on a page, the ones most versions have first
+MAX_METRICS = 20  # metrics listed on a page, the ones that change first
 MAX_CHARTS = 6  # charts on one page
 DEFAULT_CHARTS = 3  # charts shown when none are asked for
 MAX_MODELS = 1000  # models listed on the index
@@ -38,7 +37,7 @@ _DRAWING = threading.BoundedSemaphore(2)  # charts drawn at once: each holds a c
 @dataclass(frozen=True)
 class ModelMetrics:
     """What a model's page shows: its newest versions (oldest first), how many it has, and
-    its metrics, the ones most versions hold a number for first."""
+    its metrics: those whose number changes first, then the ones most versions hold."""
 
     name: str
     versions: tuple[ModelVersion, ...]
@@ -56,8 +55,11 @@ def model_metrics(connection: Connection, name: str) -> ModelMetrics | None:
     newest = Catalog(connection).records("WHERE m.name = ? ORDER BY v.version DESC LIMIT ?",
                              (name, MAX_VERSIONS))
     versions = tuple(reversed(newest))
-    counts = Counter(_plot.metric_counts(versions))
-    metrics = sorted((k for k in counts if len(k) <= MAX_KEY), key=lambda k: (-counts[k], k))
+    values = _plot.metric_values(versions)
+    # A number that never changes (a run's fixed argument: a batch size, a seed) is not
+    # worth a chart: the ones that change come first, then those most versions hold.
+    metrics = sorted((k for k in values if len(k) <= MAX_KEY),
+                     key=lambda k: (len(set(values[k])) < 2, -len(values[k]), k))
     return ModelMetrics(name, versions, total, tuple(metrics[:MAX_METRICS]))
 
 

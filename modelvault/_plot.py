@@ -95,11 +95,18 @@ def metric_names(versions: Sequence[ModelVersion]) -> list[str]:
 
 def metric_counts(versions: Sequence[ModelVersion]) -> Counter[str]:
     """How many of ``versions`` hold a number for each metadata key (nested ones dotted)."""
-    counts: Counter[str] = Counter()
+    return Counter({key: len(numbers) for key, numbers in metric_values(versions).items()})
+
+
+def metric_values(versions: Sequence[ModelVersion]) -> dict[str, list[float]]:
+    """The numbers ``versions`` hold for each metadata key (nested ones dotted), in order."""
+    values: dict[str, list[float]] = {}
     for mv in versions:
-        counts.update({key for key, value in _leaves(mv.metadata, "", MAX_DEPTH)
-                       if _number(value) is not None})
-    return counts
+        for key, value in _leaves(mv.metadata, "", MAX_DEPTH):
+            number = _number(value)
+            if number is not None:
+                values.setdefault(key, []).append(number)
+    return values
 
 
 def _found(metadata: Mapping[str, Any], key: str) -> tuple[bool, Any]:

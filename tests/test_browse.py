@@ -175,6 +175,22 @@ def test_a_models_metrics_page_charts_each_chosen_metric(charted):
     assert (pixels[..., :3] < 0.5).any()  # drawn on, not a blank image
 
 
+def test_metrics_that_change_are_offered_before_fixed_run_arguments(vault_path):
+    """A Trainer's versions all hold its fixed arguments (a seed, a batch size): offered
+    after the metrics that change, however many versions hold them."""
+    import re
+
+    with modelvault.open(vault_path) as vault:
+        for i in range(4):
+            metrics = {"eval_loss": 1.0 - i / 10} if i % 2 else {}
+            vault.save("bert", {"w": np.full(3, float(i))}, metadata={
+                "args": {"seed": 42, "batch": 8}, "metrics": metrics, "step": 2 * i})
+    page, = get_all(vault_path, ["/-/metrics/bert"])
+    offered = re.findall(r'name="metric" value="([^"]*)"( checked)?', page.text)
+    assert offered == [("step", " checked"), ("metrics.eval_loss", " checked"),
+                       ("args.batch", " checked"), ("args.seed", "")]
+
+
 def test_model_names_link_to_their_metrics_pages(charted):
     name = _browse.database_name(charted)
     pages = get_all(charted, [f"/{name}/models", f"/{name}/model_summary",
