@@ -60,7 +60,12 @@ class _Item:
 
 def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) -> ImportReport:
     """Import the checkpoint folder or Hugging Face cache folder ``source`` into
-    ``vault`` as versions of ``name`` (default: from the folder's name)."""
+    ``vault`` as versions of ``name`` (default: from the folder's name), or the MLflow
+    registry ``mlflow:URI`` (``_mlflow``: every registered model, or only ``name``)."""
+    if isinstance(source, str) and source.startswith("mlflow:"):
+        from ._mlflow import import_registry
+
+        return import_registry(vault, source, name)
     root = Path(source)
     if not root.is_dir():
         raise NotFoundError(f"{root}: no such folder")
