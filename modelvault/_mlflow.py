@@ -13,9 +13,11 @@ finite metrics (top level, as a checkpoint's are, so plots find them) and its pa
 source URI. Its tags become tags, its legacy stage the tag ``mlflow_stage``, and the
 registered model's aliases become aliases.
 
-Artifacts are kept as files whatever the flavor: a flavor stored natively would need
-loading the artifact through its framework, and we read none of it here (a pickled
-flavor would run its code).
+Where the flavor is one a vault stores natively and its artifact loads without
+unpickling (xgboost in JSON or UBJSON, a lightgbm Booster's text, onnx), the version is
+that model, loaded through its framework and saved as ``Vault.save`` would; anything
+else (sklearn's pickles, pytorch's) stays files. No option unpickles them: the model
+saved again would carry the vault's signature, vouching for code nobody checked.
 
 Everything MLflow returns is a stranger's: names that cannot be vault names are skipped
 with a warning (never pasted into a search filter), numbers are kept only when finite,
@@ -223,12 +225,16 @@ def _save(vault: Any, client: Any, name: str, number: int, version: Any, parent:
     if isinstance(stage, str) and stage not in ("", "None"):
         tags["mlflow_stage"] = stage[:MAX_TAG]
     with _downloaded(client, name, number) as folder:
-        flavor = _flavor(folder)
+        flavor, conf = _mlmodel(folder)
         if flavor is not None:
             metadata["mlflow_flavor"] = flavor
         metadata["mlflow_version"] = number  # last: a metric of that name does not win
-        return vault.save_files(name, folder, metadata=metadata, tags=tags,
-                                parent=False if parent is None else parent, source=False)
+        options = {"metadata": metadata, "tags": tags, "source": False,
+                   "parent": False if parent is None else parent}
+        model = _native(flavor, conf, folder, f"MLflow model {name} version {number}")
+        if model is not None:
+            return vault.save(name, model, **options)
+        return vault.save_files(name, folder, **options)
 
 
 def _run_metadata(client: Any, name: str, number: int, run_id: Any) -> dict[str, Any]:
@@ -292,12 +298,12 @@ def _downloaded(client: Any, name: str, number: int) -> Iterator[Path]:
         yield path
 
 
-def _flavor(folder: Path) -> str | None:
-    """The version's MLmodel flavor (the first that is not the generic python_function),
-    read as plain YAML and bounded; None when there is none."""
+def _mlmodel(folder: Path) -> tuple[str | None, dict[str, Any]]:
+    """The version's MLmodel flavor (the first that is not the generic python_function)
+    and its settings, read as plain YAML and bounded; (None, {}) when there is none."""
     path = folder / "MLmodel"
     if not path.is_file() or path.stat().st_size > MAX_MLMODEL:
-        return None
+        return None, {}
     import yaml  # MLflow's own requirement
 
     try:
@@ -305,9 +311,63 @@ def _flavor(folder: Path) -> str | None:
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
         warnings.warn(f"{path.name} of this version is not YAML; its flavor is not recorded",
                       stacklevel=6)
-        return None
+        return None, {}
     flavors = document.get("flavors") if isinstance(document, dict) else None
     names = [f for f in flavors if isinstance(f, str) and _FLAVOR.fullmatch(f)] \
         if isinstance(flavors, dict) else []
     specific = [f for f in names if f != "python_function"]
-    return (specific or names or [None])[0]
+    if not names:
+        return None, {}
+    flavor = (specific or names)[0]
+    conf = flavors[flavor]
+    return flavor, conf if isinstance(conf, dict) else {}
+
+
+# The model classes whose MLflow artifact loads without unpickling, and loads into what
+# Vault.save stores natively: (flavor, MLmodel's model_class) -> the class in its
+# package. A class from the file is looked up here, never imported by its name.
+_XGBOOST = {f"xgboost.{module}.{cls}": cls for module, cls in (
+    ("core", "Booster"), ("sklearn", "XGBClassifier"), ("sklearn", "XGBRegressor"),
+    ("sklearn", "XGBRanker"), ("sklearn", "XGBRFClassifier"), ("sklearn", "XGBRFRegressor"))}
+
+
+def _native(flavor: str | None, conf: dict[str, Any], folder: Path, what: str) -> Any:
+    """The model an xgboost (JSON or UBJSON), lightgbm Booster (text) or onnx artifact
+    holds, loaded through its framework; None to keep the files: another flavor (a
+    pickle, whose loading would run its code), the framework not installed, or an
+    artifact it cannot read (warned)."""
+    data = conf.get("data")
+    model_class = conf.get("model_class")
+    if flavor not in ("xgboost", "lightgbm", "onnx") or not isinstance(data, str):
+        return None
+    path = folder / data
+    if not path.resolve().is_relative_to(folder.resolve()) or not path.is_file():
+        return None
+    try:
+        if flavor == "xgboost" and conf.get("model_format") in ("json", "ubj") \
+                and model_class in _XGBOOST:
+            import xgboost
+
+            model = getattr(xgboost, _XGBOOST[model_class])()
+            model.load_model(str(path))
+            return model
+        if flavor == "lightgbm" and model_class == "lightgbm.basic.Booster":
+            import lightgbm
+
+            return lightgbm.Booster(model_file=str(path))
+        if flavor == "onnx":
+            import onnx
+
+            # External data would be read from paths the file names: kept as files.
+            model = onnx.load(str(path), load_external_data=False)
+            if any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in model.graph.initializer):
+                return None
+            return model
+    except ImportError:
+        warnings.warn(f"{what}: a {flavor} model, kept as files ({flavor} is not installed)",
+                      stacklevel=6)
+    except Exception as exc:  # whatever the framework's reader raises on a bad file
+        warnings.warn(f"{what}: its {flavor} model could not be read ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); kept as files", stacklevel=6)
+    return None

@@ -243,3 +243,65 @@ def test_importing_modelvault_does_not_import_mlflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False"
+
+
+def _log_folder(client, tmp: Path, model: str, folder: Path):
+    """``folder`` (an MLflow model folder) logged by a run, registered as ``model``'s next
+    version."""
+    experiment = client.get_experiment_by_name("e") or client.get_experiment(
+        client.create_experiment("e", artifact_location=(tmp / "artifacts").as_uri()))
+    run = client.create_run(experiment.experiment_id)
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    return client.create_model_version(model, f"{run.info.artifact_uri}/model",
+                                       run.info.run_id)
+
+
+def test_flavors_stored_natively_are_saved_as_models_pickled_ones_stay_files(vault, tmp_path):
+    xgboost = pytest.importorskip("xgboost", reason="needs xgboost")
+    lightgbm = pytest.importorskip("lightgbm", reason="needs lightgbm")
+    onnx = pytest.importorskip("onnx", reason="needs onnx")
+    import mlflow.lightgbm
+    import mlflow.xgboost
+
+    x = np.random.default_rng(0).random((60, 3))
+    y = (x[:, 0] > 0.5).astype(int)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    saved = tmp_path / "saved"
+    booster = xgboost.train({}, xgboost.DMatrix(x, y), 2)
+    mlflow.xgboost.save_model(booster, saved / "xgb")
+    mlflow.xgboost.save_model(xgboost.XGBClassifier(n_estimators=2).fit(x, y), saved / "xgbc")
+    mlflow.lightgbm.save_model(lightgbm.train({"verbose": -1}, lightgbm.Dataset(x, y), 2),
+                               saved / "lgb")
+    mlflow.lightgbm.save_model(lightgbm.LGBMClassifier(n_estimators=2, verbose=-1).fit(x, y),
+                               saved / "lgbc")  # a scikit-learn wrapper: serialized, not text
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    (saved / "onnx").mkdir()
+    onnx.save(onnx.helper.make_model(graph), str(saved / "onnx" / "model.onnx"))
+    (saved / "onnx" / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    # Hostile MLmodels: a class that is no model's, a data file outside the folder.
+    for odd, conf in (("odd-class", "model_class: os.system\n    model_format: ubj\n"
+                                    "    data: model.ubj"),
+                      ("odd-path", "model_class: xgboost.core.Booster\n    model_format: ubj\n"
+                                   "    data: ../../../../etc/hostname")):
+        (saved / odd).mkdir()
+        (saved / odd / "model.ubj").write_bytes((saved / "xgb" / "model.ubj").read_bytes())
+        (saved / odd / "MLmodel").write_text(f"flavors:\n  xgboost:\n    {conf}\n")
+    for folder in ("xgb", "xgbc", "lgb", "lgbc", "onnx", "odd-class", "odd-path"):
+        client.create_registered_model(folder)
+        _log_folder(client, tmp_path, folder, saved / folder)
+    vault.import_(f"mlflow:{uri}")
+    kinds = {m.name: (vault.get(m.name).kind, vault.get(m.name).metadata["mlflow_flavor"])
+             for m in vault.models()}
+    assert kinds == {"xgb": ("framework", "xgboost"), "xgbc": ("framework", "xgboost"),
+                     "lgb": ("framework", "lightgbm"), "lgbc": ("files", "lightgbm"),
+                     "onnx": ("framework", "onnx"), "odd-class": ("files", "xgboost"),
+                     "odd-path": ("files", "xgboost")}
+    assert isinstance(vault.load("xgbc"), xgboost.XGBClassifier)
+    assert np.allclose(vault.load("xgb").predict(xgboost.DMatrix(x)),
+                       booster.predict(xgboost.DMatrix(x)))
+    assert isinstance(vault.load("lgb"), lightgbm.Booster)
+    assert vault.load("onnx").graph.node[0].op_type == "Identity"
