@@ -5,8 +5,8 @@ brought into a vault.
 ``mlflow:file:///path/mlruns``, ``mlflow:http://host:5000``; a bare ``mlflow:`` is
 MLflow's default, ``MLFLOW_TRACKING_URI``). Each registered model (or the one named)
 becomes a vault model of the same name; each of its versions, in version order, one
-files version holding the version's artifacts, the child of the one before (so its
-tensors are stored as deltas). Its metadata: ``mlflow_version`` (what recognises it
+version holding its artifacts' files (or its model, below), the child of the one before
+(so its tensors are stored as deltas). Its metadata: ``mlflow_version`` (what recognises it
 once imported, as ``step`` does a checkpoint), ``mlflow_run_id``, the run's latest
 finite metrics (top level, as a checkpoint's are, so plots find them) and its params
 (``mlflow_params``), ``mlflow_flavor`` from its ``MLmodel``, and its description and

@@ -305,3 +305,26 @@ def test_flavors_stored_natively_are_saved_as_models_pickled_ones_stay_files(vau
                        booster.predict(xgboost.DMatrix(x)))
     assert isinstance(vault.load("lgb"), lightgbm.Booster)
     assert vault.load("onnx").graph.node[0].op_type == "Identity"
+
+
+def test_the_readme_mlflow_section_runs_as_written(tmp_path, monkeypatch, run):
+    """The README's "From MLflow": its first command and its Python, on a registry in
+    mlflow.db in the current folder."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### From MLflow", 1)[1].split("\n## ", 1)[0]
+    command = section.split("```bash\n", 1)[1].splitlines()[0].split("#")[0].split()
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    client = mlflow.MlflowClient("sqlite:///mlflow.db", "sqlite:///mlflow.db")
+    client.create_registered_model("churn")
+    for number in (1, 2):
+        _version(client, tmp_path, "churn", number)
+    client.set_registered_model_alias("churn", "champion", "2")
+    assert command[:2] == ["modelvault", "import"]
+    assert run(*command[1:]).exit_code == 0
+    with modelvault.open("models.vault") as vault:
+        assert vault.get("churn@champion").metadata["mlflow_version"] == 2
+    with modelvault.open("other.vault") as vault:
+        scope = {"vault": vault}
+        exec(code, scope)  # noqa: S102 - our own README
+        assert [v.ref for v in scope["report"].added] == ["churn:1", "churn:2"]
