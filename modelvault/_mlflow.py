@@ -40,13 +40,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ._contained import check_contained
 from ._errors import NotFoundError, RemoteError, VaultError
-from ._importers import MAX_METRICS, _check_contained
 from ._progress import progress
 from ._refs import check_alias, check_name
 from ._reports import ImportReport
 
 PREFIX = "mlflow:"
+MAX_METRICS = 200  # metrics, and params, kept per run
 MAX_PARAM = 1000  # characters of a param's value kept (MLflow allows 6000)
 MAX_TAGS = 100
 MAX_TAG = 5000  # characters of a tag's value (MLflow's own limit is about this)
@@ -289,12 +290,12 @@ def _downloaded(client: Any, name: str, number: int) -> Iterator[Path]:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):  # MLflow copies what a link points to: check first
         local = Path(parsed.path if parsed.scheme else uri)
-        _check_contained(local, local)
+        check_contained(local, local)
     with tempfile.TemporaryDirectory(prefix="modelvault-mlflow-") as tmp:
         path = Path(_call(lambda: download_artifacts(
             artifact_uri=uri, dst_path=tmp, tracking_uri=client.tracking_uri),
             f"artifacts of {name} version {number}"))
-        _check_contained(path, Path(tmp))
+        check_contained(path, Path(tmp))
         yield path
 
 
