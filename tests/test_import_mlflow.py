@@ -156,11 +156,13 @@ def test_hostile_registry_values_are_left_out_with_warnings(vault, tmp_path):
     gone = _version(client, tmp_path, "ok", 2)
     client.delete_run(gone.run_id)
     _version(client, tmp_path, "ok", 3, run=False)
+    client.set_registered_model_alias("ok", "123", "1")  # MLflow's alias, not ours
     with pytest.warns(UserWarning) as caught:
         report = vault.import_(f"mlflow:{uri}")
     messages = " ".join(str(w.message) for w in caught)
     assert "\"it's\" cannot be a vault model name" in messages
     assert "tag 'big' left out" in messages
+    assert "alias '123' cannot be a vault alias" in messages
     assert report.name == "ok"
     first, second, third = vault.versions("ok")
     assert first.metadata["huge"] == 1e308 and "nan" not in first.metadata
@@ -212,6 +214,12 @@ def test_registries_that_cannot_be_read_are_vault_errors(vault, tmp_path, regist
     with pytest.raises(modelvault.RemoteError, match="MLflow"):
         vault.import_("mlflow:bogus://x")
     assert vault.models() == []
+
+
+def test_a_bare_prefix_is_mlflows_own_tracking_uri(vault, registry, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.removeprefix("mlflow:"))
+    report = vault.import_("mlflow:", name="fraud")
+    assert [v.ref for v in report.added] == ["fraud:1", "fraud:2"]
 
 
 def test_the_command_imports_a_registry_and_reports(run, tmp_path, registry):
