@@ -14,7 +14,7 @@ Every error the library raises on purpose derives from ``VaultError``; no raw
      +-- ReadOnlyError                            a write on a vault opened read-only
      +-- DiskFullError        (also an OSError)   the disk or a quota is full
      +-- TooLargeError        (also a MemoryError) a version would expand past the cap
-     +-- RemoteError                              a remote cannot be used as asked
+     +-- RemoteError                              a remote (or an MLflow registry) cannot be used
      +-- UnpicklableError     (also a TypeError)  save() cannot pickle the model
 
 Plainly bad arguments (an invalid name, a non-serialisable array) raise
@@ -85,7 +85,8 @@ class LockTimeout(VaultError, TimeoutError):
 
 class RemoteError(VaultError):
     """A remote cannot be used as asked: it ignores create-only writes, a push or gc
-    holds it, or it is not a modelvault remote (or of a newer remote format)."""
+    holds it, or it is not a modelvault remote (or of a newer remote format); or an
+    MLflow registry being imported failed to answer (its error is the cause)."""
 
 
 class ReadOnlyError(VaultError):

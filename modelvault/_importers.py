@@ -28,12 +28,12 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _json
+from ._contained import check_contained, check_inside, walk
 from ._errors import NotFoundError, VaultError
 from ._progress import progress
 from ._refs import check_alias, check_name
@@ -60,7 +60,12 @@ class _Item:
 
 def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) -> ImportReport:
     """Import the checkpoint folder or Hugging Face cache folder ``source`` into
-    ``vault`` as versions of ``name`` (default: from the folder's name)."""
+    ``vault`` as versions of ``name`` (default: from the folder's name), or the MLflow
+    registry ``mlflow:URI`` (``_mlflow``: every registered model, or only ``name``)."""
+    if isinstance(source, str) and source.startswith("mlflow:"):
+        from ._mlflow import import_registry
+
+        return import_registry(vault, source, name)
     root = Path(source)
     if not root.is_dir():
         raise NotFoundError(f"{root}: no such folder")
@@ -71,7 +76,7 @@ def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) 
         default, items = folder, _checkpoints(root)
     name = check_name(default if name is None else name)
     for item in items:  # every link checked before the first save
-        _check_contained(item.folder, root)
+        check_contained(item.folder, root)
     try:  # a user's own metadata may hold anything under that key
         existing = {v.metadata[items[0].key]: v for v in vault.versions(name)
                     if type(v.metadata.get(items[0].key)) in (int, str)}
@@ -108,7 +113,7 @@ def _checkpoints(root: Path) -> list[_Item]:
         if match is None:
             warnings.warn(f"{child}: not a checkpoint-<step> folder; skipped", stacklevel=3)
             continue
-        _check_inside(child, root)  # named itself, before its trainer_state.json is read
+        check_inside(child, root)  # named itself, before its trainer_state.json is read
         steps[int(match.group(1))] = child
     if not steps:
         raise VaultError(f"{root}: no checkpoint-<step> folders and not a Hugging Face "
@@ -131,7 +136,7 @@ def _trainer_state(folder: Path, root: Path) -> dict[str, Any] | None:
     """The folder's ``trainer_state.json``, or None if it has none or it is not one
     (warned): a metric less is better than an import refused."""
     path = folder / "trainer_state.json"
-    _check_inside(path, root)  # read before the checkpoints' links are checked
+    check_inside(path, root)  # read before the checkpoints' links are checked
     if not path.is_file():
         return None
     try:
@@ -168,8 +173,8 @@ def _snapshots(root: Path) -> list[_Item]:
     ``refs/`` names pointing at each as aliases."""
     names: dict[str, list[str]] = {}
     refs = root / "refs"
-    _check_contained(refs, root)
-    _check_inside(root / "snapshots", root)  # else its listing is of another folder
+    check_contained(refs, root)
+    check_inside(root / "snapshots", root)  # else its listing is of another folder
     for path in sorted(refs.rglob("*")) if refs.is_dir() else []:
         if not path.is_file():
             continue
@@ -196,32 +201,5 @@ def _snapshots(root: Path) -> list[_Item]:
                   tuple(names.get(f.name, ()))) for f in folders]
 
 
-def _check_contained(folder: Path, root: Path) -> None:
-    """VaultError naming the first path at or below ``folder`` that leads outside
-    ``root``: a cache's snapshot links into its blobs, never to /etc/passwd."""
-    _check_inside(folder, root)  # first, so a link out is never walked
-    for path in _walk(folder):
-        _check_inside(path, root)
-
-
-def _check_inside(path: Path, root: Path) -> None:
-    """VaultError if ``path`` is, or is reached through, a link leading outside
-    ``root``. Every path is resolved, not only links: a linked folder on the way
-    (``snapshots`` -> /etc) makes a plain file in it an outside one."""
-    try:
-        target = path.resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise VaultError(f"{path}: cannot follow its links ({exc}); refusing to import it"
-                         ) from None
-    if not target.is_relative_to(root.resolve()):
-        raise VaultError(f"{path} links outside {root} (to {target}); refusing to import it")
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    """What ``rglob`` walks below ``folder``, a linked one too (what ``save_files`` will
-    read)."""
-    yield from folder.rglob("*") if folder.is_dir() else ()
-
-
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in _walk(folder) if p.is_file())
+    return sum(p.stat().st_size for p in walk(folder) if p.is_file())

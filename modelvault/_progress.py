@@ -14,17 +14,19 @@ Advance = Callable[[int], Any]
 
 
 @contextmanager
-def progress(total: int, desc: str, shown: bool | None) -> Iterator[Advance]:
-    """Yield a function that advances a progress bar by n bytes (a no-op when hidden).
+def progress(total: int, desc: str, shown: bool | None, unit: str = "B") -> Iterator[Advance]:
+    """Yield a function that advances a progress bar by n bytes, or n of ``unit`` (a
+    no-op when hidden).
 
-    ``shown``: True or False as the caller asked; None shows it for work of at least
-    ``MIN_BYTES`` when stderr is a terminal.
+    ``shown``: True or False as the caller asked; None shows it when stderr is a terminal,
+    for work of at least ``MIN_BYTES`` (counted in bytes) or of more than one item.
     """
-    show = shown if shown is not None else total >= MIN_BYTES and sys.stderr.isatty()
+    least = MIN_BYTES if unit == "B" else 2
+    show = shown if shown is not None else total >= least and sys.stderr.isatty()
     if not show:
         yield lambda n: None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False) as bar:
         yield bar.update

@@ -108,6 +108,6 @@ class RemoteGcReport:
 class ImportReport:
     """What ``Vault.import_`` did: the versions it added and those already imported."""
 
-    name: str  # the model imported into
+    name: str  # the model imported into (of an MLflow registry: the models, joined by ", ")
     added: tuple[ModelVersion, ...]  # the versions saved, oldest first
     existing: tuple[ModelVersion, ...]  # checkpoints or revisions an earlier import saved
