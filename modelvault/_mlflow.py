@@ -143,7 +143,8 @@ def _valid_name(name: Any) -> bool:
         check_name(name)
     except ValueError:
         warnings.warn(f"MLflow model {str(name)[:200]!r} cannot be a vault model name; "
-                      "skipped (import it with name= set to a valid name)", stacklevel=4)
+                      "skipped (renamed in MLflow to letters, digits and . _ - /, it "
+                      "comes in)", stacklevel=4)
         return False
     return True
 

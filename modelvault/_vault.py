@@ -215,7 +215,9 @@ class Vault:
     def import_(self, source: str | os.PathLike[str], *, name: str | None = None
                 ) -> ImportReport:
         """Import a folder of ``checkpoint-N`` folders or a Hugging Face cache folder as
-        versions of ``name``, skipping what an earlier import saved (``_importers``)."""
+        versions of ``name``, or an MLflow registry ``mlflow:TRACKING_URI`` (every
+        registered model, or the one ``name`` names, ``_mlflow``), skipping what an
+        earlier import saved (``_importers``)."""
         from ._importers import import_source
 
         return import_source(self, source, name)
