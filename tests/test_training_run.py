@@ -70,3 +70,28 @@ def test_a_remote_that_cannot_be_reached_by_name_or_scheme_fails_before_training
         vault_path, remote):
     with pytest.raises((modelvault.NotFoundError, ValueError), match="remote"):
         run(vault_path, remote=remote)
+
+
+def test_a_version_saved_whose_alias_could_not_move_stays_the_runs(vault_path, tmp_path,
+                                                                    monkeypatch):
+    """The save committed and only moving @best failed (another writer held the lock): the
+    version is the next one's parent and is pushed, and the warning says what failed."""
+    r = run(vault_path, remote=f"file://{tmp_path}/r")
+    r.keep(saving(1), True, "step 1")
+
+    def locked(self, ref, alias):
+        raise modelvault.LockTimeout("another process held the vault's lock")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(modelvault.Vault, "alias", locked)
+        with pytest.warns(RuntimeWarning, match="step 2 saved as net:2 but @best not moved"):
+            second = r.keep(saving(2), True, "step 2")
+    assert second.ref == "net:2"
+    third = r.keep(saving(3), False, "step 3")
+    assert [v.ref for v in r.saved] == ["net:1", "net:2", "net:3"]
+    with modelvault.open(vault_path) as vault:
+        assert [p.ref for p in vault.lineage(third)] == ["net:2", "net:1"]
+        assert vault.get("net@best").ref == "net:1"
+    with modelvault.open(tmp_path / "clone.vault") as clone:
+        clone.pull(f"file://{tmp_path}/r")
+        assert [v.ref for v in clone.versions("net")] == ["net:1", "net:2", "net:3"]

@@ -55,17 +55,25 @@ class VaultRun:
         """Save the next version (``save(vault, parent)``, parent the run's previous
         version), move ``best_alias`` to it when ``best``, push it and any version whose
         push failed before to ``remote``. None, with a RuntimeWarning naming ``what`` (the
-        checkpoint), if the vault could not take it."""
+        checkpoint), if the vault could not take it; the version, with one, if only the
+        alias could not move."""
+        version = None
         try:
             with modelvault.open(self.vault_path) as vault:
                 version = save(vault, self.saved[-1] if self.saved else None)
+                # Committed from here on: the run keeps it even if the alias cannot
+                # move, or the next version's parent and the push would skip it.
+                self.saved.append(version)
                 if self.best_alias and best:
-                    version = vault.alias(version, self.best_alias)
+                    version = self.saved[-1] = vault.alias(version, self.best_alias)
         except (VaultError, OSError) as exc:
-            warnings.warn(f"modelvault: {what} not saved to {self.vault_path}, training "
-                          f"goes on: {exc}", RuntimeWarning, stacklevel=3)
-            return None
-        self.saved.append(version)
+            if version is None:
+                warnings.warn(f"modelvault: {what} not saved to {self.vault_path}, "
+                              f"training goes on: {exc}", RuntimeWarning, stacklevel=3)
+                return None
+            warnings.warn(f"modelvault: {what} saved as {version.ref} but "
+                          f"@{self.best_alias} not moved to it: {exc}", RuntimeWarning,
+                          stacklevel=3)
         if self.remote is not None:
             self.unpushed.append(version)
             self.push()
