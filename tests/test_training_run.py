@@ -65,7 +65,8 @@ def test_a_bug_in_the_save_itself_still_raises(vault_path):
         r.keep(lambda vault, parent: 1 / 0, False, "step 1")
 
 
-@pytest.mark.parametrize("remote", ["nowhere", "s4://bucket/runs"])
+@pytest.mark.parametrize("remote", ["nowhere", "s4://bucket/runs",
+                                    "s3://AKIAEXAMPLE:secret@bucket/runs"])
 def test_a_remote_that_cannot_be_reached_by_name_or_scheme_fails_before_training(
         vault_path, remote):
     with pytest.raises((modelvault.NotFoundError, ValueError), match="remote"):

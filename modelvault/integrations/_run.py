@@ -19,7 +19,7 @@ import modelvault
 
 from .._errors import VaultError
 from .._refs import check_alias, check_name
-from .._remote._store import store_url
+from .._remote import check_remote
 from .._writer import tag_changes
 
 
@@ -43,11 +43,9 @@ class VaultRun:
         self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
         self.unpushed: list[modelvault.ModelVersion] = []  # saved, their push failed
         with modelvault.open(self.vault_path) as vault:
-            if remote is not None:  # a name the vault lacks, or no store's URL: fail now
-                url = vault._remote_url(remote)
-                if store_url(url) is None:
-                    raise ValueError(f"remote {remote!r}: not a remote URL (s3://, gs://, "
-                                     f"az://, file://)")
+            if remote is not None:  # a name the vault lacks, no store's URL, or one
+                # holding credentials (never used, and echoed by each failed push): fail now
+                check_remote("remote", vault._remote_url(remote))
 
     def keep(self, save: Callable[[modelvault.Vault, modelvault.ModelVersion | None],
                                   modelvault.ModelVersion],
