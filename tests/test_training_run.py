@@ -96,3 +96,26 @@ def test_a_version_saved_whose_alias_could_not_move_stays_the_runs(vault_path, t
     with modelvault.open(tmp_path / "clone.vault") as clone:
         clone.pull(f"file://{tmp_path}/r")
         assert [v.ref for v in clone.versions("net")] == ["net:1", "net:2", "net:3"]
+
+
+def test_a_version_pruned_before_its_retried_push_does_not_block_the_later_ones(
+        vault_path, tmp_path):
+    """A retention cleanup deleted an unpushed version while the remote was down: the
+    retry pushes the versions left, it does not fail on the gone one at every checkpoint."""
+    blocker = tmp_path / "remote"
+    blocker.write_text("a file where the remote's folder should be")
+    r = run(vault_path, remote=f"file://{blocker}/r")
+    with pytest.warns(RuntimeWarning, match="not pushed"):
+        r.keep(saving(1), False, "step 1")
+        r.keep(saving(2), False, "step 2")
+    with modelvault.open(vault_path) as vault:
+        vault.prune("net", keep_last=1)
+    blocker.unlink()
+    blocker.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.keep(saving(3), False, "step 3")
+    assert r.unpushed == []
+    with modelvault.open(tmp_path / "clone.vault") as clone:
+        clone.pull(f"file://{blocker}/r")
+        assert [v.ref for v in clone.versions("net")] == ["net:2", "net:3"]

@@ -81,6 +81,10 @@ class VaultRun:
         """Push the run's versions not yet on ``remote``; warn if the remote refuses."""
         try:
             with modelvault.open(self.vault_path) as vault:
+                # One deleted since (pruned while the remote was down) has nothing to
+                # push, and asking for it would fail every later push.
+                kept = {v.id for v in vault.versions(self.name)}
+                self.unpushed = [v for v in self.unpushed if v.id in kept]
                 vault.push(self.remote, self.unpushed)
         except (VaultError, OSError) as exc:
             warnings.warn(f"modelvault: {', '.join(v.ref for v in self.unpushed)} not "
