@@ -25,6 +25,22 @@ def saving(step):
         parent=parent)
 
 
+def pushed_once_unblocked(r, blocker, step, tmp_path):
+    """Make ``blocker`` the remote's parent folder, keep ``step`` with no warning, and
+    return the refs a clone of the remote then holds and its @best."""
+    blocker.unlink()
+    blocker.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.keep(saving(step), False, f"step {step}")
+    assert r.unpushed == []
+    with modelvault.open(tmp_path / "clone.vault") as clone:
+        clone.pull(f"file://{blocker}/r")
+        versions = clone.versions("net")
+        return ([v.ref for v in versions],
+                next((v.ref for v in versions if "best" in v.aliases), None))
+
+
 def test_a_checkpoint_the_vault_cannot_take_warns_and_the_next_one_follows_the_last_saved(
         vault_path, tmp_path):
     r = run(vault_path)
@@ -47,16 +63,7 @@ def test_a_refused_push_warns_keeps_the_version_and_is_tried_again(vault_path, t
     with pytest.warns(RuntimeWarning, match=r"net:1 not pushed .*tried again"):
         assert r.keep(saving(1), True, "step 1").ref == "net:1"
     assert [v.ref for v in r.unpushed] == ["net:1"]
-    blocker.unlink()
-    blocker.mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        r.keep(saving(2), False, "step 2")
-    assert r.unpushed == []
-    with modelvault.open(tmp_path / "clone.vault") as clone:
-        clone.pull(f"file://{blocker}/r")
-        assert [v.ref for v in clone.versions("net")] == ["net:1", "net:2"]
-        assert clone.get("net@best").ref == "net:1"
+    assert pushed_once_unblocked(r, blocker, 2, tmp_path) == (["net:1", "net:2"], "net:1")
 
 
 def test_a_bug_in_the_save_itself_still_raises(vault_path):
@@ -110,12 +117,4 @@ def test_a_version_pruned_before_its_retried_push_does_not_block_the_later_ones(
         r.keep(saving(2), False, "step 2")
     with modelvault.open(vault_path) as vault:
         vault.prune("net", keep_last=1)
-    blocker.unlink()
-    blocker.mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        r.keep(saving(3), False, "step 3")
-    assert r.unpushed == []
-    with modelvault.open(tmp_path / "clone.vault") as clone:
-        clone.pull(f"file://{blocker}/r")
-        assert [v.ref for v in clone.versions("net")] == ["net:2", "net:3"]
+    assert pushed_once_unblocked(r, blocker, 3, tmp_path)[0] == ["net:2", "net:3"]
