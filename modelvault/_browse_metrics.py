@@ -4,7 +4,8 @@ drawn by ``_plot`` (no JavaScript: the pages work offline).
 
 Model names, metric names and values come from the vault file or the URL: names are quoted
 in links and escaped in HTML, a metric is charted only if the model's versions have it, and
-the work is bounded (the newest MAX_VERSIONS versions, MAX_METRICS metrics listed,
+the work is bounded (the newest MAX_VERSIONS versions, at most MAX_METADATA bytes of
+their metadata, MAX_METRICS metrics listed,
 MAX_CHARTS charts on a page) and done off the event loop, MAX_DRAWING charts at a time.
 """
 
@@ -25,6 +26,10 @@ from ._errors import VaultError
 from ._records import ModelVersion
 
 MAX_VERSIONS = 1000  # newest versions charted: a model of 100,000 draws as fast as this
+# Metadata JSON read per page or chart, newest versions first: every key of it is walked,
+# and a version may hold thousands (1,000 versions of 5,000 keys took 10 s and 800 MB).
+# A Trainer run's versions hold a few KB each: its newest 1,000 fit.
+MAX_METADATA = 8 * 1024 * 1024
 MAX_METRICS = 20  # metrics listed on a page, the ones that change first
 MAX_CHARTS = 6  # charts on one page
 DEFAULT_CHARTS = 3  # charts shown when none are asked for
@@ -52,8 +57,17 @@ def model_metrics(connection: Connection, name: str) -> ModelMetrics | None:
         (name,)).fetchone()[0]
     if not total:
         return None
-    newest = Catalog(connection).records("WHERE m.name = ? ORDER BY v.version DESC LIMIT ?",
-                             (name, MAX_VERSIONS))
+    sizes = connection.db.execute(
+        "SELECT v.version, length(v.metadata) FROM versions v JOIN models m ON m.id = "
+        "v.model_id WHERE m.name = ? ORDER BY v.version DESC LIMIT ?", (name, MAX_VERSIONS))
+    oldest, read = None, 0
+    for version, size in sizes:
+        read += size
+        if oldest is not None and read > MAX_METADATA:
+            break
+        oldest = version
+    newest = Catalog(connection).records("WHERE m.name = ? AND v.version >= ? "
+                                         "ORDER BY v.version DESC", (name, oldest))
     versions = tuple(reversed(newest))
     values = _plot.metric_values(versions)
     # A number that never changes (a run's fixed argument: a batch size, a seed) is not

@@ -283,6 +283,25 @@ def test_a_model_of_many_versions_charts_its_newest(charted, monkeypatch):
     assert decoded(chart).shape[:2] == (450, 800)
 
 
+def test_a_model_of_big_metadata_charts_the_newest_its_bytes_allow(charted, monkeypatch):
+    """Hostile case: thousands of keys in each version's metadata; a page reads a bounded
+    number of metadata bytes (each chart request walks them again), never fewer than one
+    version's."""
+    from modelvault import _browse_metrics
+
+    with sqlite3.connect(charted) as db:
+        size = db.execute("SELECT max(length(metadata)) FROM versions").fetchone()[0]
+    db.close()
+    monkeypatch.setattr(_browse_metrics, "MAX_METADATA", 2 * size + 1)
+    page, chart = get_all(charted, ["/-/metrics/churn",
+                                    "/-/metrics/churn/chart.png?metric=loss"])
+    assert "The newest 2 of its 8 versions are charted." in page.text
+    assert decoded(chart).shape[:2] == (450, 800)
+    monkeypatch.setattr(_browse_metrics, "MAX_METADATA", 1)
+    (page,) = get_all(charted, ["/-/metrics/churn"])
+    assert "The newest 1 of its 8 versions are charted." in page.text
+
+
 def test_without_matplotlib_the_page_says_how_to_install_it(charted, monkeypatch):
     import sys
 

@@ -133,6 +133,26 @@ def test_best_follows_the_model_checkpoints_best_without_a_monitor(tmp_path, mon
     assert Path(checkpoint.best_model_path).name == f"epoch=0-step={top.metadata['step']}.ckpt"
 
 
+def test_best_is_the_best_saved_when_the_best_checkpoints_save_failed(tmp_path, monkeypatch):
+    """The lowest val_loss (step 4) could not be saved: @best moves on to the lowest of
+    those saved (step 6), not stays at step 2 as though step 4 were in the vault."""
+    monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(VAL_LOSS, 6, 0.5)
+    save = modelvault.Vault.save
+
+    def full_at_step_4(self, name, model, **kwargs):
+        if kwargs["metadata"]["step"] == 4:
+            raise modelvault.DiskFullError("the disk is full")
+        return save(self, name, model, **kwargs)
+
+    monkeypatch.setattr(modelvault.Vault, "save", full_at_step_4)
+    with pytest.warns(RuntimeWarning, match="step 4 not saved"):
+        _train(tmp_path, monitor="val_loss")
+    with modelvault.open(tmp_path / "runs.vault") as vault:
+        assert [v.metadata["step"] for v in vault.versions("net")] == [2, 6, 8]
+        assert vault.get("net@best").metadata["step"] == 6
+
+
 def test_a_second_save_of_the_same_step_adds_no_version(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELVAULT_HOME", str(tmp_path / "home"))
     module, _ = _train(tmp_path)

@@ -19,7 +19,7 @@ import modelvault
 
 from .._errors import VaultError
 from .._refs import check_alias, check_name
-from .._remote._store import store_url
+from .._remote import check_remote
 from .._writer import tag_changes
 
 
@@ -43,11 +43,9 @@ class VaultRun:
         self.saved: list[modelvault.ModelVersion] = []  # this run's versions, in order
         self.unpushed: list[modelvault.ModelVersion] = []  # saved, their push failed
         with modelvault.open(self.vault_path) as vault:
-            if remote is not None:  # a name the vault lacks, or no store's URL: fail now
-                url = vault._remote_url(remote)
-                if store_url(url) is None:
-                    raise ValueError(f"remote {remote!r}: not a remote URL (s3://, gs://, "
-                                     f"az://, file://)")
+            if remote is not None:  # a name the vault lacks, no store's URL, or one
+                # holding credentials (never used, and echoed by each failed push): fail now
+                check_remote("remote", vault._remote_url(remote))
 
     def keep(self, save: Callable[[modelvault.Vault, modelvault.ModelVersion | None],
                                   modelvault.ModelVersion],
@@ -55,17 +53,25 @@ class VaultRun:
         """Save the next version (``save(vault, parent)``, parent the run's previous
         version), move ``best_alias`` to it when ``best``, push it and any version whose
         push failed before to ``remote``. None, with a RuntimeWarning naming ``what`` (the
-        checkpoint), if the vault could not take it."""
+        checkpoint), if the vault could not take it; the version, with one, if only the
+        alias could not move."""
+        version = None
         try:
             with modelvault.open(self.vault_path) as vault:
                 version = save(vault, self.saved[-1] if self.saved else None)
+                # Committed from here on: the run keeps it even if the alias cannot
+                # move, or the next version's parent and the push would skip it.
+                self.saved.append(version)
                 if self.best_alias and best:
-                    version = vault.alias(version, self.best_alias)
+                    version = self.saved[-1] = vault.alias(version, self.best_alias)
         except (VaultError, OSError) as exc:
-            warnings.warn(f"modelvault: {what} not saved to {self.vault_path}, training "
-                          f"goes on: {exc}", RuntimeWarning, stacklevel=3)
-            return None
-        self.saved.append(version)
+            if version is None:
+                warnings.warn(f"modelvault: {what} not saved to {self.vault_path}, "
+                              f"training goes on: {exc}", RuntimeWarning, stacklevel=3)
+                return None
+            warnings.warn(f"modelvault: {what} saved as {version.ref} but "
+                          f"@{self.best_alias} not moved to it: {exc}", RuntimeWarning,
+                          stacklevel=3)
         if self.remote is not None:
             self.unpushed.append(version)
             self.push()
@@ -75,6 +81,10 @@ class VaultRun:
         """Push the run's versions not yet on ``remote``; warn if the remote refuses."""
         try:
             with modelvault.open(self.vault_path) as vault:
+                # One deleted since (pruned while the remote was down) has nothing to
+                # push, and asking for it would fail every later push.
+                kept = {v.id for v in vault.versions(self.name)}
+                self.unpushed = [v for v in self.unpushed if v.id in kept]
                 vault.push(self.remote, self.unpushed)
         except (VaultError, OSError) as exc:
             warnings.warn(f"modelvault: {', '.join(v.ref for v in self.unpushed)} not "

@@ -72,22 +72,24 @@ class VaultCallback(Callback):
         if run.saved and run.saved[-1].metadata.get("step") == trainer.global_step:
             return  # a second save of the same weights (save_last, a second ModelCheckpoint)
         metrics = finite_metrics(trainer.callback_metrics)
-        run.keep(lambda vault, parent: vault.save(
+        version = run.keep(lambda vault, parent: vault.save(
             run.name, pl_module.state_dict(),
             metadata={"step": trainer.global_step, "epoch": trainer.current_epoch,
                       "metrics": metrics, "hparams": json_safe(pl_module.hparams)},
             tags=run.tags, description=run.description, parent=parent),
             self.is_best(trainer, metrics), f"the checkpoint of step {trainer.global_step}")
+        if self.monitor is not None and version and run.best_alias in version.aliases:
+            # The best is the best the vault holds: one whose save failed is no bar.
+            self.best = metrics[self.monitor]
 
     def is_best(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> bool:
-        """Whether the checkpoint being saved is the run's best so far (and note it)."""
+        """Whether the checkpoint being saved is the run's best so far (with no monitor,
+        noting ModelCheckpoint's best)."""
         if self.monitor is not None:
             value = metrics.get(self.monitor)
-            if value is None or (self.best is not None and not (
-                    value < self.best if self.mode == "min" else value > self.best)):
-                return False  # strictly better only: a metric not logged since stays equal
-            self.best = value
-            return True
+            # Strictly better only: a metric not logged since stays equal.
+            return value is not None and (self.best is None or (
+                value < self.best if self.mode == "min" else value > self.best))
         checkpoint = next((c for c in trainer.checkpoint_callbacks
                            if isinstance(c, ModelCheckpoint) and c.monitor is not None), None)
         if checkpoint is None or checkpoint.best_model_score is None:
