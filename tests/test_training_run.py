@@ -118,3 +118,19 @@ def test_a_version_pruned_before_its_retried_push_does_not_block_the_later_ones(
     with modelvault.open(vault_path) as vault:
         vault.prune("net", keep_last=1)
     assert pushed_once_unblocked(r, blocker, 3, tmp_path)[0] == ["net:2", "net:3"]
+
+
+@pytest.mark.parametrize("deleted", ["net:2", "net"])
+def test_a_version_deleted_mid_run_leaves_the_next_one_the_child_of_the_newest_kept(
+        vault_path, deleted):
+    r = run(vault_path)
+    r.keep(saving(1), False, "step 1")
+    r.keep(saving(2), False, "step 2")
+    with modelvault.open(vault_path) as vault:
+        vault.delete(deleted)  # a prune, or a hand, while training goes on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        third = r.keep(saving(3), False, "step 3")
+    with modelvault.open(vault_path) as vault:
+        expected = ["net:1"] if deleted == "net:2" else []
+        assert [p.ref for p in vault.lineage(third)] == expected

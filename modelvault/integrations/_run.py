@@ -17,7 +17,7 @@ from typing import Any
 
 import modelvault
 
-from .._errors import VaultError
+from .._errors import NotFoundError, VaultError
 from .._refs import check_alias, check_name
 from .._remote import check_remote
 from .._writer import tag_changes
@@ -58,7 +58,11 @@ class VaultRun:
         version = None
         try:
             with modelvault.open(self.vault_path) as vault:
-                version = save(vault, self.saved[-1] if self.saved else None)
+                # The run's newest version the vault still has: one pruned or deleted
+                # mid-run would make every later save fail for want of its parent.
+                kept = self._kept(vault)
+                version = save(vault, next((v for v in reversed(self.saved)
+                                            if v.id in kept), None))
                 # Committed from here on: the run keeps it even if the alias cannot
                 # move, or the next version's parent and the push would skip it.
                 self.saved.append(version)
@@ -83,7 +87,7 @@ class VaultRun:
             with modelvault.open(self.vault_path) as vault:
                 # One deleted since (pruned while the remote was down) has nothing to
                 # push, and asking for it would fail every later push.
-                kept = {v.id for v in vault.versions(self.name)}
+                kept = self._kept(vault)
                 self.unpushed = [v for v in self.unpushed if v.id in kept]
                 vault.push(self.remote, self.unpushed)
         except (VaultError, OSError) as exc:
@@ -92,3 +96,10 @@ class VaultRun:
                           f"checkpoint): {exc}", RuntimeWarning, stacklevel=4)
             return
         self.unpushed.clear()
+
+    def _kept(self, vault: modelvault.Vault) -> set[str]:
+        """The ids of the model's versions the vault has now (none if it has no model)."""
+        try:
+            return {v.id for v in vault.versions(self.name)}
+        except NotFoundError:
+            return set()
