@@ -136,6 +136,13 @@ _BYTE_COLUMNS = frozenset({"size", "stored_size", "added_bytes", "raw_bytes", "s
 _ENVIRONMENT_COLUMNS = frozenset({("model_versions", "environment"), ("environments", "json")})
 
 
+# Columns of a version's metadata JSON: folded under its start when long (a Trainer's
+# checkpoint holds its ~80 run arguments, a page of text in every row).
+_METADATA_COLUMNS = frozenset({("model_versions", "metadata"), ("versions", "metadata")})
+FOLDED_OVER = 300  # characters of metadata shown whole; longer is folded
+SUMMARY = 120  # characters of folded metadata shown on its one line
+
+
 # Tables and views whose name column is a model's name: linked to its metrics page.
 _MODEL_TABLES = frozenset({"models", "model_versions", "model_summary"})
 
@@ -151,11 +158,22 @@ def render_cell(value: Any, column: str, table: str | None,
         return Markup(f'<a href="{escape(href)}" title="its metrics across versions">'
                       f"{escape(value)}</a>")
     if column in _BYTE_COLUMNS and type(value) is int:
-        return Markup(f'<span title="{value:,} bytes">{human_bytes(value)}</span>')
+        return Markup(f'<span title="{value:,} bytes" style="white-space: nowrap">'
+                      f"{human_bytes(value)}</span>")
     if (table, column) in _ENVIRONMENT_COLUMNS and isinstance(value, str):
-        return Markup(f"<details><summary>{escape(environment_summary(value))}</summary>"
-                      f'<pre style="white-space: pre-wrap">{escape(value)}</pre></details>')
+        return _folded(environment_summary(value), value)
+    if ((table, column) in _METADATA_COLUMNS and isinstance(value, str)
+            and len(value) > FOLDED_OVER):
+        return _folded(value[:SUMMARY - 1] + "…", value)
     return None
+
+
+def _folded(summary: str, text: str) -> Any:
+    """``text`` folded under the one line ``summary``, both escaped."""
+    from markupsafe import Markup, escape
+
+    return Markup(f"<details><summary>{escape(summary)}</summary>"
+                  f'<pre style="white-space: pre-wrap">{escape(text)}</pre></details>')
 
 
 def environment_summary(text: str, shown: int = 3) -> str:

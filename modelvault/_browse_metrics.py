@@ -115,7 +115,8 @@ _PAGE = """{% extends "base.html" %}
 <li><a href="{{ href }}">{{ name }}</a> ({{ count }} version{{ "s" if count != 1 }})</li>
 {% endfor %}</ul>{% endif %}
 {% if metrics %}<form action="" method="get"><p>
-{% for key, label, on in metrics %}<label style="margin-right: 1em"><input type="checkbox"
+{% for key, label, on in metrics %}<label style="display: inline-block;
+ width: auto; margin-right: 1.5em; white-space: nowrap"><input type="checkbox"
  name="metric" value="{{ key }}"{{ " checked" if on }}> {{ label }}</label>
 {% endfor %}<input type="submit" value="Chart"></p></form>{% endif %}
 {% for src, alt in charts %}<p><img src="{{ src }}" alt="{{ alt }}" width="800"

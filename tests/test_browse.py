@@ -102,11 +102,12 @@ def test_sizes_show_in_units_and_environments_fold_to_one_line(browsed):
     assert '<td class="col-environment type-str">{' not in text
     churn = rows.json()["rows"][0]
     assert type(churn["size"]) is int  # JSON keeps the numbers
-    assert f'<span title="{churn["size"]:,} bytes">3.2 MB</span>' in text
-    assert re.search(r'<td class="col-stored_size type-int"><span title="[\d,]+ bytes">'
-                     r"[\d.]+ MB</span>", text)
-    assert re.search(r'col-raw_bytes[^>]*"><span title="[\d,]+ bytes">[\d.]+ MB</span>',
-                     html.unescape(canned.text))
+    unit = 'style="white-space: nowrap"'  # a size never breaks between number and unit
+    assert f'<span title="{churn["size"]:,} bytes" {unit}>3.2 MB</span>' in text
+    assert re.search(r'<td class="col-stored_size type-int"><span title="[\d,]+ bytes" '
+                     f'{unit}>' r"[\d.]+ MB</span>", text)
+    assert re.search(r'col-raw_bytes[^>]*"><span title="[\d,]+ bytes" ' f'{unit}>'
+                     r"[\d.]+ MB</span>", html.unescape(canned.text))
 
 
 def test_the_authorizer_blanks_pack_bytes_but_not_their_length(browsed):
@@ -129,6 +130,33 @@ def test_a_trusted_key_id_beside_a_garbage_signature_is_not_signed(browsed):
     (unsigned,) = (r.json() for r in get_all(browsed, [
         f"/{name}/not_signed_by_a_trusted_key.json"]))
     assert sorted((r[0], r[1]) for r in unsigned["rows"]) == [("churn", 2), ("foreign", 1)]
+
+
+def test_long_metadata_folds_under_its_start_and_short_metadata_stays_whole(vault_path):
+    """A Trainer's checkpoint holds its run arguments: a page of JSON in each row, folded;
+    a short one is shown as it is. Hostile: markup in the metadata is escaped either way."""
+    import html
+    import re
+
+    args = {f"arg_{i}": i for i in range(80)}
+    with modelvault.open(vault_path) as vault:
+        vault.save("bert", {"w": np.zeros(3)}, metadata={"step": 2, "args": args,
+                                                          "note": "<b>x</b>"})
+        vault.save("small", {"w": np.zeros(3)}, metadata={"auc": 0.9})
+    name = _browse.database_name(vault_path)
+    page, table = get_all(vault_path, [f"/{name}/model_versions", f"/{name}/versions"])
+    for text in (page.text, table.text):
+        summaries = re.findall(r"<details><summary>([^<]*)</summary><pre[^>]*>([^<]*)</pre>",
+                               text)
+        folded = [(html.unescape(a), html.unescape(b)) for a, b in summaries
+                  if "arg_0" in html.unescape(b)]
+        assert len(folded) == 1
+        summary, whole = folded[0]
+        assert summary.startswith('{"args": {"arg_0": 0') and summary.endswith("…")
+        assert len(summary) == _browse.SUMMARY and '"note": "<b>x</b>"' in whole
+        assert "<b>x</b>" not in text
+        assert re.search(r'<td class="col-metadata type-str">\{&#34;auc&#34;: 0.9\}</td>',
+                         text)
 
 
 # Metric pages (issue #22, item 4): a chart of a model's metrics across its versions.
