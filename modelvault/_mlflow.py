@@ -30,6 +30,7 @@ it when called.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sqlite3
 import tempfile
@@ -62,6 +63,11 @@ def import_registry(vault: Any, source: str, name: str | None) -> ImportReport:
     model, or only ``name``. The report's ``name`` is the model's, or the imported
     models' names joined by ``", "``."""
     client = _client(source[len(PREFIX):])
+    with _settings(client.tracking_uri):
+        return _import(vault, client, source, name)
+
+
+def _import(vault: Any, client: Any, source: str, name: str | None) -> ImportReport:
     if name is not None:
         check_name(name)
         names = [_call(lambda: client.get_registered_model(name).name, f"model {name!r}")]
@@ -96,6 +102,30 @@ def _client(uri: str) -> Any:
         if not path.is_dir():
             raise NotFoundError(f"{path}: no such MLflow folder")
     return _call(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+
+
+@contextmanager
+def _settings(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for the import, then restored:
+    MLflow's file store reads a version's metrics through a client of that global URI,
+    whose default creates mlflow.db in the current folder."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved[0]
+        _restore("MLFLOW_TRACKING_URI", saved[1])
+
+
+def _restore(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _check_mlflow_database(path: Path) -> None:

@@ -126,13 +126,23 @@ def test_a_new_version_in_the_registry_joins_the_chain(vault, tmp_path):
     assert vault.lineage("m:2")[0].ref == "m:1"
 
 
-def test_a_file_store_registry_imports_and_a_link_out_is_refused(vault, tmp_path):
+def test_a_file_store_registry_imports_and_a_link_out_is_refused(vault, tmp_path,
+                                                                 monkeypatch):
     store = tmp_path / "mlruns"
+    # MLflow's file store reads through a client of the process's tracking URI, whose
+    # default is mlflow.db in the current folder: the setup's too.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     client = mlflow.MlflowClient(store.as_uri(), store.as_uri())
     client.create_registered_model("m")
     version = _version(client, tmp_path, "m", 1)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
     report = vault.import_(f"mlflow:{store.as_uri()}")
     assert [v.metadata["mlflow_version"] for v in report.added] == [1]
+    assert list(here.iterdir()) == []  # no mlflow.db made where the user stands
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     client.create_registered_model("leaky")
     version = _version(client, tmp_path, "leaky", 1)
     secret = tmp_path / "secret.txt"
