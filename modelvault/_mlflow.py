@@ -104,21 +104,33 @@ def _client(uri: str) -> Any:
     return _call(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
 
 
+# MLflow's HTTP client tries a server that does not answer 8 times, backing off for
+# minutes, each try waiting up to 120 s; an import gives up sooner. A user's own
+# setting of these wins.
+_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 @contextmanager
 def _settings(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` for the import, then restored:
-    MLflow's file store reads a version's metrics through a client of that global URI,
-    whose default creates mlflow.db in the current folder."""
+    """MLflow's process-wide settings for the import, then restored: its tracking URI
+    set to ``uri`` (MLflow's file store reads a version's metrics through a client of
+    that global URI, whose default creates mlflow.db in the current folder), and its
+    HTTP retries bounded (``_HTTP``)."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
-    saved = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    keys = ("MLFLOW_TRACKING_URI", *_HTTP)
+    saved = getattr(utils, "_tracking_uri", None), {key: os.environ.get(key) for key in keys}
+    for key, value in _HTTP.items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         utils._tracking_uri = saved[0]
-        _restore("MLFLOW_TRACKING_URI", saved[1])
+        for key, value in saved[1].items():
+            _restore(key, value)
 
 
 def _restore(key: str, value: str | None) -> None:

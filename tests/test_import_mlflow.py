@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -224,6 +225,26 @@ def test_registries_that_cannot_be_read_are_vault_errors(vault, tmp_path, regist
     with pytest.raises(modelvault.RemoteError, match="MLflow"):
         vault.import_("mlflow:bogus://x")
     assert vault.models() == []
+
+
+def test_a_server_that_does_not_answer_is_given_up_on_after_few_tries(vault, monkeypatch):
+    """MLflow's HTTP client tries 8 times, backing off for minutes; the import bounds
+    that (the user's own setting would win), and leaves MLflow's settings as they were."""
+    from urllib3.util.retry import Retry
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    tries = []
+    increment = Retry.increment
+    monkeypatch.setattr(Retry, "increment",
+                        lambda self, *a, **k: tries.append(1) or increment(self, *a, **k))
+    monkeypatch.setattr(Retry, "sleep", lambda self, response=None: None)
+    with pytest.raises(modelvault.RemoteError, match="MLflow"):
+        vault.import_("mlflow:http://127.0.0.1:9")
+    assert 1 <= len(tries) <= 3
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_a_bare_prefix_is_mlflows_own_tracking_uri(vault, registry, monkeypatch):
