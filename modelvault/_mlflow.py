@@ -401,11 +401,13 @@ def _native(flavor: str | None, conf: dict[str, Any], folder: Path, what: str) -
             return lightgbm.Booster(model_file=str(path))
         if flavor == "onnx":
             import onnx
+            from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
             # External data would be read from paths the file names: kept as files.
+            # Every tensor onnx.load would fill, not only the graph's initializers: a
+            # node's attribute or a subgraph's may name it too.
             model = onnx.load(str(path), load_external_data=False)
-            if any(t.data_location == onnx.TensorProto.EXTERNAL
-                   for t in model.graph.initializer):
+            if any(uses_external_data(t) for t in _get_all_tensors(model)):
                 return None
             return model
     except ImportError:

@@ -367,3 +367,30 @@ def test_the_readme_mlflow_section_runs_as_written(tmp_path, monkeypatch, run):
         scope = {"vault": vault}
         exec(code, scope)  # noqa: S102 - our own README
         assert [v.ref for v in scope["report"].added] == ["churn:1", "churn:2"]
+
+
+def test_an_onnx_model_with_external_data_anywhere_stays_files(vault, tmp_path):
+    """External data in a node's attribute, not only in the initializers: saved as a
+    model it would be a version that cannot load (its data left behind)."""
+    onnx = pytest.importorskip("onnx", reason="needs onnx")
+    from onnx import helper, numpy_helper
+
+    tensor = numpy_helper.from_array(np.zeros(4, np.float32), "c")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+    graph = helper.make_graph([helper.make_node("Constant", [], ["y"], value=tensor)], "g", [],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    (folder / "weights.bin").write_bytes(np.zeros(4, np.float32).tobytes())
+    (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    _log_folder(client, tmp_path, "m", folder)
+    vault.import_(f"mlflow:{uri}")
+    assert vault.get("m").kind == "files"
+    assert sorted(vault.load("m")) == ["MLmodel", "model.onnx", "weights.bin"]
