@@ -342,6 +342,10 @@ def _downloaded(client: Any, name: str, number: int) -> Iterator[Path]:
         yield path
 
 
+class _Aliased(Exception):
+    """An MLmodel with a YAML alias."""
+
+
 def _mlmodel(folder: Path) -> tuple[str | None, dict[str, Any]]:
     """The version's MLmodel flavor (the first that is not the generic python_function)
     and its settings, read as plain YAML and bounded; (None, {}) when there is none."""
@@ -350,8 +354,21 @@ def _mlmodel(folder: Path) -> tuple[str | None, dict[str, Any]]:
         return None, {}
     import yaml  # MLflow's own requirement
 
+    class Loader(yaml.SafeLoader):
+        """Refuses an alias where it meets one: merge keys over aliases double at each
+        level (a few hundred bytes, hours to load), and MLflow writes none."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise _Aliased
+            return super().compose_node(parent, index)
+
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506
+    except _Aliased:
+        warnings.warn(f"{path.name} of this version has YAML aliases; its flavor is not "
+                      "recorded", stacklevel=6)
+        return None, {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
         warnings.warn(f"{path.name} of this version is not YAML; its flavor is not recorded",
                       stacklevel=6)

@@ -394,3 +394,22 @@ def test_an_onnx_model_with_external_data_anywhere_stays_files(vault, tmp_path):
     vault.import_(f"mlflow:{uri}")
     assert vault.get("m").kind == "files"
     assert sorted(vault.load("m")) == ["MLmodel", "model.onnx", "weights.bin"]
+
+
+def test_an_mlmodel_with_yaml_aliases_is_not_expanded(vault, tmp_path):
+    """Merge keys over aliases double at each level: a few hundred bytes that would take
+    hours to load. MLflow writes no aliases, so a file with one is read as no MLmodel."""
+    lines = ["a0: &a0 {x: 1}"] + [f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}"
+                                  for i in range(1, 12)]
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("\n".join(
+        [*lines, "flavors: {onnx: {<<: [*a11, *a11], data: model.onnx}}"]))
+    (folder / "model.onnx").write_bytes(b"not onnx")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    _log_folder(client, tmp_path, "m", folder)
+    with pytest.warns(UserWarning, match="YAML aliases"):
+        vault.import_(f"mlflow:{uri}")
+    assert vault.get("m").kind == "files" and "mlflow_flavor" not in vault.get("m").metadata
