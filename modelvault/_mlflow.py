@@ -105,10 +105,11 @@ def _client(uri: str) -> Any:
 
 
 # MLflow's HTTP client tries a server that does not answer 8 times, backing off for
-# minutes, each try waiting up to 120 s; an import gives up sooner. A user's own
-# setting of these wins.
+# minutes, each try waiting up to 120 s; an import gives up sooner. MLflow's own
+# download bars, one per version, would print whatever the vault's progress setting.
+# A user's own setting of these wins.
 _HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 @contextmanager
@@ -116,7 +117,7 @@ def _settings(uri: str) -> Iterator[None]:
     """MLflow's process-wide settings for the import, then restored: its tracking URI
     set to ``uri`` (MLflow's file store reads a version's metrics through a client of
     that global URI, whose default creates mlflow.db in the current folder), and its
-    HTTP retries bounded (``_HTTP``)."""
+    HTTP retries bounded and its download bars hidden (``_HTTP``)."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 

@@ -413,3 +413,12 @@ def test_an_mlmodel_with_yaml_aliases_is_not_expanded(vault, tmp_path):
     with pytest.warns(UserWarning, match="YAML aliases"):
         vault.import_(f"mlflow:{uri}")
     assert vault.get("m").kind == "files" and "mlflow_flavor" not in vault.get("m").metadata
+
+
+def test_mlflows_own_download_bars_stay_hidden(vault, registry, monkeypatch, capfd):
+    """The vault's progress setting decides what is shown; MLflow's per-version download
+    bars would print whatever it is."""
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    vault.import_(registry, name="fraud")
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
