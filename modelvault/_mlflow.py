@@ -108,7 +108,7 @@ def _client(uri: str) -> Any:
 # minutes, each try waiting up to 120 s; an import gives up sooner. MLflow's own
 # download bars, one per version, would print whatever the vault's progress setting.
 # A user's own setting of these wins.
-_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
@@ -117,13 +117,13 @@ def _settings(uri: str) -> Iterator[None]:
     """MLflow's process-wide settings for the import, then restored: its tracking URI
     set to ``uri`` (MLflow's file store reads a version's metrics through a client of
     that global URI, whose default creates mlflow.db in the current folder), and its
-    HTTP retries bounded and its download bars hidden (``_HTTP``)."""
+    HTTP retries bounded and its download bars hidden (``_SETTINGS``)."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
-    keys = ("MLFLOW_TRACKING_URI", *_HTTP)
+    keys = ("MLFLOW_TRACKING_URI", *_SETTINGS)
     saved = getattr(utils, "_tracking_uri", None), {key: os.environ.get(key) for key in keys}
-    for key, value in _HTTP.items():
+    for key, value in _SETTINGS.items():
         os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     try:
