@@ -148,8 +148,8 @@ def _check_mlflow_database(path: Path) -> None:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
             found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                "name = 'registered_models'").fetchone()
-    except sqlite3.Error as exc:
-        raise VaultError(f"{path}: not an MLflow database ({exc})") from None
+    except sqlite3.Error as exc:  # not a database, or one locked by its writer
+        raise VaultError(f"{path}: cannot read it as an MLflow database ({exc})") from None
     if found is None:
         raise VaultError(f"{path}: not an MLflow database (no registered_models table)")
 

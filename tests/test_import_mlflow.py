@@ -422,3 +422,18 @@ def test_mlflows_own_download_bars_stay_hidden(vault, registry, monkeypatch, cap
     vault.import_(registry, name="fraud")
     assert "Downloading artifacts" not in capfd.readouterr().err
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+
+
+def test_a_locked_registry_database_is_said_to_be_busy_not_foreign(vault, registry):
+    import sqlite3
+
+    path = registry.removeprefix("mlflow:sqlite:///")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # MLflow's server in the middle of a write
+    try:
+        with pytest.raises(modelvault.VaultError, match="database is locked") as caught:
+            vault.import_(registry)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert "not an MLflow database" not in str(caught.value)
