@@ -30,6 +30,7 @@ it when called.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sqlite3
 import tempfile
@@ -62,6 +63,11 @@ def import_registry(vault: Any, source: str, name: str | None) -> ImportReport:
     model, or only ``name``. The report's ``name`` is the model's, or the imported
     models' names joined by ``", "``."""
     client = _client(source[len(PREFIX):])
+    with _settings(client.tracking_uri):
+        return _import(vault, client, source, name)
+
+
+def _import(vault: Any, client: Any, source: str, name: str | None) -> ImportReport:
     if name is not None:
         check_name(name)
         names = [_call(lambda: client.get_registered_model(name).name, f"model {name!r}")]
@@ -98,6 +104,43 @@ def _client(uri: str) -> Any:
     return _call(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
 
 
+# MLflow's HTTP client tries a server that does not answer 8 times, backing off for
+# minutes, each try waiting up to 120 s; an import gives up sooner. MLflow's own
+# download bars, one per version, would print whatever the vault's progress setting.
+# A user's own setting of these wins.
+_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+@contextmanager
+def _settings(uri: str) -> Iterator[None]:
+    """MLflow's process-wide settings for the import, then restored: its tracking URI
+    set to ``uri`` (MLflow's file store reads a version's metrics through a client of
+    that global URI, whose default creates mlflow.db in the current folder), and its
+    HTTP retries bounded and its download bars hidden (``_SETTINGS``)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    keys = ("MLFLOW_TRACKING_URI", *_SETTINGS)
+    saved = getattr(utils, "_tracking_uri", None), {key: os.environ.get(key) for key in keys}
+    for key, value in _SETTINGS.items():
+        os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved[0]
+        for key, value in saved[1].items():
+            _restore(key, value)
+
+
+def _restore(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
 def _check_mlflow_database(path: Path) -> None:
     """VaultError unless ``path`` is an MLflow database: MLflow would add its tables to
     any other SQLite file."""
@@ -105,8 +148,8 @@ def _check_mlflow_database(path: Path) -> None:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
             found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                "name = 'registered_models'").fetchone()
-    except sqlite3.Error as exc:
-        raise VaultError(f"{path}: not an MLflow database ({exc})") from None
+    except sqlite3.Error as exc:  # not a database, or one locked by its writer
+        raise VaultError(f"{path}: cannot read it as an MLflow database ({exc})") from None
     if found is None:
         raise VaultError(f"{path}: not an MLflow database (no registered_models table)")
 
@@ -300,6 +343,10 @@ def _downloaded(client: Any, name: str, number: int) -> Iterator[Path]:
         yield path
 
 
+class _Aliased(Exception):
+    """An MLmodel with a YAML alias."""
+
+
 def _mlmodel(folder: Path) -> tuple[str | None, dict[str, Any]]:
     """The version's MLmodel flavor (the first that is not the generic python_function)
     and its settings, read as plain YAML and bounded; (None, {}) when there is none."""
@@ -308,8 +355,21 @@ def _mlmodel(folder: Path) -> tuple[str | None, dict[str, Any]]:
         return None, {}
     import yaml  # MLflow's own requirement
 
+    class Loader(yaml.SafeLoader):
+        """Refuses an alias where it meets one: merge keys over aliases double at each
+        level (a few hundred bytes, hours to load), and MLflow writes none."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise _Aliased
+            return super().compose_node(parent, index)
+
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506
+    except _Aliased:
+        warnings.warn(f"{path.name} of this version has YAML aliases; its flavor is not "
+                      "recorded", stacklevel=6)
+        return None, {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
         warnings.warn(f"{path.name} of this version is not YAML; its flavor is not recorded",
                       stacklevel=6)
@@ -359,11 +419,13 @@ def _native(flavor: str | None, conf: dict[str, Any], folder: Path, what: str) -
             return lightgbm.Booster(model_file=str(path))
         if flavor == "onnx":
             import onnx
+            from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
             # External data would be read from paths the file names: kept as files.
+            # Every tensor onnx.load would fill, not only the graph's initializers: a
+            # node's attribute or a subgraph's may name it too.
             model = onnx.load(str(path), load_external_data=False)
-            if any(t.data_location == onnx.TensorProto.EXTERNAL
-                   for t in model.graph.initializer):
+            if any(uses_external_data(t) for t in _get_all_tensors(model)):
                 return None
             return model
     except ImportError:

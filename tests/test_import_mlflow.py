@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -126,13 +127,23 @@ def test_a_new_version_in_the_registry_joins_the_chain(vault, tmp_path):
     assert vault.lineage("m:2")[0].ref == "m:1"
 
 
-def test_a_file_store_registry_imports_and_a_link_out_is_refused(vault, tmp_path):
+def test_a_file_store_registry_imports_and_a_link_out_is_refused(vault, tmp_path,
+                                                                 monkeypatch):
     store = tmp_path / "mlruns"
+    # MLflow's file store reads through a client of the process's tracking URI, whose
+    # default is mlflow.db in the current folder: the setup's too.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     client = mlflow.MlflowClient(store.as_uri(), store.as_uri())
     client.create_registered_model("m")
     version = _version(client, tmp_path, "m", 1)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
     report = vault.import_(f"mlflow:{store.as_uri()}")
     assert [v.metadata["mlflow_version"] for v in report.added] == [1]
+    assert list(here.iterdir()) == []  # no mlflow.db made where the user stands
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     client.create_registered_model("leaky")
     version = _version(client, tmp_path, "leaky", 1)
     secret = tmp_path / "secret.txt"
@@ -214,6 +225,26 @@ def test_registries_that_cannot_be_read_are_vault_errors(vault, tmp_path, regist
     with pytest.raises(modelvault.RemoteError, match="MLflow"):
         vault.import_("mlflow:bogus://x")
     assert vault.models() == []
+
+
+def test_a_server_that_does_not_answer_is_given_up_on_after_few_tries(vault, monkeypatch):
+    """MLflow's HTTP client tries 8 times, backing off for minutes; the import bounds
+    that (the user's own setting would win), and leaves MLflow's settings as they were."""
+    from urllib3.util.retry import Retry
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    tries = []
+    increment = Retry.increment
+    monkeypatch.setattr(Retry, "increment",
+                        lambda self, *a, **k: tries.append(1) or increment(self, *a, **k))
+    monkeypatch.setattr(Retry, "sleep", lambda self, response=None: None)
+    with pytest.raises(modelvault.RemoteError, match="MLflow"):
+        vault.import_("mlflow:http://127.0.0.1:9")
+    assert 1 <= len(tries) <= 3
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_a_bare_prefix_is_mlflows_own_tracking_uri(vault, registry, monkeypatch):
@@ -336,3 +367,73 @@ def test_the_readme_mlflow_section_runs_as_written(tmp_path, monkeypatch, run):
         scope = {"vault": vault}
         exec(code, scope)  # noqa: S102 - our own README
         assert [v.ref for v in scope["report"].added] == ["churn:1", "churn:2"]
+
+
+def test_an_onnx_model_with_external_data_anywhere_stays_files(vault, tmp_path):
+    """External data in a node's attribute, not only in the initializers: saved as a
+    model it would be a version that cannot load (its data left behind)."""
+    onnx = pytest.importorskip("onnx", reason="needs onnx")
+    from onnx import helper, numpy_helper
+
+    tensor = numpy_helper.from_array(np.zeros(4, np.float32), "c")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+    graph = helper.make_graph([helper.make_node("Constant", [], ["y"], value=tensor)], "g", [],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    (folder / "weights.bin").write_bytes(np.zeros(4, np.float32).tobytes())
+    (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    _log_folder(client, tmp_path, "m", folder)
+    vault.import_(f"mlflow:{uri}")
+    assert vault.get("m").kind == "files"
+    assert sorted(vault.load("m")) == ["MLmodel", "model.onnx", "weights.bin"]
+
+
+def test_an_mlmodel_with_yaml_aliases_is_not_expanded(vault, tmp_path):
+    """Merge keys over aliases double at each level: a few hundred bytes that would take
+    hours to load. MLflow writes no aliases, so a file with one is read as no MLmodel."""
+    lines = ["a0: &a0 {x: 1}"] + [f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}"
+                                  for i in range(1, 12)]
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("\n".join(
+        [*lines, "flavors: {onnx: {<<: [*a11, *a11], data: model.onnx}}"]))
+    (folder / "model.onnx").write_bytes(b"not onnx")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    _log_folder(client, tmp_path, "m", folder)
+    with pytest.warns(UserWarning, match="YAML aliases"):
+        vault.import_(f"mlflow:{uri}")
+    assert vault.get("m").kind == "files" and "mlflow_flavor" not in vault.get("m").metadata
+
+
+def test_mlflows_own_download_bars_stay_hidden(vault, registry, monkeypatch, capfd):
+    """The vault's progress setting decides what is shown; MLflow's per-version download
+    bars would print whatever it is."""
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    vault.import_(registry, name="fraud")
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+
+
+def test_a_locked_registry_database_is_said_to_be_busy_not_foreign(vault, registry):
+    import sqlite3
+
+    path = registry.removeprefix("mlflow:sqlite:///")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # MLflow's server in the middle of a write
+    try:
+        with pytest.raises(modelvault.VaultError, match="database is locked") as caught:
+            vault.import_(registry)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert "not an MLflow database" not in str(caught.value)
