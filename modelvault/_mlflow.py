@@ -34,6 +34,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,8 +120,11 @@ def _settings(uri: str) -> Iterator[None]:
     that global URI, whose default creates mlflow.db in the current folder), and its
     HTTP retries bounded and its download bars hidden (``_SETTINGS``)."""
     import mlflow
-    from mlflow.tracking._tracking_service import utils
 
+    try:  # where MLflow keeps the URI set_tracking_uri set; None: never set
+        from mlflow.tracking._tracking_service import utils
+    except ImportError:  # another MLflow: its URI is then left set to the registry's
+        utils = types.SimpleNamespace()
     keys = ("MLFLOW_TRACKING_URI", *_SETTINGS)
     saved = getattr(utils, "_tracking_uri", None), {key: os.environ.get(key) for key in keys}
     for key, value in _SETTINGS.items():
