@@ -45,6 +45,11 @@ _REVISION = re.compile(r"[0-9A-Za-z._-]{1,100}")
 MAX_TRAINER_STATE = 32 * 1024 * 1024
 MAX_REF = 200  # bytes of a refs/ file: a commit hash and a newline
 MAX_METRICS = 200  # metrics kept per step
+# What a checkpoint folder holds for resuming the run rather than for the model: left
+# out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
+RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
+                "training_args.bin")
+RESUME_PREFIXES = ("rng_state",)
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,15 @@ def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) 
     except NotFoundError:
         existing = {}
     added, found, parent = [], [], None
-    sizes = [_size(item.folder) for item in items]
+    # A checkpoint's model files, as the Trainer callback keeps them; a snapshot whole.
+    files = [model_files(item.folder) if item.key == "step" else [item.folder]
+             for item in items]
+    sizes = [sum(_size(path) for path in paths) for paths in files]
     with progress(sum(sizes), f"import {name}", vault.progress) as advance:
-        for item, size in zip(items, sizes, strict=True):
+        for item, paths, size in zip(items, files, sizes, strict=True):
             version = existing.get(item.value)
             if version is None:
-                version = vault.save_files(name, item.folder, metadata=item.metadata,
+                version = vault.save_files(name, paths, metadata=item.metadata,
                                            parent=False if parent is None else parent,
                                            source=False)
                 added.append(version)
@@ -201,5 +209,14 @@ def _snapshots(root: Path) -> list[_Item]:
                   tuple(names.get(f.name, ()))) for f in folders]
 
 
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in walk(folder) if p.is_file())
+def model_files(folder: Path) -> list[Path]:
+    """The files of checkpoint ``folder`` that make the model, in name order: not the
+    state only a resumed run needs (``RESUME_STATE``)."""
+    return sorted(path for path in folder.iterdir()
+                  if path.is_file() and path.name not in RESUME_STATE
+                  and not path.name.startswith(RESUME_PREFIXES))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in (walk(path) if path.is_dir() else [path])
+               if p.is_file())

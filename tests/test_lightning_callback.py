@@ -107,17 +107,18 @@ def test_later_checkpoints_are_stored_as_deltas(run):
 def test_best_follows_the_lowest_monitored_value_not_nan_or_inf(run):
     with modelvault.open(run[0]) as vault:
         assert vault.get("net@best").metadata["step"] == 4
-        assert vault.get("net@best").metadata["metrics"]["val_loss"] == pytest.approx(0.3)
+        assert vault.get("net@best").metadata["val_loss"] == pytest.approx(0.3)
 
 
 def test_metadata_holds_step_epoch_finite_metrics_and_hyperparameters(run):
     with modelvault.open(run[0]) as vault:
         metadata = [v.metadata for v in vault.versions("net")]
     assert metadata[1]["step"] == 4 and metadata[1]["epoch"] == 0
-    assert {"train_loss", "val_loss"} <= metadata[1]["metrics"].keys()
-    assert all("grad_inf" not in m["metrics"] for m in metadata)
-    assert "val_loss" not in metadata[2]["metrics"] and "val_loss" not in metadata[3]["metrics"]
-    assert all(math.isfinite(x) for m in metadata for x in m["metrics"].values())
+    assert {"train_loss", "val_loss"} <= metadata[1].keys()
+    assert all("grad_inf" not in m for m in metadata)
+    assert "val_loss" not in metadata[2] and "val_loss" not in metadata[3]
+    assert all(math.isfinite(x) for m in metadata for k, x in m.items()
+               if k not in ("step", "epoch", "hparams"))
     assert metadata[0]["hparams"] == {"width": 64, "lr": 1e-2, "clip": "Infinity",
                                       "where": "data"}
 

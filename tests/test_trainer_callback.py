@@ -134,7 +134,7 @@ def test_best_follows_the_lowest_eval_loss(run):
     out, path, trainer, _ = run
     with modelvault.open(path) as vault:
         versions = vault.versions("bert")
-        losses = {v.version: v.metadata["metrics"]["eval_loss"] for v in versions}
+        losses = {v.version: v.metadata["eval_loss"] for v in versions}
         best = vault.get("bert@best")
     assert losses[best.version] == min(losses.values())
     assert best.metadata["step"] == int(Path(trainer.state.best_model_checkpoint).name[11:])
@@ -167,7 +167,7 @@ def test_metadata_holds_the_step_metrics_and_the_run_arguments(run):
     with modelvault.open(run[1]) as vault:
         metadata = vault.get("bert:2").metadata
     assert metadata["step"] == 4 and metadata["epoch"] == 0.5
-    assert {"loss", "learning_rate", "eval_loss"} <= metadata["metrics"].keys()
+    assert {"loss", "learning_rate", "eval_loss"} <= metadata.keys()
     assert metadata["training_args"]["save_steps"] == 2
     assert metadata["training_args"]["metric_for_best_model"] == "eval_loss"
 

@@ -34,8 +34,9 @@ class VaultCallback(Callback):
     ``vault_path`` each time Lightning saves a checkpoint (once per global step).
 
     The version's parent is the one this run saved before (so its lineage is the run's and
-    its tensors are stored as deltas). Its metadata holds the global step, the epoch, the
-    trainer's finite numeric ``callback_metrics`` and the module's ``hparams`` (as JSON; a
+    its tensors are stored as deltas). Its metadata holds the trainer's finite numeric
+    ``callback_metrics`` (at the top level: ``metadata["val_loss"]``), the global step,
+    the epoch and the module's ``hparams`` (as JSON; a
     non-finite number or an object JSON has no form for kept as text). ``best_alias``
     (``None`` for none) moves to the version saved when ``monitor`` improved on the run's
     best so far (lower for ``mode="min"``, higher for ``"max"``); with ``monitor=None``, to
@@ -74,8 +75,9 @@ class VaultCallback(Callback):
         metrics = finite_metrics(trainer.callback_metrics)
         version = run.keep(lambda vault, parent: vault.save(
             run.name, pl_module.state_dict(),
-            metadata={"step": trainer.global_step, "epoch": trainer.current_epoch,
-                      "metrics": metrics, "hparams": json_safe(pl_module.hparams)},
+            # Metrics at the top level, as the importers and the Trainer callback keep them.
+            metadata={**metrics, "step": trainer.global_step, "epoch": trainer.current_epoch,
+                      "hparams": json_safe(pl_module.hparams)},
             tags=run.tags, description=run.description, parent=parent),
             self.is_best(trainer, metrics), f"the checkpoint of step {trainer.global_step}")
         if self.monitor is not None and version and run.best_alias in version.aliases:

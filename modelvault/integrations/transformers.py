@@ -27,13 +27,9 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .._importers import model_files
 from ._run import VaultRun
 
-# What a checkpoint folder holds for resuming the run rather than for the model: left
-# out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
-RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
-                "training_args.bin")
-RESUME_PREFIXES = ("rng_state",)
 # log_history entries' bookkeeping, kept as the version's own step and epoch instead.
 BOOKKEEPING = ("step", "epoch")
 
@@ -44,8 +40,9 @@ class VaultCallback(TrainerCallback):
 
     The version's parent is the one the previous checkpoint of this run became (so its
     lineage is the run's and its tensors are stored as deltas). Its metadata holds the
-    step, the epoch, the latest logged training and eval metrics (finite numbers only)
-    and the run's ``TrainingArguments``. ``best_alias`` (``None`` for none) moves to the
+    latest logged training and eval metrics (finite numbers only, at the top level:
+    ``metadata["eval_loss"]``, as the importers keep them), the step, the epoch and the
+    run's ``TrainingArguments``. ``best_alias`` (``None`` for none) moves to the
     version the Trainer calls its best (``metric_for_best_model``, ``greater_is_better``).
     ``remote`` (a URL or a remote's name, see ``Vault.push``): each version is pushed
     there once saved. A checkpoint the vault cannot take (locked past its timeout, a full
@@ -76,20 +73,14 @@ class VaultCallback(TrainerCallback):
             is_best(state, folder), folder.name)
 
 
-def model_files(folder: Path) -> list[Path]:
-    """The files of checkpoint ``folder`` that make the model, in name order."""
-    return sorted(path for path in folder.iterdir()
-                  if path.is_file() and path.name not in RESUME_STATE
-                  and not path.name.startswith(RESUME_PREFIXES))
-
-
 def checkpoint_metadata(args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
-    """Step, epoch, latest metrics and the run's arguments, as JSON a vault accepts."""
+    """The latest metrics, step, epoch and the run's arguments, as JSON a vault accepts."""
     metrics: dict[str, float] = {}
     for entry in logged(state.log_history, state.global_step):
         metrics.update(entry)
-    return {"step": state.global_step, "epoch": _finite(state.epoch),
-            "metrics": metrics,
+    # Metrics at the top level, as the importers keep them: vault.plot(name, "eval_loss")
+    # reads a run saved by the callback and one imported afterwards alike.
+    return {**metrics, "step": state.global_step, "epoch": _finite(state.epoch),
             # max_grad_norm=inf is written as Infinity, which no JSON holds: kept as its name
             "training_args": json.loads(args.to_json_string(), parse_constant=str)}
 
