@@ -71,7 +71,11 @@ def import_registry(vault: Any, source: str, name: str | None) -> ImportReport:
 def _import(vault: Any, client: Any, source: str, name: str | None) -> ImportReport:
     if name is not None:
         check_name(name)
-        names = [_call(lambda: client.get_registered_model(name).name, f"model {name!r}")]
+        found = _call(lambda: client.get_registered_model(name).name, f"model {name!r}")
+        if found != name:  # a server answering with another model's name
+            raise RemoteError(f"MLflow: asked for model {name!r}, was given "
+                              f"{str(found)[:200]!r}")
+        names = [name]
     else:
         names = [n for n in _registered(client) if _valid_name(n)]
     if not names:

@@ -437,3 +437,20 @@ def test_a_locked_registry_database_is_said_to_be_busy_not_foreign(vault, regist
         writer.execute("ROLLBACK")
         writer.close()
     assert "not an MLflow database" not in str(caught.value)
+
+
+def test_a_server_answering_with_another_models_name_is_refused(vault, registry,
+                                                                  monkeypatch):
+    """Hostile case: asked for churn, the registry answers with a model of another name
+    (one a vault cannot take): a RemoteError, nothing imported."""
+    real = mlflow.MlflowClient.get_registered_model
+
+    def lying(self, name):
+        model = real(self, name)
+        model._name = "it's"
+        return model
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", lying)
+    with pytest.raises(modelvault.RemoteError, match="was given \"it's\""):
+        vault.import_(registry, name="churn")
+    assert vault.models() == []
