@@ -109,6 +109,18 @@ def _client(uri: str) -> Any:
     return _call(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
 
 
+def _local_root(uri: str) -> Path | None:
+    """The folder a local registry lies in (its SQLite file or its file store folder,
+    mlruns, beside which MLflow keeps artifacts by default), or None for a registry
+    behind a server."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri).parent
+    return None
+
+
 # MLflow's HTTP client tries a server that does not answer 8 times, backing off for
 # minutes, each try waiting up to 120 s; an import gives up sooner. MLflow's own
 # download bars, one per version, would print whatever the vault's progress setting.
@@ -342,6 +354,14 @@ def _downloaded(client: Any, name: str, number: int) -> Iterator[Path]:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):  # MLflow copies what a link points to: check first
         local = Path(parsed.path if parsed.scheme else uri)
+        # A registry's own artifacts lie beside it; a version whose source names
+        # another (a stranger's registry pointing at ~/.ssh) would copy that into the vault.
+        root = _local_root(client.tracking_uri) or local
+        if not local.resolve().is_relative_to(root.resolve()):
+            raise VaultError(f"MLflow model {name} version {number}: its artifacts {local} "
+                             f"lie outside {root}, the folder the registry lies in; "
+                             "refusing to read them (import through the registry's server, "
+                             "mlflow:http://..., which serves its artifacts itself)")
         check_contained(local, local)
     with tempfile.TemporaryDirectory(prefix="modelvault-mlflow-") as tmp:
         path = Path(_call(lambda: download_artifacts(

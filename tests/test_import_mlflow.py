@@ -454,3 +454,23 @@ def test_a_server_answering_with_another_models_name_is_refused(vault, registry,
     with pytest.raises(modelvault.RemoteError, match="was given \"it's\""):
         vault.import_(registry, name="churn")
     assert vault.models() == []
+
+
+def test_artifacts_outside_the_registrys_folder_are_not_read(vault, tmp_path):
+    """Hostile case: a stranger's registry whose version names a folder elsewhere on
+    this machine (~/.ssh, say) as its source: refused, nothing of it copied."""
+    registry = tmp_path / "project"
+    registry.mkdir()
+    elsewhere = tmp_path / "home" / ".ssh"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "id_ed25519").write_text("PRIVATE KEY")
+    uri = f"sqlite:///{registry / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    _version(client, registry, "m", 1)
+    client.create_model_version("m", elsewhere.as_uri())
+    with pytest.raises(modelvault.VaultError, match="outside .*project, the folder the "
+                                                    "registry lies in"):
+        vault.import_(f"mlflow:{uri}")
+    assert [v.metadata["mlflow_version"] for v in vault.versions("m")] == [1]
+    assert all(b"PRIVATE KEY" not in content for content in vault.load("m:1").values())
