@@ -47,9 +47,11 @@ MAX_REF = 200  # bytes of a refs/ file: a commit hash and a newline
 MAX_METRICS = 200  # metrics kept per step
 # What a checkpoint folder holds for resuming the run rather than for the model: left
 # out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
+# Folders too: FSDP's optimizer_0/ and DeepSpeed's global_stepN/ are resume state, while
+# FSDP's sharded model (pytorch_model_fsdp_0/) is the model.
 RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
                 "training_args.bin")
-RESUME_PREFIXES = ("rng_state",)
+RESUME_PREFIXES = ("rng_state", "optimizer", "scheduler", "global_step")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) 
     with progress(sum(sizes), f"import {name}", vault.progress) as advance:
         for item, paths, size in zip(items, files, sizes, strict=True):
             version = existing.get(item.value)
+            if version is None and not paths:
+                warnings.warn(f"{item.folder}: no model files, only what resuming the run "
+                              "needs; skipped", stacklevel=3)
+                advance(size)
+                continue
             if version is None:
                 version = vault.save_files(name, paths, metadata=item.metadata,
                                            parent=False if parent is None else parent,
@@ -210,11 +217,16 @@ def _snapshots(root: Path) -> list[_Item]:
 
 
 def model_files(folder: Path) -> list[Path]:
-    """The files of checkpoint ``folder`` that make the model, in name order: not the
-    state only a resumed run needs (``RESUME_STATE``)."""
-    return sorted(path for path in folder.iterdir()
-                  if path.is_file() and path.name not in RESUME_STATE
+    """The files and folders of checkpoint ``folder`` that make the model, in name order:
+    not the state only a resumed run needs (``RESUME_STATE``, ``RESUME_PREFIXES``)."""
+    kept = sorted(path for path in folder.iterdir()
+                  if (path.is_file() or path.is_dir()) and path.name not in RESUME_STATE
                   and not path.name.startswith(RESUME_PREFIXES))
+    if len(kept) == 1 and kept[0].is_dir():
+        # save_files names a lone folder's files relative to that folder, which would
+        # lose its name: the whole checkpoint keeps the layout, resume state and all.
+        return [folder]
+    return kept
 
 
 def _size(path: Path) -> int:

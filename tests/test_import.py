@@ -105,6 +105,34 @@ def test_checkpoints_become_versions_in_step_order_each_a_child_of_the_one_befor
                                           ).read_bytes()
 
 
+def test_a_sharded_model_folder_is_kept_and_resume_folders_and_state_only_ones_are_not(
+        vault, run_dir):
+    """FSDP writes the model into pytorch_model_fsdp_0/ and its optimizer into
+    optimizer_0/; DeepSpeed its states into global_stepN/. A checkpoint holding only
+    resume state is skipped with a warning, and the next one's parent is the one before."""
+    sharded = run_dir / "checkpoint-1000"
+    (sharded / "model.safetensors").unlink()
+    (sharded / "pytorch_model_fsdp_0").mkdir()
+    (sharded / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"model shard")
+    (sharded / "optimizer_0").mkdir()
+    (sharded / "optimizer_0" / "__0_0.distcp").write_bytes(b"optimizer shard")
+    (sharded / "global_step1000").mkdir()
+    (sharded / "global_step1000" / "mp_rank_00_model_states.pt").write_bytes(b"states")
+    for path in (run_dir / "checkpoint-1500").iterdir():
+        if path.name not in ("trainer_state.json", "optimizer.pt", "rng_state.pth"):
+            path.unlink()
+    with pytest.warns(UserWarning, match="checkpoint-1500: no model files"):
+        report = vault.import_(run_dir)
+    assert [v.metadata["step"] for v in report.added] == [500, 1000]
+    assert sorted(vault.load("my-run:2")) == ["config.json",
+                                              "pytorch_model_fsdp_0/__0_0.distcp"]
+    (run_dir / "checkpoint-1500" / "model.safetensors").write_bytes(
+        (run_dir / "checkpoint-500" / "model.safetensors").read_bytes())
+    again = vault.import_(run_dir)
+    assert [v.metadata["step"] for v in again.added] == [1500]
+    assert vault.lineage(again.added[0])[0].metadata["step"] == 1000
+
+
 def test_importing_twice_adds_nothing_and_a_new_checkpoint_joins_the_chain(vault, run_dir):
     vault.import_(run_dir, name="team/run")
     again = vault.import_(run_dir, name="team/run")

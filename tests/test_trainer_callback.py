@@ -217,6 +217,43 @@ def test_a_bad_vault_or_name_fails_before_training(tmp_path):
         VaultCallback(tmp_path / "not.vault", "bert")
 
 
+def test_a_checkpoint_of_resume_state_only_warns_and_a_sharded_model_is_kept(tmp_path):
+    """A checkpoint whose weights the Trainer wrote elsewhere holds no model file: a
+    warning, training goes on. FSDP's sharded model folder is kept, its optimizer's not
+    (unless the model folder is all there is: then the whole checkpoint, so that its
+    files keep their paths)."""
+    from types import SimpleNamespace
+
+    from modelvault.integrations.transformers import VaultCallback
+
+    callback = VaultCallback(tmp_path / "v.vault", "bert")
+    args = SimpleNamespace(output_dir=str(tmp_path / "out"), to_json_string=lambda: "{}")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2, log_history=[],
+                            epoch=0.5, best_global_step=None, best_model_checkpoint=None)
+    folder = tmp_path / "out" / "checkpoint-2"
+    (folder / "optimizer_0").mkdir(parents=True)
+    (folder / "optimizer_0" / "__0_0.distcp").write_bytes(b"optimizer shard")
+    (folder / "rng_state.pth").write_bytes(b"rng")
+    with pytest.warns(RuntimeWarning, match="checkpoint-2 holds no model files"):
+        callback.on_save(args, state, None)
+    assert callback.saved == []
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"model shard")
+    callback.on_save(args, state, None)
+    with modelvault.open(tmp_path / "v.vault") as vault:  # the model folder alone: the
+        # whole checkpoint is kept, so its files keep the folder's name in their paths
+        assert sorted(vault.load("bert:1")) == ["optimizer_0/__0_0.distcp",
+                                                "pytorch_model_fsdp_0/__0_0.distcp",
+                                                "rng_state.pth"]
+    (folder / "config.json").write_text("{}")
+    state.global_step = 4
+    folder.rename(tmp_path / "out" / "checkpoint-4")
+    callback.on_save(args, state, None)
+    with modelvault.open(tmp_path / "v.vault") as vault:
+        assert sorted(vault.load("bert:2")) == ["config.json",
+                                                "pytorch_model_fsdp_0/__0_0.distcp"]
+
+
 def test_importing_modelvault_imports_no_framework():
     code = "import sys, modelvault; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,15 @@ class VaultCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        files = model_files(folder)
+        if not files:  # the weights written elsewhere: nothing here is the model
+            warnings.warn(f"modelvault: {folder} holds no model files, only what resuming "
+                          "the run needs; not saved, training goes on", RuntimeWarning,
+                          stacklevel=2)
+            return
         run = self.run
         run.keep(lambda vault, parent: vault.save_files(
-            run.name, model_files(folder), metadata=checkpoint_metadata(args, state),
+            run.name, files, metadata=checkpoint_metadata(args, state),
             tags=run.tags, description=run.description, parent=parent),
             is_best(state, folder), folder.name)
 
