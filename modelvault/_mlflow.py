@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from ._contained import check_contained
 from ._errors import NotFoundError, RemoteError, VaultError
@@ -353,7 +354,8 @@ def _downloaded(client: Any, name: str, number: int) -> Iterator[Path]:
                 f"artifacts of {name} version {number}")
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):  # MLflow copies what a link points to: check first
-        local = Path(parsed.path if parsed.scheme else uri)
+        # Unquoted as MLflow unquotes it before copying: %2E%2E climbs out as .. does.
+        local = Path(url2pathname(parsed.path if parsed.scheme else uri))
         # A registry's own artifacts lie beside it; a version whose source names
         # another (a stranger's registry pointing at ~/.ssh) would copy that into the vault.
         root = _local_root(client.tracking_uri) or local

@@ -474,3 +474,22 @@ def test_artifacts_outside_the_registrys_folder_are_not_read(vault, tmp_path):
         vault.import_(f"mlflow:{uri}")
     assert [v.metadata["mlflow_version"] for v in vault.versions("m")] == [1]
     assert all(b"PRIVATE KEY" not in content for content in vault.load("m:1").values())
+
+
+def test_artifacts_reached_through_escaped_dots_are_not_read(vault, tmp_path):
+    """Hostile case: a source whose path climbs out with %2E%2E, which MLflow unquotes
+    when it copies a file URI's folder, is refused like a plain path elsewhere."""
+    registry = tmp_path / "project"
+    registry.mkdir()
+    elsewhere = tmp_path / "home" / ".ssh"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "id_ed25519").write_text("PRIVATE KEY")
+    uri = f"sqlite:///{registry / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    _version(client, registry, "m", 1)
+    client.create_model_version("m", f"file://{registry}/%2E%2E/home/.ssh")
+    with pytest.raises(modelvault.VaultError, match="outside .*project"):
+        vault.import_(f"mlflow:{uri}")
+    assert all(b"PRIVATE KEY" not in content
+               for v in vault.versions("m") for content in vault.load(v.ref).values())
