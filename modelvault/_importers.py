@@ -49,9 +49,12 @@ MAX_METRICS = 200  # metrics kept per step
 # out (the optimizer alone is twice the model's size, and training_args.bin is a pickle).
 # Folders too: FSDP's optimizer_0/ and DeepSpeed's global_stepN/ are resume state, while
 # FSDP's sharded model (pytorch_model_fsdp_0/) is the model.
-RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
-                "training_args.bin")
-RESUME_PREFIXES = ("rng_state", "optimizer", "scheduler", "global_step")
+# Whole names, not prefixes: a diffusers pipeline's scheduler/ folder is the model.
+RESUME_STATE = re.compile(
+    r"trainer_state\.json|training_args\.bin"
+    r"|(optimizer|scheduler|scaler)(_\d+)?\.(pt|bin|pth)"  # Trainer's and Accelerate's
+    r"|(rng_state|random_states)(_\d+)?\.(pth|pkl)"
+    r"|optimizer_\d+|global_step\d+")  # FSDP's and DeepSpeed's folders
 
 
 @dataclass(frozen=True)
@@ -218,10 +221,10 @@ def _snapshots(root: Path) -> list[_Item]:
 
 def model_files(folder: Path) -> list[Path]:
     """The files and folders of checkpoint ``folder`` that make the model, in name order:
-    not the state only a resumed run needs (``RESUME_STATE``, ``RESUME_PREFIXES``)."""
+    not the state only a resumed run needs (``RESUME_STATE``)."""
     kept = sorted(path for path in folder.iterdir()
-                  if (path.is_file() or path.is_dir()) and path.name not in RESUME_STATE
-                  and not path.name.startswith(RESUME_PREFIXES))
+                  if (path.is_file() or path.is_dir())
+                  and not RESUME_STATE.fullmatch(path.name))
     if len(kept) == 1 and kept[0].is_dir():
         # save_files names a lone folder's files relative to that folder, which would
         # lose its name: the whole checkpoint keeps the layout, resume state and all.

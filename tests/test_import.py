@@ -133,6 +133,23 @@ def test_a_sharded_model_folder_is_kept_and_resume_folders_and_state_only_ones_a
     assert vault.lineage(again.added[0])[0].metadata["step"] == 1000
 
 
+def test_a_pipelines_scheduler_folder_is_model_and_accelerates_state_is_not(vault, run_dir):
+    """A checkpoint holding a diffusers pipeline: its scheduler/ (and a model named after
+    an optimizer) are the model; Accelerate's optimizer.bin, scheduler.bin and
+    random_states_0.pkl are resume state."""
+    folder = run_dir / "checkpoint-500"
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    (folder / "model_index.json").write_text("{}")
+    (folder / "optimizer_net.safetensors").write_bytes(b"a learned optimizer")
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "rng_state_1.pth"):
+        (folder / name).write_bytes(b"resume")
+    vault.import_(run_dir)
+    assert sorted(vault.load("my-run:1")) == [
+        "config.json", "model.safetensors", "model_index.json", "optimizer_net.safetensors",
+        "scheduler/scheduler_config.json"]
+
+
 def test_importing_twice_adds_nothing_and_a_new_checkpoint_joins_the_chain(vault, run_dir):
     vault.import_(run_dir, name="team/run")
     again = vault.import_(run_dir, name="team/run")
