@@ -111,14 +111,15 @@ def _client(uri: str) -> Any:
 
 
 def _local_root(uri: str) -> Path | None:
-    """The folder a local registry lies in (its SQLite file or its file store folder,
-    mlruns, beside which MLflow keeps artifacts by default), or None for a registry
-    behind a server."""
+    """The folder a local registry's artifacts may lie in: the one its SQLite file lies
+    in (MLflow keeps them in ./mlruns beside it by default), or its file store folder
+    itself (MLflow keeps them inside it; the folder it lies in may be a home folder);
+    None for a registry behind a server."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
         return Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
     if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri).parent
+        return Path(parsed.path if parsed.scheme else uri)
     return None
 
 

@@ -135,7 +135,7 @@ def test_a_file_store_registry_imports_and_a_link_out_is_refused(vault, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     client = mlflow.MlflowClient(store.as_uri(), store.as_uri())
     client.create_registered_model("m")
-    version = _version(client, tmp_path, "m", 1)
+    version = _version(client, store, "m", 1)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     here = tmp_path / "here"
     here.mkdir()
@@ -145,7 +145,7 @@ def test_a_file_store_registry_imports_and_a_link_out_is_refused(vault, tmp_path
     assert list(here.iterdir()) == []  # no mlflow.db made where the user stands
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     client.create_registered_model("leaky")
-    version = _version(client, tmp_path, "leaky", 1)
+    version = _version(client, store, "leaky", 1)
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0")
     (Path(version.source.removeprefix("file://")) / "passwd").symlink_to(secret)
@@ -493,3 +493,22 @@ def test_artifacts_reached_through_escaped_dots_are_not_read(vault, tmp_path):
         vault.import_(f"mlflow:{uri}")
     assert all(b"PRIVATE KEY" not in content
                for v in vault.versions("m") for content in vault.load(v.ref).values())
+
+
+def test_a_file_stores_artifacts_are_read_only_from_inside_it(vault, tmp_path, monkeypatch):
+    """Hostile case: a stranger's file store unpacked at ~/mlruns, a version naming
+    ~/.ssh: MLflow keeps a file store's artifacts inside it, so the store's folder, not
+    the one it lies in (the home folder), bounds what is read."""
+    store = tmp_path / "mlruns"
+    elsewhere = tmp_path / ".ssh"
+    elsewhere.mkdir()
+    (elsewhere / "id_ed25519").write_text("PRIVATE KEY")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    client = mlflow.MlflowClient(store.as_uri(), store.as_uri())
+    client.create_registered_model("m")
+    _version(client, store, "m", 1)
+    client.create_model_version("m", elsewhere.as_uri())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(modelvault.VaultError, match="outside .*mlruns"):
+        vault.import_(f"mlflow:{store}")
+    assert [v.metadata["mlflow_version"] for v in vault.versions("m")] == [1]
