@@ -217,6 +217,22 @@ def test_a_bad_vault_or_name_fails_before_training(tmp_path):
         VaultCallback(tmp_path / "not.vault", "bert")
 
 
+def test_a_checkpoint_folder_that_cannot_be_read_warns_and_training_goes_on(tmp_path):
+    """A checkpoint folder not where the callback looks (a hyperparameter search trial
+    writes under output_dir/run-N/) or not readable: a warning, not a stopped run."""
+    from types import SimpleNamespace
+
+    from modelvault.integrations.transformers import VaultCallback
+
+    callback = VaultCallback(tmp_path / "v.vault", "bert")
+    args = SimpleNamespace(output_dir=str(tmp_path / "out"), to_json_string=lambda: "{}")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2, log_history=[],
+                            epoch=0.5, best_global_step=None, best_model_checkpoint=None)
+    with pytest.warns(RuntimeWarning, match="checkpoint-2 not saved .*training goes on"):
+        callback.on_save(args, state, None)
+    assert callback.saved == []
+
+
 def test_a_checkpoint_of_resume_state_only_warns_and_a_sharded_model_is_kept(tmp_path):
     """A checkpoint whose weights the Trainer wrote elsewhere holds no model file: a
     warning, training goes on. FSDP's sharded model folder is kept, its optimizer's not

@@ -67,7 +67,12 @@ class VaultCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        files = model_files(folder)
+        try:
+            files = model_files(folder)
+        except OSError as exc:  # a search trial writes under output_dir/run-N/, say
+            warnings.warn(f"modelvault: {folder.name} not saved to {self.run.vault_path}, "
+                          f"training goes on: {exc}", RuntimeWarning, stacklevel=2)
+            return
         if not files:  # the weights written elsewhere: nothing here is the model
             warnings.warn(f"modelvault: {folder} holds no model files, only what resuming "
                           "the run needs; not saved, training goes on", RuntimeWarning,
