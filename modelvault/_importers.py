@@ -12,9 +12,8 @@ Two sources, told apart by their shape:
   share is stored once by the vault's own dedup.
 
 A version already imported is recognised by its metadata (``step`` of a checkpoint,
-``revision`` of a snapshot), not by hashing its files: metadata cannot change after a
-save (a tag could be edited away), checking it reads nothing from the source, and a
-version the Trainer callback saved with the same step counts as imported too.
+``revision`` of a snapshot; ``_importing.import_chain``): a version the Trainer callback
+saved with the same step counts as imported too.
 
 Everything read from the source is a stranger's: a file (or a link to one) outside the
 source folder is refused with a VaultError naming it, before anything is saved; a
@@ -24,6 +23,7 @@ folder names that are not ``checkpoint-<digits>`` are skipped with a warning.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _json
-from ._contained import check_contained, check_inside, walk
 from ._errors import NotFoundError, VaultError
-from ._progress import progress
+from ._importing import Entry, check_contained, check_inside, import_chain, walk
 from ._refs import check_alias, check_name
 from ._reports import ImportReport
 
@@ -87,38 +86,24 @@ def import_source(vault: Any, source: str | os.PathLike[str], name: str | None) 
     name = check_name(default if name is None else name)
     for item in items:  # every link checked before the first save
         check_contained(item.folder, root)
-    try:  # a user's own metadata may hold anything under that key
-        existing = {v.metadata[items[0].key]: v for v in vault.versions(name)
-                    if type(v.metadata.get(items[0].key)) in (int, str)}
-    except NotFoundError:
-        existing = {}
-    added, found, parent = [], [], None
-    # A checkpoint's model files, as the Trainer callback keeps them; a snapshot whole.
-    files = [model_files(item.folder) if item.key == "step" else [item.folder]
-             for item in items]
-    sizes = [sum(_size(path) for path in paths) for paths in files]
-    with progress(sum(sizes), f"import {name}", vault.progress) as advance:
-        for item, paths, size in zip(items, files, sizes, strict=True):
-            version = existing.get(item.value)
-            if version is None and not paths:
-                warnings.warn(f"{item.folder}: no model files, only what resuming the run "
-                              "needs; skipped", stacklevel=3)
-                advance(size)
-                continue
-            if version is None:
-                version = vault.save_files(name, paths, metadata=item.metadata,
-                                           parent=False if parent is None else parent,
-                                           source=False)
-                added.append(version)
-            else:
-                found.append(version)
-            for alias in item.aliases:
-                vault.alias(version, alias)
-            parent = version
-            advance(size)
-    # Read again: an alias set after its save is not in the record save returned.
-    return ImportReport(name=name, added=tuple(vault.get(v) for v in added),
-                        existing=tuple(found))
+    entries = []
+    for item in items:
+        # A checkpoint's model files, as the Trainer callback keeps them; a snapshot whole.
+        paths = model_files(item.folder) if item.key == "step" else [item.folder]
+        entries.append(Entry(item.value, item.aliases, sum(_size(p) for p in paths),
+                             functools.partial(_save, vault, name, item, paths)))
+    added, found = import_chain(vault, name, items[0].key, entries)
+    return ImportReport(name=name, added=tuple(added), existing=tuple(found))
+
+
+def _save(vault: Any, name: str, item: _Item, paths: list[Path], parent: Any) -> Any:
+    """Save one checkpoint's or snapshot's files; None for a checkpoint without model
+    files (warned)."""
+    if not paths:
+        warnings.warn(f"{item.folder}: no model files, only what resuming the run needs; "
+                      "skipped", stacklevel=4)
+        return None
+    return vault.save_files(name, paths, metadata=item.metadata, parent=parent, source=False)
 
 
 def _checkpoints(root: Path) -> list[_Item]:

@@ -29,6 +29,7 @@ it when called.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -43,9 +44,8 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from ._contained import check_contained
 from ._errors import NotFoundError, RemoteError, VaultError
-from ._progress import progress
+from ._importing import Entry, check_contained, import_chain
 from ._refs import check_alias, check_name
 from ._reports import ImportReport
 
@@ -97,17 +97,25 @@ def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     uri = uri or _call(mlflow.get_tracking_uri, "MLflow's tracking URI")
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    kind, path = _local_store(uri)
+    if kind == "sqlite":
         if not path.is_file():
             raise NotFoundError(f"{path}: no such MLflow database")
         _check_mlflow_database(path)
-    elif parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme else uri)
-        if not path.is_dir():
-            raise NotFoundError(f"{path}: no such MLflow folder")
+    elif kind == "folder" and not path.is_dir():
+        raise NotFoundError(f"{path}: no such MLflow folder")
     return _call(lambda: MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+
+
+def _local_store(uri: str) -> tuple[str | None, Path]:
+    """("sqlite", its database file) or ("folder", its file store) for a local
+    registry; (None, Path()) for one behind a server."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return "sqlite", Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if parsed.scheme in ("", "file"):
+        return "folder", Path(parsed.path if parsed.scheme else uri)
+    return None, Path()
 
 
 def _local_root(uri: str) -> Path | None:
@@ -115,12 +123,8 @@ def _local_root(uri: str) -> Path | None:
     in (MLflow keeps them in ./mlruns beside it by default), or its file store folder
     itself (MLflow keeps them inside it; the folder it lies in may be a home folder);
     None for a registry behind a server."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri)
-    return None
+    kind, path = _local_store(uri)
+    return path.parent if kind == "sqlite" else path if kind == "folder" else None
 
 
 # MLflow's HTTP client tries a server that does not answer 8 times, backing off for
@@ -217,11 +221,6 @@ def _valid_name(name: Any) -> bool:
 def _import_model(vault: Any, client: Any, name: str) -> tuple[list[Any], list[Any]]:
     """Import one registered model's versions in order: (added, already there)."""
     versions = _versions(client, name)
-    try:  # a user's own metadata may hold anything under that key
-        existing = {v.metadata["mlflow_version"]: v for v in vault.versions(name)
-                    if type(v.metadata.get("mlflow_version")) is int}
-    except NotFoundError:
-        existing = {}
     aliases: dict[int, list[str]] = {}
     model = _call(lambda: client.get_registered_model(name), f"model {name!r}")
     for alias, number in (getattr(model, "aliases", None) or {}).items():
@@ -230,21 +229,10 @@ def _import_model(vault: Any, client: Any, name: str) -> tuple[list[Any], list[A
         except (ValueError, TypeError):
             warnings.warn(f"MLflow model {name}: alias {str(alias)[:200]!r} cannot be a "
                           "vault alias; left out", stacklevel=4)
-    added, found, parent = [], [], None
-    with progress(len(versions), f"import {name}", vault.progress, unit="version") as advance:
-        for number, version in versions:
-            mv = existing.get(number)
-            if mv is None:
-                mv = _save(vault, client, name, number, version, parent)
-                added.append(mv)
-            else:
-                found.append(mv)
-            for alias in aliases.get(number, ()):
-                vault.alias(mv, alias)
-            parent = mv
-            advance(1)
-    # Read again: an alias set after its save is not in the record save returned.
-    return [vault.get(v) for v in added], found
+    entries = [Entry(number, tuple(aliases.get(number, ())), 1,
+                     functools.partial(_save, vault, client, name, number, version))
+               for number, version in versions]
+    return import_chain(vault, name, "mlflow_version", entries, unit="version")
 
 
 def _versions(client: Any, name: str) -> list[tuple[int, Any]]:
@@ -296,8 +284,7 @@ def _save(vault: Any, client: Any, name: str, number: int, version: Any, parent:
         if flavor is not None:
             metadata["mlflow_flavor"] = flavor
         metadata["mlflow_version"] = number  # last: a metric of that name does not win
-        options = {"metadata": metadata, "tags": tags, "source": False,
-                   "parent": False if parent is None else parent}
+        options = {"metadata": metadata, "tags": tags, "source": False, "parent": parent}
         model = _native(flavor, conf, folder, f"MLflow model {name} version {number}")
         if model is not None:
             return vault.save(name, model, **options)
